@@ -1,0 +1,315 @@
+"""Get, verify and rebuild the paper's four benchmark files (one line per user: `user item item ...`).
+
+    python data_prep.py beauty                 download Beauty.txt into the data folder, SHA-256 checked
+    python data_prep.py all                    the four of them
+    python data_prep.py beauty --from-raw reviews_Beauty_5.json.gz
+    python data_prep.py yelp --from-raw yelp_academic_dataset_review.json
+    python data_prep.py --stats data/Beauty.txt
+
+The files are the S3-Rec ones (docs/datasets.md): 5-core, chronological, ids from 1 (0 is padding).
+`read_sequences` below is the one reader of such files; uniform_seqrec.py imports it, so both programs accept
+and reject exactly the same files. Standard library only (numpy is not even needed).
+"""
+import argparse
+import gzip
+import hashlib
+import json
+import os
+import statistics
+import sys
+import tempfile
+import urllib.request
+from collections import Counter
+
+# name on the command line -> (file name, SHA-256 of the published file, raw dump it is rebuilt from)
+BENCHMARKS = {
+    "beauty": ("Beauty.txt", "226cce9c3105299ca0db9615d7d3fb32b3175e90da43100ae352599f0f0107b8",
+               "reviews_Beauty_5.json.gz"),
+    "toys": ("Toys_and_Games.txt", "176c680c688d497598c4a89a03b402c0fe78d795e5db335c2e78dd5f2d778a3f",
+             "reviews_Toys_and_Games_5.json.gz"),
+    "sports": ("Sports_and_Outdoors.txt", "2a095e0648872beb9982408958290f5d655db5be2911c3756b5446de9f0b8de2",
+               "reviews_Sports_and_Outdoors_5.json.gz"),
+    "yelp": ("Yelp.txt", "724b219106b81dd2349027da997334ddb6da9fe2f152ad6e0d97a93170f7caed",
+             "yelp_academic_dataset_review.json"),
+}
+DOWNLOAD_URL = "https://raw.githubusercontent.com/aHuiWang/CIKM2020-S3Rec/master/data/"
+DATA_DIR_VARIABLE = "UNIFORM_SEQREC_DATA"  # overrides the default data folder ./data (tests and CI use it)
+MIN_ITEMS = 3  # a user needs a training item, a validation item and a test item
+K_CORE = 5     # users and items with fewer interactions are dropped (paper appendix A)
+YELP_FIRST, YELP_LAST = "2019-01-01 00:00:00", "2019-12-31 00:00:00"  # S3-Rec's Yelp window
+
+
+class DataError(ValueError):
+    """A data file or data name that cannot be used; the message is one line naming the problem."""
+
+
+def default_data_dir():
+    return os.environ.get(DATA_DIR_VARIABLE) or "data"
+
+
+def benchmark_path(name, data_dir):
+    return os.path.join(data_dir, BENCHMARKS[name][0])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading and checking a data file
+# ---------------------------------------------------------------------------------------------------------------
+
+def read_sequences(path):
+    """Read a one-line-per-user file into a list of item-id lists, in file order.
+
+    Accepts LF or CRLF endings. Raises DataError, naming the file and line, for: a missing file or a folder,
+    an empty file, a blank line, a token that is not an integer, an id below 1 (0 is padding), a user listed
+    twice, and a user with fewer than 3 items.
+    """
+    if not os.path.exists(path):
+        raise DataError(f"no such data file: {path}")
+    if os.path.isdir(path):
+        raise DataError(f"{path} is a folder, not a data file")
+    with open(path, "rb") as f:
+        raw = f.read()
+    if not raw.strip():
+        raise DataError(f"{path} is empty")
+    try:
+        text = raw.decode("ascii")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: byte {err.start} is not ASCII; expected lines of integer ids") from None
+    lines = text.replace("\r\n", "\n").split("\n")
+    if lines[-1] == "":
+        lines.pop()  # the final newline
+    sequences, line_of_user = [], {}
+    for number, line in enumerate(lines, start=1):
+        tokens = line.split()
+        if not tokens:
+            raise DataError(f"{path} line {number}: blank line")
+        ids = []
+        for token in tokens:
+            if not token.lstrip("-").isdigit():
+                raise DataError(f"{path} line {number}: '{token}' is not an integer id")
+            ids.append(int(token))
+        user, items = ids[0], ids[1:]
+        bad = [i for i in ids if i < 1]
+        if bad:
+            raise DataError(f"{path} line {number}: id {bad[0]} is invalid (ids start at 1; 0 is padding)")
+        if user in line_of_user:
+            raise DataError(f"{path} line {number}: user {user} already appears on line {line_of_user[user]}")
+        line_of_user[user] = number
+        if len(items) < MIN_ITEMS:
+            raise DataError(f"{path} line {number}: user {user} has {len(items)} item(s); at least {MIN_ITEMS} "
+                            f"are needed (training, validation, test)")
+        sequences.append(items)
+    return sequences
+
+
+def statistics_of(sequences):
+    """The figures of docs/datasets.md section 6 for a list of sequences."""
+    lengths = [len(s) for s in sequences]
+    frequency = Counter(i for s in sequences for i in s)
+    users, items, interactions = len(sequences), len(frequency), sum(lengths)
+    return {
+        "users": users, "items": items, "interactions": interactions,
+        "average length": round(interactions / users, 3), "min length": min(lengths),
+        "median length": statistics.median(lengths), "max length": max(lengths),
+        "min item frequency": min(frequency.values()), "max item frequency": max(frequency.values()),
+        "density %": round(100 * interactions / (users * items), 4),
+        "largest item id": max(frequency), "users with a repeated item": sum(len(set(s)) < len(s) for s in sequences),
+    }
+
+
+def format_warnings(sequences):
+    """Properties the published files have; a file without them still loads, but is not S3-Rec-shaped."""
+    warnings = []
+    frequency = Counter(i for s in sequences for i in s)
+    if max(frequency) != len(frequency):
+        warnings.append(f"item ids are not contiguous: {len(frequency)} items but the largest id is {max(frequency)}")
+    short_users = sum(len(s) < K_CORE for s in sequences)
+    if short_users:
+        warnings.append(f"{short_users} users have fewer than {K_CORE} items (not a {K_CORE}-core)")
+    rare_items = sum(c < K_CORE for c in frequency.values())
+    if rare_items:
+        warnings.append(f"{rare_items} items occur fewer than {K_CORE} times (not a {K_CORE}-core)")
+    return warnings
+
+
+def sha256_of(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Downloading the published files
+# ---------------------------------------------------------------------------------------------------------------
+
+def download(name, data_dir, base_url=DOWNLOAD_URL, log=print):
+    """Fetch one benchmark file, check its SHA-256, and only then move it into place. Returns its path."""
+    file_name, expected_sha, _ = BENCHMARKS[name]
+    target = os.path.join(data_dir, file_name)
+    if os.path.isfile(target) and sha256_of(target) == expected_sha:
+        log(f"{target}: present, checksum ok")
+        return target
+    os.makedirs(data_dir, exist_ok=True)
+    url = base_url.rstrip("/") + "/" + file_name
+    handle, partial = tempfile.mkstemp(prefix=f".{file_name}.", suffix=".part", dir=data_dir)
+    try:
+        with os.fdopen(handle, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
+            total = int(response.headers.get("Content-Length") or 0)
+            received = 0
+            for block in iter(lambda: response.read(1 << 16), b""):
+                out.write(block)
+                received += len(block)
+                shown = f"{received / 1024:,.0f} of {total / 1024:,.0f} KiB" if total else f"{received / 1024:,.0f} KiB"
+                print(f"\r{file_name}: {shown}", end="", file=sys.stderr, flush=True)
+        print(file=sys.stderr)
+        actual_sha = sha256_of(partial)
+        if actual_sha != expected_sha:
+            raise DataError(f"{url}: checksum mismatch (got {actual_sha[:16]}..., expected {expected_sha[:16]}...); "
+                            f"nothing was written")
+        os.replace(partial, target)
+    except OSError as err:  # URLError and HTTPError are OSErrors
+        raise DataError(f"download of {url} failed ({getattr(err, 'reason', err)}); nothing was written") from None
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    log(f"{target}: downloaded, checksum ok")
+    return target
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rebuilding from the raw review dumps (docs/datasets.md sections 3-4)
+# ---------------------------------------------------------------------------------------------------------------
+
+def read_amazon_reviews(path):
+    """(user, item, time) per review of an Amazon 2014 `reviews_<Category>_5.json.gz`, in file order."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                review = json.loads(line)
+                if float(review.get("overall", 1.0)) > 0:
+                    yield review["reviewerID"], review["asin"], int(review["unixReviewTime"])
+
+
+def read_yelp_reviews(path):
+    """(user, business, time) per 2019 review of `yelp_academic_dataset_review.json`, in file order.
+
+    The window and the timestamp (the digits of `date` as one integer) are S3-Rec's; repeats are kept.
+    """
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                review = json.loads(line)
+                date = review["date"]
+                if YELP_FIRST <= date <= YELP_LAST and float(review["stars"]) > 0:
+                    yield review["user_id"], review["business_id"], int("".join(c for c in date if c.isdigit()))
+
+
+def build_sequences(reviews, k=K_CORE):
+    """Users in order of first appearance, each list stably sorted by time (ties keep file order),
+    then the iterative k-core, then ids re-numbered 1.. by first appearance. Returns a list of id lists."""
+    by_user = {}
+    for user, item, time in reviews:
+        by_user.setdefault(user, []).append((time, item))
+    sequences = [[item for _, item in sorted(events, key=lambda e: e[0])] for events in by_user.values()]
+    while True:
+        frequency = Counter(i for s in sequences for i in s)
+        kept = [[i for i in s if frequency[i] >= k] for s in sequences if len(s) >= k]
+        kept = [s for s in kept if s]
+        if kept == sequences:
+            break
+        sequences = kept
+    new_id = {}
+    return [[new_id.setdefault(i, len(new_id) + 1) for i in s] for s in sequences]
+
+
+def write_sequences(sequences, path):
+    """Write `uid iid ...` lines, uid = line number, LF endings, final newline; atomically."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    handle, partial = tempfile.mkstemp(prefix=".rebuild.", suffix=".part", dir=directory)
+    with os.fdopen(handle, "w", newline="\n") as f:
+        for user, items in enumerate(sequences, start=1):
+            f.write(" ".join(map(str, [user, *items])) + "\n")
+    os.replace(partial, path)
+
+
+def rebuild(name, raw_path, data_dir, log=print):
+    """Rebuild a benchmark file from its raw dump; report whether it matches the published checksum."""
+    if not os.path.isfile(raw_path):
+        raise DataError(f"no such raw file: {raw_path}")
+    reader = read_yelp_reviews if name == "yelp" else read_amazon_reviews
+    try:
+        sequences = build_sequences(reader(raw_path))
+    except (ValueError, KeyError, EOFError, OSError) as err:
+        raise DataError(f"{raw_path} is not a readable {name} review dump ({type(err).__name__}: {err})") from None
+    file_name, expected_sha, _ = BENCHMARKS[name]
+    target = os.path.join(data_dir, file_name)
+    write_sequences(sequences, target)
+    matches = sha256_of(target) == expected_sha
+    log(f"{target}: rebuilt, {len(sequences)} users; "
+        + ("matches the published checksum" if matches else "DIFFERS from the published checksum"))
+    return matches
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------------
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a bad command line gives one line naming the problem (exit code 2), no usage dump."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser():
+    parser = OneLineErrorParser(
+        prog="data_prep.py",
+        description="Download (SHA-256 checked), rebuild from raw dumps, or inspect the benchmark files.",
+        epilog="examples:  python data_prep.py all  |  python data_prep.py beauty --from-raw "
+               "reviews_Beauty_5.json.gz  |  python data_prep.py --stats data/Beauty.txt")
+    parser.add_argument("dataset", nargs="?", choices=[*BENCHMARKS, "all"],
+                        help="which benchmark to get: beauty, toys, sports, yelp or all")
+    parser.add_argument("--data-dir", default=default_data_dir(),
+                        help=f"folder of the data files (default: ${DATA_DIR_VARIABLE} or ./data)")
+    parser.add_argument("--from-raw", metavar="RAW_FILE",
+                        help="rebuild from a raw dump (reviews_<Category>_5.json.gz, or the Yelp review JSON)")
+    parser.add_argument("--stats", metavar="FILE", help="print statistics of a data file and check its format")
+    parser.add_argument("--url", default=DOWNLOAD_URL, help=f"base URL of the published files (default {DOWNLOAD_URL})")
+    return parser
+
+
+def print_stats(path):
+    sequences = read_sequences(path)
+    print(f"{path}  (sha256 {sha256_of(path)})")
+    for key, value in statistics_of(sequences).items():
+        print(f"  {key:28s} {value:,}" if isinstance(value, int) else f"  {key:28s} {value}")
+    for warning in format_warnings(sequences):
+        print(f"  warning: {warning}")
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.stats:
+            print_stats(args.stats)
+        elif args.dataset is None:
+            parser.error("name a dataset (beauty, toys, sports, yelp, all) or give --stats FILE")
+        elif args.from_raw:
+            if args.dataset == "all":
+                parser.error("--from-raw rebuilds one dataset at a time")
+            return 0 if rebuild(args.dataset, args.from_raw, args.data_dir) else 1
+        else:
+            for name in BENCHMARKS if args.dataset == "all" else [args.dataset]:
+                download(name, args.data_dir, args.url)
+    except DataError as err:
+        print(f"data_prep.py: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,440 @@
+"""Tests of uniform_seqrec.py: every loss against a slow loop, metrics against brute force, no leakage, causal
+backbones, training that learns, and the command line on a slice of a real benchmark file.
+
+    UNIFORM_SEQREC_DATA=../shared/data python -m pytest -q
+"""
+import inspect
+import itertools
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import uniform_seqrec as U
+from data_prep import read_sequences
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DATA_DIR = os.environ.get("UNIFORM_SEQREC_DATA") or os.path.join(HERE, "..", "shared", "data")
+BEAUTY = os.path.join(DATA_DIR, "Beauty.txt")
+needs_beauty = pytest.mark.skipif(not os.path.isfile(BEAUTY),
+                                  reason=f"{BEAUTY} not found: run `python data_prep.py beauty` first")
+
+
+def vectors(rows, dim=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, dim, generator=g, dtype=torch.float64).requires_grad_()
+
+
+def gradients(loss, tensors):
+    return torch.autograd.grad(loss, tensors)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Losses against obviously-correct loops
+# ----------------------------------------------------------------------------------------------------------------
+
+def slow_bce(pos, neg):
+    total = 0
+    for b in range(len(pos)):
+        total = total - torch.log(torch.sigmoid(pos[b])) - torch.log(1 - torch.sigmoid(neg[b]))
+    return total
+
+
+def slow_bpr(pos, neg):
+    return sum(-torch.log(torch.sigmoid(pos[b] - neg[b])) for b in range(len(pos)))
+
+
+def slow_infonce(pos, neg_matrix, same):
+    total = 0
+    for b in range(len(pos)):
+        candidates = [pos[b]] + [neg_matrix[b, j] for j in range(neg_matrix.shape[1]) if not same[b, j]]
+        total = total - (pos[b] - torch.log(sum(torch.exp(c) for c in candidates)))
+    return total
+
+
+def slow_uniformity(h, p, n, beta, t, normalize=True, rec=True, hom=True, het=True):
+    if normalize:
+        h, p, n = ([v / torch.sqrt((v * v).sum()) for v in m] for m in (h, p, n))
+    else:
+        h, p, n = list(h), list(p), list(n)
+    G = lambda x, y: torch.exp(-t * ((x - y) ** 2).sum())
+    total = 0
+    if rec:
+        for b in range(len(h)):
+            total = total - torch.log(torch.sigmoid(h[b] @ p[b])) - torch.log(1 - torch.sigmoid(h[b] @ n[b]))
+    if hom:
+        items = p + n                                                        # D_I: positives and negatives
+        for group in (h, items):
+            for x in range(len(group)):
+                for y in range(x + 1, len(group)):                           # unordered pairs, no self-pairs
+                    total = total + beta * G(group[x], group[y])
+    if het:
+        for x in range(len(h)):
+            for y in range(len(n)):                                          # every history with every negative
+                total = total + beta * G(h[x], n[y])
+    return total
+
+
+def test_bce_and_bpr_match_loops():
+    pos, neg = vectors(7, 1, seed=1)[:, 0], vectors(7, 1, seed=2)[:, 0]
+    for fast, slow in ((U.bce_loss, slow_bce), (U.bpr_loss, slow_bpr)):
+        a, b = fast(pos, neg), slow(pos, neg)
+        assert torch.allclose(a, b)
+        for ga, gb in zip(gradients(a, (pos, neg)), gradients(b, (pos, neg))):
+            assert torch.allclose(ga, gb)
+
+
+def test_infonce_matches_loop_and_drops_the_positive_among_negatives():
+    pos, neg = vectors(5, 1, seed=3)[:, 0], vectors(5, 5, seed=4)
+    same = torch.zeros(5, 5, dtype=torch.bool)
+    same[0, 3] = same[2, 2] = True
+    a, b = U.infonce_loss(pos, neg, same), slow_infonce(pos, neg, same)
+    assert torch.allclose(a, b)
+    for ga, gb in zip(gradients(a, (pos, neg)), gradients(b, (pos, neg))):
+        assert torch.allclose(ga, gb)
+    assert gradients(U.infonce_loss(pos, neg, same), (neg,))[0][0, 3] == 0   # a masked candidate gets no gradient
+
+
+@pytest.mark.parametrize("flags", [{}, {"normalize": False}, {"rec": False}, {"hom": False}, {"het": False},
+                                   {"hom": False, "het": False}])
+def test_uniformity_loss_matches_loop(flags):
+    h, p, n = vectors(5, seed=5), vectors(5, seed=6), vectors(5, seed=7)
+    if flags.get("normalize") is False:                                       # raw vectors: keep potentials non-zero
+        h, p, n = (v.detach().mul(0.3).requires_grad_() for v in (h, p, n))
+    a = U.uniformity_loss(h, p, n, beta=0.3, t=1.5, **flags)
+    b = slow_uniformity(h, p, n, 0.3, 1.5, **flags)
+    assert torch.allclose(a, b)
+    for ga, gb in zip(gradients(a, (h, p, n)), gradients(b, (h, p, n))):
+        assert torch.allclose(ga, gb)
+
+
+def test_uniformity_defaults_are_beta_005_and_t_2():
+    h, p, n = vectors(4, seed=8), vectors(4, seed=9), vectors(4, seed=10)
+    assert torch.allclose(U.uniformity_loss(h, p, n), slow_uniformity(h, p, n, 0.05, 2.0))
+
+
+def test_uniformity_loss_in_float32_at_paper_batch_size_matches_float64():
+    """torch.cdist switches to a matrix-product formula above 25 rows; check it at B = 256 against float64."""
+    h, p, n = (vectors(256, 64, seed=s) for s in (11, 12, 13))
+    exact = U.uniformity_loss(h, p, n)
+    single = U.uniformity_loss(h.float(), p.float(), n.float())
+    assert torch.allclose(single.double(), exact, rtol=1e-4)
+
+
+def test_ablation_row_a_is_plain_bce():
+    h, p, n = vectors(6, seed=14), vectors(6, seed=15), vectors(6, seed=16)
+    row_a = U.uniformity_loss(h, p, n, normalize=False, hom=False, het=False)
+    assert torch.allclose(row_a, U.bce_loss((h * p).sum(-1), (h * n).sum(-1)))
+
+
+def test_uniformity_gradients_finite_when_an_item_repeats():
+    base = vectors(4, 8, seed=17).detach()
+    for rows in (4, 40):                                                      # both cdist code paths (<= 25, > 25)
+        h = base.repeat(rows // 4, 1).float().requires_grad_()               # every history repeated
+        p = h.detach().clone().requires_grad_()                               # positives equal to the histories
+        n = p.detach().clone().requires_grad_()                               # negatives equal to the positives
+        loss = U.uniformity_loss(h, p, n)
+        grads = gradients(loss, (h, p, n))
+        assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_loss_functions_work_copied_alone_with_only_torch():
+    functions = (U.bce_loss, U.bpr_loss, U.infonce_loss, U.gaussian_potential, U.uniformity_loss)
+    source = "import torch\n\n" + "\n\n".join(inspect.getsource(f) for f in functions)
+    namespace = {}
+    exec(compile(source, "copied_losses.py", "exec"), namespace)             # noqa: S102 - the point of the test
+    assert set(namespace) - {"__builtins__"} == {"torch", *(f.__name__ for f in functions)}
+    h, p, n = vectors(6, seed=18), vectors(6, seed=19), vectors(6, seed=20)
+    assert torch.equal(namespace["uniformity_loss"](h, p, n), U.uniformity_loss(h, p, n))
+    assert torch.equal(namespace["uniformity_loss"](h, p, n, 0.1, 3.0, het=False),
+                       U.uniformity_loss(h, p, n, 0.1, 3.0, het=False))
+    pos, neg = (h * p).sum(-1), (h * n).sum(-1)
+    assert torch.equal(namespace["bpr_loss"](pos, neg), U.bpr_loss(pos, neg))
+    assert torch.equal(namespace["infonce_loss"](pos, h @ n.T, torch.eye(6, dtype=torch.bool)),
+                       U.infonce_loss(pos, h @ n.T, torch.eye(6, dtype=torch.bool)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation against brute force
+# ----------------------------------------------------------------------------------------------------------------
+
+class FixedScorer(torch.nn.Module):
+    """A 'model' whose history vector is a lookup by the history's last item: scores are fully controlled."""
+
+    def __init__(self, history_table, item_table):
+        super().__init__()
+        self.history_table = torch.nn.Parameter(history_table)
+        self.items = torch.nn.Embedding.from_pretrained(item_table)
+
+    def encode(self, histories):
+        return self.history_table[U.last_real_state(histories[:, :, None].float(), histories)[:, 0].long()]
+
+
+def brute_force_metrics(scores, targets, histories, mask_seen, k):
+    hits, gains = [], []
+    for row, target, history in zip(scores.tolist(), targets, histories):
+        row = list(row)
+        row[0] = -math.inf
+        if mask_seen:
+            for item in history:
+                row[item] = -math.inf
+        rank = sum(1 for item, s in enumerate(row) if item != target and s >= row[target])
+        if row[target] == -math.inf:                                          # masked: cannot be recommended
+            rank = math.inf
+        hits.append(1.0 if rank < k else 0.0)
+        gains.append(1 / math.log2(rank + 2) if rank < k else 0.0)
+    return sum(hits) / len(hits), sum(gains) / len(gains)
+
+
+@pytest.mark.parametrize("mask_seen", [False, True])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_metrics_match_brute_force(mask_seen, normalize):
+    g = torch.Generator().manual_seed(0)
+    num_items, users = 30, 40
+    items = torch.randn(num_items + 1, 4, generator=g)
+    items[5] = items[6]                                                       # a tie between two items
+    history_table = torch.randn(num_items + 1, 4, generator=g)
+    histories = [torch.randint(1, num_items + 1, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g).tolist()
+                 for _ in range(users)]
+    targets = torch.randint(1, num_items + 1, (users,), generator=g)
+    targets[:3] = torch.tensor([5, 6, histories[3][-1]])                     # tied targets, a target seen before
+    histories[3].append(int(targets[3]))
+    width = max(map(len, histories))
+    padded = torch.tensor([h + [0] * (width - len(h)) for h in histories])
+    model = FixedScorer(history_table, items)
+    batches = [(padded[:17], targets[:17]), (padded[17:], targets[17:])]
+    result = U.evaluate(model, batches, normalize=normalize, mask_seen=mask_seen)
+    h = model.encode(padded)
+    table = U.item_table(model, normalize)
+    scores = (torch.nn.functional.normalize(h, dim=-1) if normalize else h) @ table.T
+    for k in (5, 10, 20):
+        hr, ndcg = brute_force_metrics(scores.detach(), targets.tolist(), histories, mask_seen, k)
+        assert result[f"HR@{k}"] == pytest.approx(hr) and result[f"NDCG@{k}"] == pytest.approx(ndcg)
+
+
+def test_constant_scorer_scores_zero_and_perfect_scorer_scores_one():
+    num_items = 50
+    histories = torch.tensor([[1, 2], [3, 0], [4, 5]])
+    targets = torch.tensor([7, 8, 9])
+    constant = FixedScorer(torch.ones(num_items + 1, 3), torch.ones(num_items + 1, 3))
+    result = U.evaluate(constant, [(histories, targets)], normalize=False)
+    assert all(v == 0 for v in result.values())
+    # history vector of the user = one-hot of its target; items one-hot: the target alone scores 1
+    one_hot = torch.eye(num_items + 1)
+    history_table = torch.zeros(num_items + 1, num_items + 1)
+    history_table[2], history_table[3], history_table[5] = one_hot[7], one_hot[8], one_hot[9]
+    perfect = FixedScorer(history_table, one_hot)
+    result = U.evaluate(perfect, [(histories, targets)], normalize=True)
+    assert result["HR@5"] == result["NDCG@5"] == result["NDCG@20"] == 1.0
+
+
+def test_mask_seen_makes_a_repeated_target_unreachable():
+    one_hot = torch.eye(6)
+    history_table = torch.zeros(6, 6)
+    history_table[2] = one_hot[2]                                             # user's vector points at item 2
+    model = FixedScorer(history_table, one_hot)
+    batch = [(torch.tensor([[1, 2]]), torch.tensor([2]))]                     # target 2 is also in the history
+    assert U.evaluate(model, batch, normalize=False)["HR@5"] == 1.0
+    assert U.evaluate(model, batch, normalize=False, mask_seen=True)["HR@20"] == 0.0
+
+
+def test_non_finite_scores_are_an_error_not_a_hit():
+    table = torch.ones(6, 3)
+    table[4, 0] = float("nan")
+    model = FixedScorer(torch.ones(6, 3), table)
+    with pytest.raises(FloatingPointError):
+        U.evaluate(model, [(torch.tensor([[1, 2]]), torch.tensor([4]))], normalize=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: split, leakage, negatives
+# ----------------------------------------------------------------------------------------------------------------
+
+def toy_sequences(users=30, held_out_base=1000, seed=0):
+    """Sequences whose validation and test items are ids >= held_out_base, used nowhere else."""
+    g = torch.Generator().manual_seed(seed)
+    sequences = []
+    for u in range(users):
+        n = int(torch.randint(3, 70, (1,), generator=g))
+        train = torch.randint(1, 40, (n - 2,), generator=g).tolist()
+        sequences.append(train + [held_out_base + 2 * u, held_out_base + 2 * u + 1])
+    return sequences
+
+
+def test_training_examples_are_exactly_the_prefixes_of_the_training_part():
+    sequences = toy_sequences()
+    flat, starts, lengths, _ = U.load_sequences(sequences, "cpu")
+    ends, history_lengths, users = U.training_examples(starts, lengths, max_len=50)
+    width = int(history_lengths.max())
+    histories = U.gather_histories(flat, ends, history_lengths, width)
+    produced = sorted((int(u), tuple(h[h > 0].tolist()), int(flat[e])) for u, h, e in zip(users, histories, ends))
+    expected = sorted((u, tuple(s[max(0, t - 50):t]), s[t]) for u, s in enumerate(sequences) for t in range(1, len(s) - 2))
+    assert produced == expected
+
+
+def test_no_validation_or_test_item_reaches_training():
+    sequences = toy_sequences()
+    flat, starts, lengths, num_items = U.load_sequences(sequences, "cpu")
+    ends, history_lengths, users = U.training_examples(starts, lengths, 50)
+    seen = set()
+    for batch, sizes, widths in U.epoch_batches(torch.randperm(len(ends)), history_lengths, 16, 3):
+        for e, n, w in zip(ends[batch].split(sizes), history_lengths[batch].split(sizes), widths):
+            seen.update(U.gather_histories(flat, e, n, w).flatten().tolist())
+        seen.update(flat[ends[batch]].tolist())
+    assert max(seen) < 1000
+
+
+def test_evaluation_histories_are_the_leave_one_out_ones():
+    sequences = toy_sequences()
+    flat, starts, lengths, _ = U.load_sequences(sequences, "cpu")
+    for split, cut in (("valid", 2), ("test", 1)):
+        ((histories, targets),) = U.evaluation_batches(flat, starts, lengths, 50, split, batch_size=10_000)
+        produced = sorted((tuple(h[h > 0].tolist()), int(t)) for h, t in zip(histories, targets))
+        expected = sorted((tuple(s[:len(s) - cut][-50:]), s[len(s) - cut]) for s in sequences)
+        assert produced == expected
+
+
+def test_negatives_avoid_each_users_training_items():
+    g = torch.Generator().manual_seed(1)
+    num_items = 12
+    # users that own most of the catalogue force many rejections
+    sequences = [torch.randperm(num_items, generator=g)[:int(torch.randint(3, 11, (1,), generator=g))].add(1).tolist()
+                 for _ in range(50)]
+    flat, starts, lengths, num_items = U.load_sequences(sequences, "cpu")
+    keys = U.training_item_keys(flat, starts, lengths, num_items)
+    users = torch.arange(len(sequences)).repeat_interleave(200)
+    negatives = U.sample_negatives(users, keys, num_items, torch.Generator().manual_seed(2))
+    for user, negative in zip(users.tolist(), negatives.tolist()):
+        assert 1 <= negative <= num_items and negative not in sequences[user][:-2]
+    # held-out items are allowed as negatives (spec §2: excluding them would use held-out data)
+    allowed = {(u, i) for u, s in enumerate(sequences) for i in s[-2:] if i not in s[:-2]}
+    assert allowed & set(zip(users.tolist(), negatives.tolist()))
+
+
+def test_epoch_batches_keep_every_example_once_and_groups_sorted():
+    history_lengths = torch.randint(1, 51, (1000,))
+    order = torch.randperm(1000)
+    batches = U.epoch_batches(order, history_lengths, 256, 8)
+    assert [len(b) for b, _, _ in batches] == [256, 256, 256, 232]
+    for (batch, sizes, widths), chunk in zip(batches, order.split(256)):
+        assert sorted(batch.tolist()) == sorted(chunk.tolist())              # the same triplets as the random cut
+        assert widths == [int(g.max()) for g in history_lengths[batch].split(sizes)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Backbones: padding and the future cannot change a history vector
+# ----------------------------------------------------------------------------------------------------------------
+
+def make_model(name, num_items=50):
+    torch.manual_seed(0)
+    return U.build_model(name, num_items, dim=16, layers=2, heads=2, dropout=0.5, max_len=20, caser_window=4).eval()
+
+
+@pytest.mark.parametrize("name", ["gru4rec", "caser", "sasrec"])
+def test_padding_does_not_change_history_vectors(name):
+    model = make_model(name)
+    histories = [[3], [4, 9], [7, 1, 2, 8, 5, 6], [11, 12, 13]]
+    narrow = torch.tensor([h + [0] * (6 - len(h)) for h in histories])
+    wide = torch.nn.functional.pad(narrow, (0, 9))
+    with torch.no_grad():
+        alone = torch.cat([model.encode(torch.tensor([h])) for h in histories])
+        assert torch.allclose(model.encode(narrow), alone, atol=1e-6)
+        assert torch.allclose(model.encode(wide), alone, atol=1e-6)
+        assert torch.isfinite(model.encode(wide)).all()
+
+
+@pytest.mark.parametrize("name", ["gru4rec", "sasrec"])
+def test_states_do_not_see_later_items(name):
+    model = make_model(name)
+    history = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    changed = history.clone()
+    changed[0, 4:] = torch.tensor([20, 21])
+    with torch.no_grad():
+        before, after = model.sequence_states(history), model.sequence_states(changed)
+    assert torch.allclose(before[0, :4], after[0, :4], atol=1e-6)
+    assert not torch.allclose(before[0, 4:], after[0, 4:])
+
+
+def test_sasrec_history_vector_depends_on_order_and_content():
+    model = make_model("sasrec")
+    with torch.no_grad():
+        a, b, c = (model.encode(torch.tensor([h])) for h in ([1, 2, 3], [2, 1, 3], [1, 2, 4]))
+    assert not torch.allclose(a, b) and not torch.allclose(a, c)
+
+
+def test_caser_reads_only_its_last_window():
+    model = make_model("caser")                                               # window 4
+    with torch.no_grad():
+        a = model.encode(torch.tensor([[9, 8, 1, 2, 3, 4]]))
+        b = model.encode(torch.tensor([[30, 1, 2, 3, 4, 0]]))
+        c = model.encode(torch.tensor([[1, 2, 3, 5, 0, 0]]))
+    assert torch.allclose(a, b, atol=1e-6) and not torch.allclose(a, c)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training: every backbone with every loss learns on a tiny problem
+# ----------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,loss", list(itertools.product(["gru4rec", "caser", "sasrec"],
+                                                              ["bce", "bpr", "infonce", "uniform"])))
+def test_every_backbone_and_loss_learns(name, loss):
+    torch.manual_seed(0)
+    model = U.build_model(name, 40, dim=16, layers=1, heads=2, dropout=0.0, max_len=10, caser_window=3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    config = {"loss": loss, "beta": 0.05, "t": 2.0, "normalize": True, "rec": True, "hom": True, "het": True}
+    histories = torch.randint(1, 41, (32, 6))
+    positives = histories[:, -1] % 40 + 1                                    # a learnable rule: next = last + 1
+    negatives = torch.randint(1, 41, (32,))
+    losses = []
+    for _ in range(30):
+        value = U.batch_loss(model, model.encode(histories), positives, negatives, config)
+        optimizer.zero_grad()
+        value.backward()
+        optimizer.step()
+        losses.append(value.item())
+    assert losses[-1] < 0.8 * losses[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The command line on a slice of real Beauty
+# ----------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def beauty_slice(tmp_path_factory):
+    if not os.path.isfile(BEAUTY):
+        pytest.skip(f"{BEAUTY} not found: run `python data_prep.py beauty` first")
+    path = tmp_path_factory.mktemp("data") / "beauty_slice.txt"
+    with open(BEAUTY) as f:
+        path.write_text("".join(itertools.islice(f, 600)))
+    return str(path)
+
+
+def test_command_line_trains_and_reports_on_real_data(beauty_slice, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["--data", beauty_slice, "--model", "sasrec", "--loss", "uniform", "--epochs", "3", "--dim", "16",
+            "--out", str(out), "--device", "cpu", "--lr", "1e-3"]
+    assert U.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "epoch   3" in printed and "test (best epoch" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["test"]) == {f"{m}@{k}" for m in ("HR", "NDCG") for k in (5, 10, 20)}
+    assert 0 <= metrics["test"]["NDCG@10"] <= metrics["test"]["HR@10"] <= metrics["test"]["HR@20"] <= 1
+    assert metrics["epochs"] == 3 and 1 <= metrics["best_epoch"] <= 3
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in log] == [1, 2, 3]
+    assert json.loads((out / "config.json").read_text())["loss"] == "uniform"
+    assert (out / "checkpoint.pt").is_file()
+    # running the same command again finds the finished run instead of training again
+    assert U.main(args) == 0
+    assert "is finished" in capsys.readouterr().out
+
+
+@needs_beauty
+def test_real_beauty_split_sizes():
+    sequences = read_sequences(BEAUTY)
+    flat, starts, lengths, num_items = U.load_sequences(sequences, "cpu")
+    ends, _, _ = U.training_examples(starts, lengths, 50)
+    assert (len(sequences), num_items) == (22_363, 12_101)
+    assert len(ends) == 198_502 - 3 * 22_363                                  # n - 3 examples per user

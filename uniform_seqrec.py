@@ -1,0 +1,719 @@
+"""uniform-seqrec: reference implementation of "Leveraging Uniformity of Normalized Embeddings for Sequential
+Recommendation" (Chung & Kim).
+
+    python uniform_seqrec.py --model sasrec --loss uniform --data beauty
+
+The module follows the paper, top to bottom:
+  1. Data          leave-one-out split, training triplets (u, i, j), negatives        (appendix A, section 4)
+  2. Backbones     GRU4Rec, Caser, SASRec: encode(histories) -> one vector per history (section 5.1)
+  3. Losses        BCE (eq. 2), BPR, InfoNCE, and the uniformity loss (eqs. 3-6)
+  4. Evaluation    HR@K and NDCG@K, ranking the target against every item            (section 5.1)
+  5. Training      Adam, early stopping on validation NDCG@10, run folders, resume    (appendix B)
+  6. Command line
+
+Where the paper is silent, docs/spec.md decides (its section numbers are cited as "spec §n").
+Nothing runs at import; the loss functions in section 3 need nothing but `import torch`.
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from data_prep import BENCHMARKS, DataError, benchmark_path, default_data_dir, read_sequences
+
+# =============================================================================================================
+# 1. Data: leave-one-out split and training triplets (paper appendix A and section 4; spec §1-2)
+# =============================================================================================================
+#
+#   s = [ s0 s1 ... s(n-4) s(n-3) | s(n-2) | s(n-1) ]
+#         \___ training part ____/   valid    test
+#
+#   training example t (t = 1 .. n-3):  history s[:t]   -> positive s[t]
+#   validation:                         history s[:n-2] -> target   s[n-2]
+#   test:                               history s[:n-1] -> target   s[n-1]   (includes the validation item)
+#
+# All users' items live in one flat tensor `flat`, with a 0 (padding) at index 0. An example is a pair
+# (end, length): its history is flat[end - length : end] and its target is flat[end]. Histories are cut to the
+# last `max_len` items and right-padded with 0 to the width of their batch.
+
+
+def load_sequences(sequences, device):
+    """Flatten a list of item-id lists. Returns (flat, starts, lengths, num_items), all on `device`."""
+    lengths = torch.tensor([len(s) for s in sequences])
+    starts = 1 + torch.cumsum(lengths, 0) - lengths                        # flat[0] is the padding sentinel
+    flat = torch.tensor([0] + [i for s in sequences for i in s])
+    num_items = int(flat.max())
+    return flat.to(device), starts.to(device), lengths.to(device), num_items
+
+
+def training_examples(starts, lengths, max_len):
+    """Every prefix of every user's training part. Returns (ends, history_lengths, users), each (num_examples,)."""
+    per_user = (lengths - 3).clamp(min=0)                                  # t = 1 .. n-3
+    users = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), per_user)
+    first = torch.cumsum(per_user, 0) - per_user
+    t = torch.arange(len(users), device=lengths.device) - first[users] + 1  # 1 .. n-3 within each user
+    return starts[users] + t, t.clamp(max=max_len), users
+
+
+def evaluation_examples(starts, lengths, max_len, split):
+    """One example per user: the validation target s[n-2] or the test target s[n-1]. Returns (ends, history_lengths)."""
+    history_length = lengths - 2 if split == "valid" else lengths - 1
+    return starts + history_length, history_length.clamp(max=max_len)
+
+
+def gather_histories(flat, ends, history_lengths, width):
+    """(B,) ends and lengths -> (B, width) item ids, right-padded with 0."""
+    offsets = torch.arange(width, device=flat.device)                      # (width,)
+    index = ends[:, None] - history_lengths[:, None] + offsets             # (B, width)
+    real = offsets < history_lengths[:, None]
+    return flat[torch.where(real, index, 0)]                               # flat[0] == 0: padding
+
+
+def training_item_keys(flat, starts, lengths, num_items):
+    """Sorted keys user * (N + 1) + item of every item in each user's training part s[:n-2] (no held-out item)."""
+    users = torch.repeat_interleave(torch.arange(len(lengths), device=flat.device), lengths - 2)
+    first = torch.cumsum(lengths - 2, 0) - (lengths - 2)
+    position = torch.arange(len(users), device=flat.device) - first[users]
+    items = flat[starts[users] + position]
+    return torch.unique(users * (num_items + 1) + items)                   # unique() also sorts
+
+
+def sample_negatives(users, keys, num_items, generator):
+    """One negative per example, uniform over 1..N minus the user's training items (spec §2). Vectorised
+    rejection sampling: redraw only the rejected slots until none is left."""
+    negatives = torch.randint(1, num_items + 1, users.shape, device=users.device, generator=generator)
+    while True:
+        query = users * (num_items + 1) + negatives
+        found = keys[torch.searchsorted(keys, query).clamp(max=len(keys) - 1)] == query
+        if not found.any():
+            return negatives
+        negatives[found] = torch.randint(1, num_items + 1, (int(found.sum()),), device=users.device,
+                                         generator=generator)
+
+
+# =============================================================================================================
+# 2. Backbones (section 5.1): item ids in, one vector per history out, one item table for inputs and scoring
+# =============================================================================================================
+
+class Backbone(nn.Module):
+    """The contract: `items` is the (N + 1, d) item table (row 0 padding, kept at zero); `encode(histories)`
+    maps (B, T) right-padded item ids to (B, d) history vectors. Padding never changes a real output."""
+
+    def __init__(self, num_items, dim):
+        super().__init__()
+        self.items = nn.Embedding(num_items + 1, dim, padding_idx=0)
+        nn.init.normal_(self.items.weight, std=dim ** -0.5)                # item vectors of norm about 1
+        with torch.no_grad():
+            self.items.weight[0].zero_()
+
+
+def last_real_state(states, histories):
+    """(B, T, d) per-position states -> (B, d) state at each history's last real (non-padding) position."""
+    last = (histories > 0).sum(1) - 1                                      # (B,)
+    return states[torch.arange(len(states), device=states.device), last]
+
+
+class GRU4Rec(Backbone):
+    """Hidasi et al.: item embedding, dropout, a GRU; the history vector is the state after the last item."""
+
+    def __init__(self, num_items, dim=64, layers=1, dropout=0.5):
+        super().__init__(num_items, dim)
+        self.dropout = nn.Dropout(dropout)
+        self.gru = nn.GRU(dim, dim, num_layers=layers, batch_first=True, dropout=dropout if layers > 1 else 0.0)
+
+    def sequence_states(self, histories):                                  # (B, T) -> (B, T, d)
+        return self.gru(self.dropout(self.items(histories)))[0]
+
+    def encode(self, histories):
+        return last_real_state(self.sequence_states(histories), histories)
+
+
+class Caser(Backbone):
+    """Tang & Wang: the last L item vectors as an L x d "image"; vertical convolutions (L x 1) and horizontal
+    ones (h x d for h = 1..L, max-pooled over time); dropout; one fully connected layer to d. The user embedding
+    of the original is left out (the paper scores histories), and the last layer has no activation so that
+    history vectors can point anywhere on the sphere."""
+
+    def __init__(self, num_items, dim=64, dropout=0.5, window=5, vertical=4, horizontal=16):
+        super().__init__(num_items, dim)
+        self.window = window
+        self.vertical = nn.Conv2d(1, vertical, (window, 1))
+        self.horizontal = nn.ModuleList(nn.Conv2d(1, horizontal, (h, dim)) for h in range(1, window + 1))
+        self.dropout = nn.Dropout(dropout)
+        self.project = nn.Linear(vertical * dim + horizontal * window, dim)
+
+    def last_items(self, histories):
+        """(B, T) right-padded -> (B, L) the last L items, left-padded with 0 when the history is shorter."""
+        lengths = (histories > 0).sum(1, keepdim=True)                     # (B, 1)
+        index = lengths - self.window + torch.arange(self.window, device=histories.device)  # (B, L)
+        return torch.where(index >= 0, histories.gather(1, index.clamp(min=0)), 0)
+
+    def encode(self, histories):
+        image = self.items(self.last_items(histories)).unsqueeze(1)        # (B, 1, L, d)
+        vertical = self.vertical(image).flatten(1)                         # (B, nv * d)
+        horizontal = [F.relu(conv(image)).squeeze(3).amax(2) for conv in self.horizontal]  # L x (B, nh)
+        return self.project(self.dropout(torch.cat([vertical, *horizontal], 1)))  # (B, d)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, dim, heads, dropout):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x):                                                  # (B, T, d)
+        B, T, d = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, T, d/h)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           dropout_p=self.dropout if self.training else 0.0)  # (B, h, T, d/h)
+        return self.out(y.transpose(1, 2).reshape(B, T, d))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LayerNorm block as in the original SASRec: attention and a point-wise feed-forward net, residuals."""
+
+    def __init__(self, dim, heads, dropout):
+        super().__init__()
+        self.attention_norm, self.attention = nn.LayerNorm(dim), CausalSelfAttention(dim, heads, dropout)
+        self.feed_forward_norm = nn.LayerNorm(dim)
+        self.feed_forward = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(dim, dim))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):                                                  # (B, T, d) -> (B, T, d)
+        x = x + self.dropout(self.attention(self.attention_norm(x)))
+        return x + self.dropout(self.feed_forward(self.feed_forward_norm(x)))
+
+
+class SASRec(Backbone):
+    """Kang & McAuley: item + learned position embeddings, causal self-attention blocks, the output at the last
+    real position. Positions count back from the most recent item (0 = most recent), so a history means the same
+    whatever its padding. Right padding plus the causal mask: a real position only ever sees real items."""
+
+    def __init__(self, num_items, dim=64, layers=2, heads=2, dropout=0.5, max_len=50):
+        super().__init__(num_items, dim)
+        self.positions = nn.Embedding(max_len, dim)
+        nn.init.normal_(self.positions.weight, std=dim ** -0.5)
+        self.dropout = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(TransformerBlock(dim, heads, dropout) for _ in range(layers))
+        self.final_norm = nn.LayerNorm(dim)
+
+    def sequence_states(self, histories):                                  # (B, T) -> (B, T, d)
+        T = histories.shape[1]
+        lengths = (histories > 0).sum(1, keepdim=True)                     # (B, 1)
+        steps_back = (lengths - 1 - torch.arange(T, device=histories.device)).clamp(min=0)  # (B, T)
+        x = self.dropout(self.items(histories) + self.positions(steps_back))
+        for block in self.blocks:
+            x = block(x)
+        return self.final_norm(x)
+
+    def encode(self, histories):
+        return last_real_state(self.sequence_states(histories), histories)
+
+
+def build_model(model, num_items, dim, layers, heads, dropout, max_len, caser_window):
+    if model == "gru4rec":
+        return GRU4Rec(num_items, dim, layers, dropout)
+    if model == "caser":
+        return Caser(num_items, dim, dropout, window=caser_window)
+    return SASRec(num_items, dim, layers, heads, dropout, max_len)
+
+
+# =============================================================================================================
+# 3. Losses. Each is a small pure function of tensors returning a scalar SUM over the batch, as the paper writes
+#    them. The four functions below need only `import torch` (copy them freely).
+# =============================================================================================================
+
+def bce_loss(positive_scores, negative_scores):
+    """Eq. 2: -sum_b [ log sigmoid(s_ui) + log(1 - sigmoid(s_uj)) ].  (B,), (B,) -> scalar."""
+    logsigmoid = torch.nn.functional.logsigmoid
+    return -(logsigmoid(positive_scores) + logsigmoid(-negative_scores)).sum()  # log(1 - sigmoid(s)) = logsigmoid(-s)
+
+
+def bpr_loss(positive_scores, negative_scores):
+    """BPR (Rendle et al.): -sum_b log sigmoid(s_ui - s_uj).  (B,), (B,) -> scalar."""
+    return -torch.nn.functional.logsigmoid(positive_scores - negative_scores).sum()
+
+
+def infonce_loss(positive_scores, negative_scores, same_item):
+    """InfoNCE (van den Oord et al.), temperature 1: each history's positive against all B negatives of the batch.
+    positive_scores (B,); negative_scores (B, B), [b, j] = history b . negative j; same_item (B, B) bool, True
+    where negative j is history b's positive (that candidate is dropped)."""
+    logits = torch.cat([positive_scores[:, None], negative_scores.masked_fill(same_item, float("-inf"))], 1)  # (B, 1+B)
+    return -torch.log_softmax(logits, 1)[:, 0].sum()
+
+
+def gaussian_potential(x, y, t=2.0):
+    """G(x, y) = exp(-t ||x - y||^2) for every pair of rows: (n, d), (m, d) -> (n, m). The kernel of eqs. 4-5."""
+    return torch.exp(-t * torch.cdist(x, y).square())
+
+
+def uniformity_loss(history, positives, negatives, beta=0.05, t=2.0, *, normalize=True, rec=True, hom=True, het=True):
+    """Eq. 6 with beta1 = beta2 = beta:  L = L_rec + beta * L_hom + beta * L_het.
+
+    history, positives, negatives: (B, d) vectors of a batch of triplets (u, i, j). The keywords switch the
+    parts off for the ablation of Table 2 (normalize=False scores and regularises the raw vectors).
+      L_rec  eq. 2 on cosines:  BCE of h.i and h.j after L2 normalization (eq. 3), no temperature.
+      L_hom  eq. 4: sum of G over unordered pairs of distinct batch slots of the B histories, plus the same over
+             the 2B items D_I (positives and negatives together). Self-pairs are left out.
+      L_het  eq. 5: sum of G over all B x B pairs (history x, negative y), each history's own negative included.
+    """
+    if normalize:                                                           # eq. 3
+        history, positives, negatives = (torch.nn.functional.normalize(v, dim=-1) for v in (history, positives, negatives))
+    loss = history.new_zeros(())
+    if rec:
+        loss = loss + bce_loss((history * positives).sum(-1), (history * negatives).sum(-1))
+    if hom:                                                                 # eq. 4; triu(1): pairs x < y
+        items = torch.cat([positives, negatives])                           # D_I: (2B, d)
+        loss = loss + beta * (gaussian_potential(history, history, t).triu(1).sum()
+                              + gaussian_potential(items, items, t).triu(1).sum())
+    if het:                                                                 # eq. 5
+        loss = loss + beta * gaussian_potential(history, negatives, t).sum()
+    return loss
+
+
+def batch_loss(model, h, positives, negatives, config):
+    """The configured loss of one batch of triplets: history vectors h (B, d), item ids positives, negatives (B,)."""
+    p, n = model.items(positives), model.items(negatives)                   # (B, d) each
+    if config["loss"] == "uniform":
+        return uniformity_loss(h, p, n, config["beta"], config["t"], normalize=config["normalize"],
+                               rec=config["rec"], hom=config["hom"], het=config["het"])
+    positive_scores, negative_scores = (h * p).sum(-1), (h * n).sum(-1)     # eq. 1, raw vectors
+    if config["loss"] == "bce":
+        return bce_loss(positive_scores, negative_scores)
+    if config["loss"] == "bpr":
+        return bpr_loss(positive_scores, negative_scores)
+    return infonce_loss(positive_scores, h @ n.T, positives[:, None] == negatives[None, :])
+
+
+def scores_normalized(config):
+    """The uniformity loss scores (and ranks) with cosines unless its normalization is ablated away."""
+    return config["loss"] == "uniform" and config["normalize"]
+
+
+# =============================================================================================================
+# 4. Evaluation (section 5.1; spec §5): rank the target against ALL items, for ALL users
+# =============================================================================================================
+
+def rank_of_targets(scores, targets):
+    """Number of items other than the target scoring >= the target (ties count against it): (B, N+1), (B,) -> (B,).
+    A target masked to -inf cannot be recommended: its rank is inf, never a hit."""
+    target_scores = scores.gather(1, targets[:, None])                      # (B, 1)
+    ranks = ((scores >= target_scores).sum(1) - 1).double()                 # minus the target itself
+    return ranks.masked_fill(target_scores[:, 0] == float("-inf"), float("inf"))
+
+
+def metrics_from_ranks(ranks, ks=(5, 10, 20)):
+    """HR@K = [rank < K]; NDCG@K = 1 / log2(rank + 2) when rank < K, else 0; averaged over users."""
+    result = {}
+    for k in ks:
+        hit = ranks < k
+        result[f"HR@{k}"] = hit.double().mean().item()
+        result[f"NDCG@{k}"] = torch.where(hit, 1.0 / torch.log2(ranks + 2.0), 0.0).mean().item()
+    return result
+
+
+def evaluation_batches(flat, starts, lengths, max_len, split, batch_size=1024):
+    """The fixed (histories, targets) batches of one split; users sorted by history length so each pads little."""
+    ends, history_lengths = evaluation_examples(starts, lengths, max_len, split)
+    order = torch.argsort(history_lengths, stable=True)
+    batches = []
+    for chunk in order.split(batch_size):
+        width = int(history_lengths[chunk].max())
+        batches.append((gather_histories(flat, ends[chunk], history_lengths[chunk], width), flat[ends[chunk]]))
+    return batches
+
+
+def item_table(model, normalize):
+    table = model.items.weight                                              # (N + 1, d)
+    return F.normalize(table, dim=-1) if normalize else table
+
+
+@torch.no_grad()
+def evaluate(model, batches, normalize, mask_seen=False):
+    """HR@5/10/20 and NDCG@5/10/20 over the given batches. One matrix product per batch on the model's device.
+    mask_seen: items of the history score -inf (a target that repeats a history item then cannot be hit)."""
+    model.eval()
+    items = item_table(model, normalize)
+    ranks, all_finite = [], True
+    for histories, targets in batches:
+        h = model.encode(histories)                                         # (B, d)
+        scores = (F.normalize(h, dim=-1) if normalize else h) @ items.T     # (B, N + 1)
+        all_finite = all_finite & torch.isfinite(scores[:, 1:]).all()
+        scores[:, 0] = float("-inf")                                        # padding is no item
+        if mask_seen:
+            scores.scatter_(1, histories, float("-inf"))
+        ranks.append(rank_of_targets(scores, targets))
+    model.train()
+    if not bool(all_finite):
+        raise FloatingPointError("the model produced non-finite scores during evaluation")
+    return metrics_from_ranks(torch.cat(ranks))
+
+
+@torch.no_grad()
+def embedding_statistics(model, histories, item_ids, bins=40):
+    """For Figure 1: on a fixed sample, pairwise cosine similarities of history vectors and of item vectors
+    (mean and histogram over [-1, 1]) and the uniformity of Wang & Isola, log mean_{x<y} exp(-2 ||x - y||^2)."""
+    model.eval()
+    result = {}
+    for name, vectors in (("history", model.encode(histories)), ("item", model.items(item_ids))):
+        unit = F.normalize(vectors, dim=-1)
+        upper = torch.triu_indices(len(unit), len(unit), 1, device=unit.device)
+        cosines = (unit @ unit.T)[upper[0], upper[1]]
+        result[f"{name}_mean_cosine"] = cosines.mean().item()
+        result[f"{name}_uniformity"] = torch.log(torch.exp(-2 * (2 - 2 * cosines)).mean()).item()
+        result[f"{name}_cosine_histogram"] = torch.histc(cosines.float(), bins, -1, 1).long().tolist()
+    model.train()
+    return result
+
+
+# =============================================================================================================
+# 5. Training (appendix B; spec §6): Adam, batches of triplets, early stopping on validation NDCG@10
+# =============================================================================================================
+
+def epoch_seed(seed, epoch):
+    """Every random draw of an epoch (order, negatives, dropout) follows from (seed, epoch), so a resumed run
+    repeats an uninterrupted one exactly."""
+    return seed * 1_000_003 + epoch
+
+
+def group_sizes(batch_size, groups):
+    """Sizes of `groups` consecutive, near-equal groups of a batch (fewer when the batch is smaller)."""
+    groups = min(groups, batch_size)
+    return [batch_size // groups + (g < batch_size % groups) for g in range(groups)]
+
+
+def epoch_batches(order, history_lengths, batch_size, groups):
+    """Cut a random order into batches of `batch_size` examples. Inside a batch the examples are sorted by history
+    length and encoded in `groups` groups, each padded only to its own longest history: the batch is the same
+    set of triplets (every loss sums over the batch), but far fewer padding slots are computed (spec §2).
+    Returns [(example ids, group sizes, group widths)] with a single host-device synchronisation."""
+    batches = [b[torch.argsort(history_lengths[b], stable=True)] for b in order.split(batch_size)]
+    sizes = [group_sizes(len(b), groups) for b in batches]
+    last_of_group = torch.tensor([start + sum(s[:g + 1]) - 1 for start, s in
+                                  zip(range(0, len(order), batch_size), sizes) for g in range(len(s))])
+    widths = history_lengths[torch.cat(batches)[last_of_group.to(order.device)]].tolist()
+    widths = iter(widths)
+    return [(b, s, [next(widths) for _ in s]) for b, s in zip(batches, sizes)]
+
+
+def encode_batch(model, flat, ends, history_lengths, sizes, widths):
+    """History vectors (B, d) of a length-sorted batch, one padded group at a time."""
+    groups = zip(ends.split(sizes), history_lengths.split(sizes), widths)
+    return torch.cat([model.encode(gather_histories(flat, e, n, w)) for e, n, w in groups])
+
+
+def train_epoch(model, optimizer, data, config, epoch):
+    """One pass over the training examples in a fresh random order with fresh negatives.
+    Returns a tensor with the loss of every step (no host-device synchronisation inside the loop)."""
+    flat, ends, history_lengths, users, keys, num_items = data
+    device = flat.device
+    torch.manual_seed(epoch_seed(config["seed"], epoch))                    # dropout
+    generator = torch.Generator(device).manual_seed(epoch_seed(config["seed"], epoch))
+    order = torch.randperm(len(ends), device=device, generator=generator)
+    negatives = sample_negatives(users, keys, num_items, generator)         # one per example, (num_examples,)
+    batches = epoch_batches(order, history_lengths, config["batch_size"], config["length_groups"])
+    losses = torch.zeros(len(batches), device=device)
+    for step, (batch, sizes, widths) in enumerate(batches):
+        history = encode_batch(model, flat, ends[batch], history_lengths[batch], sizes, widths)  # (B, d)
+        loss = batch_loss(model, history, flat[ends[batch]], negatives[batch], config)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses[step] = loss.detach()
+    return losses
+
+
+class ConfigError(ValueError):
+    """A command line the paper's setting cannot use; the message is one line naming the problem."""
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (a non-finite loss); the run folder keeps the last good checkpoint."""
+
+
+def save_atomically(obj, path):
+    """Write to a temporary file in the same folder, then rename: a kill at any moment leaves the old or the new."""
+    partial = path + ".partial"
+    if path.endswith(".pt"):
+        torch.save(obj, partial)
+    else:
+        with open(partial, "w") as f:
+            f.write(obj)
+    os.replace(partial, path)
+
+
+def train(config, run_dir, log=print):
+    """Train until validation NDCG@10 has not improved for `patience` epochs (or `epochs` epochs), then test once
+    with the best state. Writes config.json, log.jsonl, checkpoint.pt and metrics.json into run_dir."""
+    device = torch.device(config["device"])
+    sequences = read_sequences(config["data_path"])
+    flat, starts, lengths, num_items = load_sequences(sequences, device)
+    ends, history_lengths, users = training_examples(starts, lengths, config["max_len"])
+    keys = training_item_keys(flat, starts, lengths, num_items)
+    full_users = (torch.bincount(keys // (num_items + 1), minlength=len(lengths)) == num_items).nonzero()
+    if len(full_users):
+        raise DataError(f"user on line {int(full_users[0]) + 1} has every item in training: no negative can be drawn")
+    data = (flat, ends, history_lengths, users, keys, num_items)
+    valid = evaluation_batches(flat, starts, lengths, config["max_len"], "valid")
+    sample = torch.Generator().manual_seed(0)                               # fixed sample for Figure 1 statistics
+    sample_users = torch.randperm(len(lengths), generator=sample)[:1000].to(device)
+    figure_histories = gather_histories(flat, *evaluation_examples(starts[sample_users], lengths[sample_users],
+                                                                    config["max_len"], "valid"), config["max_len"])
+    figure_items = (torch.randperm(num_items, generator=sample)[:1000] + 1).to(device)
+
+    torch.manual_seed(config["seed"])
+    model = build_model(config["model"], num_items, config["dim"], config["layers"], config["heads"],
+                        config["dropout"], config["max_len"], config["caser_window"]).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"])
+    normalize = scores_normalized(config)
+    state = {"epoch": 0, "best_epoch": 0, "best_ndcg": -1.0, "history": []}
+    checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
+    if os.path.exists(checkpoint_path):
+        checkpoint = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        state = checkpoint["state"]
+        best_model = checkpoint["best_model"]
+        log(f"resuming {run_dir} after epoch {state['epoch']} (best so far: epoch {state['best_epoch']})")
+    else:
+        best_model = {k: v.clone() for k, v in model.state_dict().items()}
+    log(f"{config['data']}: {len(lengths):,} users, {num_items:,} items, {len(ends):,} training examples; "
+        f"{config['model']} + {config['loss']} on {device}; run folder {run_dir}")
+
+    while state["epoch"] < config["epochs"] and state["epoch"] - state["best_epoch"] < config["patience"]:
+        epoch = state["epoch"] + 1
+        started = time.time()
+        losses = train_epoch(model, optimizer, data, config, epoch)
+        bad = (~torch.isfinite(losses)).nonzero()
+        if len(bad):
+            raise TrainingStopped(f"non-finite loss at epoch {epoch}, step {int(bad[0]) + 1}; the run folder keeps "
+                                  f"the checkpoint of epoch {state['epoch']}")
+        train_seconds = time.time() - started
+        metrics = evaluate(model, valid, normalize, config["mask_seen"])
+        row = {"epoch": epoch, "loss": losses.sum().item() / len(ends), "train_seconds": round(train_seconds, 2),
+               "eval_seconds": round(time.time() - started - train_seconds, 2),
+               **{f"valid_{k}": v for k, v in metrics.items()},
+               **embedding_statistics(model, figure_histories, figure_items)}
+        state["history"].append(row)
+        state["epoch"] = epoch
+        if metrics["NDCG@10"] > state["best_ndcg"]:
+            state["best_epoch"], state["best_ndcg"] = epoch, metrics["NDCG@10"]
+            best_model = {k: v.clone() for k, v in model.state_dict().items()}
+        save_atomically({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state,
+                         "best_model": best_model}, checkpoint_path)
+        save_atomically("".join(json.dumps(r) + "\n" for r in state["history"]), os.path.join(run_dir, "log.jsonl"))
+        log(f"epoch {epoch:3d}  loss {row['loss']:.4f}  valid HR@10 {metrics['HR@10']:.4f} NDCG@10 "
+            f"{metrics['NDCG@10']:.4f}  best epoch {state['best_epoch']}  {train_seconds:.1f}s + "
+            f"{row['eval_seconds']:.1f}s")
+
+    model.load_state_dict(best_model)
+    test = evaluate(model, evaluation_batches(flat, starts, lengths, config["max_len"], "test"), normalize,
+                    config["mask_seen"])
+    best_row = state["history"][state["best_epoch"] - 1] if state["best_epoch"] else {}
+    result = {"test": test, "valid": {k[6:]: v for k, v in best_row.items() if k.startswith("valid_")},
+              "best_epoch": state["best_epoch"], "epochs": state["epoch"],
+              "train_seconds": round(sum(r["train_seconds"] for r in state["history"]), 1),
+              "device": str(device), "config": config}
+    save_atomically(json.dumps(result, indent=2) + "\n", os.path.join(run_dir, "metrics.json"))
+    log(f"test (best epoch {state['best_epoch']}): " + "  ".join(f"{k} {v:.4f}" for k, v in test.items()))
+    return result
+
+
+# =============================================================================================================
+# 6. Command line
+# =============================================================================================================
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a bad command line gives one line naming the problem (exit code 2), no usage dump."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser(argument_default=None):
+    parser = OneLineErrorParser(
+        prog="uniform_seqrec.py", argument_default=argument_default,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Train a sequential recommender (GRU4Rec, Caser, SASRec) with BCE, BPR, InfoNCE or the "
+                    "paper's uniformity loss, early-stopped on validation NDCG@10, and report test HR/NDCG@5/10/20 "
+                    "ranking every item for every user.",
+        epilog="Ablations of the paper's Table 2 (with --loss uniform): (b) --no-hom --no-het, (c) --no-het, "
+               "(d) --no-hom, (e) nothing, (f) --no-rec, (g) --no-normalize; row (a) is --loss bce. "
+               "A run writes config.json, log.jsonl, checkpoint.pt and metrics.json into its run folder; running "
+               "the same command again resumes it.")
+    what = parser.add_argument_group("what to train")
+    what.add_argument("--model", choices=["gru4rec", "caser", "sasrec"], default="sasrec", help="backbone")
+    what.add_argument("--loss", choices=["bce", "bpr", "infonce", "uniform"], default="uniform",
+                      help="training objective; 'uniform' is the paper's eq. 6")
+    what.add_argument("--data", default="beauty",
+                      help=f"benchmark ({', '.join(BENCHMARKS)}) or the path of a one-line-per-user file")
+    what.add_argument("--data-dir", default=default_data_dir(),
+                      help="folder holding the benchmark files (environment variable UNIFORM_SEQREC_DATA)")
+    model = parser.add_argument_group("model (paper appendix B grid: dim 32/64/128, layers and heads 1/2/3)")
+    model.add_argument("--dim", type=int, default=64, help="embedding size d")
+    model.add_argument("--layers", type=int, default=2, help="SASRec blocks / GRU4Rec GRU layers")
+    model.add_argument("--heads", type=int, default=2, help="SASRec attention heads (must divide --dim)")
+    model.add_argument("--dropout", type=float, default=0.5, help="dropout rate")
+    model.add_argument("--max-len", type=int, default=50, help="histories keep their last MAX_LEN items")
+    model.add_argument("--caser-window", type=int, default=5, help="Caser: the last L items it convolves")
+    loss = parser.add_argument_group("uniformity loss (eq. 6) and its ablations (Table 2)")
+    loss.add_argument("--beta", type=float, default=0.05, help="weight beta1 = beta2 of L_hom and L_het")
+    loss.add_argument("--t", type=float, default=2.0, help="Gaussian potential exp(-t ||x - y||^2)")
+    loss.add_argument("--no-normalize", dest="normalize", action="store_false", default=True,
+                      help="score and regularise raw vectors (row g)")
+    loss.add_argument("--no-rec", dest="rec", action="store_false", default=True, help="drop L_rec (row f)")
+    loss.add_argument("--no-hom", dest="hom", action="store_false", default=True, help="drop L_hom")
+    loss.add_argument("--no-het", dest="het", action="store_false", default=True, help="drop L_het")
+    fit = parser.add_argument_group("training")
+    fit.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate (grid: 1e-4, 2e-4, 3e-4)")
+    fit.add_argument("--batch-size", type=int, default=256, help="triplets per batch")
+    fit.add_argument("--epochs", type=int, default=300, help="at most this many epochs")
+    fit.add_argument("--patience", type=int, default=20, help="stop after this many epochs without a better "
+                                                              "validation NDCG@10")
+    fit.add_argument("--length-groups", type=int,
+                     help="encode each batch in this many length-sorted groups, each padded only to its own "
+                          "longest history; speed only (default 8, and 1 for Caser, which reads only its last "
+                          "L items)")
+    fit.add_argument("--seed", type=int, default=42, help="every random draw follows from it")
+    fit.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
+    evaluation = parser.add_argument_group("evaluation")
+    evaluation.add_argument("--mask-seen", action="store_true", default=False,
+                            help="never recommend items of the user's history (S3-Rec style; off in the paper "
+                                 "reproduction, so that repeated Yelp targets stay reachable)")
+    runs = parser.add_argument_group("run folder")
+    runs.add_argument("--out", help="run folder (default: runs/<data>-<model>-<loss>-<hash of the configuration>)")
+    runs.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR with its saved configuration")
+    return parser
+
+
+# keys of the configuration that do not change the result, so may differ when a run is resumed
+RUN_ONLY_KEYS = ("device", "data_dir", "data_path", "out", "resume")
+
+
+def resolve_device(name):
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def check_config(config):
+    """One-line errors for values the paper's setting cannot use."""
+    for key in ("lr", "batch_size", "max_len", "dim", "patience", "epochs", "caser_window", "layers", "heads",
+                "length_groups"):
+        if not config[key] > 0:
+            raise ConfigError(f"--{key.replace('_', '-')} must be positive (got {config[key]})")
+    for key in ("beta", "t"):
+        if not config[key] >= 0 or math.isinf(config[key]):
+            raise ConfigError(f"--{key} must be a finite number >= 0 (got {config[key]})")
+    if not 0 <= config["dropout"] < 1:
+        raise ConfigError(f"--dropout must be in [0, 1) (got {config['dropout']})")
+    if config["model"] == "sasrec" and config["dim"] % config["heads"]:
+        raise ConfigError(f"--heads {config['heads']} does not divide --dim {config['dim']}")
+    ablated = [flag for flag, key in (("--no-normalize", "normalize"), ("--no-rec", "rec"), ("--no-hom", "hom"),
+                                      ("--no-het", "het")) if not config[key]]
+    if ablated and config["loss"] != "uniform":
+        raise ConfigError(f"{ablated[0]} only applies to --loss uniform")
+    if not (config["rec"] or config["hom"] or config["het"]):
+        raise ConfigError("--no-rec, --no-hom and --no-het together leave no loss to train")
+
+
+def data_path_of(config):
+    """--data is a benchmark name (looked up in --data-dir) or a path."""
+    if config["data"] in BENCHMARKS:
+        path = benchmark_path(config["data"], config["data_dir"])
+        if not os.path.isfile(path):
+            raise DataError(f"{path} not found; get it with: python data_prep.py {config['data']} "
+                            f"--data-dir {config['data_dir']}")
+        return path
+    if os.path.exists(config["data"]):
+        return config["data"]
+    raise ConfigError(f"unknown dataset '{config['data']}': not one of {', '.join(BENCHMARKS)} and no such file")
+
+
+def configuration_id(config):
+    """Short hash of everything that changes the result: equal configurations share a default run folder."""
+    kept = {k: v for k, v in sorted(config.items()) if k not in RUN_ONLY_KEYS}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def configure(argv):
+    """Parse the command line into the resolved configuration and its run folder."""
+    config = vars(build_parser().parse_args(argv))
+    given = vars(build_parser(argparse.SUPPRESS).parse_args(argv))          # only the flags actually typed
+    if config["resume"]:
+        saved_path = os.path.join(config["resume"], "config.json")
+        if not os.path.isfile(saved_path):
+            raise ConfigError(f"--resume {config['resume']}: no config.json there, not a run folder")
+        with open(saved_path) as f:
+            saved = json.load(f)
+        for key, value in given.items():
+            if key not in RUN_ONLY_KEYS and saved.get(key) != value:
+                raise ConfigError(f"--resume {config['resume']}: that run has --{key.replace('_', '-')} "
+                                f"{saved.get(key)}, this command asks for {value}")
+        config = {**saved, **{k: v for k, v in given.items() if k in RUN_ONLY_KEYS}, "resume": config["resume"]}
+        config.setdefault("data_dir", default_data_dir())
+    if config["length_groups"] is None:
+        config["length_groups"] = 1 if config["model"] == "caser" else 8
+    check_config(config)
+    config["data_path"] = data_path_of(config)
+    config["device"] = resolve_device(config["device"])
+    name = config["data"] if config["data"] in BENCHMARKS else os.path.splitext(os.path.basename(config["data"]))[0]
+    run_dir = config["resume"] or config["out"] or os.path.join(
+        "runs", f"{name}-{config['model']}-{config['loss']}-{configuration_id(config)}")
+    return config, run_dir
+
+
+def prepare_run_dir(config, run_dir):
+    """Create the run folder, or check that an existing one holds this same configuration."""
+    saved_path = os.path.join(run_dir, "config.json")
+    if os.path.isfile(saved_path):
+        with open(saved_path) as f:
+            saved = json.load(f)
+        differing = [k for k in config if k not in RUN_ONLY_KEYS and saved.get(k) != config[k]]
+        if differing:
+            key = differing[0]
+            raise ConfigError(f"{run_dir} holds a run with --{key.replace('_', '-')} {saved.get(key)}, not "
+                            f"{config[key]}; choose another --out")
+    else:
+        os.makedirs(run_dir, exist_ok=True)
+        save_atomically(json.dumps(config, indent=2) + "\n", saved_path)
+
+
+def main(argv=None):
+    try:
+        config, run_dir = configure(argv)
+        prepare_run_dir(config, run_dir)
+        metrics_path = os.path.join(run_dir, "metrics.json")
+        if os.path.isfile(metrics_path):
+            with open(metrics_path) as f:
+                test = json.load(f)["test"]
+            print(f"{run_dir} is finished: test " + "  ".join(f"{k} {v:.4f}" for k, v in test.items()))
+            return 0
+        train(config, run_dir, log=lambda line: print(line, flush=True))
+    except (DataError, ConfigError) as err:
+        print(f"uniform_seqrec.py: error: {err}", file=sys.stderr)
+        return 2
+    except (TrainingStopped, FloatingPointError) as err:
+        print(f"uniform_seqrec.py: stopped: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted; the run folder keeps the last finished epoch (run the same command to resume)",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
