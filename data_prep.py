@@ -106,10 +106,11 @@ def statistics_of(sequences):
     lengths = [len(s) for s in sequences]
     frequency = Counter(i for s in sequences for i in s)
     users, items, interactions = len(sequences), len(frequency), sum(lengths)
+    median = statistics.median(lengths)
     return {
         "users": users, "items": items, "interactions": interactions,
         "average length": round(interactions / users, 3), "min length": min(lengths),
-        "median length": statistics.median(lengths), "max length": max(lengths),
+        "median length": median if not float(median).is_integer() else int(median), "max length": max(lengths),
         "min item frequency": min(frequency.values()), "max item frequency": max(frequency.values()),
         "density %": round(100 * interactions / (users * items), 4),
         "largest item id": max(frequency), "users with a repeated item": sum(len(set(s)) < len(s) for s in sequences),

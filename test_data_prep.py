@@ -1,0 +1,209 @@
+"""Tests of data_prep.py: rebuilding from raw dumps (expected files worked out by hand), downloading with
+checksum verification (from a local file:// URL), and the statistics of the four published files."""
+import gzip
+import json
+import os
+import shutil
+
+import pytest
+
+import data_prep as D
+import uniform_seqrec as U
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DATA_DIR = os.environ.get("UNIFORM_SEQREC_DATA") or os.path.join(HERE, "..", "shared", "data")
+
+
+def write_amazon(path, records):
+    with gzip.open(path, "wt") as f:
+        for user, item, time in records:
+            f.write(json.dumps({"reviewerID": user, "asin": item, "unixReviewTime": time, "overall": 5.0,
+                                "reviewText": "fine"}) + "\n")
+
+
+def write_yelp(path, records):
+    with open(path, "w") as f:
+        for user, business, date in records:
+            f.write(json.dumps({"review_id": "r", "user_id": user, "business_id": business, "stars": 4.0,
+                                "date": date}) + "\n")
+
+
+# Amazon: in file order. Worked by hand:
+#  * users by first appearance: u6 u3 u1 u2 u4 u5 u7 u8 u9
+#  * k-core pass 1 drops item X (4 users); pass 2 drops u6..u9 (now 4 items each); pass 3 drops item Y (now only
+#    u1) -- each only after the pass before it. Left: u3 u1 u2 u4 u5 -> user ids 1..5.
+#  * stable sort by time: u1's B and A share time 50 and keep file order (B, A); so do its C, D at 60; u4's five
+#    reviews share one time; u5 sorts to D(7) B(8) E(9) A(9) C(9); u2 is listed newest first.
+#  * item ids by first encounter scanning u3 (A B C D E): A1 B2 C3 D4 E5.
+AMAZON = [
+    ("u6", "X", 100), ("u3", "C", 30), ("u3", "A", 10), ("u1", "B", 50), ("u1", "A", 50), ("u3", "B", 20),
+    ("u3", "E", 50), ("u3", "D", 40), ("u2", "E", 5), ("u2", "D", 4), ("u2", "C", 3), ("u2", "B", 2), ("u2", "A", 1),
+    ("u1", "Y", 10), ("u1", "C", 60), ("u1", "D", 60), ("u1", "E", 70),
+    ("u4", "A", 1), ("u4", "B", 1), ("u4", "C", 1), ("u4", "D", 1), ("u4", "E", 1),
+    ("u5", "E", 9), ("u5", "A", 9), ("u5", "B", 8), ("u5", "C", 9), ("u5", "D", 7),
+    ("u6", "Y", 101), ("u6", "A", 102), ("u6", "B", 103), ("u6", "C", 104),
+    *[(u, item, time) for u in ("u7", "u8", "u9") for time, item in enumerate("XYABC", start=1)],
+]
+ASIN = {"A": "B00M", "B": "B00K", "C": "B00Z", "D": "B00A", "E": "B00Q"}  # first seen in an order that is not sorted
+AMAZON = [(user, ASIN.get(item, item), time) for user, item, time in AMAZON]
+AMAZON_EXPECTED = "1 1 2 3 4 5\n2 2 1 3 4 5\n3 1 2 3 4 5\n4 1 2 3 4 5\n5 4 2 5 1 3\n"
+
+# Yelp: in file order. Worked by hand:
+#  * kept: '2019-01-01 00:00:00' <= date <= '2019-12-31 00:00:00' as strings, so 2018-12-31 23:59:59,
+#    2019-12-31 00:00:01 and 2020 are out, 2019-01-01 00:00:00 is in.
+#  * users by first in-window appearance: a b c d e f g; g keeps 3 reviews in the window -> dropped.
+#  * repeats are kept and counted: a reviews P twice (6 reviews), f has only P and Q but 5 reviews -> kept.
+#  * a's Q and R share a timestamp and keep file order.
+#  * item ids by first encounter scanning a (P Q R P S T): P1 Q2 R3 S4 T5.
+YELP = [
+    ("g", "P", "2018-12-31 23:59:59"), ("a", "Q", "2019-03-01 10:00:00"), ("a", "P", "2019-02-01 10:00:00"),
+    ("a", "P", "2019-05-01 10:00:00"), ("a", "R", "2019-03-01 10:00:00"), ("a", "S", "2019-06-01 00:00:00"),
+    ("a", "T", "2019-12-31 00:00:01"), ("a", "T", "2019-07-01 00:00:00"),
+    ("b", "T", "2019-01-01 00:00:00"), ("b", "S", "2019-01-02 00:00:00"), ("b", "R", "2019-01-03 00:00:00"),
+    ("b", "Q", "2019-01-04 00:00:00"), ("b", "P", "2019-01-05 00:00:00"), ("b", "Z", "2020-01-01 00:00:00"),
+    *[(u, item, f"2019-{month:02d}-0{day} 00:00:00") for u, month in (("c", 4), ("d", 8), ("e", 9))
+      for day, item in enumerate("PQRST", start=1)],
+    *[("f", item, f"2019-10-0{day} 00:00:00") for day, item in enumerate("PQPQP", start=1)],
+    ("g", "Q", "2019-01-10 00:00:00"), ("g", "R", "2019-01-11 00:00:00"), ("g", "S", "2019-01-12 00:00:00"),
+]
+YELP_EXPECTED = "1 1 2 3 1 4 5\n2 5 4 3 2 1\n3 1 2 3 4 5\n4 1 2 3 4 5\n5 1 2 3 4 5\n6 1 2 1 2 1\n"
+
+
+def test_amazon_rebuild_ties_sort_and_cascading_k_core(tmp_path, capsys):
+    raw = tmp_path / "reviews_Beauty_5.json.gz"
+    write_amazon(raw, AMAZON)
+    matches = D.rebuild("beauty", str(raw), str(tmp_path / "data"))
+    assert (tmp_path / "data" / "Beauty.txt").read_bytes() == AMAZON_EXPECTED.encode()
+    assert matches is False and "DIFFERS from the published checksum" in capsys.readouterr().out
+
+
+def test_yelp_rebuild_window_repeats_and_ties(tmp_path):
+    raw = tmp_path / "yelp_academic_dataset_review.json"
+    write_yelp(raw, YELP)
+    D.rebuild("yelp", str(raw), str(tmp_path))
+    assert (tmp_path / "Yelp.txt").read_bytes() == YELP_EXPECTED.encode()
+
+
+def test_k_core_matches_a_one_at_a_time_removal():
+    """The simultaneous drop-and-repeat loop against removing one offending user or item at a time."""
+    import random
+    rng = random.Random(0)
+    for _ in range(50):
+        sequences = [[rng.randrange(12) for _ in range(rng.randrange(1, 9))] for _ in range(25)]
+        reviews = [(f"u{u}", f"i{i}", t) for u, s in enumerate(sequences) for t, i in enumerate(s)]
+        fast = D.build_sequences(reviews, k=3)
+        slow = {u: list(s) for u, s in enumerate(sequences)}
+        while True:
+            counts = {}
+            for s in slow.values():
+                for i in s:
+                    counts[i] = counts.get(i, 0) + 1
+            short = next((u for u, s in slow.items() if len(s) < 3), None)
+            rare = next((i for i, c in counts.items() if c < 3), None)
+            if short is not None:
+                del slow[short]
+            elif rare is not None:
+                slow = {u: [i for i in s if i != rare] for u, s in slow.items()}
+            else:
+                break
+        assert len(fast) == len(slow) and [len(s) for s in fast] == [len(s) for s in slow.values()]
+
+
+def test_rebuild_rejects_a_file_that_is_not_a_review_dump(tmp_path):
+    raw = tmp_path / "reviews_Beauty_5.json.gz"
+    raw.write_bytes(b"not gzip")
+    with pytest.raises(D.DataError, match="not a readable beauty review dump"):
+        D.rebuild("beauty", str(raw), str(tmp_path))
+    assert not (tmp_path / "Beauty.txt").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Downloading, against a local file:// URL
+# ----------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def server(tmp_path):
+    source = os.path.join(DATA_DIR, "Beauty.txt")
+    if not os.path.isfile(source):
+        pytest.skip(f"{source} not found")
+    folder = tmp_path / "server"
+    folder.mkdir()
+    shutil.copy(source, folder / "Beauty.txt")
+    return folder
+
+
+def test_download_verifies_and_lands_the_file(server, tmp_path):
+    data_dir = tmp_path / "data"
+    path = D.download("beauty", str(data_dir), server.as_uri(), log=lambda _: None)
+    assert D.sha256_of(path) == D.BENCHMARKS["beauty"][1]
+    assert os.listdir(data_dir) == ["Beauty.txt"]
+    messages = []
+    D.download("beauty", str(data_dir), (tmp_path / "nowhere").as_uri(), log=messages.append)  # no fetch needed
+    assert messages == [f"{path}: present, checksum ok"]
+
+
+def test_corrupt_download_is_rejected_and_leaves_nothing(server, tmp_path):
+    content = (server / "Beauty.txt").read_bytes()
+    (server / "Beauty.txt").write_bytes(content.replace(b"1 1 2", b"1 2 1", 1))
+    data_dir = tmp_path / "data"
+    with pytest.raises(D.DataError, match="checksum mismatch"):
+        D.download("beauty", str(data_dir), server.as_uri())
+    assert os.listdir(data_dir) == []
+
+
+def test_failed_download_says_so_in_one_line_and_leaves_nothing(tmp_path, capsys):
+    data_dir = tmp_path / "data"
+    code = D.main(["toys", "--data-dir", str(data_dir), "--url", (tmp_path / "missing").as_uri()])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "download of" in err and "nothing was written" in err
+    assert os.listdir(data_dir) == []
+
+
+def test_missing_benchmark_names_the_command_that_gets_it(tmp_path, capsys):
+    code = U.main(["--data", "sports", "--data-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert f"get it with: python data_prep.py sports --data-dir {tmp_path}" in err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The four published files against docs/datasets.md section 6
+# ----------------------------------------------------------------------------------------------------------------
+
+PUBLISHED = {  # users, items, interactions, avg len, min, median, max, min freq, max freq, density %
+    "beauty": (22_363, 12_101, 198_502, 8.876, 5, 6, 204, 5, 431, 0.0734),
+    "sports": (35_598, 18_357, 296_337, 8.325, 5, 6, 296, 5, 1_042, 0.0453),
+    "toys": (19_412, 11_924, 167_597, 8.634, 5, 6, 550, 5, 309, 0.0724),
+    "yelp": (30_431, 20_033, 316_354, 10.396, 5, 7, 350, 5, 500, 0.0519),
+}
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_published_files_have_the_documented_statistics_and_checksums(name):
+    path = D.benchmark_path(name, DATA_DIR)
+    if not os.path.isfile(path):
+        pytest.skip(f"{path} not found")
+    assert D.sha256_of(path) == D.BENCHMARKS[name][1]
+    s = D.statistics_of(D.read_sequences(path))
+    keys = ("users", "items", "interactions", "average length", "min length", "median length", "max length",
+            "min item frequency", "max item frequency")
+    assert tuple(s[k] for k in keys) == PUBLISHED[name][:9]
+    assert round(s["density %"], 4) == PUBLISHED[name][9]
+    assert s["largest item id"] == s["items"] and D.format_warnings(D.read_sequences(path)) == []
+
+
+def test_stats_command_prints_the_table(capsys):
+    path = D.benchmark_path("toys", DATA_DIR)
+    if not os.path.isfile(path):
+        pytest.skip(f"{path} not found")
+    assert D.main(["--stats", path]) == 0
+    out = capsys.readouterr().out
+    assert "users                        19,412" in out and "density %" in out and "warning" not in out
+
+
+def test_stats_flags_a_file_that_is_not_a_5_core(tmp_path, capsys):
+    path = tmp_path / "small.txt"
+    path.write_text("1 1 2 3\n2 2 3 5\n")
+    assert D.main(["--stats", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "not contiguous" in out and "2 users have fewer than 5 items" in out
