@@ -450,11 +450,12 @@ def save_atomically(obj, path):
     os.replace(partial, path)
 
 
-def train(config, run_dir, log=print):
-    """Train until validation NDCG@10 has not improved for `patience` epochs (or `epochs` epochs), then test once
-    with the best state. Writes config.json, log.jsonl, checkpoint.pt and metrics.json into run_dir."""
+def train(config, sequences, run_dir, log=print):
+    """Train on `sequences` (lists of item ids) until validation NDCG@10 has not improved for `patience` epochs (or
+    for `epochs` epochs), then test once with the best state. Writes log.jsonl, checkpoint.pt and metrics.json
+    into run_dir, and resumes from its checkpoint.pt when there is one. The checkpoint holds no random-number
+    state because none is needed: every epoch re-seeds from (seed, epoch)."""
     device = torch.device(config["device"])
-    sequences = read_sequences(config["data_path"])
     flat, starts, lengths, num_items = load_sequences(sequences, device)
     ends, history_lengths, users = training_examples(starts, lengths, config["max_len"])
     keys = training_item_keys(flat, starts, lengths, num_items)
@@ -538,9 +539,9 @@ class OneLineErrorParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def build_parser(argument_default=None):
+def build_parser():
     parser = OneLineErrorParser(
-        prog="uniform_seqrec.py", argument_default=argument_default,
+        prog="uniform_seqrec.py",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Train a sequential recommender (GRU4Rec, Caser, SASRec) with BCE, BPR, InfoNCE or the "
                     "paper's uniformity loss, early-stopped on validation NDCG@10, and report test HR/NDCG@5/10/20 "
@@ -651,7 +652,9 @@ def configuration_id(config):
 def configure(argv):
     """Parse the command line into the resolved configuration and its run folder."""
     config = vars(build_parser().parse_args(argv))
-    given = vars(build_parser(argparse.SUPPRESS).parse_args(argv))          # only the flags actually typed
+    typed_only = build_parser()
+    typed_only.set_defaults(**dict.fromkeys(config))                        # a typed flag never parses to None
+    given = {k: v for k, v in vars(typed_only.parse_args(argv)).items() if v is not None}
     if config["resume"]:
         saved_path = os.path.join(config["resume"], "config.json")
         if not os.path.isfile(saved_path):
@@ -694,6 +697,7 @@ def prepare_run_dir(config, run_dir):
 def main(argv=None):
     try:
         config, run_dir = configure(argv)
+        sequences = read_sequences(config["data_path"])                     # bad data fails before any folder exists
         prepare_run_dir(config, run_dir)
         metrics_path = os.path.join(run_dir, "metrics.json")
         if os.path.isfile(metrics_path):
@@ -701,7 +705,7 @@ def main(argv=None):
                 test = json.load(f)["test"]
             print(f"{run_dir} is finished: test " + "  ".join(f"{k} {v:.4f}" for k, v in test.items()))
             return 0
-        train(config, run_dir, log=lambda line: print(line, flush=True))
+        train(config, sequences, run_dir, log=lambda line: print(line, flush=True))
     except (DataError, ConfigError) as err:
         print(f"uniform_seqrec.py: error: {err}", file=sys.stderr)
         return 2

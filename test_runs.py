@@ -1,0 +1,215 @@
+"""Runs that survive interruption, repeat exactly, and refuse bad input with one line (exit code 2)."""
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import uniform_seqrec as U
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DATA_DIR = os.environ.get("UNIFORM_SEQREC_DATA") or os.path.join(HERE, "..", "shared", "data")
+BEAUTY = os.path.join(DATA_DIR, "Beauty.txt")
+SMALL = ["--model", "sasrec", "--dim", "16", "--layers", "1", "--heads", "1", "--device", "cpu", "--lr", "1e-3"]
+
+
+@pytest.fixture(scope="module")
+def beauty_slice(tmp_path_factory):
+    if not os.path.isfile(BEAUTY):
+        pytest.skip(f"{BEAUTY} not found: run `python data_prep.py beauty` first")
+    path = tmp_path_factory.mktemp("data") / "beauty_slice.txt"
+    with open(BEAUTY) as f:
+        path.write_text("".join(itertools.islice(f, 1500)))
+    return str(path)
+
+
+def run_cli(*args, timeout=300):
+    """The command line as a user runs it: a separate process."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, os.path.join(HERE, "uniform_seqrec.py"), *args], capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=HERE)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad input: one line naming the problem, exit code 2, nothing left behind
+# ----------------------------------------------------------------------------------------------------------------
+
+GOOD = "1 1 2 3 4\n2 2 3 4 5\n3 3 4 5 1 2\n"
+BAD_FILES = [
+    ("empty", "", "is empty"),
+    ("blank line", "1 1 2 3\n\n2 2 3 4\n", "line 2: blank line"),
+    ("not an integer", "1 1 2 3\n2 2 x 4\n", "line 2: 'x' is not an integer id"),
+    ("a float", "1 1 2.5 3\n", "line 1: '2.5' is not an integer id"),
+    ("negative id", "1 1 2 3\n2 2 -3 4\n", "line 2: id -3 is invalid"),
+    ("item id 0", "1 1 0 3 4\n", "line 1: id 0 is invalid"),
+    ("user id 0", "0 1 2 3 4\n", "line 1: id 0 is invalid"),
+    ("too short", "1 1 2 3\n2 5 6\n", "line 2: user 2 has 2 item(s); at least 3"),
+    ("only a user", "1 1 2 3\n2\n", "line 2: user 2 has 0 item(s)"),
+    ("user twice", "1 1 2 3\n1 2 3 4\n", "line 2: user 1 already appears on line 1"),
+    ("not text", "1 1 2 3\n2 \xe9 3 4\n", "is not ASCII"),
+]
+
+
+@pytest.mark.parametrize("content,expected", [(c, e) for _, c, e in BAD_FILES], ids=[n for n, _, _ in BAD_FILES])
+def test_bad_data_file_is_one_line_error(tmp_path, capsys, content, expected):
+    path = tmp_path / "data.txt"
+    path.write_bytes(content.encode("latin-1"))
+    code = U.main(["--data", str(path), "--out", str(tmp_path / "run"), *SMALL])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and expected in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()                                     # nothing created for a bad file
+
+
+BAD_FLAGS = [
+    (["--model", "bert4rec"], "argument --model: invalid choice: 'bert4rec'"),
+    (["--loss", "mse"], "argument --loss: invalid choice: 'mse'"),
+    (["--data", "movielens"], "unknown dataset 'movielens'"),
+    (["--data", "/no/such/file.txt"], "unknown dataset '/no/such/file.txt'"),
+    (["--lr", "0"], "--lr must be positive (got 0.0)"),
+    (["--lr", "nan"], "--lr must be positive (got nan)"),
+    (["--lr", "fast"], "argument --lr: invalid float value: 'fast'"),
+    (["--batch-size", "-4"], "--batch-size must be positive"),
+    (["--max-len", "0"], "--max-len must be positive"),
+    (["--dim", "0"], "--dim must be positive"),
+    (["--patience", "0"], "--patience must be positive"),
+    (["--beta", "-0.1"], "--beta must be a finite number >= 0"),
+    (["--t", "-2"], "--t must be a finite number >= 0"),
+    (["--heads", "3"], "--heads 3 does not divide --dim 16"),
+    (["--dropout", "1"], "--dropout must be in [0, 1)"),
+    (["--loss", "bce", "--no-hom"], "--no-hom only applies to --loss uniform"),
+    (["--no-rec", "--no-hom", "--no-het"], "leave no loss to train"),
+    (["--epochs", "ten"], "argument --epochs: invalid int value: 'ten'"),
+    (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+]
+
+
+def exit_code_of_main(args):
+    """main() returns its exit code; argparse exits by itself (SystemExit) for flags it rejects."""
+    try:
+        return U.main(args)
+    except SystemExit as exit:
+        return exit.code
+
+
+@pytest.mark.parametrize("flags,expected", BAD_FLAGS, ids=[" ".join(f) for f, _ in BAD_FLAGS])
+def test_bad_flag_is_one_line_error(tmp_path, capsys, flags, expected):
+    path = tmp_path / "data.txt"
+    path.write_text(GOOD)
+    code = exit_code_of_main(["--data", str(path), "--out", str(tmp_path / "run"), *SMALL, *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and expected in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_folder_instead_of_a_file(tmp_path, capsys):
+    assert U.main(["--data", str(tmp_path), *SMALL]) == 2
+    assert "is a folder, not a data file" in capsys.readouterr().err
+
+
+def test_errors_from_a_real_process_have_no_traceback(tmp_path):
+    path = tmp_path / "data.txt"
+    path.write_text("1 1 2 3\n2 2 x 4\n")
+    for args in (["--data", str(path)], ["--model", "bert4rec"], ["--data", "beauty", "--data-dir", str(tmp_path)]):
+        result = run_cli(*args)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+        assert result.stderr.startswith("uniform_seqrec.py: error: ")
+
+
+def test_crlf_line_endings_are_accepted(tmp_path):
+    path = tmp_path / "crlf.txt"
+    path.write_bytes(b"1 1 2 3 4\r\n2 2 3 4 5\r\n3 3 4 5 1 2\r\n")
+    assert U.read_sequences(str(path)) == [[1, 2, 3, 4], [2, 3, 4, 5], [3, 4, 5, 1, 2]]
+
+
+def test_resume_of_a_folder_with_another_configuration_is_refused(tmp_path, capsys, beauty_slice):
+    run = tmp_path / "run"
+    assert U.main(["--data", beauty_slice, "--epochs", "1", "--out", str(run), *SMALL]) == 0
+    capsys.readouterr()
+    assert U.main(["--resume", str(run), "--lr", "5e-4"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "that run has --lr 0.001, this command asks for 0.0005" in err
+    assert U.main(["--data", beauty_slice, "--epochs", "1", "--out", str(run), *SMALL, "--dim", "32"]) == 2
+    assert "holds a run with --dim 16, not 32; choose another --out" in capsys.readouterr().err
+    assert U.main(["--resume", str(tmp_path)]) == 2
+    assert "no config.json there" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Non-finite loss
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_non_finite_loss_stops_naming_epoch_and_step_and_keeps_the_last_good_checkpoint(
+        tmp_path, capsys, monkeypatch, beauty_slice):
+    real_loss, calls = U.batch_loss, []
+    examples = sum(len(s) - 3 for s in U.read_sequences(beauty_slice))
+    steps_per_epoch = -(-examples // 256)
+
+    def poisoned(*args):
+        calls.append(None)
+        value = real_loss(*args)
+        return value * float("nan") if len(calls) == steps_per_epoch + 3 else value  # epoch 2, step 3
+
+    monkeypatch.setattr(U, "batch_loss", poisoned)
+    run = tmp_path / "run"
+    code = U.main(["--data", beauty_slice, "--epochs", "4", "--out", str(run), *SMALL])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1
+    assert "non-finite loss at epoch 2, step 3; the run folder keeps the checkpoint of epoch 1" in err
+    checkpoint = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert checkpoint["state"]["epoch"] == 1 and all(torch.isfinite(v).all() for v in checkpoint["model"].values())
+    assert len((run / "log.jsonl").read_text().splitlines()) == 1 and not (run / "metrics.json").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Same seed, same numbers; killed and resumed, same numbers
+# ----------------------------------------------------------------------------------------------------------------
+
+def final_metrics(run):
+    metrics = json.loads((run / "metrics.json").read_text())
+    return metrics["test"], metrics["valid"], metrics["best_epoch"], metrics["epochs"]
+
+
+def test_same_seed_same_metrics_and_another_seed_differs(tmp_path, beauty_slice):
+    runs = {}
+    for name, seed in (("a", "7"), ("b", "7"), ("c", "8")):
+        result = run_cli("--data", beauty_slice, "--epochs", "3", "--seed", seed, "--out", str(tmp_path / name), *SMALL)
+        assert result.returncode == 0, result.stderr
+        runs[name] = final_metrics(tmp_path / name)
+    assert runs["a"] == runs["b"]
+    assert runs["a"][:2] != runs["c"][:2]
+
+
+def test_killed_run_resumes_to_the_same_metrics(tmp_path, beauty_slice):
+    args = ["--data", beauty_slice, "--epochs", "8", "--patience", "8", "--seed", "3", *SMALL]
+    whole = run_cli(*args, "--out", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr
+
+    run = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, os.path.join(HERE, "uniform_seqrec.py"), *args, "--out", str(run)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=HERE)
+    deadline = time.time() + 120
+    while not (run / "checkpoint.pt").exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    epochs_done = len((run / "log.jsonl").read_text().splitlines())
+    assert process.returncode == -signal.SIGKILL and 1 <= epochs_done < 8 and not (run / "metrics.json").exists()
+
+    resumed = run_cli("--resume", str(run))
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming {run} after epoch {epochs_done}" in resumed.stdout
+    assert final_metrics(run) == final_metrics(tmp_path / "whole")
+    log_whole = (tmp_path / "whole" / "log.jsonl").read_text().splitlines()
+    log_resumed = (run / "log.jsonl").read_text().splitlines()
+    strip = lambda rows: [{k: v for k, v in json.loads(r).items() if not k.endswith("seconds")} for r in rows]
+    assert strip(log_resumed) == strip(log_whole)
+
+    # re-running the original command (same folder) also finds it finished, not retrained
+    again = run_cli(*args, "--out", str(run))
+    assert again.returncode == 0 and "is finished" in again.stdout
