@@ -1,0 +1,229 @@
+"""Speed of uniform_seqrec.py on the device it runs on; prints one table.
+
+    python bench.py                    # all sections, on the default device (cuda, then mps, then cpu)
+    python bench.py --device cpu --steps 40 --sections loss,train,eval
+
+  loss   uniformity_loss forward + backward at B = 256, d = 64: batched (torch.cdist) against an obviously-correct
+         Python loop over pairs, and against the same sums written with explicit (B, B, d) differences
+  train  training throughput of each backbone with each loss on real Beauty (batch 256, max length 50, d 64,
+         2 layers, 2 heads), from `--steps` real batches; seconds per epoch = examples / throughput
+  eval   full-ranking evaluation of every Beauty user, against its bare lower bound: the same matrix product and
+         comparison on history vectors already computed and on the device
+  memory peak memory of training (SASRec, uniformity loss) and of evaluation
+
+Timings are medians of repeated runs where a section is cheap enough to repeat; ratios are measured side by side.
+"""
+import argparse
+import os
+import statistics
+import time
+
+import torch
+
+import uniform_seqrec as U
+from data_prep import default_data_dir, read_sequences
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(function, device, repeats=5, warmup=1):
+    """Median wall seconds of `function()` over `repeats` runs after `warmup` runs."""
+    for _ in range(warmup):
+        function()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        started = time.perf_counter()
+        function()
+        synchronize(device)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. The loss: batched against a loop over pairs and against explicit differences
+# ---------------------------------------------------------------------------------------------------------------
+
+def uniformity_loss_pair_loop(history, positives, negatives, beta=0.05, t=2.0):
+    """Eq. 6 one pair at a time: the obviously-correct version the batched one must beat."""
+    h, p, n = (torch.nn.functional.normalize(v, dim=-1) for v in (history, positives, negatives))
+    items = torch.cat([p, n])
+    loss = U.bce_loss((h * p).sum(-1), (h * n).sum(-1))
+    potential = lambda x, y: torch.exp(-t * (x - y).square().sum())
+    for group in (h, items):
+        for x in range(len(group)):
+            for y in range(x + 1, len(group)):
+                loss = loss + beta * potential(group[x], group[y])
+    for x in range(len(h)):
+        for y in range(len(n)):
+            loss = loss + beta * potential(h[x], n[y])
+    return loss
+
+
+def uniformity_loss_differences(history, positives, negatives, beta=0.05, t=2.0):
+    """Eq. 6 with explicit (B, B, d) differences instead of torch.cdist."""
+    h, p, n = (torch.nn.functional.normalize(v, dim=-1) for v in (history, positives, negatives))
+    items = torch.cat([p, n])
+    potential = lambda x, y: torch.exp(-t * (x[:, None, :] - y[None, :, :]).square().sum(-1))
+    loss = U.bce_loss((h * p).sum(-1), (h * n).sum(-1))
+    loss = loss + beta * (potential(h, h).triu(1).sum() + potential(items, items).triu(1).sum())
+    return loss + beta * potential(h, n).sum()
+
+
+def bench_loss(device, rows):
+    g = torch.Generator().manual_seed(0)
+    h, p, n = (torch.randn(256, 64, generator=g).to(device).requires_grad_() for _ in range(3))
+    step = lambda loss_function: lambda: loss_function(h, p, n).backward()
+    batched = timed(step(U.uniformity_loss), device, repeats=20, warmup=3)
+    differences = timed(step(uniformity_loss_differences), device, repeats=10, warmup=2)
+    loop = timed(step(uniformity_loss_pair_loop), device, repeats=1, warmup=0)
+    rows.append(("loss", "uniformity_loss fwd+bwd, B=256 d=64, batched (cdist)", f"{batched * 1e3:.2f} ms", ""))
+    rows.append(("loss", "  same sums, explicit (B, B, d) differences", f"{differences * 1e3:.2f} ms",
+                 f"batched {differences / batched:.1f}x faster"))
+    rows.append(("loss", "  same sums, Python loop over pairs", f"{loop:.1f} s", f"batched {loop / batched:,.0f}x faster"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. Training throughput on real Beauty
+# ---------------------------------------------------------------------------------------------------------------
+
+def training_setup(path, device):
+    flat, starts, lengths, num_items = U.load_sequences(read_sequences(path), device)
+    ends, history_lengths, users = U.training_examples(starts, lengths, 50)
+    keys = U.training_item_keys(flat, starts, lengths, num_items)
+    return flat, starts, lengths, num_items, ends, history_lengths, users, keys
+
+
+def train_steps(setup, device, model_name, loss, steps, length_groups):
+    """Seconds per training example over `steps` real batches of a random epoch order."""
+    flat, _, _, num_items, ends, history_lengths, users, keys = setup
+    torch.manual_seed(0)
+    model = U.build_model(model_name, num_items, 64, 2, 2, 0.5, 50, 5).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    config = {"loss": loss, "beta": 0.05, "t": 2.0, "normalize": True, "rec": True, "hom": True, "het": True}
+    generator = torch.Generator(device).manual_seed(0)
+    order = torch.randperm(len(ends), device=device, generator=generator)[:256 * (steps + 3)]
+    negatives = U.sample_negatives(users, keys, num_items, generator)
+    batches = U.epoch_batches(order, history_lengths, 256, length_groups)
+
+    def run(some):
+        for batch, sizes, widths in some:
+            history = U.encode_batch(model, flat, ends[batch], history_lengths[batch], sizes, widths)
+            value = U.batch_loss(model, history, flat[ends[batch]], negatives[batch], config)
+            optimizer.zero_grad(set_to_none=True)
+            value.backward()
+            optimizer.step()
+
+    run(batches[:3])                                                       # warm-up
+    synchronize(device)
+    started = time.perf_counter()
+    run(batches[3:])
+    synchronize(device)
+    return (time.perf_counter() - started) / (256 * steps)
+
+
+def bench_train(setup, device, steps, rows):
+    examples = len(setup[4])
+    for model_name in ("sasrec", "gru4rec", "caser"):
+        groups = 1 if model_name == "caser" else 8
+        for loss in ("bce", "bpr", "infonce", "uniform"):
+            per_example = train_steps(setup, device, model_name, loss, steps, groups)
+            rows.append(("train", f"{model_name} + {loss} (length groups {groups})",
+                         f"{1 / per_example:,.0f} samples/s", f"{per_example * examples:.1f} s/epoch"))
+    per_example = train_steps(setup, device, "sasrec", "uniform", steps, 1)
+    rows.append(("train", "sasrec + uniform, whole batch padded to its longest (length groups 1)",
+                 f"{1 / per_example:,.0f} samples/s", f"{per_example * examples:.1f} s/epoch"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. Evaluation against its lower bound
+# ---------------------------------------------------------------------------------------------------------------
+
+def bench_eval(setup, device, rows):
+    flat, starts, lengths, num_items, *_ = setup
+    torch.manual_seed(0)
+    model = U.build_model("sasrec", num_items, 64, 2, 2, 0.5, 50, 5).to(device).eval()
+    batches = U.evaluation_batches(flat, starts, lengths, 50, "test")
+    full = timed(lambda: U.evaluate(model, batches, normalize=True), device, repeats=3)
+    with torch.no_grad():
+        history = torch.cat([torch.nn.functional.normalize(model.encode(h), dim=-1) for h, _ in batches])
+        targets = torch.cat([t for _, t in batches])
+        items = U.item_table(model, normalize=True)
+
+    def lower_bound():
+        with torch.no_grad():
+            for h, t in zip(history.split(1024), targets.split(1024)):
+                scores = h @ items.T
+                (scores >= scores.gather(1, t[:, None])).sum(1)
+
+    bound = timed(lower_bound, device, repeats=3)
+    users = len(lengths)
+    rows.append(("eval", f"evaluate(): all {users:,} users x {num_items:,} items", f"{full:.2f} s",
+                 f"{full / bound:.2f}x the lower bound"))
+    rows.append(("eval", "  lower bound: matrix product + comparison, vectors ready", f"{bound:.2f} s", ""))
+    return model, batches
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. Peak memory
+# ---------------------------------------------------------------------------------------------------------------
+
+def reset_peak(device):
+    """Start a new peak: CUDA's allocator statistics, or Linux's peak resident set size of this process."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    elif os.path.exists("/proc/self/clear_refs"):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+
+def peak_megabytes(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+
+
+def bench_memory(setup, device, steps, rows):
+    what = "allocated by torch" if device.type == "cuda" else "peak resident set of the process"
+    reset_peak(device)
+    train_steps(setup, device, "sasrec", "uniform", min(steps, 20), 8)
+    rows.append(("memory", f"training sasrec + uniform ({what})", f"{peak_megabytes(device):,.0f} MiB", ""))
+    reset_peak(device)
+    flat, starts, lengths, num_items, *_ = setup
+    model = U.build_model("sasrec", num_items, 64, 2, 2, 0.5, 50, 5).to(device)
+    U.evaluate(model, U.evaluation_batches(flat, starts, lengths, 50, "test"), normalize=True)
+    rows.append(("memory", f"evaluation of every user ({what})", f"{peak_megabytes(device):,.0f} MiB", ""))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--data-dir", default=default_data_dir())
+    parser.add_argument("--steps", type=int, default=40, help="timed training batches per backbone and loss")
+    parser.add_argument("--sections", default="loss,train,eval,memory")
+    args = parser.parse_args()
+    device = torch.device(U.resolve_device(args.device))
+    sections = args.sections.split(",")
+    setup = training_setup(os.path.join(args.data_dir, "Beauty.txt"), device)
+    rows = []
+    if "loss" in sections:
+        bench_loss(device, rows)
+    if "train" in sections:
+        bench_train(setup, device, args.steps, rows)
+    if "eval" in sections:
+        bench_eval(setup, device, rows)
+    if "memory" in sections:
+        bench_memory(setup, device, args.steps, rows)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()} CPU cores"
+    print(f"device: {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"| section | what | time | ratio |\n|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()
