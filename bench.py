@@ -16,6 +16,8 @@ Timings are medians of repeated runs where a section is cheap enough to repeat; 
 import argparse
 import os
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -187,16 +189,29 @@ def peak_megabytes(device):
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
 
 
-def bench_memory(setup, device, steps, rows):
-    what = "allocated by torch" if device.type == "cuda" else "peak resident set of the process"
+def memory_probe(what, path, device, steps):
+    """Run in a fresh process (a process's peak cannot be lowered once the loss section has grown it)."""
+    setup = training_setup(path, device)
+    before = peak_megabytes(device) if device.type != "cuda" else 0.0
     reset_peak(device)
-    train_steps(setup, device, "sasrec", "uniform", min(steps, 20), 8)
-    rows.append(("memory", f"training sasrec + uniform ({what})", f"{peak_megabytes(device):,.0f} MiB", ""))
-    reset_peak(device)
-    flat, starts, lengths, num_items, *_ = setup
-    model = U.build_model("sasrec", num_items, 64, 2, 2, 0.5, 50, 5).to(device)
-    U.evaluate(model, U.evaluation_batches(flat, starts, lengths, 50, "test"), normalize=True)
-    rows.append(("memory", f"evaluation of every user ({what})", f"{peak_megabytes(device):,.0f} MiB", ""))
+    if what == "train":
+        train_steps(setup, device, "sasrec", "uniform", steps, 8)
+    else:
+        flat, starts, lengths, num_items, *_ = setup
+        model = U.build_model("sasrec", num_items, 64, 2, 2, 0.5, 50, 5).to(device)
+        U.evaluate(model, U.evaluation_batches(flat, starts, lengths, 50, "test"), normalize=True)
+    print(f"{peak_megabytes(device):.0f} {before:.0f}")
+
+
+def bench_memory(args, device, rows):
+    what = "allocated by torch" if device.type == "cuda" else "peak resident set of a fresh process"
+    for probe, label in (("train", "training sasrec + uniform"), ("eval", "evaluation of every user")):
+        result = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-probe", probe, "--device",
+                                 str(device), "--data-dir", args.data_dir, "--steps", str(min(args.steps, 20))],
+                                capture_output=True, text=True, check=True)
+        peak, before = result.stdout.split()
+        extra = f"{before} MiB after loading torch and the data" if device.type != "cuda" else ""
+        rows.append(("memory", f"{label} ({what})", f"{int(peak):,} MiB", extra))
 
 
 def main():
@@ -205,10 +220,14 @@ def main():
     parser.add_argument("--data-dir", default=default_data_dir())
     parser.add_argument("--steps", type=int, default=40, help="timed training batches per backbone and loss")
     parser.add_argument("--sections", default="loss,train,eval,memory")
+    parser.add_argument("--memory-probe", choices=["train", "eval"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device(U.resolve_device(args.device))
+    path = os.path.join(args.data_dir, "Beauty.txt")
+    if args.memory_probe:
+        return memory_probe(args.memory_probe, path, device, args.steps)
     sections = args.sections.split(",")
-    setup = training_setup(os.path.join(args.data_dir, "Beauty.txt"), device)
+    setup = training_setup(path, device)
     rows = []
     if "loss" in sections:
         bench_loss(device, rows)
@@ -217,7 +236,7 @@ def main():
     if "eval" in sections:
         bench_eval(setup, device, rows)
     if "memory" in sections:
-        bench_memory(setup, device, args.steps, rows)
+        bench_memory(args, device, rows)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()} CPU cores"
     print(f"device: {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"| section | what | time | ratio |\n|---|---|---|---|")

@@ -373,6 +373,15 @@ def test_caser_reads_only_its_last_window():
     assert torch.allclose(a, b, atol=1e-6) and not torch.allclose(a, c)
 
 
+def test_dropout_drops_at_rate_p_keeps_the_mean_and_is_off_in_eval():
+    torch.manual_seed(0)
+    dropout, x = U.Dropout(0.3), torch.ones(200_000)
+    y = dropout(x)
+    assert abs((y == 0).float().mean().item() - 0.3) < 0.005
+    assert torch.allclose(y[y != 0], torch.full_like(y[y != 0], 1 / 0.7)) and abs(y.mean().item() - 1) < 0.01
+    assert torch.equal(dropout.eval()(x), x)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Training: every backbone with every loss learns on a tiny problem
 # ----------------------------------------------------------------------------------------------------------------

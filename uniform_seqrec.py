@@ -114,6 +114,20 @@ class Backbone(nn.Module):
             self.items.weight[0].zero_()
 
 
+class Dropout(nn.Module):
+    """Inverted dropout, as nn.Dropout, with the mask drawn by comparing uniform numbers: the same distribution,
+    about 3x faster on CPU than torch's Bernoulli sampler (see bench.py)."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        return x * (torch.rand_like(x) >= self.p) / (1 - self.p)
+
+
 def last_real_state(states, histories):
     """(B, T, d) per-position states -> (B, d) state at each history's last real (non-padding) position."""
     last = (histories > 0).sum(1) - 1                                      # (B,)
@@ -125,7 +139,7 @@ class GRU4Rec(Backbone):
 
     def __init__(self, num_items, dim=64, layers=1, dropout=0.5):
         super().__init__(num_items, dim)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.gru = nn.GRU(dim, dim, num_layers=layers, batch_first=True, dropout=dropout if layers > 1 else 0.0)
 
     def sequence_states(self, histories):                                  # (B, T) -> (B, T, d)
@@ -146,7 +160,7 @@ class Caser(Backbone):
         self.window = window
         self.vertical = nn.Conv2d(1, vertical, (window, 1))
         self.horizontal = nn.ModuleList(nn.Conv2d(1, horizontal, (h, dim)) for h in range(1, window + 1))
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.project = nn.Linear(vertical * dim + horizontal * window, dim)
 
     def last_items(self, histories):
@@ -184,8 +198,8 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.attention_norm, self.attention = nn.LayerNorm(dim), CausalSelfAttention(dim, heads, dropout)
         self.feed_forward_norm = nn.LayerNorm(dim)
-        self.feed_forward = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(dim, dim))
-        self.dropout = nn.Dropout(dropout)
+        self.feed_forward = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), Dropout(dropout), nn.Linear(dim, dim))
+        self.dropout = Dropout(dropout)
 
     def forward(self, x):                                                  # (B, T, d) -> (B, T, d)
         x = x + self.dropout(self.attention(self.attention_norm(x)))
@@ -201,7 +215,7 @@ class SASRec(Backbone):
         super().__init__(num_items, dim)
         self.positions = nn.Embedding(max_len, dim)
         nn.init.normal_(self.positions.weight, std=dim ** -0.5)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.blocks = nn.ModuleList(TransformerBlock(dim, heads, dropout) for _ in range(layers))
         self.final_norm = nn.LayerNorm(dim)
 
@@ -281,7 +295,7 @@ def uniformity_loss(history, positives, negatives, beta=0.05, t=2.0, *, normaliz
 
 def batch_loss(model, h, positives, negatives, config):
     """The configured loss of one batch of triplets: history vectors h (B, d), item ids positives, negatives (B,)."""
-    p, n = model.items(positives), model.items(negatives)                   # (B, d) each
+    p, n = model.items(torch.cat([positives, negatives])).chunk(2)          # (B, d) each; one lookup, one gradient
     if config["loss"] == "uniform":
         return uniformity_loss(h, p, n, config["beta"], config["t"], normalize=config["normalize"],
                                rec=config["rec"], hom=config["hom"], het=config["het"])
@@ -346,7 +360,7 @@ def evaluate(model, batches, normalize, mask_seen=False):
     for histories, targets in batches:
         h = model.encode(histories)                                         # (B, d)
         scores = (F.normalize(h, dim=-1) if normalize else h) @ items.T     # (B, N + 1)
-        all_finite = all_finite & torch.isfinite(scores[:, 1:]).all()
+        all_finite = all_finite & torch.isfinite(scores[:, 1:].sum(1)).all()  # a row sum is finite iff every score is
         scores[:, 0] = float("-inf")                                        # padding is no item
         if mask_seen:
             scores.scatter_(1, histories, float("-inf"))
