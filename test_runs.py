@@ -213,3 +213,21 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path, beauty_slice):
     # re-running the original command (same folder) also finds it finished, not retrained
     again = run_cli(*args, "--out", str(run))
     assert again.returncode == 0 and "is finished" in again.stdout
+
+
+def test_a_run_folder_in_use_by_another_process_is_refused(tmp_path, capsys, beauty_slice):
+    run = tmp_path / "run"
+    args = ["--data", beauty_slice, "--epochs", "1", "--out", str(run), *SMALL]
+    config, run_dir = U.configure(args)
+    U.prepare_run_dir(config, run_dir)
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'w'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)",
+                               str(run / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert U.main(args) == 2
+        assert "is in use by another running process" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+    assert U.main(args) == 0                                                    # the lock dies with its process

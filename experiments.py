@@ -1,0 +1,428 @@
+"""The paper's experiments: which runs make each table cell, running them, and the results page.
+
+    python experiments.py list table1 --datasets beauty --models sasrec --seeds 1   # cell ids, one per line
+    python experiments.py run table1/beauty/sasrec/uniform --seed 1                  # one cell (resumable)
+    python experiments.py report                                                     # results/RESULTS.md
+    python experiments.py figure1                                                    # results/figure1*.png
+    python experiments.py list tune ...  /  python experiments.py choose             # hyperparameter search
+
+run_all.sh drives these. A cell is one training run of uniform_seqrec.py; its run folder is the default one
+(runs/<data>-<model>-<loss>-<hash of the configuration>), so cells with the same configuration share a run (Table 2
+row (e), Table 3 beta 0.05 and Table 1 SASRec + uniform are one run). Each finished cell is recorded as
+results/cells/<cell id>-seed<seed>.json with its metrics, configuration, seed, commit, device and wall time.
+"""
+import argparse
+import glob
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import uniform_seqrec as U
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")
+HYPERPARAMETERS = os.path.join(RESULTS, "hyperparameters.tsv")
+DATASETS = ["beauty", "toys", "sports", "yelp"]
+MODELS = ["gru4rec", "caser", "sasrec"]
+LOSSES = ["bce", "bpr", "infonce", "uniform"]
+ABLATIONS = {  # Table 2: row -> (loss, flags); (a) is Table 1's SASRec + BCE cell, (e) its SASRec + uniform cell
+    "a": ("bce", []), "b": ("uniform", ["--no-hom", "--no-het"]), "c": ("uniform", ["--no-het"]),
+    "d": ("uniform", ["--no-hom"]), "e": ("uniform", []), "f": ("uniform", ["--no-rec"]),
+    "g": ("uniform", ["--no-normalize"]),
+}
+BETAS = ["0.1", "0.05", "0.01", "0.005", "0.001"]  # Table 3
+# The tuning grid: a stated subset of the paper's appendix B grid (lr x dim x layers = heads), beta fixed at 0.05
+# (Table 3 studies beta on its own). 12 runs per SASRec / GRU4Rec cell, 6 per Caser cell.
+TUNE_LR, TUNE_DIM, TUNE_LAYERS = ["1e-4", "2e-4", "3e-4"], ["64", "128"], ["1", "2"]
+
+# The paper's numbers: (HR@10, NDCG@10)
+PAPER_TABLE1 = {
+    ("gru4rec", "bce"): [(.0369, .0185), (.0298, .0164), (.0148, .0076), (.0273, .0136)],
+    ("gru4rec", "bpr"): [(.0472, .0248), (.0492, .0276), (.0283, .0153), (.0368, .0190)],
+    ("gru4rec", "infonce"): [(.0365, .0169), (.0282, .0141), (.0314, .0153), (.0482, .0241)],
+    ("gru4rec", "uniform"): [(.0702, .0373), (.0705, .0385), (.0365, .0193), (.0665, .0378)],
+    ("caser", "bce"): [(.0348, .0172), (.0250, .0125), (.0218, .0110), (.0251, .0121)],
+    ("caser", "bpr"): [(.0332, .0159), (.0298, .0140), (.0165, .0083), (.0644, .0342)],
+    ("caser", "infonce"): [(.0421, .0172), (.0371, .0149), (.0245, .0107), (.0643, .0333)],
+    ("caser", "uniform"): [(.0544, .0258), (.0416, .0174), (.0261, .0116), (.0658, .0357)],
+    ("sasrec", "bce"): [(.0522, .0278), (.0604, .0295), (.0301, .0145), (.0507, .0278)],
+    ("sasrec", "bpr"): [(.0594, .0261), (.0662, .0309), (.0337, .0150), (.0552, .0326)],
+    ("sasrec", "infonce"): [(.0588, .0261), (.0677, .0305), (.0367, .0165), (.0593, .0334)],
+    ("sasrec", "uniform"): [(.0821, .0371), (.0896, .0411), (.0471, .0214), (.0668, .0405)],
+}
+PAPER_TABLE2 = {  # row -> [Beauty, Toys]
+    "a": [(.0522, .0278), (.0604, .0295)], "b": [(.0233, .0113), (.0181, .0093)],
+    "c": [(.0786, .0362), (.0865, .0394)], "d": [(.0416, .0205), (.0399, .0204)],
+    "e": [(.0821, .0371), (.0896, .0411)], "f": [(.0028, .0015), (.0023, .0011)],
+    "g": [(.0534, .0257), (.0614, .0301)],
+}
+PAPER_TABLE3 = {"0.1": [(.0785, .0358), (.0854, .0389)], "0.05": [(.0821, .0371), (.0896, .0411)],
+                "0.01": [(.0658, .0314), (.0708, .0331)], "0.005": [(.0557, .0268), (.0582, .0280)],
+                "0.001": [(.0353, .0168), (.0320, .0158)]}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cells: id -> command-line arguments of uniform_seqrec.py
+# ---------------------------------------------------------------------------------------------------------------
+
+def read_hyperparameters(path=HYPERPARAMETERS):
+    """(dataset, model, loss) -> flags, from the committed table; a missing row means the CLI defaults."""
+    chosen = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                fields = line.split("#")[0].split()
+                if fields and fields[0] != "dataset":
+                    dataset, model, loss, lr, dim, layers, heads, beta = fields[:8]
+                    chosen[dataset, model, loss] = ["--lr", lr, "--dim", dim, "--layers", layers, "--heads", heads,
+                                                    *(["--beta", beta] if loss == "uniform" else [])]
+    return chosen
+
+
+def cell_arguments(cell, hyperparameters):
+    """The uniform_seqrec.py flags of a cell id such as table1/beauty/sasrec/uniform, table2/toys/c,
+    table3/beauty/0.01 or tune/beauty/sasrec/bce/lr=2e-4,dim=128,layers=2."""
+    table, dataset, *rest = cell.split("/")
+    if table == "table1":
+        model, loss = rest
+        return ["--data", dataset, "--model", model, "--loss", loss, *hyperparameters.get((dataset, model, loss), [])]
+    if table == "table2":
+        loss, flags = ABLATIONS[rest[0]]
+        return ["--data", dataset, "--model", "sasrec", "--loss", loss,
+                *hyperparameters.get((dataset, "sasrec", loss), []), *flags]
+    if table == "table3":
+        tuned = hyperparameters.get((dataset, "sasrec", "uniform"), [])
+        tuned = [f for i, f in enumerate(tuned) if "--beta" not in tuned[max(0, i - 1):i + 1]]  # drop --beta X
+        return ["--data", dataset, "--model", "sasrec", "--loss", "uniform", *tuned, "--beta", rest[0]]
+    if table == "tune":
+        model, loss, point = rest
+        values = dict(pair.split("=") for pair in point.split(","))
+        return ["--data", dataset, "--model", model, "--loss", loss, "--lr", values["lr"], "--dim", values["dim"],
+                "--layers", values["layers"], "--heads", values["layers"]]
+    raise ValueError(f"unknown cell {cell}")
+
+
+def cells(what, datasets, models):
+    """Cell ids of a table (table1, table2, table3, figure1, tune, all), narrowed to datasets and models."""
+    found = []
+    if what in ("table1", "all"):
+        found += [f"table1/{d}/{m}/{l}" for d in datasets for m in models for l in LOSSES]
+    if what in ("table2", "all") and "sasrec" in models:
+        found += [f"table2/{d}/{row}" for d in datasets if d in ("beauty", "toys") for row in ABLATIONS]
+    if what in ("table3", "all") and "sasrec" in models:
+        found += [f"table3/{d}/{beta}" for d in datasets if d in ("beauty", "toys") for beta in BETAS]
+    if what in ("figure1", "all") and "beauty" in datasets and "sasrec" in models:
+        found += ["table2/beauty/a", "table2/beauty/b"]  # Figure 1 reads these two runs' per-epoch logs
+    if what == "tune":
+        for d in datasets:
+            for m in models:
+                for l in LOSSES:
+                    layers = ["1"] if m == "caser" else TUNE_LAYERS
+                    found += [f"tune/{d}/{m}/{l}/lr={lr},dim={dim},layers={n}"
+                              for lr in TUNE_LR for dim in TUNE_DIM for n in layers]
+    return list(dict.fromkeys(found))                                       # in order, without repeats
+
+
+def run_folder(cell, seed, hyperparameters):
+    """The default run folder uniform_seqrec.py gives a cell, or None when its data file is missing."""
+    try:
+        return U.configure([*cell_arguments(cell, hyperparameters), "--seed", str(seed)])[1]
+    except (U.ConfigError, U.DataError):
+        return None
+
+
+def unique_runs(cell_ids, seed):
+    """The first cell of each distinct configuration: cells sharing one never train at the same time."""
+    hyperparameters, seen, kept = read_hyperparameters(), set(), []
+    for cell in cell_ids:
+        folder = run_folder(cell, seed, hyperparameters) or cell
+        if folder not in seen:
+            seen.add(folder)
+            kept.append(cell)
+    return kept
+
+
+def git_commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def record_path(cell, seed):
+    return os.path.join(RESULTS, "cells", f"{cell.replace('/', '__')}-seed{seed}.json")
+
+
+def record(cell, seed, run_dir):
+    """Write the cell's JSON from its finished run folder."""
+    with open(os.path.join(run_dir, "metrics.json")) as f:
+        metrics = json.load(f)
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        log = [json.loads(line) for line in f]
+    commit_file = os.path.join(run_dir, "commit.txt")
+    commit = open(commit_file).read().strip() if os.path.isfile(commit_file) else git_commit()
+    entry = {"cell": cell, "seed": seed, "test": metrics["test"], "valid": metrics["valid"],
+             "best_epoch": metrics["best_epoch"], "epochs": metrics["epochs"], "device": metrics["device"],
+             "wall_seconds": round(sum(r["train_seconds"] + r["eval_seconds"] for r in log), 1),
+             "commit": commit, "run_dir": os.path.relpath(run_dir, HERE), "config": metrics["config"]}
+    os.makedirs(os.path.dirname(record_path(cell, seed)), exist_ok=True)
+    with open(record_path(cell, seed), "w") as f:
+        json.dump(entry, f, indent=2)
+        f.write("\n")
+
+
+def run_cell(cell, seed, device):
+    """Train one cell (resuming it, or doing nothing when it is finished); `report` records it."""
+    arguments = [*cell_arguments(cell, read_hyperparameters()), "--seed", str(seed)]
+    run_dir = U.configure(arguments)[1]
+    os.makedirs(run_dir, exist_ok=True)
+    commit_file = os.path.join(run_dir, "commit.txt")
+    if not os.path.isfile(commit_file):
+        with open(commit_file, "w") as f:
+            f.write(git_commit() + "\n")
+    started = time.time()
+    print(f"[{time.strftime('%H:%M:%S')}] {cell} seed {seed}: {' '.join(arguments)}", flush=True)
+    code = U.main([*arguments, *(["--device", device] if device else [])])
+    print(f"[{time.strftime('%H:%M:%S')}] {cell} seed {seed}: exit {code} after {time.time() - started:.0f}s",
+          flush=True)
+    return code
+
+
+def record_all(max_seed=20):
+    """Record every cell of every table whose run has finished, for seeds 1..max_seed."""
+    hyperparameters = read_hyperparameters()
+    for cell in cells("all", DATASETS, MODELS):
+        for seed in range(1, max_seed + 1):
+            run_dir = run_folder(cell, seed, hyperparameters)
+            if run_dir and os.path.isfile(os.path.join(run_dir, "metrics.json")):
+                record(cell, seed, run_dir)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hyperparameter choice from the tuning runs
+# ---------------------------------------------------------------------------------------------------------------
+
+def choose():
+    """Pick, per (dataset, model, loss), the tuning point with the best validation NDCG@10; write the table."""
+    best = {}
+    for cell in cells("tune", DATASETS, MODELS):
+        run_dir = run_folder(cell, 1, {})
+        if not run_dir or not os.path.isfile(os.path.join(run_dir, "metrics.json")):
+            continue
+        with open(os.path.join(run_dir, "metrics.json")) as f:
+            metrics = json.load(f)
+        key = tuple(cell.split("/")[1:4])                                   # (dataset, model, loss)
+        if key not in best or metrics["valid"]["NDCG@10"] > best[key][1]:
+            best[key] = (metrics["config"], metrics["valid"]["NDCG@10"])
+    lines = ["# Chosen by `./run_all.sh tune`: best validation NDCG@10 over lr {1e-4, 2e-4, 3e-4} x dim {64, 128} x",
+             "# layers = heads {1, 2} (Caser: lr x dim), beta 0.05, batch 256, max length 50, dropout 0.5, seed 1.",
+             "dataset\tmodel\tloss\tlr\tdim\tlayers\theads\tbeta\t# valid NDCG@10"]
+    for (dataset, model, loss), (config, ndcg) in sorted(best.items()):
+        lines.append(f"{dataset}\t{model}\t{loss}\t{config['lr']:g}\t{config['dim']}\t{config['layers']}\t"
+                     f"{config['heads']}\t{config['beta']:g}\t# {ndcg:.4f}")
+    with open(HYPERPARAMETERS, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print(f"wrote {HYPERPARAMETERS} ({len(best)} cells)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The results page
+# ---------------------------------------------------------------------------------------------------------------
+
+def recorded(cell):
+    """The test (HR@10, NDCG@10) of every recorded seed of a cell."""
+    found = []
+    for path in sorted(glob.glob(record_path(cell, "*"))):
+        with open(path) as f:
+            test = json.load(f)["test"]
+        found.append((test["HR@10"], test["NDCG@10"]))
+    return found
+
+
+def show(values, paper):
+    """'ours (±sd) / relative difference to the paper' for one metric, or 'not run'."""
+    if not values:
+        return "not run"
+    mean = statistics.mean(values)
+    spread = f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else ""
+    return f"{mean:.4f}{spread} ({100 * (mean - paper) / paper:+.0f}%)"
+
+
+def table_rows(row_cells, paper_rows, columns):
+    """Markdown rows: label, then for each column 'paper HR | ours HR | paper NDCG | ours NDCG'."""
+    rows = []
+    for label, cell_of_column in row_cells:
+        fields = [label]
+        for column, cell in enumerate(cell_of_column):
+            runs = recorded(cell) if cell else []
+            paper_hr, paper_ndcg = paper_rows[label][column]
+            fields += [f"{paper_hr:.4f}", show([r[0] for r in runs], paper_hr),
+                       f"{paper_ndcg:.4f}", show([r[1] for r in runs], paper_ndcg)]
+        rows.append("| " + " | ".join(fields) + " |")
+    header = "| | " + " | ".join(f"{c} HR@10 paper | ours | NDCG@10 paper | ours" for c in columns) + " |"
+    return [header, "|" + "---|" * (1 + 4 * len(columns)), *rows]
+
+
+def claims():
+    """Which of the paper's claims hold on the cells run so far."""
+    lines = []
+    mean_ndcg = lambda cell: statistics.mean(r[1] for r in recorded(cell)) if recorded(cell) else None
+    verdicts = []
+    for d in DATASETS:
+        for m in MODELS:
+            scores = {l: mean_ndcg(f"table1/{d}/{m}/{l}") for l in LOSSES}
+            if all(v is not None for v in scores.values()):
+                verdicts.append(max(scores, key=scores.get) == "uniform")
+    lines.append(f"- Uniformity loss best (test NDCG@10) per backbone and dataset: holds in {sum(verdicts)} of "
+                 f"{len(verdicts)} complete backbone x dataset groups" + (" (none complete yet)" if not verdicts else ""))
+    for d in ("beauty", "toys"):
+        scores = {row: mean_ndcg(f"table2/{d}/{row}") for row in ABLATIONS}
+        if all(v is not None for v in scores.values()):
+            ours = "".join(sorted(scores, key=scores.get, reverse=True))
+            lines.append(f"- Table 2 on {d}: rows by NDCG@10, best first: ours {ours}, paper "
+                         f"{''.join(sorted(PAPER_TABLE2, key=lambda r: PAPER_TABLE2[r][0 if d == 'beauty' else 1][1], reverse=True))}")
+        else:
+            have = [r for r, v in scores.items() if v is not None]
+            lines.append(f"- Table 2 on {d}: rows run so far: {', '.join(have) or 'none'}")
+        betas = {b: mean_ndcg(f"table3/{d}/{b}") for b in BETAS}
+        if all(v is not None for v in betas.values()):
+            lines.append(f"- Table 3 on {d}: NDCG@10 peaks at beta {max(betas, key=betas.get)} (paper: 0.05)")
+    return lines
+
+
+def report(path=os.path.join(RESULTS, "RESULTS.md")):
+    record_all()
+    datasets_title = ["Beauty", "Toys", "Sports", "Yelp"]
+    table1 = table_rows([(f"{m} {l}", [f"table1/{d}/{m}/{l}" for d in DATASETS]) for m in MODELS for l in LOSSES],
+                        {f"{m} {l}": PAPER_TABLE1[m, l] for m in MODELS for l in LOSSES}, datasets_title)
+    table2 = table_rows([(row, [f"table2/{d}/{row}" for d in ("beauty", "toys")]) for row in ABLATIONS],
+                        PAPER_TABLE2, ["Beauty", "Toys"])
+    table3 = table_rows([(beta, [f"table3/{d}/{beta}" for d in ("beauty", "toys")]) for beta in BETAS],
+                        PAPER_TABLE3, ["Beauty", "Toys"])
+    entries = []
+    for p in sorted(glob.glob(os.path.join(RESULTS, "cells", "*.json"))):
+        with open(p) as f:
+            entries.append(json.load(f))
+    runs = ["| cell | seed | lr | dim | layers | heads | beta | best epoch / epochs | device | wall | commit |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for e in entries:
+        c = e["config"]
+        runs.append(f"| {e['cell']} | {e['seed']} | {c['lr']:g} | {c['dim']} | {c['layers']} | {c['heads']} | "
+                    f"{c['beta']:g} | {e['best_epoch']} / {e['epochs']} | {e['device']} | "
+                    f"{e['wall_seconds'] / 60:.0f} min | {e['commit']} |")
+    text = "\n".join([
+        "# Results beside the paper's",
+        "",
+        "Generated by `python experiments.py report` from `results/cells/*.json`; do not edit by hand.",
+        "Each cell: test HR@10 and NDCG@10, ranking every item for every user (no masking of seen items),",
+        "with the relative difference to the paper in brackets; mean ± sd where several seeds ran.",
+        "\"not run\" marks a cell with no finished run; the command that fills it is in the README.",
+        "",
+        "## What holds so far",
+        "", *claims(), "",
+        "## Table 1: backbones x losses", "", *table1, "",
+        "## Table 2: ablation of the loss (SASRec; rows as in the paper)", "",
+        "(a) BCE; (b) normalized BCE; (c) + L_hom; (d) + L_het; (e) the full loss; (f) no L_rec; (g) no normalization.",
+        "", *table2, "",
+        "## Table 3: beta (SASRec)", "", *table3, "",
+        "## Runs behind the cells", "", *runs, "",
+    ])
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+    print(f"wrote {path}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Figure 1
+# ---------------------------------------------------------------------------------------------------------------
+
+def figure1(out_dir=RESULTS):
+    """(a) validation NDCG@10 per epoch of unnormalized BCE (Table 2 (a)) and normalized BCE ((b)), Beauty;
+    (b, c) histograms of pairwise cosine similarity of history and item vectors of the normalized run, at its
+    first epoch and at its best epoch. Writes figure1.json always and figure1.png when matplotlib is installed."""
+    hyperparameters = read_hyperparameters()
+    logs = {}
+    for row, label in (("a", "unnormalized BCE"), ("b", "normalized BCE")):
+        for seed_file in sorted(glob.glob(record_path(f"table2/beauty/{row}", "*")))[:1]:
+            with open(seed_file) as f:
+                run_dir = os.path.join(HERE, json.load(f)["run_dir"])
+            with open(os.path.join(run_dir, "log.jsonl")) as f:
+                logs[label] = [json.loads(line) for line in f]
+    if "normalized BCE" not in logs:
+        sys.exit("figure1: Table 2 row (b) on Beauty has not been run yet: ./run_all.sh figure1")
+    normalized = logs["normalized BCE"]
+    best = max(normalized, key=lambda r: r["valid_NDCG@10"])
+    early, late = normalized[0], best
+    data = {"validation_ndcg10": {k: [r["valid_NDCG@10"] for r in v] for k, v in logs.items()},
+            "histogram_bins": [-1 + 2 * i / 40 for i in range(41)],
+            "early_epoch": early["epoch"], "late_epoch": late["epoch"],
+            **{f"{what}_{when}": row[f"{what}_cosine_histogram"] for what in ("history", "item")
+               for when, row in (("early", early), ("late", late))},
+            "uniformity_per_epoch": {k: [r["history_uniformity"] for r in v] for k, v in logs.items()}}
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "figure1.json"), "w") as f:
+        json.dump(data, f, indent=1)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"wrote {out_dir}/figure1.json (install matplotlib for the PNG: pip install matplotlib)")
+        return
+    figure, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for label, values in data["validation_ndcg10"].items():
+        axes[0].plot(range(1, len(values) + 1), values, label=label)
+    axes[0].set(title="(a) validation NDCG@10, Beauty, SASRec", xlabel="epoch", ylabel="NDCG@10")
+    axes[0].legend()
+    centers = [(a + b) / 2 for a, b in zip(data["histogram_bins"], data["histogram_bins"][1:])]
+    for axis, what, title in ((axes[1], "history", "(b) history vectors"), (axes[2], "item", "(c) item vectors")):
+        for when in ("early", "late"):
+            counts = data[f"{what}_{when}"]
+            total = sum(counts)
+            axis.plot(centers, [c / total for c in counts], label=f"epoch {data[f'{when}_epoch']}")
+        axis.set(title=f"{title}: pairwise cosine (normalized BCE)", xlabel="cosine similarity", ylabel="share of pairs")
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(os.path.join(out_dir, "figure1.png"), dpi=120)
+    print(f"wrote {out_dir}/figure1.png and figure1.json")
+
+
+def main(argv=None):
+    parser = U.OneLineErrorParser(prog="experiments.py", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    listing = commands.add_parser("list", help="print cell ids, one per line (seeds as a second field)")
+    listing.add_argument("what", choices=["table1", "table2", "table3", "figure1", "tune", "all"])
+    listing.add_argument("--datasets", default=",".join(DATASETS))
+    listing.add_argument("--models", default=",".join(MODELS))
+    listing.add_argument("--seeds", type=int, default=1)
+    running = commands.add_parser("run", help="run one cell (skipped when finished) and record it")
+    running.add_argument("cell")
+    running.add_argument("--seed", type=int, default=1)
+    running.add_argument("--device", default=None)
+    commands.add_parser("choose", help="write results/hyperparameters.tsv from the tuning runs")
+    commands.add_parser("report", help="write results/RESULTS.md")
+    commands.add_parser("figure1", help="write results/figure1.png (needs matplotlib) and figure1.json")
+    args = parser.parse_args(argv)
+    if args.command == "list":
+        for seed in range(1, args.seeds + 1):
+            for cell in unique_runs(cells(args.what, args.datasets.split(","), args.models.split(",")), seed):
+                print(cell, seed)
+    elif args.command == "run":
+        return run_cell(args.cell, args.seed, args.device)
+    elif args.command == "choose":
+        choose()
+    elif args.command == "report":
+        report()
+    else:
+        figure1()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
