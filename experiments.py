@@ -295,8 +295,8 @@ def claims():
     return lines
 
 
-def report(path=os.path.join(RESULTS, "RESULTS.md")):
-    record_all()
+def report(path=None):
+    path = path or os.path.join(RESULTS, "RESULTS.md")
     datasets_title = ["Beauty", "Toys", "Sports", "Yelp"]
     table1 = table_rows([(f"{m} {l}", [f"table1/{d}/{m}/{l}" for d in DATASETS]) for m in MODELS for l in LOSSES],
                         {f"{m} {l}": PAPER_TABLE1[m, l] for m in MODELS for l in LOSSES}, datasets_title)
@@ -342,11 +342,11 @@ def report(path=os.path.join(RESULTS, "RESULTS.md")):
 # Figure 1
 # ---------------------------------------------------------------------------------------------------------------
 
-def figure1(out_dir=RESULTS):
+def figure1(out_dir=None):
     """(a) validation NDCG@10 per epoch of unnormalized BCE (Table 2 (a)) and normalized BCE ((b)), Beauty;
     (b, c) histograms of pairwise cosine similarity of history and item vectors of the normalized run, at its
     first epoch and at its best epoch. Writes figure1.json always and figure1.png when matplotlib is installed."""
-    hyperparameters = read_hyperparameters()
+    out_dir = out_dir or RESULTS
     logs = {}
     for row, label in (("a", "unnormalized BCE"), ("b", "normalized BCE")):
         for seed_file in sorted(glob.glob(record_path(f"table2/beauty/{row}", "*")))[:1]:
@@ -418,6 +418,7 @@ def main(argv=None):
     elif args.command == "choose":
         choose()
     elif args.command == "report":
+        record_all()
         report()
     else:
         figure1()

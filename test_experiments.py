@@ -1,0 +1,102 @@
+"""Tests of experiments.py: the cells of the paper's tables, and the results page built from recorded cells."""
+import json
+import os
+
+import pytest
+
+import experiments as E
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DATA_DIR = os.environ.get("UNIFORM_SEQREC_DATA") or os.path.join(HERE, "..", "shared", "data")
+
+
+def test_the_tables_have_the_papers_cells():
+    assert len(E.cells("table1", E.DATASETS, E.MODELS)) == 48
+    assert len(E.cells("table2", E.DATASETS, E.MODELS)) == 14
+    assert len(E.cells("table3", E.DATASETS, E.MODELS)) == 10
+    assert E.cells("table2", ["sports"], E.MODELS) == [] and E.cells("table2", E.DATASETS, ["gru4rec"]) == []
+    assert len(E.cells("tune", ["beauty"], E.MODELS)) == 4 * (12 + 12 + 6)
+
+
+def test_cell_arguments_follow_the_papers_rows():
+    tuned = {("toys", "sasrec", "uniform"): ["--lr", "2e-4", "--dim", "128", "--layers", "1", "--heads", "1",
+                                             "--beta", "0.01"],
+             ("toys", "sasrec", "bce"): ["--lr", "1e-4", "--dim", "64", "--layers", "2", "--heads", "2"]}
+    assert E.cell_arguments("table1/toys/caser/bpr", tuned) == ["--data", "toys", "--model", "caser", "--loss", "bpr"]
+    assert E.cell_arguments("table2/toys/a", tuned)[-8:] == tuned["toys", "sasrec", "bce"]
+    assert E.cell_arguments("table2/toys/b", tuned)[-2:] == ["--no-hom", "--no-het"]
+    assert E.cell_arguments("table2/toys/g", tuned)[6:] == [*tuned["toys", "sasrec", "uniform"], "--no-normalize"]
+    table3 = E.cell_arguments("table3/toys/0.005", tuned)
+    assert table3.count("--beta") == 1 and table3[-2:] == ["--beta", "0.005"] and "128" in table3
+    assert E.cell_arguments("tune/yelp/gru4rec/infonce/lr=3e-4,dim=128,layers=2", {})[6:] == [
+        "--lr", "3e-4", "--dim", "128", "--layers", "2", "--heads", "2"]
+
+
+def test_hyperparameter_table_is_read(tmp_path):
+    path = tmp_path / "h.tsv"
+    path.write_text("# comment\ndataset\tmodel\tloss\tlr\tdim\tlayers\theads\tbeta\n"
+                    "beauty\tsasrec\tuniform\t1e-3\t64\t2\t2\t0.05\t# 0.0400\nbeauty\tcaser\tbce\t1e-4\t32\t1\t1\t0.05\n")
+    table = E.read_hyperparameters(str(path))
+    assert table["beauty", "sasrec", "uniform"] == ["--lr", "1e-3", "--dim", "64", "--layers", "2", "--heads", "2",
+                                                    "--beta", "0.05"]
+    assert "--beta" not in table["beauty", "caser", "bce"]
+
+
+def test_cells_sharing_a_configuration_train_once(monkeypatch):
+    if not os.path.isfile(os.path.join(DATA_DIR, "Beauty.txt")):
+        pytest.skip("Beauty.txt not found")
+    monkeypatch.setenv("UNIFORM_SEQREC_DATA", DATA_DIR)
+    monkeypatch.setattr(E.U, "default_data_dir", lambda: DATA_DIR)
+    monkeypatch.setattr(E, "read_hyperparameters", lambda path=None: {})
+    kept = E.unique_runs(["table1/beauty/sasrec/uniform", "table2/beauty/e", "table3/beauty/0.05",
+                          "table3/beauty/0.1", "table2/beauty/a", "table1/beauty/sasrec/bce"], seed=1)
+    assert kept == ["table1/beauty/sasrec/uniform", "table3/beauty/0.1", "table2/beauty/a"]
+
+
+def write_cell(results, cell, seed, hr, ndcg):
+    path = os.path.join(results, "cells", f"{cell.replace('/', '__')}-seed{seed}.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    config = {"lr": 1e-3, "dim": 64, "layers": 2, "heads": 2, "beta": 0.05}
+    with open(path, "w") as f:
+        json.dump({"cell": cell, "seed": seed, "test": {"HR@10": hr, "NDCG@10": ndcg}, "valid": {}, "best_epoch": 5,
+                   "epochs": 25, "device": "cpu", "wall_seconds": 600, "commit": "abc1234", "config": config}, f)
+
+
+def test_results_page_shows_ours_beside_the_papers(tmp_path, monkeypatch):
+    monkeypatch.setattr(E, "RESULTS", str(tmp_path))
+    write_cell(tmp_path, "table1/beauty/sasrec/uniform", 1, 0.0800, 0.0400)
+    write_cell(tmp_path, "table1/beauty/sasrec/uniform", 2, 0.0842, 0.0420)
+    for loss, ndcg in (("bce", 0.02), ("bpr", 0.03), ("infonce", 0.035)):
+        write_cell(tmp_path, f"table1/beauty/sasrec/{loss}", 1, 0.05, ndcg)
+    E.report(str(tmp_path / "RESULTS.md"))
+    page = (tmp_path / "RESULTS.md").read_text()
+    row = next(line for line in page.splitlines() if line.startswith("| sasrec uniform |"))
+    # Beauty: paper .0821 / .0371; ours mean .0821 (sd .0030) and .0410 (sd .0014), +0% and +11%
+    assert "| 0.0821 | 0.0821 ± 0.0030 (+0%) | 0.0371 | 0.0410 ± 0.0014 (+11%) |" in row
+    assert row.count("not run") == 6                                          # Toys, Sports, Yelp: HR and NDCG
+    assert "holds in 1 of 1 complete backbone x dataset groups" in page
+    assert "| table1/beauty/sasrec/uniform | 2 | 0.001 | 64 | 2 | 2 | 0.05 | 5 / 25 | cpu | 10 min | abc1234 |" in page
+
+
+def test_figure1_numbers_are_written_without_matplotlib(tmp_path, monkeypatch):
+    monkeypatch.setattr(E, "RESULTS", str(tmp_path))
+    monkeypatch.setattr(E, "HERE", str(tmp_path))
+    histogram = [0] * 40
+    for row in ("a", "b"):
+        run = tmp_path / "runs" / row
+        run.mkdir(parents=True)
+        rows = [{"epoch": e, "valid_NDCG@10": 0.01 * e if row == "a" else 0.005 * e + (e == 2) * 0.1,
+                 "history_cosine_histogram": histogram[:39] + [e], "item_cosine_histogram": [e] + histogram[1:],
+                 "history_uniformity": -e} for e in (1, 2, 3)]
+        (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write_cell(tmp_path, f"table2/beauty/{row}", 1, 0.05, 0.02)
+        path = tmp_path / "cells" / f"table2__beauty__{row}-seed1.json"
+        entry = json.loads(path.read_text())
+        path.write_text(json.dumps({**entry, "run_dir": f"runs/{row}"}))
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)       # as if it were not installed
+    E.figure1(str(tmp_path))
+    data = json.loads((tmp_path / "figure1.json").read_text())
+    assert data["validation_ndcg10"]["unnormalized BCE"] == [0.01, 0.02, 0.03]
+    assert (data["early_epoch"], data["late_epoch"]) == (1, 2)                # late = best validation epoch of (b)
+    assert data["history_late"][-1] == 2 and data["item_early"][0] == 1
+    assert not (tmp_path / "figure1.png").exists()
