@@ -85,7 +85,20 @@ def bench_loss(device, rows):
     rows.append(("loss", "uniformity_loss fwd+bwd, B=256 d=64, batched (cdist)", f"{batched * 1e3:.2f} ms", ""))
     rows.append(("loss", "  same sums, explicit (B, B, d) differences", f"{differences * 1e3:.2f} ms",
                  f"batched {differences / batched:.1f}x faster"))
-    rows.append(("loss", "  same sums, Python loop over pairs", f"{loop:.1f} s", f"batched {loop / batched:,.0f}x faster"))
+    rows.append(("loss", "  same sums, Python loop over pairs", f"{loop:.1f} s",
+                 f"batched {loop / batched:,.0f}x faster"))
+
+
+def bench_dropout(device, rows):
+    """uniform_seqrec.Dropout (mask from uniform numbers) against torch's nn.Dropout, forward + backward."""
+    x = torch.randn(256, 9, 64, device=device, requires_grad=True)          # one Beauty batch: 256 x ~9 x d
+    ours, theirs = U.Dropout(0.5), torch.nn.Dropout(0.5)
+    ours_time = timed(lambda: ours(x).sum().backward(), device, repeats=50, warmup=5)
+    theirs_time = timed(lambda: theirs(x).sum().backward(), device, repeats=50, warmup=5)
+    rows.append(("dropout", "Dropout(0.5) fwd+bwd on (256, 9, 64): torch.nn.Dropout", f"{theirs_time * 1e3:.2f} ms",
+                 ""))
+    rows.append(("dropout", "  uniform_seqrec.Dropout (mask from uniform numbers)", f"{ours_time * 1e3:.2f} ms",
+                 f"{theirs_time / ours_time:.1f}x faster"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -231,6 +244,7 @@ def main():
     rows = []
     if "loss" in sections:
         bench_loss(device, rows)
+        bench_dropout(device, rows)
     if "train" in sections:
         bench_train(setup, device, args.steps, rows)
     if "eval" in sections:
@@ -239,7 +253,7 @@ def main():
         bench_memory(args, device, rows)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()} CPU cores"
     print(f"device: {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"| section | what | time | ratio |\n|---|---|---|---|")
+    print("| section | what | time | ratio |\n|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
 

@@ -11,10 +11,8 @@ run_all.sh drives these. A cell is one training run of uniform_seqrec.py; its ru
 row (e), Table 3 beta 0.05 and Table 1 SASRec + uniform are one run). Each finished cell is recorded as
 results/cells/<cell id>-seed<seed>.json with its metrics, configuration, seed, commit, device and wall time.
 """
-import argparse
 import glob
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -110,7 +108,7 @@ def cells(what, datasets, models):
     """Cell ids of a table (table1, table2, table3, figure1, tune, all), narrowed to datasets and models."""
     found = []
     if what in ("table1", "all"):
-        found += [f"table1/{d}/{m}/{l}" for d in datasets for m in models for l in LOSSES]
+        found += [f"table1/{d}/{m}/{loss}" for d in datasets for m in models for loss in LOSSES]
     if what in ("table2", "all") and "sasrec" in models:
         found += [f"table2/{d}/{row}" for d in datasets if d in ("beauty", "toys") for row in ABLATIONS]
     if what in ("table3", "all") and "sasrec" in models:
@@ -120,9 +118,9 @@ def cells(what, datasets, models):
     if what == "tune":
         for d in datasets:
             for m in models:
-                for l in LOSSES:
+                for loss in LOSSES:
                     layers = ["1"] if m == "caser" else TUNE_LAYERS
-                    found += [f"tune/{d}/{m}/{l}/lr={lr},dim={dim},layers={n}"
+                    found += [f"tune/{d}/{m}/{loss}/lr={lr},dim={dim},layers={n}"
                               for lr in TUNE_LR for dim in TUNE_DIM for n in layers]
     return list(dict.fromkeys(found))                                       # in order, without repeats
 
@@ -275,17 +273,19 @@ def claims():
     verdicts = []
     for d in DATASETS:
         for m in MODELS:
-            scores = {l: mean_ndcg(f"table1/{d}/{m}/{l}") for l in LOSSES}
+            scores = {loss: mean_ndcg(f"table1/{d}/{m}/{loss}") for loss in LOSSES}
             if all(v is not None for v in scores.values()):
                 verdicts.append(max(scores, key=scores.get) == "uniform")
     lines.append(f"- Uniformity loss best (test NDCG@10) per backbone and dataset: holds in {sum(verdicts)} of "
-                 f"{len(verdicts)} complete backbone x dataset groups" + (" (none complete yet)" if not verdicts else ""))
+                 f"{len(verdicts)} complete backbone x dataset groups"
+                 + (" (none complete yet)" if not verdicts else ""))
     for d in ("beauty", "toys"):
         scores = {row: mean_ndcg(f"table2/{d}/{row}") for row in ABLATIONS}
         if all(v is not None for v in scores.values()):
             ours = "".join(sorted(scores, key=scores.get, reverse=True))
-            lines.append(f"- Table 2 on {d}: rows by NDCG@10, best first: ours {ours}, paper "
-                         f"{''.join(sorted(PAPER_TABLE2, key=lambda r: PAPER_TABLE2[r][0 if d == 'beauty' else 1][1], reverse=True))}")
+            column = 0 if d == "beauty" else 1
+            paper = "".join(sorted(PAPER_TABLE2, key=lambda r: PAPER_TABLE2[r][column][1], reverse=True))
+            lines.append(f"- Table 2 on {d}: rows by NDCG@10, best first: ours {ours}, paper {paper}")
         else:
             have = [r for r, v in scores.items() if v is not None]
             lines.append(f"- Table 2 on {d}: rows run so far: {', '.join(have) or 'none'}")
@@ -298,8 +298,9 @@ def claims():
 def report(path=None):
     path = path or os.path.join(RESULTS, "RESULTS.md")
     datasets_title = ["Beauty", "Toys", "Sports", "Yelp"]
-    table1 = table_rows([(f"{m} {l}", [f"table1/{d}/{m}/{l}" for d in DATASETS]) for m in MODELS for l in LOSSES],
-                        {f"{m} {l}": PAPER_TABLE1[m, l] for m in MODELS for l in LOSSES}, datasets_title)
+    pairs = [(m, loss) for m in MODELS for loss in LOSSES]
+    table1 = table_rows([(f"{m} {loss}", [f"table1/{d}/{m}/{loss}" for d in DATASETS]) for m, loss in pairs],
+                        {f"{m} {loss}": PAPER_TABLE1[m, loss] for m, loss in pairs}, datasets_title)
     table2 = table_rows([(row, [f"table2/{d}/{row}" for d in ("beauty", "toys")]) for row in ABLATIONS],
                         PAPER_TABLE2, ["Beauty", "Toys"])
     table3 = table_rows([(beta, [f"table3/{d}/{beta}" for d in ("beauty", "toys")]) for beta in BETAS],
@@ -386,7 +387,8 @@ def figure1(out_dir=None):
             counts = data[f"{what}_{when}"]
             total = sum(counts)
             axis.plot(centers, [c / total for c in counts], label=f"epoch {data[f'{when}_epoch']}")
-        axis.set(title=f"{title}: pairwise cosine (normalized BCE)", xlabel="cosine similarity", ylabel="share of pairs")
+        axis.set(title=f"{title}: pairwise cosine (normalized BCE)", xlabel="cosine similarity",
+                 ylabel="share of pairs")
         axis.legend()
     figure.tight_layout()
     figure.savefig(os.path.join(out_dir, "figure1.png"), dpi=120)

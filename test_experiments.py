@@ -35,7 +35,8 @@ def test_cell_arguments_follow_the_papers_rows():
 def test_hyperparameter_table_is_read(tmp_path):
     path = tmp_path / "h.tsv"
     path.write_text("# comment\ndataset\tmodel\tloss\tlr\tdim\tlayers\theads\tbeta\n"
-                    "beauty\tsasrec\tuniform\t1e-3\t64\t2\t2\t0.05\t# 0.0400\nbeauty\tcaser\tbce\t1e-4\t32\t1\t1\t0.05\n")
+                    "beauty\tsasrec\tuniform\t1e-3\t64\t2\t2\t0.05\t# 0.0400\n"
+                    "beauty\tcaser\tbce\t1e-4\t32\t1\t1\t0.05\n")
     table = E.read_hyperparameters(str(path))
     assert table["beauty", "sasrec", "uniform"] == ["--lr", "1e-3", "--dim", "64", "--layers", "2", "--heads", "2",
                                                     "--beta", "0.05"]

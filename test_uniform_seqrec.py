@@ -270,7 +270,8 @@ def test_training_examples_are_exactly_the_prefixes_of_the_training_part():
     width = int(history_lengths.max())
     histories = U.gather_histories(flat, ends, history_lengths, width)
     produced = sorted((int(u), tuple(h[h > 0].tolist()), int(flat[e])) for u, h, e in zip(users, histories, ends))
-    expected = sorted((u, tuple(s[max(0, t - 50):t]), s[t]) for u, s in enumerate(sequences) for t in range(1, len(s) - 2))
+    expected = sorted((u, tuple(s[max(0, t - 50):t]), s[t])
+                      for u, s in enumerate(sequences) for t in range(1, len(s) - 2))
     assert produced == expected
 
 

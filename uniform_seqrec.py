@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data_prep import BENCHMARKS, DataError, benchmark_path, default_data_dir, read_sequences
+from data_prep import BENCHMARKS, DataError, OneLineErrorParser, benchmark_path, default_data_dir, read_sequences
 
 # =============================================================================================================
 # 1. Data: leave-one-out split and training triplets (paper appendix A and section 4; spec §1-2)
@@ -126,7 +126,7 @@ class Backbone(nn.Module):
 
 class Dropout(nn.Module):
     """Inverted dropout, as nn.Dropout, with the mask drawn by comparing uniform numbers: the same distribution,
-    about 3x faster on CPU than torch's Bernoulli sampler (see bench.py)."""
+    about 3x faster on CPU than torch's Bernoulli sampler (bench.py measures both)."""
 
     def __init__(self, p):
         super().__init__()
@@ -187,6 +187,8 @@ class Caser(Backbone):
 
 
 class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention in which position j attends to positions 0..j only."""
+
     def __init__(self, dim, heads, dropout):
         super().__init__()
         self.heads, self.dropout = heads, dropout
@@ -252,7 +254,7 @@ def build_model(model, num_items, dim, layers, heads, dropout, max_len, caser_wi
 
 # =============================================================================================================
 # 3. Losses. Each is a small pure function of tensors returning a scalar SUM over the batch, as the paper writes
-#    them. The four functions below need only `import torch` (copy them freely).
+#    them. The five functions below need only `import torch` (copy them freely).
 # =============================================================================================================
 
 def bce_loss(positive_scores, negative_scores):
@@ -290,7 +292,8 @@ def uniformity_loss(history, positives, negatives, beta=0.05, t=2.0, *, normaliz
       L_het  eq. 5: sum of G over all B x B pairs (history x, negative y), each history's own negative included.
     """
     if normalize:                                                           # eq. 3
-        history, positives, negatives = (torch.nn.functional.normalize(v, dim=-1) for v in (history, positives, negatives))
+        unit = torch.nn.functional.normalize
+        history, positives, negatives = unit(history, dim=-1), unit(positives, dim=-1), unit(negatives, dim=-1)
     loss = history.new_zeros(())
     if rec:
         loss = loss + bce_loss((history * positives).sum(-1), (history * negatives).sum(-1))
@@ -364,6 +367,7 @@ def item_table(model, normalize):
 def evaluate(model, batches, normalize, mask_seen=False):
     """HR@5/10/20 and NDCG@5/10/20 over the given batches. One matrix product per batch on the model's device.
     mask_seen: items of the history score -inf (a target that repeats a history item then cannot be hit)."""
+    was_training = model.training
     model.eval()
     items = item_table(model, normalize)
     ranks, all_finite = [], True
@@ -375,7 +379,7 @@ def evaluate(model, batches, normalize, mask_seen=False):
         if mask_seen:
             scores.scatter_(1, histories, float("-inf"))
         ranks.append(rank_of_targets(scores, targets))
-    model.train()
+    model.train(was_training)
     if not bool(all_finite):
         raise FloatingPointError("the model produced non-finite scores during evaluation")
     return metrics_from_ranks(torch.cat(ranks))
@@ -385,6 +389,7 @@ def evaluate(model, batches, normalize, mask_seen=False):
 def embedding_statistics(model, histories, item_ids, bins=40):
     """For Figure 1: on a fixed sample, pairwise cosine similarities of history vectors and of item vectors
     (mean and histogram over [-1, 1]) and the uniformity of Wang & Isola, log mean_{x<y} exp(-2 ||x - y||^2)."""
+    was_training = model.training
     model.eval()
     result = {}
     for name, vectors in (("history", model.encode(histories)), ("item", model.items(item_ids))):
@@ -394,7 +399,7 @@ def embedding_statistics(model, histories, item_ids, bins=40):
         result[f"{name}_mean_cosine"] = cosines.mean().item()
         result[f"{name}_uniformity"] = torch.log(torch.exp(-2 * (2 - 2 * cosines)).mean()).item()
         result[f"{name}_cosine_histogram"] = torch.histc(cosines.float(), bins, -1, 1).long().tolist()
-    model.train()
+    model.train(was_training)
     return result
 
 
@@ -474,6 +479,35 @@ def save_atomically(obj, path):
     os.replace(partial, path)
 
 
+def training_data(flat, starts, lengths, num_items, max_len):
+    """What every epoch needs: (flat, ends, history_lengths, users, keys, num_items)."""
+    ends, history_lengths, users = training_examples(starts, lengths, max_len)
+    keys = training_item_keys(flat, starts, lengths, num_items)
+    full_users = (torch.bincount(keys // (num_items + 1), minlength=len(lengths)) == num_items).nonzero()
+    if len(full_users):
+        raise DataError(f"user on line {int(full_users[0]) + 1} has every item in training: no negative can be drawn")
+    return flat, ends, history_lengths, users, keys, num_items
+
+
+def figure_sample(flat, starts, lengths, num_items, max_len, size=1000):
+    """A fixed sample (seed 0) of validation histories and item ids for the embedding statistics of Figure 1."""
+    generator = torch.Generator().manual_seed(0)
+    users = torch.randperm(len(lengths), generator=generator)[:size].to(flat.device)
+    histories = gather_histories(flat, *evaluation_examples(starts[users], lengths[users], max_len, "valid"), max_len)
+    return histories, (torch.randperm(num_items, generator=generator)[:size] + 1).to(flat.device)
+
+
+def restore(checkpoint_path, model, optimizer):
+    """Load the last checkpoint into model and optimizer, if any. Returns (early-stopping state, best model)."""
+    if not os.path.exists(checkpoint_path):
+        state = {"epoch": 0, "best_epoch": 0, "best_ndcg": -1.0, "history": []}
+        return state, {k: v.clone() for k, v in model.state_dict().items()}
+    checkpoint = torch.load(checkpoint_path, map_location=next(model.parameters()).device, weights_only=False)
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    return checkpoint["state"], checkpoint["best_model"]
+
+
 def train(config, sequences, run_dir, log=print):
     """Train on `sequences` (lists of item ids) until validation NDCG@10 has not improved for `patience` epochs (or
     for `epochs` epochs), then test once with the best state. Writes log.jsonl, checkpoint.pt and metrics.json
@@ -481,36 +515,19 @@ def train(config, sequences, run_dir, log=print):
     state because none is needed: every epoch re-seeds from (seed, epoch)."""
     device = torch.device(config["device"])
     flat, starts, lengths, num_items = load_sequences(sequences, device)
-    ends, history_lengths, users = training_examples(starts, lengths, config["max_len"])
-    keys = training_item_keys(flat, starts, lengths, num_items)
-    full_users = (torch.bincount(keys // (num_items + 1), minlength=len(lengths)) == num_items).nonzero()
-    if len(full_users):
-        raise DataError(f"user on line {int(full_users[0]) + 1} has every item in training: no negative can be drawn")
-    data = (flat, ends, history_lengths, users, keys, num_items)
+    data = training_data(flat, starts, lengths, num_items, config["max_len"])
     valid = evaluation_batches(flat, starts, lengths, config["max_len"], "valid")
-    sample = torch.Generator().manual_seed(0)                               # fixed sample for Figure 1 statistics
-    sample_users = torch.randperm(len(lengths), generator=sample)[:1000].to(device)
-    figure_histories = gather_histories(flat, *evaluation_examples(starts[sample_users], lengths[sample_users],
-                                                                    config["max_len"], "valid"), config["max_len"])
-    figure_items = (torch.randperm(num_items, generator=sample)[:1000] + 1).to(device)
-
+    figure_histories, figure_items = figure_sample(flat, starts, lengths, num_items, config["max_len"])
     torch.manual_seed(config["seed"])
     model = build_model(config["model"], num_items, config["dim"], config["layers"], config["heads"],
                         config["dropout"], config["max_len"], config["caser_window"]).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"])
     normalize = scores_normalized(config)
-    state = {"epoch": 0, "best_epoch": 0, "best_ndcg": -1.0, "history": []}
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
-    if os.path.exists(checkpoint_path):
-        checkpoint = torch.load(checkpoint_path, map_location=device, weights_only=False)
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        state = checkpoint["state"]
-        best_model = checkpoint["best_model"]
+    state, best_model = restore(checkpoint_path, model, optimizer)
+    if state["epoch"]:
         log(f"resuming {run_dir} after epoch {state['epoch']} (best so far: epoch {state['best_epoch']})")
-    else:
-        best_model = {k: v.clone() for k, v in model.state_dict().items()}
-    log(f"{config['data']}: {len(lengths):,} users, {num_items:,} items, {len(ends):,} training examples; "
+    log(f"{config['data']}: {len(lengths):,} users, {num_items:,} items, {len(data[1]):,} training examples; "
         f"{config['model']} + {config['loss']} on {device}; run folder {run_dir}")
 
     while state["epoch"] < config["epochs"] and state["epoch"] - state["best_epoch"] < config["patience"]:
@@ -523,7 +540,7 @@ def train(config, sequences, run_dir, log=print):
                                   f"the checkpoint of epoch {state['epoch']}")
         train_seconds = time.time() - started
         metrics = evaluate(model, valid, normalize, config["mask_seen"])
-        row = {"epoch": epoch, "loss": losses.sum().item() / len(ends), "train_seconds": round(train_seconds, 2),
+        row = {"epoch": epoch, "loss": losses.sum().item() / len(data[1]), "train_seconds": round(train_seconds, 2),
                "eval_seconds": round(time.time() - started - train_seconds, 2),
                **{f"valid_{k}": v for k, v in metrics.items()},
                **embedding_statistics(model, figure_histories, figure_items)}
@@ -555,13 +572,6 @@ def train(config, sequences, run_dir, log=print):
 # =============================================================================================================
 # 6. Command line
 # =============================================================================================================
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    """argparse, but a bad command line gives one line naming the problem (exit code 2), no usage dump."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
 
 def build_parser():
     parser = OneLineErrorParser(
@@ -688,7 +698,7 @@ def configure(argv):
         for key, value in given.items():
             if key not in RUN_ONLY_KEYS and saved.get(key) != value:
                 raise ConfigError(f"--resume {config['resume']}: that run has --{key.replace('_', '-')} "
-                                f"{saved.get(key)}, this command asks for {value}")
+                                  f"{saved.get(key)}, this command asks for {value}")
         config = {**saved, **{k: v for k, v in given.items() if k in RUN_ONLY_KEYS}, "resume": config["resume"]}
         config.setdefault("data_dir", default_data_dir())
     if config["length_groups"] is None:
@@ -712,7 +722,7 @@ def prepare_run_dir(config, run_dir):
         if differing:
             key = differing[0]
             raise ConfigError(f"{run_dir} holds a run with --{key.replace('_', '-')} {saved.get(key)}, not "
-                            f"{config[key]}; choose another --out")
+                              f"{config[key]}; choose another --out")
     else:
         os.makedirs(run_dir, exist_ok=True)
         save_atomically(json.dumps(config, indent=2) + "\n", saved_path)
