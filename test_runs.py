@@ -69,7 +69,7 @@ BAD_FLAGS = [
     (["--model", "bert4rec"], "argument --model: invalid choice: 'bert4rec'"),
     (["--loss", "mse"], "argument --loss: invalid choice: 'mse'"),
     (["--data", "movielens"], "unknown dataset 'movielens'"),
-    (["--data", "/no/such/file.txt"], "unknown dataset '/no/such/file.txt'"),
+    (["--data", "/no/such/file.txt"], "no such data file: /no/such/file.txt"),
     (["--lr", "0"], "--lr must be positive (got 0.0)"),
     (["--lr", "nan"], "--lr must be positive (got nan)"),
     (["--lr", "fast"], "argument --lr: invalid float value: 'fast'"),

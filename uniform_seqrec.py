@@ -674,6 +674,8 @@ def data_path_of(config):
         return path
     if os.path.exists(config["data"]):
         return config["data"]
+    if os.sep in config["data"] or "." in config["data"]:
+        raise DataError(f"no such data file: {config['data']}")
     raise ConfigError(f"unknown dataset '{config['data']}': not one of {', '.join(BENCHMARKS)} and no such file")
 
 
