@@ -117,7 +117,7 @@ def train_steps(setup, device, model_name, loss, steps, length_groups):
     flat, _, _, num_items, ends, history_lengths, users, keys = setup
     torch.manual_seed(0)
     model = U.build_model(model_name, num_items, 64, 2, 2, 0.5, 50, 5).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimizer = U.adam(model, 1e-3, device)
     config = {"loss": loss, "beta": 0.05, "t": 2.0, "normalize": True, "rec": True, "hom": True, "het": True}
     generator = torch.Generator(device).manual_seed(0)
     order = torch.randperm(len(ends), device=device, generator=generator)[:256 * (steps + 3)]
