@@ -295,7 +295,23 @@ def claims():
     return lines
 
 
-def report(path=None):
+def unfinished_runs(max_seed=20):
+    """(cell, seed, epochs done, best epoch, its validation NDCG@10) of every run started but not finished."""
+    found, hyperparameters = [], read_hyperparameters()
+    for cell in unique_runs(cells("all", DATASETS, MODELS), 1):
+        for seed in range(1, max_seed + 1):
+            run_dir = run_folder(cell, seed, hyperparameters)
+            log = run_dir and os.path.join(run_dir, "log.jsonl")
+            if log and os.path.isfile(log) and not os.path.isfile(os.path.join(run_dir, "metrics.json")):
+                with open(log) as f:
+                    epochs = [json.loads(line) for line in f if line.strip()]
+                if epochs:
+                    best = max(epochs, key=lambda r: r["valid_NDCG@10"])
+                    found.append((cell, seed, len(epochs), best["epoch"], best["valid_NDCG@10"]))
+    return found
+
+
+def report(path=None, unfinished=()):
     path = path or os.path.join(RESULTS, "RESULTS.md")
     datasets_title = ["Beauty", "Toys", "Sports", "Yelp"]
     pairs = [(m, loss) for m in MODELS for loss in LOSSES]
@@ -332,6 +348,11 @@ def report(path=None):
         "", *table2, "",
         "## Table 3: beta (SASRec)", "", *table3, "",
         "## Runs behind the cells", "", *runs, "",
+        *(["## Runs started but not finished (not in the tables above)", "",
+            "Validation numbers only, so far; `python experiments.py run CELL --seed SEED` (or `./run_all.sh`) "
+            "resumes each from its last finished epoch.", "",
+            "| cell | seed | epochs done | best epoch so far | its validation NDCG@10 |", "|---|---|---|---|---|",
+            *(f"| {c} | {s} | {n} | {b} | {v:.4f} |" for c, s, n, b, v in unfinished), ""] if unfinished else []),
     ])
     os.makedirs(RESULTS, exist_ok=True)
     with open(path, "w") as f:
@@ -421,7 +442,7 @@ def main(argv=None):
         choose()
     elif args.command == "report":
         record_all()
-        report()
+        report(unfinished=unfinished_runs())
     else:
         figure1()
     return 0

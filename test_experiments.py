@@ -77,6 +77,33 @@ def test_results_page_shows_ours_beside_the_papers(tmp_path, monkeypatch):
     assert row.count("not run") == 6                                          # Toys, Sports, Yelp: HR and NDCG
     assert "holds in 1 of 1 complete backbone x dataset groups" in page
     assert "| table1/beauty/sasrec/uniform | 2 | 0.001 | 64 | 2 | 2 | 0.05 | 5 / 25 | cpu | 10 min | abc1234 |" in page
+    assert "not finished" not in page                                         # no such section without runs
+
+
+def test_results_page_lists_unfinished_runs_apart(tmp_path, monkeypatch):
+    monkeypatch.setattr(E, "RESULTS", str(tmp_path))
+    E.report(str(tmp_path / "RESULTS.md"), unfinished=[("table1/beauty/sasrec/bpr", 1, 17, 15, 0.01834)])
+    page = (tmp_path / "RESULTS.md").read_text()
+    assert "| table1/beauty/sasrec/bpr | 1 | 17 | 15 | 0.0183 |" in page
+    row = next(line for line in page.splitlines() if line.startswith("| sasrec bpr |"))
+    assert row.count("not run") == 8                                          # unfinished: no test number
+
+
+def test_unfinished_runs_are_found_from_their_logs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    sequences = tmp_path / "data"
+    sequences.mkdir()
+    (sequences / "Beauty.txt").write_text("".join(f"{u} 1 2 3 4\n" for u in range(1, 6)))
+    monkeypatch.setenv("UNIFORM_SEQREC_DATA", str(sequences))
+    monkeypatch.setattr(E, "read_hyperparameters", lambda: {})
+    run_dir = E.run_folder("table1/beauty/sasrec/bpr", 1, {})
+    os.makedirs(run_dir)
+    rows = [{"epoch": e, "valid_NDCG@10": v} for e, v in ((1, 0.01), (2, 0.03), (3, 0.02))]
+    with open(os.path.join(run_dir, "log.jsonl"), "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+    assert E.unfinished_runs(max_seed=2) == [("table1/beauty/sasrec/bpr", 1, 3, 2, 0.03)]
+    open(os.path.join(run_dir, "metrics.json"), "w").write("{}")
+    assert E.unfinished_runs(max_seed=2) == []
 
 
 def test_figure1_numbers_are_written_without_matplotlib(tmp_path, monkeypatch):
