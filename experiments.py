@@ -364,18 +364,31 @@ def report(path=None, unfinished=()):
 # Figure 1
 # ---------------------------------------------------------------------------------------------------------------
 
+def figure_run_log(cell):
+    """(per-epoch log, finished?) of a cell's seed-1 run: its recorded run, else its run folder so far, else None."""
+    recorded_runs = sorted(glob.glob(record_path(cell, "*")))[:1]
+    if recorded_runs:
+        with open(recorded_runs[0]) as f:
+            run_dir = os.path.join(HERE, json.load(f)["run_dir"])
+    else:
+        run_dir = run_folder(cell, 1, read_hyperparameters())
+    log = run_dir and os.path.join(run_dir, "log.jsonl")
+    if not log or not os.path.isfile(log):
+        return None
+    with open(log) as f:
+        return [json.loads(line) for line in f if line.strip()], bool(recorded_runs)
+
+
 def figure1(out_dir=None):
     """(a) validation NDCG@10 per epoch of unnormalized BCE (Table 2 (a)) and normalized BCE ((b)), Beauty;
     (b, c) histograms of pairwise cosine similarity of history and item vectors of the normalized run, at its
     first epoch and at its best epoch. Writes figure1.json always and figure1.png when matplotlib is installed."""
     out_dir = out_dir or RESULTS
-    logs = {}
+    logs, finished = {}, {}
     for row, label in (("a", "unnormalized BCE"), ("b", "normalized BCE")):
-        for seed_file in sorted(glob.glob(record_path(f"table2/beauty/{row}", "*")))[:1]:
-            with open(seed_file) as f:
-                run_dir = os.path.join(HERE, json.load(f)["run_dir"])
-            with open(os.path.join(run_dir, "log.jsonl")) as f:
-                logs[label] = [json.loads(line) for line in f]
+        found = figure_run_log(f"table2/beauty/{row}")
+        if found:
+            logs[label], finished[label] = found
     if "normalized BCE" not in logs:
         sys.exit("figure1: Table 2 row (b) on Beauty has not been run yet: ./run_all.sh figure1")
     normalized = logs["normalized BCE"]
@@ -386,7 +399,8 @@ def figure1(out_dir=None):
             "early_epoch": early["epoch"], "late_epoch": late["epoch"],
             **{f"{what}_{when}": row[f"{what}_cosine_histogram"] for what in ("history", "item")
                for when, row in (("early", early), ("late", late))},
-            "uniformity_per_epoch": {k: [r["history_uniformity"] for r in v] for k, v in logs.items()}}
+            "uniformity_per_epoch": {k: [r["history_uniformity"] for r in v] for k, v in logs.items()},
+            "finished": finished}
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "figure1.json"), "w") as f:
         json.dump(data, f, indent=1)
@@ -399,7 +413,8 @@ def figure1(out_dir=None):
         return
     figure, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for label, values in data["validation_ndcg10"].items():
-        axes[0].plot(range(1, len(values) + 1), values, label=label)
+        unfinished = "" if data["finished"][label] else f" (unfinished, {len(values)} epochs)"
+        axes[0].plot(range(1, len(values) + 1), values, label=label + unfinished)
     axes[0].set(title="(a) validation NDCG@10, Beauty, SASRec", xlabel="epoch", ylabel="NDCG@10")
     axes[0].legend()
     centers = [(a + b) / 2 for a, b in zip(data["histogram_bins"], data["histogram_bins"][1:])]
@@ -408,8 +423,7 @@ def figure1(out_dir=None):
             counts = data[f"{what}_{when}"]
             total = sum(counts)
             axis.plot(centers, [c / total for c in counts], label=f"epoch {data[f'{when}_epoch']}")
-        axis.set(title=f"{title}: pairwise cosine (normalized BCE)", xlabel="cosine similarity",
-                 ylabel="share of pairs")
+        axis.set(title=f"{title}, normalized BCE", xlabel="pairwise cosine similarity", ylabel="share of pairs")
         axis.legend()
     figure.tight_layout()
     figure.savefig(os.path.join(out_dir, "figure1.png"), dpi=120)

@@ -128,3 +128,21 @@ def test_figure1_numbers_are_written_without_matplotlib(tmp_path, monkeypatch):
     assert (data["early_epoch"], data["late_epoch"]) == (1, 2)                # late = best validation epoch of (b)
     assert data["history_late"][-1] == 2 and data["item_early"][0] == 1
     assert not (tmp_path / "figure1.png").exists()
+    assert data["finished"] == {"unnormalized BCE": True, "normalized BCE": True}
+
+
+def test_figure1_falls_back_to_an_unfinished_run_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(E, "RESULTS", str(tmp_path / "results"))
+    monkeypatch.setattr(E, "HERE", str(tmp_path))
+    histogram = [1] * 40
+    folders = {"table2/beauty/a": None, "table2/beauty/b": tmp_path / "runs" / "b"}
+    monkeypatch.setattr(E, "run_folder", lambda cell, seed, hyperparameters: folders[cell] and str(folders[cell]))
+    folders["table2/beauty/b"].mkdir(parents=True)
+    rows = [{"epoch": e, "valid_NDCG@10": 0.01 * e, "history_cosine_histogram": histogram,
+             "item_cosine_histogram": histogram, "history_uniformity": -e} for e in (1, 2)]
+    (folders["table2/beauty/b"] / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
+    E.figure1(str(tmp_path))
+    data = json.loads((tmp_path / "figure1.json").read_text())
+    assert data["validation_ndcg10"] == {"normalized BCE": [0.01, 0.02]}   # row (a) has no run at all
+    assert data["finished"] == {"normalized BCE": False}
