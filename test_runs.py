@@ -1,5 +1,4 @@
 """Runs that survive interruption, repeat exactly, and refuse bad input with one line (exit code 2)."""
-import itertools
 import json
 import os
 import signal
@@ -15,17 +14,10 @@ import uniform_seqrec as U
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA_DIR = os.environ.get("UNIFORM_SEQREC_DATA") or os.path.join(HERE, "..", "shared", "data")
 BEAUTY = os.path.join(DATA_DIR, "Beauty.txt")
+BEAUTY_SLICE_USERS = 1500  # the conftest.py fixture beauty_slice
 SMALL = ["--model", "sasrec", "--dim", "16", "--layers", "1", "--heads", "1", "--device", "cpu", "--lr", "1e-3"]
 
 
-@pytest.fixture(scope="module")
-def beauty_slice(tmp_path_factory):
-    if not os.path.isfile(BEAUTY):
-        pytest.skip(f"{BEAUTY} not found: run `python data_prep.py beauty` first")
-    path = tmp_path_factory.mktemp("data") / "beauty_slice.txt"
-    with open(BEAUTY) as f:
-        path.write_text("".join(itertools.islice(f, 1500)))
-    return str(path)
 
 
 def run_cli(*args, timeout=300):

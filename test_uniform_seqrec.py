@@ -18,6 +18,7 @@ from data_prep import read_sequences
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA_DIR = os.environ.get("UNIFORM_SEQREC_DATA") or os.path.join(HERE, "..", "shared", "data")
 BEAUTY = os.path.join(DATA_DIR, "Beauty.txt")
+BEAUTY_SLICE_USERS = 600  # the conftest.py fixture beauty_slice
 needs_beauty = pytest.mark.skipif(not os.path.isfile(BEAUTY),
                                   reason=f"{BEAUTY} not found: run `python data_prep.py beauty` first")
 
@@ -428,18 +429,8 @@ def test_every_backbone_and_loss_learns(name, loss):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The command line on a slice of real Beauty
+# The command line on a slice of real Beauty (the fixture beauty_slice is in conftest.py)
 # ----------------------------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def beauty_slice(tmp_path_factory):
-    if not os.path.isfile(BEAUTY):
-        pytest.skip(f"{BEAUTY} not found: run `python data_prep.py beauty` first")
-    path = tmp_path_factory.mktemp("data") / "beauty_slice.txt"
-    with open(BEAUTY) as f:
-        path.write_text("".join(itertools.islice(f, 600)))
-    return str(path)
-
 
 def test_command_line_trains_and_reports_on_real_data(beauty_slice, tmp_path, capsys):
     out = tmp_path / "run"
