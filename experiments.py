@@ -14,6 +14,7 @@ results/cells/<cell id>-seed<seed>.json with its metrics, configuration, seed, c
 import glob
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -463,4 +464,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)                          # `experiments.py list | head` ends quietly
     sys.exit(main())
