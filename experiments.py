@@ -267,32 +267,40 @@ def table_rows(row_cells, paper_rows, columns):
     return [header, "|" + "---|" * (1 + 4 * len(columns)), *rows]
 
 
+def best_first(scores):
+    """The keys of the scores that are not None, best first, joined by ' > '."""
+    return " > ".join(sorted((k for k, v in scores.items() if v is not None), key=scores.get, reverse=True))
+
+
 def claims():
-    """Which of the paper's claims hold on the cells run so far."""
+    """Which of the paper's claims hold on the cells run so far (partial groups are compared on what has run)."""
     lines = []
     mean_ndcg = lambda cell: statistics.mean(r[1] for r in recorded(cell)) if recorded(cell) else None
-    verdicts = []
-    for d in DATASETS:
+    verdicts, partial = [], []
+    for column, d in enumerate(DATASETS):
         for m in MODELS:
             scores = {loss: mean_ndcg(f"table1/{d}/{m}/{loss}") for loss in LOSSES}
+            paper = {loss: PAPER_TABLE1[m, loss][column][1] for loss in LOSSES if scores[loss] is not None}
             if all(v is not None for v in scores.values()):
                 verdicts.append(max(scores, key=scores.get) == "uniform")
+            elif len(paper) > 1:
+                partial.append(f"  - {m} on {d}, losses run so far, by NDCG@10: ours {best_first(scores)}; "
+                               f"paper {best_first(paper)}")
     lines.append(f"- Uniformity loss best (test NDCG@10) per backbone and dataset: holds in {sum(verdicts)} of "
                  f"{len(verdicts)} complete backbone x dataset groups"
                  + (" (none complete yet)" if not verdicts else ""))
-    for d in ("beauty", "toys"):
+    lines += partial
+    for column, d in enumerate(("beauty", "toys")):
         scores = {row: mean_ndcg(f"table2/{d}/{row}") for row in ABLATIONS}
-        if all(v is not None for v in scores.values()):
-            ours = "".join(sorted(scores, key=scores.get, reverse=True))
-            column = 0 if d == "beauty" else 1
-            paper = "".join(sorted(PAPER_TABLE2, key=lambda r: PAPER_TABLE2[r][column][1], reverse=True))
-            lines.append(f"- Table 2 on {d}: rows by NDCG@10, best first: ours {ours}, paper {paper}")
-        else:
-            have = [r for r, v in scores.items() if v is not None]
-            lines.append(f"- Table 2 on {d}: rows run so far: {', '.join(have) or 'none'}")
+        paper = {row: PAPER_TABLE2[row][column][1] for row in ABLATIONS if scores[row] is not None}
+        done = "all rows" if len(paper) == len(ABLATIONS) else f"rows run so far ({', '.join(sorted(paper)) or 'none'})"
+        lines.append(f"- Table 2 on {d}, {done}, by NDCG@10: ours {best_first(scores) or '-'}; "
+                     f"paper {best_first(paper) or '-'}")
         betas = {b: mean_ndcg(f"table3/{d}/{b}") for b in BETAS}
         if all(v is not None for v in betas.values()):
             lines.append(f"- Table 3 on {d}: NDCG@10 peaks at beta {max(betas, key=betas.get)} (paper: 0.05)")
+        else:
+            lines.append(f"- Table 3 on {d}: betas run so far: {', '.join(b for b in BETAS if betas[b]) or 'none'}")
     return lines
 
 
@@ -464,5 +472,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)                          # `experiments.py list | head` ends quietly
+    if hasattr(signal, "SIGPIPE"):                                          # not on Windows
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)                      # `experiments.py list | head` ends quietly
     sys.exit(main())
