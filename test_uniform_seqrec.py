@@ -386,6 +386,26 @@ def test_sasrec_history_vector_depends_on_order_and_content():
     assert not torch.allclose(a, b) and not torch.allclose(a, c)
 
 
+def test_sasrec_input_is_item_times_sqrt_d_plus_position():
+    model = U.build_model("sasrec", 50, dim=16, layers=0, heads=2, dropout=0.5, max_len=20, caser_window=4).eval()
+    with torch.no_grad():
+        h = model.encode(torch.tensor([[7, 3, 0]]))                          # no blocks: the final LayerNorm only
+        expected = model.final_norm(model.items.weight[3] * 4.0 + model.positions.weight[0])  # sqrt(16) = 4
+    assert torch.allclose(h[0], expected, atol=1e-6)
+
+
+def test_sasrec_drops_out_where_the_original_does():
+    """Embedding sum, attention weights, and twice in each feed-forward net; not the attention's output."""
+    model = make_model("sasrec").train()                                    # 2 blocks
+    shapes = []
+    for module in model.modules():
+        if isinstance(module, U.Dropout):
+            module.register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape)))
+    model.encode(torch.tensor([[1, 2, 3], [4, 5, 0]]))
+    per_block = [(2, 2, 3, 3), (2, 3, 16), (2, 3, 16)]                      # weights (B, h, T, T), feed-forward x 2
+    assert shapes == [(2, 3, 16)] + 2 * per_block
+
+
 def test_caser_reads_only_its_last_window():
     model = make_model("caser")                                               # window 4
     with torch.no_grad():

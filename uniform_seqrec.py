@@ -212,27 +212,32 @@ class CausalSelfAttention(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-LayerNorm block as in the original SASRec: attention and a point-wise feed-forward net, residuals."""
+    """Pre-LayerNorm block as in the original SASRec: attention and a point-wise feed-forward net, residuals.
+    Dropout where the original has it: on the attention weights and twice in the feed-forward net, not on the
+    attention's output (one more there slowed learning: valid HR@10 0.046 against 0.053 after 6 Beauty epochs)."""
 
     def __init__(self, dim, heads, dropout):
         super().__init__()
         self.attention_norm, self.attention = nn.LayerNorm(dim), CausalSelfAttention(dim, heads, dropout)
         self.feed_forward_norm = nn.LayerNorm(dim)
-        self.feed_forward = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), Dropout(dropout), nn.Linear(dim, dim))
-        self.dropout = Dropout(dropout)
+        self.feed_forward = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), Dropout(dropout), nn.Linear(dim, dim),
+                                          Dropout(dropout))
 
     def forward(self, x):                                                  # (B, T, d) -> (B, T, d)
-        x = x + self.dropout(self.attention(self.attention_norm(x)))
-        return x + self.dropout(self.feed_forward(self.feed_forward_norm(x)))
+        x = x + self.attention(self.attention_norm(x))
+        return x + self.feed_forward(self.feed_forward_norm(x))
 
 
 class SASRec(Backbone):
-    """Kang & McAuley: item + learned position embeddings, causal self-attention blocks, the output at the last
-    real position. Positions count back from the most recent item (0 = most recent), so a history means the same
-    whatever its padding. Right padding plus the causal mask: a real position only ever sees real items."""
+    """Kang & McAuley: item vectors times sqrt(d) plus learned position embeddings, causal self-attention blocks,
+    the output at the last real position. Positions count back from the most recent item (0 = most recent), so a
+    history means the same whatever its padding. Right padding plus the causal mask: a real position only ever
+    sees real items. The sqrt(d) is the original's; without it learning is slower (valid HR@10 0.040 against
+    0.064 after 4 Beauty epochs with the uniformity loss)."""
 
     def __init__(self, num_items, dim=64, layers=2, heads=2, dropout=0.5, max_len=50):
         super().__init__(num_items, dim)
+        self.scale = dim ** 0.5
         self.positions = nn.Embedding(max_len, dim)
         nn.init.normal_(self.positions.weight, std=EMBEDDING_INIT_STD)
         self.dropout = Dropout(dropout)
@@ -243,7 +248,7 @@ class SASRec(Backbone):
         T = histories.shape[1]
         lengths = (histories > 0).sum(1, keepdim=True)                     # (B, 1)
         steps_back = (lengths - 1 - torch.arange(T, device=histories.device)).clamp(min=0)  # (B, T)
-        x = self.dropout(self.embed(histories, embedded) + self.positions(steps_back))
+        x = self.dropout(self.embed(histories, embedded) * self.scale + self.positions(steps_back))
         for block in self.blocks:
             x = block(x)
         return self.final_norm(x)
