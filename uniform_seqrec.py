@@ -108,7 +108,7 @@ def sample_negatives(users, keys, num_items, generator):
 # =============================================================================================================
 
 # Item (and position) tables start N(0, 0.02) as in S3-Rec and BERT. Small vectors turn quickly under Adam: on Beauty
-# (SASRec, uniformity loss, lr 1e-3) validation HR@10 after 5 epochs was 0.043 with 0.02 against 0.029 with 1/sqrt(d).
+# (SASRec, uniformity loss, lr 1e-3) validation HR@10 after 5 epochs was 0.070 with 0.02 against 0.054 with 1/sqrt(d).
 EMBEDDING_INIT_STD = 0.02
 
 
