@@ -157,12 +157,20 @@ def record_path(cell, seed):
     return os.path.join(RESULTS, "cells", f"{cell.replace('/', '__')}-seed{seed}.json")
 
 
+def read_log(run_dir):
+    """The per-epoch records of a run folder's log.jsonl, or None when it has none."""
+    path = run_dir and os.path.join(run_dir, "log.jsonl")
+    if not path or not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def record(cell, seed, run_dir):
     """Write the cell's JSON from its finished run folder."""
     with open(os.path.join(run_dir, "metrics.json")) as f:
         metrics = json.load(f)
-    with open(os.path.join(run_dir, "log.jsonl")) as f:
-        log = [json.loads(line) for line in f]
+    log = read_log(run_dir)
     commit_file = os.path.join(run_dir, "commit.txt")
     commit = open(commit_file).read().strip() if os.path.isfile(commit_file) else git_commit()
     entry = {"cell": cell, "seed": seed, "test": metrics["test"], "valid": metrics["valid"],
@@ -275,7 +283,10 @@ def best_first(scores):
 def claims():
     """Which of the paper's claims hold on the cells run so far (partial groups are compared on what has run)."""
     lines = []
-    mean_ndcg = lambda cell: statistics.mean(r[1] for r in recorded(cell)) if recorded(cell) else None
+    def mean_ndcg(cell):
+        runs = recorded(cell)
+        return statistics.mean(r[1] for r in runs) if runs else None
+
     verdicts, partial = [], []
     for column, d in enumerate(DATASETS):
         for m in MODELS:
@@ -310,13 +321,10 @@ def unfinished_runs(max_seed=20):
     for cell in unique_runs(cells("all", DATASETS, MODELS), 1):
         for seed in range(1, max_seed + 1):
             run_dir = run_folder(cell, seed, hyperparameters)
-            log = run_dir and os.path.join(run_dir, "log.jsonl")
-            if log and os.path.isfile(log) and not os.path.isfile(os.path.join(run_dir, "metrics.json")):
-                with open(log) as f:
-                    epochs = [json.loads(line) for line in f if line.strip()]
-                if epochs:
-                    best = max(epochs, key=lambda r: r["valid_NDCG@10"])
-                    found.append((cell, seed, len(epochs), best["epoch"], best["valid_NDCG@10"]))
+            epochs = read_log(run_dir)
+            if epochs and not os.path.isfile(os.path.join(run_dir, "metrics.json")):
+                best = max(epochs, key=lambda r: r["valid_NDCG@10"])
+                found.append((cell, seed, len(epochs), best["epoch"], best["valid_NDCG@10"]))
     return found
 
 
@@ -381,11 +389,8 @@ def figure_run_log(cell):
             run_dir = os.path.join(HERE, json.load(f)["run_dir"])
     else:
         run_dir = run_folder(cell, 1, read_hyperparameters())
-    log = run_dir and os.path.join(run_dir, "log.jsonl")
-    if not log or not os.path.isfile(log):
-        return None
-    with open(log) as f:
-        return [json.loads(line) for line in f if line.strip()], bool(recorded_runs)
+    log = read_log(run_dir)
+    return (log, bool(recorded_runs)) if log is not None else None
 
 
 def figure1(out_dir=None):

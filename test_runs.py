@@ -18,8 +18,6 @@ BEAUTY_SLICE_USERS = 1500  # the conftest.py fixture beauty_slice
 SMALL = ["--model", "sasrec", "--dim", "16", "--layers", "1", "--heads", "1", "--device", "cpu", "--lr", "1e-3"]
 
 
-
-
 def run_cli(*args, timeout=300):
     """The command line as a user runs it: a separate process."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
