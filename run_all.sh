@@ -23,7 +23,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / JOBS > 0 ? $(nproc) / J
 mkdir -p runs/logs
 
 run_cell() {  # cell seed
-  local log="runs/logs/$(echo "$1" | tr '/=,' '_-.')-seed$2.log"
+  local log="runs/logs/$(echo "$1" | tr '/,=' '_.-')-seed$2.log"
   if python experiments.py run "$1" --seed "$2" ${DEVICE:+--device "$DEVICE"} >> "$log" 2>&1; then
     echo "done    $1 seed $2"
   else

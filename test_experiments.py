@@ -1,6 +1,8 @@
 """Tests of experiments.py: the cells of the paper's tables, and the results page built from recorded cells."""
 import json
 import os
+import shutil
+import subprocess
 
 import pytest
 
@@ -16,6 +18,28 @@ def test_the_tables_have_the_papers_cells():
     assert len(E.cells("table3", E.DATASETS, E.MODELS)) == 10
     assert E.cells("table2", ["sports"], E.MODELS) == [] and E.cells("table2", E.DATASETS, ["gru4rec"]) == []
     assert len(E.cells("tune", ["beauty"], E.MODELS)) == 4 * (12 + 12 + 6)
+
+
+def test_run_all_runs_every_listed_cell_with_its_own_log(tmp_path):
+    """run_all.sh with a stand-in `python` that lists two cells and records each call: each cell runs once, with
+    its seed, and writes its own log named after the cell (a tuning cell's '=' and ',' included)."""
+    shutil.copy(os.path.join(HERE, "run_all.sh"), tmp_path)
+    (tmp_path / "bin").mkdir()
+    stand_in = tmp_path / "bin" / "python"
+    stand_in.write_text('#!/bin/sh\n'
+                        'if [ "$2" = list ]; then\n'
+                        '  printf "%s 1\\n" table2/beauty/a "tune/toys/caser/bpr/lr=1e-4,dim=64"\n'
+                        'else echo "called $*"; fi\n')
+    stand_in.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}", "JOBS": "2"}
+    done = subprocess.run(["bash", str(tmp_path / "run_all.sh"), "table2"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert sorted(done.stdout.split("\n")[:2]) == ["done    table2/beauty/a seed 1",
+                                                    "done    tune/toys/caser/bpr/lr=1e-4,dim=64 seed 1"]
+    logs = {p.name: p.read_text() for p in (tmp_path / "runs" / "logs").iterdir()}
+    assert logs == {"table2_beauty_a-seed1.log": "called experiments.py run table2/beauty/a --seed 1\n",
+                    "tune_toys_caser_bpr_lr-1e-4.dim-64-seed1.log":
+                        "called experiments.py run tune/toys/caser/bpr/lr=1e-4,dim=64 --seed 1\n"}
 
 
 def test_cell_arguments_follow_the_papers_rows():
