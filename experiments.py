@@ -215,26 +215,34 @@ def record_all(max_seed=20):
 # ---------------------------------------------------------------------------------------------------------------
 
 def choose():
-    """Pick, per (dataset, model, loss), the tuning point with the best validation NDCG@10; write the table."""
-    best = {}
+    """Pick, per (dataset, model, loss), the tuning point with the best validation NDCG@10; write the table.
+    A choice made before every point of its grid has finished says so, in its row and on the screen."""
+    best, finished, points = {}, {}, {}
     for cell in cells("tune", DATASETS, MODELS):
+        key = tuple(cell.split("/")[1:4])                                   # (dataset, model, loss)
+        points[key] = points.get(key, 0) + 1
         run_dir = run_folder(cell, 1, {})
         if not run_dir or not os.path.isfile(os.path.join(run_dir, "metrics.json")):
             continue
         with open(os.path.join(run_dir, "metrics.json")) as f:
             metrics = json.load(f)
-        key = tuple(cell.split("/")[1:4])                                   # (dataset, model, loss)
+        finished[key] = finished.get(key, 0) + 1
         if key not in best or metrics["valid"]["NDCG@10"] > best[key][1]:
             best[key] = (metrics["config"], metrics["valid"]["NDCG@10"])
     lines = ["# Chosen by `./run_all.sh tune`: best validation NDCG@10 over lr {1e-4, 2e-4, 3e-4} x dim {64, 128} x",
              "# layers = heads {1, 2} (Caser: lr x dim), beta 0.05, batch 256, max length 50, dropout 0.5, seed 1.",
-             "dataset\tmodel\tloss\tlr\tdim\tlayers\theads\tbeta\t# valid NDCG@10"]
-    for (dataset, model, loss), (config, ndcg) in sorted(best.items()):
-        lines.append(f"{dataset}\t{model}\t{loss}\t{config['lr']:g}\t{config['dim']}\t{config['layers']}\t"
-                     f"{config['heads']}\t{config['beta']:g}\t# {ndcg:.4f}")
+             "dataset\tmodel\tloss\tlr\tdim\tlayers\theads\tbeta\t# valid NDCG@10, grid points finished"]
+    for key, (config, ndcg) in sorted(best.items()):
+        lines.append("\t".join([*key, f"{config['lr']:g}", str(config["dim"]), str(config["layers"]),
+                                str(config["heads"]), f"{config['beta']:g}",
+                                f"# {ndcg:.4f}, {finished[key]} of {points[key]}"]))
     with open(HYPERPARAMETERS, "w") as f:
         f.write("\n".join(lines) + "\n")
     print(f"wrote {HYPERPARAMETERS} ({len(best)} cells)")
+    for key in sorted(best):
+        if finished[key] < points[key]:
+            print(f"  {'/'.join(key)}: chosen from {finished[key]} of {points[key]} grid points; "
+                  f"the rest have not finished")
 
 
 # ---------------------------------------------------------------------------------------------------------------

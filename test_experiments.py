@@ -67,6 +67,29 @@ def test_hyperparameter_table_is_read(tmp_path):
     assert "--beta" not in table["beauty", "caser", "bce"]
 
 
+def test_choose_keeps_the_best_validation_point_and_says_how_many_ran(tmp_path, monkeypatch, capsys):
+    grid = E.cells("tune", ["toys"], ["sasrec"])
+    bce = [cell for cell in grid if "/bce/" in cell]
+    scores = {bce[0]: 0.010, bce[5]: 0.030, bce[7]: 0.020}                 # 3 of 12 points of one cell finished
+    folders = {}
+    for i, (cell, ndcg) in enumerate(scores.items()):
+        values = dict(pair.split("=") for pair in cell.split("/")[-1].split(","))
+        folders[cell] = tmp_path / f"run{i}"
+        folders[cell].mkdir()
+        config = {"lr": float(values["lr"]), "dim": int(values["dim"]), "layers": int(values["layers"]),
+                  "heads": int(values["layers"]), "beta": 0.05}
+        (folders[cell] / "metrics.json").write_text(json.dumps({"config": config, "valid": {"NDCG@10": ndcg}}))
+    monkeypatch.setattr(E, "run_folder", lambda cell, seed, hyperparameters: str(folders.get(cell, tmp_path / "no")))
+    monkeypatch.setattr(E, "HYPERPARAMETERS", str(tmp_path / "h.tsv"))
+    E.choose()
+    assert "toys/sasrec/bce: chosen from 3 of 12 grid points" in capsys.readouterr().out
+    best = dict(pair.split("=") for pair in bce[5].split("/")[-1].split(","))
+    assert E.read_hyperparameters(str(tmp_path / "h.tsv")) == {
+        ("toys", "sasrec", "bce"): ["--lr", f"{float(best['lr']):g}", "--dim", best["dim"], "--layers",
+                                    best["layers"], "--heads", best["layers"]]}
+    assert "# 0.0300, 3 of 12" in (tmp_path / "h.tsv").read_text()
+
+
 def test_cells_sharing_a_configuration_train_once(monkeypatch):
     if not os.path.isfile(os.path.join(DATA_DIR, "Beauty.txt")):
         pytest.skip("Beauty.txt not found")
