@@ -82,6 +82,11 @@ def read_hyperparameters(path=HYPERPARAMETERS):
     return chosen
 
 
+def tuning_point(cell):
+    """The values of a tuning cell id: tune/beauty/sasrec/bce/lr=2e-4,dim=128,layers=2 -> {'lr': '2e-4', ...}."""
+    return dict(pair.split("=") for pair in cell.split("/")[-1].split(","))
+
+
 def cell_arguments(cell, hyperparameters):
     """The uniform_seqrec.py flags of a cell id such as table1/beauty/sasrec/uniform, table2/toys/c,
     table3/beauty/0.01 or tune/beauty/sasrec/bce/lr=2e-4,dim=128,layers=2."""
@@ -98,8 +103,8 @@ def cell_arguments(cell, hyperparameters):
         tuned = [f for i, f in enumerate(tuned) if "--beta" not in tuned[max(0, i - 1):i + 1]]  # drop --beta X
         return ["--data", dataset, "--model", "sasrec", "--loss", "uniform", *tuned, "--beta", rest[0]]
     if table == "tune":
-        model, loss, point = rest
-        values = dict(pair.split("=") for pair in point.split(","))
+        model, loss, _ = rest
+        values = tuning_point(cell)
         return ["--data", dataset, "--model", model, "--loss", loss, "--lr", values["lr"], "--dim", values["dim"],
                 "--layers", values["layers"], "--heads", values["layers"]]
     raise ValueError(f"unknown cell {cell}")

@@ -73,7 +73,7 @@ def test_choose_keeps_the_best_validation_point_and_says_how_many_ran(tmp_path, 
     scores = {bce[0]: 0.010, bce[5]: 0.030, bce[7]: 0.020}                 # 3 of 12 points of one cell finished
     folders = {}
     for i, (cell, ndcg) in enumerate(scores.items()):
-        values = dict(pair.split("=") for pair in cell.split("/")[-1].split(","))
+        values = E.tuning_point(cell)
         folders[cell] = tmp_path / f"run{i}"
         folders[cell].mkdir()
         config = {"lr": float(values["lr"]), "dim": int(values["dim"]), "layers": int(values["layers"]),
@@ -83,7 +83,7 @@ def test_choose_keeps_the_best_validation_point_and_says_how_many_ran(tmp_path, 
     monkeypatch.setattr(E, "HYPERPARAMETERS", str(tmp_path / "h.tsv"))
     E.choose()
     assert "toys/sasrec/bce: chosen from 3 of 12 grid points" in capsys.readouterr().out
-    best = dict(pair.split("=") for pair in bce[5].split("/")[-1].split(","))
+    best = E.tuning_point(bce[5])
     assert E.read_hyperparameters(str(tmp_path / "h.tsv")) == {
         ("toys", "sasrec", "bce"): ["--lr", f"{float(best['lr']):g}", "--dim", best["dim"], "--layers",
                                     best["layers"], "--heads", best["layers"]]}
