@@ -8,7 +8,7 @@
 #   DATASETS=beauty MODELS=sasrec ./run_all.sh table1      narrowed
 #
 # Resumable: a finished cell is skipped, an interrupted one resumes from its last epoch; just run it again.
-# Logs: runs/logs/<cell>-seed<seed>.log. After `tune`, `python experiments.py choose` rewrites
+# Logs: runs/logs/<cell>-seed<seed>.log. `tune` ends with `python experiments.py choose`, which rewrites
 # results/hyperparameters.tsv, the per-cell settings every table reads.
 set -euo pipefail
 cd "$(dirname "$0")"
