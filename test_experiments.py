@@ -132,13 +132,20 @@ def test_claims_compare_the_order_of_what_has_run(tmp_path, monkeypatch):
     # Table 2 on Beauty, three rows; the paper's NDCG@10 order of these is e (.0371) > a (.0278) > b (.0113)
     for row, ndcg in (("a", 0.030), ("b", 0.040), ("e", 0.020)):
         write_cell(tmp_path, f"table2/beauty/{row}", 1, 0.05, ndcg)
+    for beta, ndcg in (("0.1", 0.02), ("0.001", 0.03)):                      # paper: 0.1 .0358 > 0.001 .0168
+        write_cell(tmp_path, f"table3/beauty/{beta}", 1, 0.05, ndcg)
+    for beta, ndcg in (("0.1", 0.02), ("0.05", 0.03), ("0.01", 0.04), ("0.005", 0.01), ("0.001", 0.005)):
+        write_cell(tmp_path, f"table3/toys/{beta}", 1, 0.05, ndcg)
     for loss, ndcg in (("bce", 0.01), ("bpr", 0.03)):                       # paper: bpr .0140 > bce .0125
         write_cell(tmp_path, f"table1/toys/caser/{loss}", 1, 0.05, ndcg)
     lines = E.claims()
     assert "- Table 2 on beauty, rows run so far (a, b, e), by NDCG@10: ours b > a > e; paper e > a > b" in lines
     assert "  - caser on toys, losses run so far, by NDCG@10: ours bpr > bce; paper bpr > bce" in lines
     assert "holds in 0 of 0 complete backbone x dataset groups (none complete yet)" in lines[0]
-    assert "- Table 3 on toys: betas run so far: none" in lines
+    assert ("- Table 3 on beauty, betas run so far (0.1, 0.001), by NDCG@10: ours 0.001 > 0.1; "
+            "paper 0.1 > 0.001") in lines
+    assert ("- Table 3 on toys, NDCG@10 peaks at beta 0.01 (paper: 0.05); all betas, by NDCG@10: "
+            "ours 0.01 > 0.05 > 0.1 > 0.005 > 0.001; paper 0.05 > 0.1 > 0.01 > 0.005 > 0.001") in lines
 
 
 def test_results_page_lists_unfinished_runs_apart(tmp_path, monkeypatch):
