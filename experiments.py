@@ -293,6 +293,21 @@ def best_first(scores):
     return " > ".join(sorted((k for k, v in scores.items() if v is not None), key=scores.get, reverse=True))
 
 
+def order_against_paper(label, ours, paper, names, peak=None):
+    """One line of claims(): the entries of `ours` that have run (not None) ordered by NDCG@10, beside the paper's
+    order of the same entries. Once all have run and `peak` names the entries (e.g. "beta"), the line also says
+    which entry is best in ours and in the paper's."""
+    paper = {k: paper[k] for k in ours if ours[k] is not None}
+    if len(paper) < len(ours):
+        done = f"{names} run so far ({', '.join(paper) or 'none'})"
+    elif peak:
+        done = (f"NDCG@10 peaks at {peak} {max(ours, key=ours.get)} (paper: {max(paper, key=paper.get)}); "
+                f"all {names}")
+    else:
+        done = f"all {names}"
+    return f"- {label}, {done}, by NDCG@10: ours {best_first(ours) or '-'}; paper {best_first(paper) or '-'}"
+
+
 def claims():
     """Which of the paper's claims hold on the cells run so far (partial groups are compared on what has run)."""
     lines = []
@@ -315,19 +330,10 @@ def claims():
                  + (" (none complete yet)" if not verdicts else ""))
     lines += partial
     for column, d in enumerate(("beauty", "toys")):
-        scores = {row: mean_ndcg(f"table2/{d}/{row}") for row in ABLATIONS}
-        paper = {row: PAPER_TABLE2[row][column][1] for row in ABLATIONS if scores[row] is not None}
-        done = "all rows" if len(paper) == len(ABLATIONS) else f"rows run so far ({', '.join(sorted(paper)) or 'none'})"
-        lines.append(f"- Table 2 on {d}, {done}, by NDCG@10: ours {best_first(scores) or '-'}; "
-                     f"paper {best_first(paper) or '-'}")
-        betas = {b: mean_ndcg(f"table3/{d}/{b}") for b in BETAS}
-        paper = {b: PAPER_TABLE3[b][column][1] for b in BETAS if betas[b] is not None}
-        if len(paper) == len(BETAS):
-            done = f"NDCG@10 peaks at beta {max(betas, key=betas.get)} (paper: 0.05); all betas"
-        else:
-            done = f"betas run so far ({', '.join(paper) or 'none'})"
-        lines.append(f"- Table 3 on {d}, {done}, by NDCG@10: ours {best_first(betas) or '-'}; "
-                     f"paper {best_first(paper) or '-'}")
+        lines.append(order_against_paper(f"Table 2 on {d}", {row: mean_ndcg(f"table2/{d}/{row}") for row in ABLATIONS},
+                                         {row: PAPER_TABLE2[row][column][1] for row in ABLATIONS}, "rows"))
+        lines.append(order_against_paper(f"Table 3 on {d}", {b: mean_ndcg(f"table3/{d}/{b}") for b in BETAS},
+                                         {b: PAPER_TABLE3[b][column][1] for b in BETAS}, "betas", peak="beta"))
     return lines
 
 
