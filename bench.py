@@ -118,7 +118,8 @@ def train_steps(setup, device, model_name, loss, steps, length_groups):
     torch.manual_seed(0)
     model = U.build_model(model_name, num_items, 64, 2, 2, 0.5, 50, 5).to(device)
     optimizer = U.adam(model, 1e-3, device)
-    config = {"loss": loss, "beta": 0.05, "t": 2.0, "normalize": True, "rec": True, "hom": True, "het": True}
+    config = {"loss": loss, "beta": 0.05, "t": 2.0, "normalize": True, "rec": True, "hom": True, "het": True,
+              "infonce_negatives": None}
     generator = torch.Generator(device).manual_seed(0)
     order = torch.randperm(len(ends), device=device, generator=generator)[:256 * (steps + 3)]
     negatives = U.sample_negatives(users, keys, num_items, generator)
@@ -164,8 +165,8 @@ def bench_eval(setup, device, rows):
     batches = U.evaluation_batches(flat, starts, lengths, 50, "test")
     full = timed(lambda: U.evaluate(model, batches, normalize=True), device, repeats=3)
     with torch.no_grad():
-        history = torch.cat([torch.nn.functional.normalize(model.encode(h), dim=-1) for h, _ in batches])
-        targets = torch.cat([t for _, t in batches])
+        history = torch.cat([torch.nn.functional.normalize(model.encode(h), dim=-1) for h, _, _ in batches])
+        targets = torch.cat([t for _, _, t in batches])
         items = U.item_table(model, normalize=True)
 
     def lower_bound():

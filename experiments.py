@@ -20,6 +20,8 @@ import subprocess
 import sys
 import time
 
+import torch
+
 import uniform_seqrec as U
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -34,6 +36,9 @@ ABLATIONS = {  # Table 2: row -> (loss, flags); (a) is Table 1's SASRec + BCE ce
     "g": ("uniform", ["--no-normalize"]),
 }
 BETAS = ["0.1", "0.05", "0.01", "0.005", "0.001"]  # Table 3
+# Beyond the paper, on Beauty: InfoNCE with K negatives per history (1 is BPR, and the batch's 256 is Table 1's
+# InfoNCE cell), and Caser without the ReLU on its last layer (the variant that beats the paper's Caser).
+INFONCE_NEGATIVES = ["4", "16"]
 # The tuning grid: a stated subset of the paper's appendix B grid (lr x dim x layers = heads), beta fixed at 0.05
 # (Table 3 studies beta on its own). 12 runs per SASRec / GRU4Rec cell, 6 per Caser cell.
 TUNE_LR, TUNE_DIM, TUNE_LAYERS = ["1e-4", "2e-4", "3e-4"], ["64", "128"], ["1", "2"]
@@ -102,6 +107,10 @@ def cell_arguments(cell, hyperparameters):
         tuned = hyperparameters.get((dataset, "sasrec", "uniform"), [])
         tuned = [f for i, f in enumerate(tuned) if "--beta" not in tuned[max(0, i - 1):i + 1]]  # drop --beta X
         return ["--data", dataset, "--model", "sasrec", "--loss", "uniform", *tuned, "--beta", rest[0]]
+    if table == "infonce":
+        return [*cell_arguments(f"table1/{dataset}/sasrec/infonce", hyperparameters), "--infonce-negatives", rest[0]]
+    if table == "caser-none":
+        return [*cell_arguments(f"table1/{dataset}/caser/{rest[0]}", hyperparameters), "--caser-activation", "none"]
     if table == "tune":
         model, loss, _ = rest
         values = tuning_point(cell)
@@ -111,7 +120,8 @@ def cell_arguments(cell, hyperparameters):
 
 
 def cells(what, datasets, models):
-    """Cell ids of a table (table1, table2, table3, figure1, tune, all), narrowed to datasets and models."""
+    """Cell ids of a table (table1, table2, table3, figure1, infonce, caser-none, tune, all), narrowed to datasets
+    and models."""
     found = []
     if what in ("table1", "all"):
         found += [f"table1/{d}/{m}/{loss}" for d in datasets for m in models for loss in LOSSES]
@@ -121,6 +131,10 @@ def cells(what, datasets, models):
         found += [f"table3/{d}/{beta}" for d in datasets if d in ("beauty", "toys") for beta in BETAS]
     if what in ("figure1", "all") and "beauty" in datasets and "sasrec" in models:
         found += ["table2/beauty/a", "table2/beauty/b"]  # Figure 1 reads these two runs' per-epoch logs
+    if what in ("infonce", "all") and "beauty" in datasets and "sasrec" in models:
+        found += [f"infonce/beauty/{k}" for k in INFONCE_NEGATIVES]
+    if what in ("caser-none", "all") and "beauty" in datasets and "caser" in models:
+        found += [f"caser-none/beauty/{loss}" for loss in LOSSES]
     if what == "tune":
         for d in datasets:
             for m in models:
@@ -248,6 +262,110 @@ def choose():
         if finished[key] < points[key]:
             print(f"  {'/'.join(key)}: chosen from {finished[key]} of {points[key]} grid points; "
                   f"the rest have not finished")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Non-neural baselines on the paper's protocol: they say how hard each dataset is
+# ---------------------------------------------------------------------------------------------------------------
+# Both count only the training parts s[:n-2] (no validation or test item), and both are ranked exactly as the
+# models are: every item, ties against the target, nothing masked.
+
+BASELINES = os.path.join(RESULTS, "baselines.json")
+RECENT_ITEMS = 3                                   # the item-transition baseline looks at the last 3 items
+DECAYS = [0.0, 0.25, 0.5, 1.0]                     # weight of the k-th most recent item: decay ** k (0 ** 0 = 1)
+TIE_BREAK = 1e-3  # popularity / (max + 1) scaled below any difference of transition scores (multiples of 1/16)
+
+
+def training_part_items(flat, starts, lengths):
+    """The item ids of every user's training part s[:n-2], concatenated."""
+    users = torch.repeat_interleave(torch.arange(len(lengths)), lengths - 2)
+    first = torch.cumsum(lengths - 2, 0) - (lengths - 2)
+    return flat[starts[users] + torch.arange(len(users)) - first[users]]
+
+
+def item_popularity(flat, starts, lengths, num_items):
+    """(N + 1,) how often each item occurs in the training parts."""
+    return torch.bincount(training_part_items(flat, starts, lengths), minlength=num_items + 1).double()
+
+
+def item_transitions(flat, starts, lengths, num_items):
+    """Counts of b directly following a in a training part, as compressed rows: (row_starts (N + 2,), followers,
+    counts); the followers of item a are followers[row_starts[a]:row_starts[a + 1]]."""
+    ends, _, _ = U.training_examples(starts, lengths, 1)                    # (s[t-1], s[t]) for t = 1 .. n-3
+    pairs, counts = torch.unique(flat[ends - 1] * (num_items + 1) + flat[ends], return_counts=True)  # sorted
+    row_starts = torch.cat([torch.zeros(1, dtype=torch.long),
+                            torch.cumsum(torch.bincount(pairs // (num_items + 1), minlength=num_items + 1), 0)])
+    return row_starts, pairs % (num_items + 1), counts.double()
+
+
+def recent_items(histories, k):
+    """(B, T) right-padded -> (B, k): the most recent item first, 0 where the history is shorter."""
+    last = (histories > 0).sum(1, keepdim=True) - 1 - torch.arange(k)      # (B, k)
+    return torch.where(last >= 0, histories.gather(1, last.clamp(min=0)), 0)
+
+
+def transition_scores(histories, transitions, popularity, decay):
+    """(B, N + 1): sum over the last RECENT_ITEMS items a_k (k = 0 most recent) of decay^k * count(a_k -> item),
+    popularity breaking the ties (among them the items never seen after any recent item). Vectorised over the
+    followers of all recent items of the batch (padding, item 0, has none)."""
+    row_starts, followers, counts = transitions
+    recent = recent_items(histories, RECENT_ITEMS).flatten()                # (B K,)
+    weights = torch.tensor([decay ** k for k in range(RECENT_ITEMS)], dtype=torch.float64).repeat(len(histories))
+    first, number = row_starts[recent], row_starts[recent + 1] - row_starts[recent]  # (B K,) each
+    query = torch.repeat_interleave(torch.arange(len(recent)), number)      # one entry per (recent item, follower)
+    entry = first[query] + torch.arange(len(query)) - (torch.cumsum(number, 0) - number)[query]
+    row = query // RECENT_ITEMS                                             # the history it counts for
+    scores = TIE_BREAK * (popularity / (popularity.max() + 1)).repeat(len(histories), 1)  # (B, N + 1)
+    scores.view(-1).index_add_(0, row * scores.shape[1] + followers[entry], weights[query] * counts[entry])
+    return scores
+
+
+def baseline_metrics(score, flat, starts, lengths, split):
+    """HR and NDCG at 5, 10, 20 of a scoring function of (B, T) histories, ranked like the models."""
+    ranks = []
+    for histories, _, targets in U.evaluation_batches(flat, starts, lengths, 50, split):
+        scores = score(histories)
+        scores[:, 0] = float("-inf")                                        # padding is no item
+        ranks.append(U.rank_of_targets(scores, targets))
+    return U.metrics_from_ranks(torch.cat(ranks))
+
+
+def dataset_baselines(sequences):
+    """{'popularity': {valid, test}, 'transitions': {decay, valid, test, valid_by_decay}} for one dataset."""
+    flat, starts, lengths, num_items = U.load_sequences(sequences, "cpu")
+    popularity = item_popularity(flat, starts, lengths, num_items)
+    transitions = item_transitions(flat, starts, lengths, num_items)
+    by_popularity = lambda histories: popularity.expand(len(histories), -1).clone()
+    result = {"popularity": {split: baseline_metrics(by_popularity, flat, starts, lengths, split)
+                             for split in ("valid", "test")}}
+    valid = {decay: baseline_metrics(lambda h: transition_scores(h, transitions, popularity, decay), flat, starts,
+                                     lengths, "valid") for decay in DECAYS}
+    decay = max(DECAYS, key=lambda d: valid[d]["NDCG@10"])                  # chosen on validation NDCG@10
+    test = baseline_metrics(lambda h: transition_scores(h, transitions, popularity, decay), flat, starts, lengths,
+                            "test")
+    result["transitions"] = {"decay": decay, "valid": valid[decay], "test": test,
+                             "valid_by_decay": {str(d): v["NDCG@10"] for d, v in valid.items()}}
+    return result
+
+
+def baselines(path=None):
+    """Write results/baselines.json for every dataset whose file is present (seconds each, CPU)."""
+    found = {}
+    for dataset in DATASETS:
+        data_path = U.benchmark_path(dataset, U.default_data_dir())
+        if not os.path.isfile(data_path):
+            print(f"  {dataset}: {data_path} not found, skipped (python data_prep.py {dataset})")
+            continue
+        started = time.time()
+        found[dataset] = dataset_baselines(U.read_sequences(data_path))
+        found[dataset]["seconds"] = round(time.time() - started, 1)
+        print(f"  {dataset}: popularity test NDCG@10 {found[dataset]['popularity']['test']['NDCG@10']:.4f}, "
+              f"item transitions {found[dataset]['transitions']['test']['NDCG@10']:.4f} "
+              f"(decay {found[dataset]['transitions']['decay']:g}), {found[dataset]['seconds']:.0f} s")
+    with open(path or BASELINES, "w") as f:
+        json.dump(found, f, indent=1)
+        f.write("\n")
+    print(f"wrote {path or BASELINES}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -470,7 +588,8 @@ def main(argv=None):
     parser = U.OneLineErrorParser(prog="experiments.py", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     listing = commands.add_parser("list", help="print cell ids, one per line (seeds as a second field)")
-    listing.add_argument("what", choices=["table1", "table2", "table3", "figure1", "tune", "all"])
+    listing.add_argument("what", choices=["table1", "table2", "table3", "figure1", "infonce", "caser-none", "tune",
+                                          "all"])
     listing.add_argument("--datasets", default=",".join(DATASETS))
     listing.add_argument("--models", default=",".join(MODELS))
     listing.add_argument("--seeds", type=int, default=1)

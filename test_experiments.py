@@ -1,6 +1,8 @@
 """Tests of experiments.py: the cells of the paper's tables, and the results page built from recorded cells."""
 import json
+import math
 import os
+import random
 import shutil
 import subprocess
 
@@ -214,3 +216,47 @@ def test_figure1_falls_back_to_an_unfinished_run_folder(tmp_path, monkeypatch):
     data = json.loads((tmp_path / "figure1.json").read_text())
     assert data["validation_ndcg10"] == {"normalized BCE": [0.01, 0.02]}   # row (a) has no run at all
     assert data["finished"] == {"normalized BCE": False}
+
+
+def brute_force_baseline(sequences, split, decay):
+    """Popularity and item-transition metrics by loops over users and items (HR@k, NDCG@k for k = 5, 10)."""
+    num_items = max(max(s) for s in sequences)
+    popularity, follows = [0] * (num_items + 1), {}
+    for s in sequences:
+        part = s[:-2]                                                       # training part only
+        for item in part:
+            popularity[item] += 1
+        for a, b in zip(part, part[1:]):
+            follows[a, b] = follows.get((a, b), 0) + 1
+    results = {}
+    for name in ("popularity", "transitions"):
+        hits, gains = {5: [], 10: []}, {5: [], 10: []}
+        for s in sequences:
+            cut = 2 if split == "valid" else 1
+            history, target = s[:len(s) - cut], s[len(s) - cut]
+            recent = history[::-1][:3]
+            def score(item):
+                tie = 1e-3 * popularity[item] / (max(popularity) + 1)
+                if name == "popularity":
+                    return popularity[item]
+                return sum(decay ** k * follows.get((a, item), 0) for k, a in enumerate(recent)) + tie
+            rank = sum(1 for item in range(1, num_items + 1) if item != target and score(item) >= score(target))
+            for k in (5, 10):
+                hits[k].append(rank < k)
+                gains[k].append(1 / math.log2(rank + 2) if rank < k else 0)
+        results[name] = {f"{m}@{k}": sum(v[k]) / len(v[k]) for m, v in (("HR", hits), ("NDCG", gains)) for k in (5, 10)}
+    return results
+
+
+def test_baselines_match_brute_force():
+    g = random.Random(0)
+    sequences = [[g.randint(1, 12) for _ in range(g.randint(5, 9))] for _ in range(40)]
+    sequences = [list(dict.fromkeys(s)) for s in sequences]                 # no repeats, as on Amazon
+    sequences = [s for s in sequences if len(s) >= 5]
+    found = E.dataset_baselines(sequences)
+    for split in ("valid", "test"):
+        expected = brute_force_baseline(sequences, split, found["transitions"]["decay"])
+        for name in ("popularity", "transitions"):
+            for key, value in expected[name].items():
+                assert found[name][split][key] == pytest.approx(value), (split, name, key)
+    assert found["transitions"]["valid"]["NDCG@10"] == max(found["transitions"]["valid_by_decay"].values())

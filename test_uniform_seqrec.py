@@ -98,6 +98,45 @@ def test_infonce_matches_loop_and_drops_the_positive_among_negatives():
     assert gradients(U.infonce_loss(pos, neg, same), (neg,))[0][0, 3] == 0   # a masked candidate gets no gradient
 
 
+def infonce_config(k):
+    return {"loss": "infonce", "infonce_negatives": k}
+
+
+def test_infonce_with_one_negative_is_bpr():
+    model = U.SASRec(20, dim=8, layers=1, heads=1).double()
+    h = vectors(6, 8, seed=21)
+    positives, negatives = torch.tensor([1, 2, 3, 4, 5, 6]), torch.tensor([7, 8, 9, 10, 11, 3])
+    one = U.batch_loss(model, h, positives, negatives, infonce_config(1))
+    bpr = U.batch_loss(model, h, positives, negatives, {"loss": "bpr"})
+    assert torch.allclose(one, bpr, rtol=1e-12)
+    for ga, gb in zip(gradients(one, (h, model.items.weight)), gradients(bpr, (h, model.items.weight))):
+        assert torch.allclose(ga, gb, rtol=1e-10, atol=1e-14)
+
+
+def test_infonce_with_k_negatives_matches_loop():
+    """Each history b sees the negatives of batch slots b, b+1, ..., b+K-1 (cyclically); one equal to its positive
+    is dropped."""
+    model = U.SASRec(20, dim=8, layers=1, heads=1).double()
+    h = vectors(6, 8, seed=22)
+    positives, negatives = torch.tensor([1, 2, 3, 4, 5, 6]), torch.tensor([7, 8, 1, 10, 11, 12])  # slot 2's is 0's
+    table = model.items.weight
+    for k in (2, 3, 5):
+        loss = U.batch_loss(model, h, positives, negatives, infonce_config(k))
+        slow = 0
+        for b in range(6):
+            slots = [(b + o) % 6 for o in range(k)]
+            candidates = [h[b] @ table[positives[b]]] + [h[b] @ table[negatives[j]] for j in slots
+                                                         if negatives[j] != positives[b]]
+            slow = slow - (candidates[0] - torch.log(sum(torch.exp(c) for c in candidates)))
+        assert torch.allclose(loss, slow)
+    everything = U.batch_loss(model, h, positives, negatives, infonce_config(None))   # h @ n.T, all B
+    chosen = U.infonce_candidates(6, 6, "cpu")                                           # all B, rotated
+    n = table[negatives]
+    rotated = U.infonce_loss((h * table[positives]).sum(-1), (h[:, None] * n[chosen]).sum(-1),
+                             positives[:, None] == negatives[chosen])
+    assert torch.allclose(rotated, everything)
+
+
 @pytest.mark.parametrize("flags", [{}, {"normalize": False}, {"rec": False}, {"hom": False}, {"het": False},
                                    {"hom": False, "het": False}])
 def test_uniformity_loss_matches_loop(flags):
@@ -169,7 +208,10 @@ class FixedScorer(torch.nn.Module):
         self.history_table = torch.nn.Parameter(history_table)
         self.items = torch.nn.Embedding.from_pretrained(item_table)
 
-    def encode(self, histories):
+    def output_items(self):
+        return self.items
+
+    def encode(self, histories, users=None):
         return self.history_table[U.last_real_state(histories[:, :, None].float(), histories)[:, 0].long()]
 
 
@@ -205,7 +247,7 @@ def test_metrics_match_brute_force(mask_seen, normalize):
     width = max(map(len, histories))
     padded = torch.tensor([h + [0] * (width - len(h)) for h in histories])
     model = FixedScorer(history_table, items)
-    batches = [(padded[:17], targets[:17]), (padded[17:], targets[17:])]
+    batches = [(padded[:17], None, targets[:17]), (padded[17:], None, targets[17:])]
     result = U.evaluate(model, batches, normalize=normalize, mask_seen=mask_seen)
     h = model.encode(padded)
     table = U.item_table(model, normalize)
@@ -220,14 +262,14 @@ def test_constant_scorer_scores_zero_and_perfect_scorer_scores_one():
     histories = torch.tensor([[1, 2], [3, 0], [4, 5]])
     targets = torch.tensor([7, 8, 9])
     constant = FixedScorer(torch.ones(num_items + 1, 3), torch.ones(num_items + 1, 3))
-    result = U.evaluate(constant, [(histories, targets)], normalize=False)
+    result = U.evaluate(constant, [(histories, None, targets)], normalize=False)
     assert all(v == 0 for v in result.values())
     # history vector of the user = one-hot of its target; items one-hot: the target alone scores 1
     one_hot = torch.eye(num_items + 1)
     history_table = torch.zeros(num_items + 1, num_items + 1)
     history_table[2], history_table[3], history_table[5] = one_hot[7], one_hot[8], one_hot[9]
     perfect = FixedScorer(history_table, one_hot)
-    result = U.evaluate(perfect, [(histories, targets)], normalize=True)
+    result = U.evaluate(perfect, [(histories, None, targets)], normalize=True)
     assert result["HR@5"] == result["NDCG@5"] == result["NDCG@20"] == 1.0
 
 
@@ -236,7 +278,7 @@ def test_mask_seen_makes_a_repeated_target_unreachable():
     history_table = torch.zeros(6, 6)
     history_table[2] = one_hot[2]                                             # user's vector points at item 2
     model = FixedScorer(history_table, one_hot)
-    batch = [(torch.tensor([[1, 2]]), torch.tensor([2]))]                     # target 2 is also in the history
+    batch = [(torch.tensor([[1, 2]]), None, torch.tensor([2]))]                     # target 2 is also in the history
     assert U.evaluate(model, batch, normalize=False)["HR@5"] == 1.0
     assert U.evaluate(model, batch, normalize=False, mask_seen=True)["HR@20"] == 0.0
 
@@ -246,7 +288,7 @@ def test_non_finite_scores_are_an_error_not_a_hit():
     table[4, 0] = float("nan")
     model = FixedScorer(torch.ones(6, 3), table)
     with pytest.raises(FloatingPointError):
-        U.evaluate(model, [(torch.tensor([[1, 2]]), torch.tensor([4]))], normalize=False)
+        U.evaluate(model, [(torch.tensor([[1, 2]]), None, torch.tensor([4]))], normalize=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -292,7 +334,7 @@ def test_evaluation_histories_are_the_leave_one_out_ones():
     sequences = toy_sequences()
     flat, starts, lengths, _ = U.load_sequences(sequences, "cpu")
     for split, cut in (("valid", 2), ("test", 1)):
-        ((histories, targets),) = U.evaluation_batches(flat, starts, lengths, 50, split, batch_size=10_000)
+        ((histories, users, targets),) = U.evaluation_batches(flat, starts, lengths, 50, split, batch_size=10_000)
         produced = sorted((tuple(h[h > 0].tolist()), int(t)) for h, t in zip(histories, targets))
         expected = sorted((tuple(s[:len(s) - cut][-50:]), s[len(s) - cut]) for s in sequences)
         assert produced == expected
@@ -415,6 +457,63 @@ def test_caser_reads_only_its_last_window():
     assert torch.allclose(a, b, atol=1e-6) and not torch.allclose(a, c)
 
 
+def caser_variant(activation="relu", num_users=0, output_table=False, num_items=50):
+    torch.manual_seed(0)
+    return U.build_model("caser", num_items, dim=16, layers=1, heads=2, dropout=0.5, max_len=20, caser_window=4,
+                         caser_activation=activation, num_users=num_users, caser_output_table=output_table).eval()
+
+
+def test_caser_switches_change_what_they_say():
+    histories, users = torch.tensor([[1, 2, 3], [4, 5, 0], [6, 0, 0]]), torch.tensor([0, 1, 2])
+    with torch.no_grad():
+        relu, none = caser_variant("relu").encode(histories), caser_variant("none").encode(histories)
+        assert (relu >= 0).all() and (none < 0).any()                       # ReLU on the last layer, or not
+        with_users = caser_variant(num_users=3)
+        a = with_users.encode(histories, users=users)
+        b = with_users.encode(histories, users=torch.tensor([1, 1, 1]))
+        assert torch.allclose(a[1], b[1]) and not torch.allclose(a[0], b[0])  # the user changes the vector
+    own = caser_variant(output_table=True)
+    plain = caser_variant()
+    assert own.output_items() is not own.items and plain.output_items() is plain.items
+    config = {"loss": "bce"}
+    loss = U.batch_loss(own, own.encode(histories), torch.tensor([7, 8, 9]), torch.tensor([10, 11, 12]), config)
+    loss.backward()
+    assert own.scored_items.weight.grad[7:13].abs().sum() > 0              # scoring reads the output table
+    assert own.items.weight.grad[7:13].abs().sum() == 0                     # not the input table
+
+
+def test_evaluation_scores_with_the_output_table_and_reads_users():
+    sequences = [[1, 2, 3, 4, 5], [6, 7, 8, 9], [2, 4, 6, 8, 10], [3, 5, 7], [11, 13, 40], [41, 42, 43, 44, 45]]
+    model = caser_variant(num_users=6, output_table=True)
+    flat, starts, lengths, _ = U.load_sequences(sequences, "cpu")
+    batches = U.evaluation_batches(flat, starts, lengths, 20, "test")
+    result = U.evaluate(model, batches, normalize=True)
+    (histories, users, targets), = batches
+    with torch.no_grad():
+        h = torch.nn.functional.normalize(model.encode(histories, users=users), dim=-1)
+        scores = h @ torch.nn.functional.normalize(model.scored_items.weight, dim=-1).T
+    scores[:, 0] = float("-inf")
+    for k in (5, 10, 20):
+        hr, ndcg = brute_force_metrics(scores, targets.tolist(), histories.tolist(), False, k)
+        assert result[f"HR@{k}"] == pytest.approx(hr) and result[f"NDCG@{k}"] == pytest.approx(ndcg)
+
+
+def test_alignment_is_the_mean_squared_distance_of_normalized_training_pairs():
+    sequences = [[1, 2, 3, 4, 5, 6], [7, 8, 9, 10], [2, 4, 6, 8, 10, 12, 14]]
+    flat, starts, lengths, num_items = U.load_sequences(sequences, "cpu")
+    model = make_model("sasrec", num_items=14)
+    sample = U.statistics_sample(flat, starts, lengths, num_items, 20)
+    expected_pairs = sorted((tuple(s[:t]), s[t]) for s in sequences for t in range(1, len(s) - 2))
+    pairs = sorted((tuple(h[h > 0].tolist()), int(p)) for h, p in zip(sample["pair_histories"], sample["positives"]))
+    assert pairs == expected_pairs                                          # training pairs only, all of them here
+    with torch.no_grad():
+        total = 0.0
+        for history, positive in expected_pairs:
+            h = model.encode(torch.tensor([history]))[0]
+            total += ((h / h.norm() - model.items.weight[positive] / model.items.weight[positive].norm()) ** 2).sum()
+    assert U.embedding_statistics(model, sample)["alignment"] == pytest.approx(total.item() / len(pairs), rel=1e-5)
+
+
 def test_dropout_drops_at_rate_p_keeps_the_mean_and_is_off_in_eval():
     torch.manual_seed(0)
     dropout, x = U.Dropout(0.3), torch.ones(200_000)
@@ -434,7 +533,8 @@ def test_every_backbone_and_loss_learns(name, loss):
     torch.manual_seed(0)
     model = U.build_model(name, 40, dim=16, layers=1, heads=2, dropout=0.0, max_len=10, caser_window=3)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    config = {"loss": loss, "beta": 0.05, "t": 2.0, "normalize": True, "rec": True, "hom": True, "het": True}
+    config = {"loss": loss, "beta": 0.05, "t": 2.0, "normalize": True, "rec": True, "hom": True, "het": True,
+              "infonce_negatives": None}
     histories = torch.randint(1, 41, (32, 6))
     positives = histories[:, -1] % 40 + 1                                    # a learnable rule: next = last + 1
     negatives = torch.randint(1, 41, (32,))
@@ -479,3 +579,43 @@ def test_real_beauty_split_sizes():
     ends, _, _ = U.training_examples(starts, lengths, 50)
     assert (len(sequences), num_items) == (22_363, 12_101)
     assert len(ends) == 198_502 - 3 * 22_363                                  # n - 3 examples per user
+
+
+def configured(tmp_path, *args):
+    (tmp_path / "Beauty.txt").touch()                                        # configure() checks only that it exists
+    return U.configure(["--data", "beauty", "--data-dir", str(tmp_path), *args])
+
+
+def test_flags_added_later_leave_earlier_run_folders_where_they_were(tmp_path):
+    """Folder names of recorded and running cells (results/cells/*.json) from before --infonce-negatives and the
+    Caser switches existed: a flag at its default must not move them."""
+    setting = ["--lr", "1e-3", "--dim", "64", "--layers", "2", "--heads", "2", "--seed", "1"]
+    assert configured(tmp_path, "--loss", "infonce", *setting)[1] == "runs/beauty-sasrec-infonce-b589e956"
+    assert configured(tmp_path, "--loss", "uniform", *setting, "--beta", "0.05")[1] == (
+        "runs/beauty-sasrec-uniform-cf8b73ff")
+    assert configured(tmp_path, "--loss", "uniform", *setting, "--beta", "0.05", "--no-normalize")[1] == (
+        "runs/beauty-sasrec-uniform-90c8fafd")
+    whole_batch = configured(tmp_path, "--loss", "infonce", *setting, "--infonce-negatives", "256")
+    assert whole_batch[1] == "runs/beauty-sasrec-infonce-b589e956" and whole_batch[0]["infonce_negatives"] is None
+    assert configured(tmp_path, "--loss", "infonce", *setting, "--infonce-negatives", "16")[1] != whole_batch[1]
+
+
+def test_each_backbone_defaults_to_its_originals_depth(tmp_path):
+    assert configured(tmp_path, "--model", "sasrec")[0]["layers"] == 2
+    assert configured(tmp_path, "--model", "gru4rec")[0]["layers"] == 1
+    assert configured(tmp_path, "--model", "gru4rec", "--layers", "2")[0]["layers"] == 2
+    caser = configured(tmp_path, "--model", "caser")[0]
+    assert caser["caser_activation"] == "relu" and not caser["caser_users"] and not caser["caser_output_table"]
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--model", "sasrec", "--caser-users"], "--caser-users only applies to --model caser"),
+    (["--model", "gru4rec", "--caser-activation", "none"], "--caser-activation only applies to --model caser"),
+    (["--loss", "bpr", "--infonce-negatives", "4"], "--infonce-negatives only applies to --loss infonce"),
+    (["--loss", "infonce", "--infonce-negatives", "0"], "--infonce-negatives must be positive (got 0)"),
+])
+def test_flags_of_one_backbone_or_loss_are_refused_elsewhere(tmp_path, capsys, args, expected):
+    (tmp_path / "Beauty.txt").write_text("1 1 2 3\n")
+    code = U.main(["--data", "beauty", "--data-dir", str(tmp_path), "--out", str(tmp_path / "run"), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and expected in err and not (tmp_path / "run").exists()

@@ -116,7 +116,9 @@ class Backbone(nn.Module):
     """The contract: `items` is the (N + 1, d) item table (row 0 padding, kept at zero); `encode(histories)`
     maps (B, T) right-padded item ids to (B, d) history vectors. Padding never changes a real output.
     `encode(histories, embedded)` takes the (B, T, d) item vectors of `histories` when the caller looked them up
-    already (training looks up all of a batch's groups at once: one gradient of the whole table, not one per group)."""
+    already (training looks up all of a batch's groups at once: one gradient of the whole table, not one per group).
+    `users` (B,) are the histories' user ids, read only by a Caser with a user embedding. `output_items()` is the
+    table items are scored with: the input table, except for a Caser with a table of its own."""
 
     def __init__(self, num_items, dim):
         super().__init__()
@@ -127,6 +129,9 @@ class Backbone(nn.Module):
 
     def embed(self, histories, embedded=None):
         return self.items(histories) if embedded is None else embedded
+
+    def output_items(self):
+        return self.items
 
 
 class Dropout(nn.Module):
@@ -161,23 +166,40 @@ class GRU4Rec(Backbone):
     def sequence_states(self, histories, embedded=None):                   # (B, T) -> (B, T, d)
         return self.gru(self.dropout(self.embed(histories, embedded)))[0]
 
-    def encode(self, histories, embedded=None):
+    def encode(self, histories, embedded=None, users=None):
         return last_real_state(self.sequence_states(histories, embedded), histories)
 
 
 class Caser(Backbone):
     """Tang & Wang: the last L item vectors as an L x d "image"; vertical convolutions (L x 1) and horizontal
-    ones (h x d for h = 1..L, max-pooled over time); dropout; one fully connected layer to d. The user embedding
-    of the original is left out (the paper scores histories), and the last layer has no activation so that
-    history vectors can point anywhere on the sphere."""
+    ones (h x d for h = 1..L, max-pooled over time); dropout; one fully connected layer to d. By default (see
+    CASER_DEFAULTS) the last layer has the original's ReLU. Three switches undo the original's choices, for the
+    comparison in the README: activation "none" lets history vectors point anywhere on the sphere; `num_users` > 0
+    adds the original's user embedding, joined to the convolutions' output by a second layer (RecBole's form, so
+    that history vectors stay d-wide); `output_table` scores items with a table of their own, as the original does
+    (its W2), instead of the input table."""
 
-    def __init__(self, num_items, dim=64, dropout=0.5, window=5, vertical=4, horizontal=16):
+    def __init__(self, num_items, dim=64, dropout=0.5, window=5, vertical=4, horizontal=16, activation="relu",
+                 num_users=0, output_table=False):
         super().__init__(num_items, dim)
         self.window = window
         self.vertical = nn.Conv2d(1, vertical, (window, 1))
         self.horizontal = nn.ModuleList(nn.Conv2d(1, horizontal, (h, dim)) for h in range(1, window + 1))
         self.dropout = Dropout(dropout)
         self.project = nn.Linear(vertical * dim + horizontal * window, dim)
+        self.activation = nn.ReLU() if activation == "relu" else nn.Identity()
+        if num_users:
+            self.users = nn.Embedding(num_users, dim)
+            nn.init.normal_(self.users.weight, std=EMBEDDING_INIT_STD)
+            self.join_user = nn.Linear(2 * dim, dim)
+        if output_table:
+            self.scored_items = nn.Embedding(num_items + 1, dim, padding_idx=0)
+            nn.init.normal_(self.scored_items.weight, std=EMBEDDING_INIT_STD)
+            with torch.no_grad():
+                self.scored_items.weight[0].zero_()
+
+    def output_items(self):
+        return self.scored_items if hasattr(self, "scored_items") else self.items
 
     def last_items(self, histories):
         """(B, T) right-padded -> (B, L) the last L items, left-padded with 0 when the history is shorter."""
@@ -185,11 +207,14 @@ class Caser(Backbone):
         index = lengths - self.window + torch.arange(self.window, device=histories.device)  # (B, L)
         return torch.where(index >= 0, histories.gather(1, index.clamp(min=0)), 0)
 
-    def encode(self, histories, embedded=None):                            # Caser looks up its last L items itself
+    def encode(self, histories, embedded=None, users=None):               # Caser looks up its last L items itself
         image = self.items(self.last_items(histories)).unsqueeze(1)        # (B, 1, L, d)
         vertical = self.vertical(image).flatten(1)                         # (B, nv * d)
         horizontal = [F.relu(conv(image)).squeeze(3).amax(2) for conv in self.horizontal]  # L x (B, nh)
-        return self.project(self.dropout(torch.cat([vertical, *horizontal], 1)))  # (B, d)
+        z = self.activation(self.project(self.dropout(torch.cat([vertical, *horizontal], 1))))  # (B, d)
+        if hasattr(self, "users"):
+            z = self.activation(self.join_user(torch.cat([z, self.users(users)], 1)))  # (B, 2d) -> (B, d)
+        return z
 
 
 class CausalSelfAttention(nn.Module):
@@ -253,15 +278,17 @@ class SASRec(Backbone):
             x = block(x)
         return self.final_norm(x)
 
-    def encode(self, histories, embedded=None):
+    def encode(self, histories, embedded=None, users=None):
         return last_real_state(self.sequence_states(histories, embedded), histories)
 
 
-def build_model(model, num_items, dim, layers, heads, dropout, max_len, caser_window):
+def build_model(model, num_items, dim, layers, heads, dropout, max_len, caser_window, caser_activation="relu",
+                num_users=0, caser_output_table=False):
     if model == "gru4rec":
         return GRU4Rec(num_items, dim, layers, dropout)
     if model == "caser":
-        return Caser(num_items, dim, dropout, window=caser_window)
+        return Caser(num_items, dim, dropout, window=caser_window, activation=caser_activation, num_users=num_users,
+                     output_table=caser_output_table)
     return SASRec(num_items, dim, layers, heads, dropout, max_len)
 
 
@@ -282,10 +309,11 @@ def bpr_loss(positive_scores, negative_scores):
 
 
 def infonce_loss(positive_scores, negative_scores, same_item):
-    """InfoNCE (van den Oord et al.), temperature 1: each history's positive against all B negatives of the batch.
-    positive_scores (B,); negative_scores (B, B), [b, j] = history b . negative j; same_item (B, B) bool, True
-    where negative j is history b's positive (that candidate is dropped)."""
-    logits = torch.cat([positive_scores[:, None], negative_scores.masked_fill(same_item, float("-inf"))], 1)  # (B, 1+B)
+    """InfoNCE (van den Oord et al.), temperature 1: each history's positive against its K negatives.
+    positive_scores (B,); negative_scores (B, K), [b, k] = history b . its k-th negative; same_item (B, K) bool,
+    True where that negative is history b's positive (the candidate is dropped). With K = 1 this is BPR:
+    -log(e^p / (e^p + e^n)) = -log sigmoid(p - n)."""
+    logits = torch.cat([positive_scores[:, None], negative_scores.masked_fill(same_item, float("-inf"))], 1)  # (B, 1+K)
     return -torch.log_softmax(logits, 1)[:, 0].sum()
 
 
@@ -319,9 +347,15 @@ def uniformity_loss(history, positives, negatives, beta=0.05, t=2.0, *, normaliz
     return loss
 
 
+def infonce_candidates(batch_size, k, device):
+    """(B, K) batch slots of each history's InfoNCE negatives: its own, then the next K - 1 (cyclically). The batch
+    is in random order, so these are K random negatives of the batch."""
+    return (torch.arange(batch_size, device=device)[:, None] + torch.arange(k, device=device)) % batch_size
+
+
 def batch_loss(model, h, positives, negatives, config):
     """The configured loss of one batch of triplets: history vectors h (B, d), item ids positives, negatives (B,)."""
-    p, n = model.items(torch.cat([positives, negatives])).chunk(2)          # (B, d) each; one lookup, one gradient
+    p, n = model.output_items()(torch.cat([positives, negatives])).chunk(2)  # (B, d) each; one lookup, one gradient
     if config["loss"] == "uniform":
         return uniformity_loss(h, p, n, config["beta"], config["t"], normalize=config["normalize"],
                                rec=config["rec"], hom=config["hom"], het=config["het"])
@@ -330,7 +364,11 @@ def batch_loss(model, h, positives, negatives, config):
         return bce_loss(positive_scores, negative_scores)
     if config["loss"] == "bpr":
         return bpr_loss(positive_scores, negative_scores)
-    return infonce_loss(positive_scores, h @ n.T, positives[:, None] == negatives[None, :])
+    k = config["infonce_negatives"]
+    if k is None or k >= len(h):                                            # all B negatives of the batch
+        return infonce_loss(positive_scores, h @ n.T, positives[:, None] == negatives[None, :])
+    chosen = infonce_candidates(len(h), k, h.device)                        # (B, K)
+    return infonce_loss(positive_scores, (h[:, None, :] * n[chosen]).sum(-1), positives[:, None] == negatives[chosen])
 
 
 def scores_normalized(config):
@@ -361,18 +399,19 @@ def metrics_from_ranks(ranks, ks=(5, 10, 20)):
 
 
 def evaluation_batches(flat, starts, lengths, max_len, split, batch_size=1024):
-    """The fixed (histories, targets) batches of one split; users sorted by history length so each pads little."""
+    """The fixed (histories, users, targets) batches of one split; users sorted by history length so each pads
+    little."""
     ends, history_lengths = evaluation_examples(starts, lengths, max_len, split)
-    order = torch.argsort(history_lengths, stable=True)
+    order = torch.argsort(history_lengths, stable=True)                    # user ids, shortest history first
     batches = []
-    for chunk in order.split(batch_size):
-        width = int(history_lengths[chunk].max())
-        batches.append((gather_histories(flat, ends[chunk], history_lengths[chunk], width), flat[ends[chunk]]))
+    for users in order.split(batch_size):
+        width = int(history_lengths[users].max())
+        batches.append((gather_histories(flat, ends[users], history_lengths[users], width), users, flat[ends[users]]))
     return batches
 
 
 def item_table(model, normalize):
-    table = model.items.weight                                              # (N + 1, d)
+    table = model.output_items().weight                                     # (N + 1, d)
     return F.normalize(table, dim=-1) if normalize else table
 
 
@@ -384,8 +423,8 @@ def evaluate(model, batches, normalize, mask_seen=False):
     model.eval()
     items = item_table(model, normalize)
     ranks, all_finite = [], True
-    for histories, targets in batches:
-        h = model.encode(histories)                                         # (B, d)
+    for histories, users, targets in batches:
+        h = model.encode(histories, users=users)                            # (B, d)
         scores = (F.normalize(h, dim=-1) if normalize else h) @ items.T     # (B, N + 1)
         all_finite = all_finite & torch.isfinite(scores[:, 1:].sum(1)).all()  # a row sum is finite iff every score is
         scores[:, 0] = float("-inf")                                        # padding is no item
@@ -399,19 +438,25 @@ def evaluate(model, batches, normalize, mask_seen=False):
 
 
 @torch.no_grad()
-def embedding_statistics(model, histories, item_ids, bins=40):
-    """For Figure 1: on a fixed sample, pairwise cosine similarities of history vectors and of item vectors
-    (mean and histogram over [-1, 1]) and the uniformity of Wang & Isola, log mean_{x<y} exp(-2 ||x - y||^2)."""
+def embedding_statistics(model, sample, bins=40):
+    """On the fixed sample of statistics_sample(), in Wang & Isola's terms: the pairwise cosine similarities of
+    history vectors and of item vectors (mean and histogram over [-1, 1], Figure 1), their uniformity
+    log mean_{x<y} exp(-2 ||x - y||^2), and the alignment mean ||h - i||^2 of normalized training pairs (history,
+    its positive). Lower is better for both: aligned pairs, uniformly spread vectors."""
     was_training = model.training
     model.eval()
     result = {}
-    for name, vectors in (("history", model.encode(histories)), ("item", model.items(item_ids))):
+    histories = model.encode(sample["histories"], users=sample["users"])   # (S, d)
+    for name, vectors in (("history", histories), ("item", model.output_items()(sample["items"]))):
         unit = F.normalize(vectors, dim=-1)
         upper = torch.triu_indices(len(unit), len(unit), 1, device=unit.device)
         cosines = (unit @ unit.T)[upper[0], upper[1]]
         result[f"{name}_mean_cosine"] = cosines.mean().item()
         result[f"{name}_uniformity"] = torch.log(torch.exp(-2 * (2 - 2 * cosines)).mean()).item()
         result[f"{name}_cosine_histogram"] = torch.histc(cosines.float(), bins, -1, 1).long().tolist()
+    h = F.normalize(model.encode(sample["pair_histories"], users=sample["pair_users"]), dim=-1)  # (S, d)
+    p = F.normalize(model.output_items()(sample["positives"]), dim=-1)     # (S, d)
+    result["alignment"] = (h - p).square().sum(-1).mean().item()
     model.train(was_training)
     return result
 
@@ -446,14 +491,14 @@ def epoch_batches(order, history_lengths, batch_size, groups):
     return [(b, s, [next(widths) for _ in s]) for b, s in zip(batches, sizes)]
 
 
-def encode_batch(model, flat, ends, history_lengths, sizes, widths):
+def encode_batch(model, flat, ends, history_lengths, sizes, widths, users=None):
     """History vectors (B, d) of a length-sorted batch, one padded group at a time. The item vectors of all groups
     come from one lookup: each lookup's gradient is a whole (N + 1, d) table, so one per group would cost more than
-    the groups' own arithmetic on Beauty."""
+    the groups' own arithmetic on Beauty. (Only Caser reads `users`, and it always runs as one group.)"""
     groups = zip(ends.split(sizes), history_lengths.split(sizes), widths)
     histories = [gather_histories(flat, e, n, w) for e, n, w in groups]
     if len(histories) == 1:
-        return model.encode(histories[0])
+        return model.encode(histories[0], users=users)
     vectors = model.items(torch.cat([h.flatten() for h in histories])).split([h.numel() for h in histories])
     return torch.cat([model.encode(h, v.view(*h.shape, -1)) for h, v in zip(histories, vectors)])
 
@@ -470,7 +515,7 @@ def train_epoch(model, optimizer, data, config, epoch):
     batches = epoch_batches(order, history_lengths, config["batch_size"], config["length_groups"])
     losses = torch.zeros(len(batches), device=device)
     for step, (batch, sizes, widths) in enumerate(batches):
-        history = encode_batch(model, flat, ends[batch], history_lengths[batch], sizes, widths)  # (B, d)
+        history = encode_batch(model, flat, ends[batch], history_lengths[batch], sizes, widths, users[batch])  # (B, d)
         loss = batch_loss(model, history, flat[ends[batch]], negatives[batch], config)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -508,12 +553,18 @@ def training_data(flat, starts, lengths, num_items, max_len):
     return flat, ends, history_lengths, users, keys, num_items
 
 
-def figure_sample(flat, starts, lengths, num_items, max_len, size=1000):
-    """A fixed sample (seed 0) of validation histories and item ids for the embedding statistics of Figure 1."""
+def statistics_sample(flat, starts, lengths, num_items, max_len, size=1000):
+    """A fixed sample (seed 0) for embedding_statistics(): validation histories of `size` users, `size` item ids,
+    and `size` training pairs (history, positive)."""
     generator = torch.Generator().manual_seed(0)
     users = torch.randperm(len(lengths), generator=generator)[:size].to(flat.device)
     histories = gather_histories(flat, *evaluation_examples(starts[users], lengths[users], max_len, "valid"), max_len)
-    return histories, (torch.randperm(num_items, generator=generator)[:size] + 1).to(flat.device)
+    items = (torch.randperm(num_items, generator=generator)[:size] + 1).to(flat.device)
+    ends, history_lengths, pair_users = training_examples(starts, lengths, max_len)
+    pairs = torch.randperm(len(ends), generator=generator)[:size].to(flat.device)
+    return {"histories": histories, "users": users, "items": items, "pair_users": pair_users[pairs],
+            "pair_histories": gather_histories(flat, ends[pairs], history_lengths[pairs], max_len),
+            "positives": flat[ends[pairs]]}
 
 
 def restore(checkpoint_path, model, optimizer):
@@ -541,10 +592,11 @@ def train(config, sequences, run_dir, log=print):
     flat, starts, lengths, num_items = load_sequences(sequences, device)
     data = training_data(flat, starts, lengths, num_items, config["max_len"])
     valid = evaluation_batches(flat, starts, lengths, config["max_len"], "valid")
-    figure_histories, figure_items = figure_sample(flat, starts, lengths, num_items, config["max_len"])
+    sample = statistics_sample(flat, starts, lengths, num_items, config["max_len"])
     torch.manual_seed(config["seed"])
     model = build_model(config["model"], num_items, config["dim"], config["layers"], config["heads"],
-                        config["dropout"], config["max_len"], config["caser_window"]).to(device)
+                        config["dropout"], config["max_len"], config["caser_window"], config["caser_activation"],
+                        len(lengths) if config["caser_users"] else 0, config["caser_output_table"]).to(device)
     optimizer = adam(model, config["lr"], device)
     normalize = scores_normalized(config)
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
@@ -567,7 +619,7 @@ def train(config, sequences, run_dir, log=print):
         row = {"epoch": epoch, "loss": losses.sum().item() / len(data[1]), "train_seconds": round(train_seconds, 2),
                "eval_seconds": round(time.time() - started - train_seconds, 2),
                **{f"valid_{k}": v for k, v in metrics.items()},
-               **embedding_statistics(model, figure_histories, figure_items)}
+               **embedding_statistics(model, sample)}
         state["history"].append(row)
         state["epoch"] = epoch
         if metrics["NDCG@10"] > state["best_ndcg"]:
@@ -627,11 +679,19 @@ def build_parser():
                       help="folder holding the benchmark files (environment variable UNIFORM_SEQREC_DATA)")
     model = parser.add_argument_group("model (paper appendix B grid: dim 32/64/128, layers and heads 1/2/3)")
     model.add_argument("--dim", type=int, default=64, help="embedding size d")
-    model.add_argument("--layers", type=int, default=2, help="SASRec blocks / GRU4Rec GRU layers")
+    model.add_argument("--layers", type=int,
+                       help="SASRec blocks / GRU4Rec GRU layers (default: the original's, 2 for SASRec, 1 for "
+                            "GRU4Rec)")
     model.add_argument("--heads", type=int, default=2, help="SASRec attention heads (must divide --dim)")
     model.add_argument("--dropout", type=float, default=0.5, help="dropout rate")
     model.add_argument("--max-len", type=int, default=50, help="histories keep their last MAX_LEN items")
     model.add_argument("--caser-window", type=int, default=5, help="Caser: the last L items it convolves")
+    model.add_argument("--caser-activation", choices=["relu", "none"], default="relu",
+                       help="Caser: activation of its fully connected layer (the original's ReLU, or none)")
+    model.add_argument("--caser-users", action="store_true", default=False,
+                       help="Caser: add the original's user embedding (joined by a second layer, as RecBole does)")
+    model.add_argument("--caser-output-table", action="store_true", default=False,
+                       help="Caser: score items with a table of their own, as the original does, not the input table")
     loss = parser.add_argument_group("uniformity loss (eq. 6) and its ablations (Table 2)")
     loss.add_argument("--beta", type=float, default=0.05, help="weight beta1 = beta2 of L_hom and L_het")
     loss.add_argument("--t", type=float, default=2.0, help="Gaussian potential exp(-t ||x - y||^2)")
@@ -640,6 +700,9 @@ def build_parser():
     loss.add_argument("--no-rec", dest="rec", action="store_false", default=True, help="drop L_rec (row f)")
     loss.add_argument("--no-hom", dest="hom", action="store_false", default=True, help="drop L_hom")
     loss.add_argument("--no-het", dest="het", action="store_false", default=True, help="drop L_het")
+    loss.add_argument("--infonce-negatives", type=int, metavar="K",
+                      help="InfoNCE: each history's own negative and the next K-1 of the batch; 1 makes InfoNCE "
+                           "equal to BPR (default: all the batch's negatives)")
     fit = parser.add_argument_group("training")
     fit.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate (grid: 1e-4, 2e-4, 3e-4)")
     fit.add_argument("--batch-size", type=int, default=256, help="triplets per batch")
@@ -664,6 +727,13 @@ def build_parser():
 
 # keys of the configuration that do not change the result, so may differ when a run is resumed
 RUN_ONLY_KEYS = ("device", "data_dir", "data_path", "out", "resume")
+# Keys added after runs had been recorded, with the value that every earlier run had without saying so. At that value
+# a key stays out of the configuration's hash, so the run folders of earlier configurations keep their names.
+LATER_KEYS = {"infonce_negatives": None, "caser_activation": "none", "caser_users": False,
+              "caser_output_table": False}
+# The number of layers of each backbone's original (Kang & McAuley: 2 blocks; Hidasi et al.: 1 GRU layer). Caser
+# has no such depth; its value is only recorded.
+ORIGINAL_LAYERS = {"sasrec": 2, "gru4rec": 1, "caser": 1}
 
 
 def resolve_device(name):
@@ -695,6 +765,12 @@ def check_config(config):
         raise ConfigError(f"{ablated[0]} only applies to --loss uniform")
     if not (config["rec"] or config["hom"] or config["het"]):
         raise ConfigError("--no-rec, --no-hom and --no-het together leave no loss to train")
+    if config["infonce_negatives"] is not None:
+        if config["loss"] != "infonce":
+            raise ConfigError("--infonce-negatives only applies to --loss infonce")
+        if not config["infonce_negatives"] > 0:
+            raise ConfigError(f"--infonce-negatives must be positive (got {config['infonce_negatives']})")
+
 
 
 def data_path_of(config):
@@ -714,7 +790,8 @@ def data_path_of(config):
 
 def configuration_id(config):
     """Short hash of everything that changes the result: equal configurations share a default run folder."""
-    kept = {k: v for k, v in sorted(config.items()) if k not in RUN_ONLY_KEYS}
+    kept = {k: v for k, v in sorted(config.items())
+            if k not in RUN_ONLY_KEYS and not (k in LATER_KEYS and v == LATER_KEYS[k])}
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:8]
 
 
@@ -734,10 +811,20 @@ def configure(argv):
             if key not in RUN_ONLY_KEYS and saved.get(key) != value:
                 raise ConfigError(f"--resume {config['resume']}: that run has --{key.replace('_', '-')} "
                                   f"{saved.get(key)}, this command asks for {value}")
-        config = {**saved, **{k: v for k, v in given.items() if k in RUN_ONLY_KEYS}, "resume": config["resume"]}
+        config = {**LATER_KEYS, **saved, **{k: v for k, v in given.items() if k in RUN_ONLY_KEYS},
+                  "resume": config["resume"]}
         config.setdefault("data_dir", default_data_dir())
     if config["length_groups"] is None:
         config["length_groups"] = 1 if config["model"] == "caser" else 8
+    if config["layers"] is None:
+        config["layers"] = ORIGINAL_LAYERS[config["model"]]
+    if config["model"] != "caser":
+        typed = [key for key in ("caser_activation", "caser_users", "caser_output_table") if key in given]
+        if typed:
+            raise ConfigError(f"--{typed[0].replace('_', '-')} only applies to --model caser")
+        config["caser_activation"] = LATER_KEYS["caser_activation"]         # no Caser, no activation of its
+    if config["infonce_negatives"] is not None and config["infonce_negatives"] >= config["batch_size"]:
+        config["infonce_negatives"] = None                                  # the whole batch: the default's run
     check_config(config)
     config["data_path"] = data_path_of(config)
     config["device"] = resolve_device(config["device"])
@@ -753,7 +840,7 @@ def prepare_run_dir(config, run_dir):
     if os.path.isfile(saved_path):
         with open(saved_path) as f:
             saved = json.load(f)
-        differing = [k for k in config if k not in RUN_ONLY_KEYS and saved.get(k) != config[k]]
+        differing = [k for k in config if k not in RUN_ONLY_KEYS and saved.get(k, LATER_KEYS.get(k)) != config[k]]
         if differing:
             key = differing[0]
             raise ConfigError(f"{run_dir} holds a run with --{key.replace('_', '-')} {saved.get(key)}, not "
