@@ -202,10 +202,27 @@ def record(cell, seed, run_dir):
         f.write("\n")
 
 
+def in_use(run_dir):
+    """Whether another process holds the run folder's lock (is training it now)."""
+    if not os.path.isfile(os.path.join(run_dir, ".lock")):
+        return False
+    try:
+        U.lock_run_dir(run_dir).close()
+        return False
+    except U.ConfigError:
+        return True
+
+
 def run_cell(cell, seed, device):
-    """Train one cell (resuming it, or doing nothing when it is finished); `report` records it."""
+    """Train one cell (resuming it, or doing nothing when it is finished); `report` records it. A cell that another
+    process is training is left to it: exit status 0, so that a job array or a second run_all.sh does not count
+    it as a failure."""
     arguments = [*cell_arguments(cell, read_hyperparameters()), "--seed", str(seed)]
     run_dir = U.configure(arguments)[1]
+    if in_use(run_dir):
+        print(f"[{time.strftime('%H:%M:%S')}] {cell} seed {seed}: {run_dir} is being trained by another process; "
+              f"left to it", flush=True)
+        return 0
     os.makedirs(run_dir, exist_ok=True)
     commit_file = os.path.join(run_dir, "commit.txt")
     if not os.path.isfile(commit_file):
@@ -214,6 +231,8 @@ def run_cell(cell, seed, device):
     started = time.time()
     print(f"[{time.strftime('%H:%M:%S')}] {cell} seed {seed}: {' '.join(arguments)}", flush=True)
     code = U.main([*arguments, *(["--device", device] if device else [])])
+    if code == 2 and in_use(run_dir):                                       # another process took it meanwhile
+        code = 0
     print(f"[{time.strftime('%H:%M:%S')}] {cell} seed {seed}: exit {code} after {time.time() - started:.0f}s",
           flush=True)
     return code
@@ -391,6 +410,23 @@ def show(values, paper):
     return f"{mean:.4f}{spread} ({100 * (mean - paper) / paper:+.0f}%)"
 
 
+def baseline_rows(datasets):
+    """The two non-neural baselines of results/baselines.json as rows of table_rows()'s shape (no paper value)."""
+    found = {}
+    if os.path.isfile(BASELINES):
+        with open(BASELINES) as f:
+            found = json.load(f)
+    rows = []
+    for key, label in (("popularity", "popularity (no model)"), ("transitions", "item transitions (no model)")):
+        fields = [label]
+        for dataset in datasets:
+            test = found.get(dataset, {}).get(key, {}).get("test")
+            fields += ["-", f"{test['HR@10']:.4f}" if test else "not run", "-",
+                       f"{test['NDCG@10']:.4f}" if test else "not run"]
+        rows.append("| " + " | ".join(fields) + " |")
+    return rows
+
+
 def table_rows(row_cells, paper_rows, columns):
     """Markdown rows: label, then for each column 'paper HR | ours HR | paper NDCG | ours NDCG'."""
     rows = []
@@ -452,7 +488,41 @@ def claims():
                                          {row: PAPER_TABLE2[row][column][1] for row in ABLATIONS}, "rows"))
         lines.append(order_against_paper(f"Table 3 on {d}", {b: mean_ndcg(f"table3/{d}/{b}") for b in BETAS},
                                          {b: PAPER_TABLE3[b][column][1] for b in BETAS}, "betas", peak="beta"))
+    for column, d in enumerate(DATASETS):
+        ours = {m: mean_ndcg(f"table1/{d}/{m}/uniform") for m in MODELS}
+        if any(v is not None for v in ours.values()):
+            lines.append(order_against_paper(f"Backbones with the uniformity loss on {d}", ours,
+                                             {m: PAPER_TABLE1[m, "uniform"][column][1] for m in MODELS}, "backbones"))
     return lines
+
+
+def beyond_the_paper():
+    """Two comparisons the paper does not make, on Beauty: InfoNCE with K negatives, and Caser's last layer."""
+    def test_of(cell):
+        runs = recorded(cell)
+        if not runs:
+            return "not run | not run"
+        spread = lambda i: f" ± {statistics.stdev(r[i] for r in runs):.4f}" if len(runs) > 1 else ""
+        return " | ".join(f"{statistics.mean(r[i] for r in runs):.4f}{spread(i)}" for i in (0, 1))
+    negatives = [("1 (this is BPR)", "table1/beauty/sasrec/bpr"),
+                 *((k, f"infonce/beauty/{k}") for k in INFONCE_NEGATIVES),
+                 ("256, the whole batch (Table 1's InfoNCE)", "table1/beauty/sasrec/infonce"),
+                 ("the uniformity loss, for comparison", "table1/beauty/sasrec/uniform")]
+    caser = [(loss, f"table1/beauty/caser/{loss}", f"caser-none/beauty/{loss}") for loss in LOSSES]
+    return ["## Beyond the paper: how many negatives InfoNCE sees (SASRec, Beauty)", "",
+            "Each history's own negative and the next K - 1 of its (randomly ordered) batch; the paper does not say "
+            "what its InfoNCE saw (its SASRec + InfoNCE: HR@10 0.0588, NDCG@10 0.0261).", "",
+            "| negatives per history (K) | test HR@10 | test NDCG@10 | cell |", "|---|---|---|---|",
+            *(f"| {k} | {test_of(cell)} | {cell} |" for k, cell in negatives), "",
+            "## Beyond the paper: Caser's last layer (Beauty)", "",
+            "The original Caser (and RecBole's) has a ReLU on its fully connected layer, our default; without it, "
+            "history vectors can point anywhere on the sphere (`--caser-activation none`).", "",
+            "| loss | paper HR@10 | ReLU (default) HR@10 | none HR@10 | paper NDCG@10 | ReLU NDCG@10 | none NDCG@10 |",
+            "|---|---|---|---|---|---|---|",
+            *(f"| {loss} | {PAPER_TABLE1['caser', loss][0][0]:.4f} | {test_of(relu).split(' | ')[0]} | "
+              f"{test_of(none).split(' | ')[0]} | {PAPER_TABLE1['caser', loss][0][1]:.4f} | "
+              f"{test_of(relu).split(' | ')[1]} | {test_of(none).split(' | ')[1]} |" for loss, relu, none in caser),
+            ""]
 
 
 def unfinished_runs(max_seed=20):
@@ -474,10 +544,11 @@ def report(path=None, unfinished=()):
     pairs = [(m, loss) for m in MODELS for loss in LOSSES]
     table1 = table_rows([(f"{m} {loss}", [f"table1/{d}/{m}/{loss}" for d in DATASETS]) for m, loss in pairs],
                         {f"{m} {loss}": PAPER_TABLE1[m, loss] for m, loss in pairs}, datasets_title)
+    table1 += baseline_rows(DATASETS)
     table2 = table_rows([(row, [f"table2/{d}/{row}" for d in ("beauty", "toys")]) for row in ABLATIONS],
-                        PAPER_TABLE2, ["Beauty", "Toys"])
+                        PAPER_TABLE2, ["Beauty", "Toys"]) + baseline_rows(["beauty", "toys"])
     table3 = table_rows([(beta, [f"table3/{d}/{beta}" for d in ("beauty", "toys")]) for beta in BETAS],
-                        PAPER_TABLE3, ["Beauty", "Toys"])
+                        PAPER_TABLE3, ["Beauty", "Toys"]) + baseline_rows(["beauty", "toys"])
     entries = []
     for p in sorted(glob.glob(os.path.join(RESULTS, "cells", "*.json"))):
         with open(p) as f:
@@ -496,6 +567,9 @@ def report(path=None, unfinished=()):
         "Each cell: test HR@10 and NDCG@10, ranking every item for every user (no masking of seen items),",
         "with the relative difference to the paper in brackets; mean ± sd where several seeds ran.",
         "\"not run\" marks a cell with no finished run; the command that fills it is in the README.",
+        "The rows marked \"no model\" are two baselines on the same protocol (`python experiments.py baselines`):",
+        "item popularity, and first-order item transitions (how often each item followed the user's last three",
+        "items in the training parts, weighted decay^k, decay chosen on validation; popularity breaks ties).",
         "",
         "## What holds so far",
         "", *claims(), "",
@@ -504,6 +578,7 @@ def report(path=None, unfinished=()):
         "(a) BCE; (b) normalized BCE; (c) + L_hom; (d) + L_het; (e) the full loss; (f) no L_rec; (g) no normalization.",
         "", *table2, "",
         "## Table 3: beta (SASRec)", "", *table3, "",
+        *beyond_the_paper(),
         "## Runs behind the cells", "", *runs, "",
         *(["## Runs started but not finished (not in the tables above)", "",
             "Validation numbers only, so far; `python experiments.py run CELL --seed SEED` (or `./run_all.sh`) "
@@ -584,6 +659,64 @@ def figure1(out_dir=None):
     print(f"wrote {out_dir}/figure1.png and figure1.json")
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Alignment and uniformity (Wang & Isola): the paper's argument in one picture
+# ---------------------------------------------------------------------------------------------------------------
+
+ALIGNMENT_RUNS = [("BCE", "table1/{}/sasrec/bce"), ("BPR", "table1/{}/sasrec/bpr"),
+                  ("InfoNCE", "table1/{}/sasrec/infonce"), ("uniformity loss", "table1/{}/sasrec/uniform"),
+                  ("normalized BCE", "table2/{}/b")]
+
+
+def figure_alignment(dataset="toys", out_dir=None):
+    """Per-epoch trajectories of the SASRec runs of one dataset in the alignment-uniformity plane: x the uniformity of
+    history vectors (and, in a second panel, of item vectors), y the alignment of training pairs; each run's best
+    validation epoch marked. Runs whose log predates the alignment statistic are left out. Writes
+    alignment_uniformity_<dataset>.json, and the PNG when matplotlib is installed."""
+    out_dir = out_dir or RESULTS
+    trajectories = {}
+    for label, cell in ALIGNMENT_RUNS:
+        found = figure_run_log(cell.format(dataset))
+        rows = [r for r in found[0] if "alignment" in r] if found else []
+        if rows:
+            best = max(rows, key=lambda r: r["valid_NDCG@10"])["epoch"]
+            trajectories[label] = {"epoch": [r["epoch"] for r in rows], "alignment": [r["alignment"] for r in rows],
+                                   "history_uniformity": [r["history_uniformity"] for r in rows],
+                                   "item_uniformity": [r["item_uniformity"] for r in rows],
+                                   "best_epoch": best, "finished": found[1]}
+    if not trajectories:
+        sys.exit(f"figure-alignment: no SASRec run on {dataset} has logged the alignment yet")
+    name = os.path.join(out_dir, f"alignment_uniformity_{dataset}")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(name + ".json", "w") as f:
+        json.dump(trajectories, f, indent=1)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"wrote {name}.json (install matplotlib for the PNG: pip install matplotlib)")
+        return
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for axis, which in ((axes[0], "history"), (axes[1], "item")):
+        for label, run in trajectories.items():
+            x, y = run[f"{which}_uniformity"], run["alignment"]
+            unfinished = "" if run["finished"] else ", unfinished"
+            line, = axis.plot(x, y, marker=".", markersize=3, linewidth=1,
+                              label=f"{label} (best epoch {run['best_epoch']}{unfinished})")
+            axis.plot(x[0], y[0], "o", color=line.get_color(), fillstyle="none")
+            best = run["epoch"].index(run["best_epoch"])
+            axis.plot(x[best], y[best], "*", color=line.get_color(), markersize=12)
+        axis.set(xlabel=f"uniformity of {which} vectors, log E exp(-2 ||x - y||^2) (lower: more uniform)",
+                 ylabel="alignment of training pairs, E ||h - i||^2 (lower: closer)",
+                 title=f"SASRec on {dataset.capitalize()}: {which} vectors")
+    axes[0].legend(fontsize=8)
+    figure.suptitle("Each run's epochs (circle: epoch 1, star: best validation epoch)", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(name + ".png", dpi=120)
+    print(f"wrote {name}.png and .json")
+
+
 def main(argv=None):
     parser = U.OneLineErrorParser(prog="experiments.py", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -599,7 +732,12 @@ def main(argv=None):
     running.add_argument("--device", default=None)
     commands.add_parser("choose", help="write results/hyperparameters.tsv from the tuning runs")
     commands.add_parser("report", help="write results/RESULTS.md")
+    commands.add_parser("baselines", help="write results/baselines.json: popularity and item transitions (CPU, "
+                                          "about a minute per dataset)")
     commands.add_parser("figure1", help="write results/figure1.png (needs matplotlib) and figure1.json")
+    alignment = commands.add_parser("figure-alignment", help="write results/alignment_uniformity_<dataset>.png "
+                                                             "(needs matplotlib) and .json from SASRec's runs")
+    alignment.add_argument("--dataset", default="toys", choices=DATASETS)
     args = parser.parse_args(argv)
     if args.command == "list":
         for seed in range(1, args.seeds + 1):
@@ -609,9 +747,13 @@ def main(argv=None):
         return run_cell(args.cell, args.seed, args.device)
     elif args.command == "choose":
         choose()
+    elif args.command == "baselines":
+        baselines()
     elif args.command == "report":
         record_all()
         report(unfinished=unfinished_runs())
+    elif args.command == "figure-alignment":
+        figure_alignment(args.dataset)
     else:
         figure1()
     return 0

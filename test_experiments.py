@@ -5,6 +5,7 @@ import os
 import random
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -260,3 +261,68 @@ def test_baselines_match_brute_force():
             for key, value in expected[name].items():
                 assert found[name][split][key] == pytest.approx(value), (split, name, key)
     assert found["transitions"]["valid"]["NDCG@10"] == max(found["transitions"]["valid_by_decay"].values())
+
+
+def test_a_slurm_array_task_runs_only_its_line_of_the_list(tmp_path):
+    """With SLURM_ARRAY_TASK_ID=N, run_all.sh runs the N-th cell of the narrowed list and nothing else (no report);
+    past the end of the list it does nothing and succeeds; a failed cell fails the task."""
+    shutil.copy(os.path.join(HERE, "run_all.sh"), tmp_path)
+    (tmp_path / "bin").mkdir()
+    stand_in = tmp_path / "bin" / "python"
+    stand_in.write_text('#!/bin/sh\n'
+                        'echo "$*" >> calls.txt\n'
+                        'if [ "$2" = list ]; then printf "%s 1\\n" table1/toys/sasrec/bce table1/toys/sasrec/bpr; fi\n'
+                        'if [ "$3" = table1/toys/sasrec/bpr ] && [ -f fail ]; then exit 1; fi\n')
+    stand_in.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}", "DATASETS": "toys",
+           "MODELS": "sasrec"}
+    run = lambda task: subprocess.run(["bash", str(tmp_path / "run_all.sh"), "table1"], cwd=tmp_path,
+                                      env={**env, "SLURM_ARRAY_TASK_ID": str(task)}, capture_output=True, text=True)
+    done = run(2)
+    assert done.returncode == 0 and done.stdout == "done    table1/toys/sasrec/bpr seed 1\n", done.stderr
+    calls = (tmp_path / "calls.txt").read_text().splitlines()
+    assert calls == ["experiments.py list table1 --datasets toys --models sasrec --seeds 1",
+                     "experiments.py run table1/toys/sasrec/bpr --seed 1"]          # no other cell, no report
+    assert run(3).returncode == 0 and "shorter; nothing to do" in run(3).stdout
+    (tmp_path / "fail").touch()
+    assert run(2).returncode == 1
+
+
+def test_a_cell_another_process_is_training_is_left_to_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "Beauty.txt").write_text("".join(f"{u} 1 2 3 4\n" for u in range(1, 6)))
+    monkeypatch.setenv("UNIFORM_SEQREC_DATA", str(tmp_path / "data"))
+    monkeypatch.setattr(E, "read_hyperparameters", lambda: {})
+    run_dir = E.run_folder("table1/beauty/sasrec/bpr", 1, {})
+    os.makedirs(run_dir)
+    held = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'w'); "
+                             "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)",
+                             os.path.join(run_dir, ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert held.stdout.readline() == "locked\n"
+        monkeypatch.setattr(E.U, "main", lambda argv: pytest.fail("trained a folder another process holds"))
+        assert E.run_cell("table1/beauty/sasrec/bpr", 1, None) == 0
+        assert "is being trained by another process; left to it" in capsys.readouterr().out
+    finally:
+        held.kill()
+        held.wait()
+    assert not E.in_use(run_dir)
+
+
+def test_alignment_figure_keeps_the_runs_that_logged_alignment(tmp_path, monkeypatch):
+    monkeypatch.setattr(E, "RESULTS", str(tmp_path / "results"))
+    logs = {"table1/toys/sasrec/uniform": [{"epoch": e, "valid_NDCG@10": v, "alignment": 1.0 - 0.1 * e,
+                                            "history_uniformity": -e, "item_uniformity": -2 * e}
+                                           for e, v in ((1, 0.01), (2, 0.03), (3, 0.02))],
+            "table1/toys/sasrec/bce": [{"epoch": 1, "valid_NDCG@10": 0.01, "history_uniformity": -1,
+                                        "item_uniformity": -1}]}              # from before the statistic existed
+    monkeypatch.setattr(E, "figure_run_log", lambda cell: (logs[cell], cell.endswith("uniform")) if cell in logs
+                        else None)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    E.figure_alignment("toys")
+    data = json.loads((tmp_path / "results" / "alignment_uniformity_toys.json").read_text())
+    assert list(data) == ["uniformity loss"]
+    run = data["uniformity loss"]
+    assert run["best_epoch"] == 2 and run["alignment"] == [0.9, 0.8, 0.7] and run["item_uniformity"] == [-2, -4, -6]
+    assert run["finished"] is True
