@@ -12,8 +12,6 @@ import torch
 import uniform_seqrec as U
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DATA_DIR = os.environ.get("UNIFORM_SEQREC_DATA") or os.path.join(HERE, "..", "shared", "data")
-BEAUTY = os.path.join(DATA_DIR, "Beauty.txt")
 BEAUTY_SLICE_USERS = 1500  # the conftest.py fixture beauty_slice
 SMALL = ["--model", "sasrec", "--dim", "16", "--layers", "1", "--heads", "1", "--device", "cpu", "--lr", "1e-3"]
 
