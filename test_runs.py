@@ -30,7 +30,6 @@ def run_cli(*args, timeout=300):
 GOOD = "1 1 2 3 4\n2 2 3 4 5\n3 3 4 5 1 2\n"
 BAD_FILES = [
     ("empty", "", "is empty"),
-    ("blank line", "1 1 2 3\n\n2 2 3 4\n", "line 2: blank line"),
     ("not an integer", "1 1 2 3\n2 2 x 4\n", "line 2: 'x' is not an integer id"),
     ("a float", "1 1 2.5 3\n", "line 1: '2.5' is not an integer id"),
     ("negative id", "1 1 2 3\n2 2 -3 4\n", "line 2: id -3 is invalid"),
@@ -39,7 +38,19 @@ BAD_FILES = [
     ("too short", "1 1 2 3\n2 5 6\n", "line 2: user 2 has 2 item(s); at least 3"),
     ("only a user", "1 1 2 3\n2\n", "line 2: user 2 has 0 item(s)"),
     ("user twice", "1 1 2 3\n1 2 3 4\n", "line 2: user 1 already appears on line 1"),
-    ("not text", "1 1 2 3\n2 \xe9 3 4\n", "is not ASCII"),
+    ("not text", "1 1 2 3\n2 \xe9 3 4\n", "line 2: byte 0xe9 at column 3 is not UTF-8 text"),
+    ("id beyond 64 bits", "1 1 2 3\n2 2 99999999999999999999999 4\n",
+     "line 2: id 99999999999999999999999 is too large (ids go up to 2**63 - 1)"),
+    ("id of 5000 digits", "1 1 2 3\n2 2 " + "9" * 5000 + " 4\n", "line 2: id 99999999999999999999...(5000 characters) is too large"),
+    ("user id beyond 64 bits", "1 1 2 3\n18446744073709551616 2 3 4\n", "line 2: id 18446744073709551616 is too large"),
+    ("NUL byte", "1 1 2 3\n2 2\x003 4\n", "line 2: NUL byte at column 4"),
+    ("NUL padding", "1 1 2 3\n2 2 3 4\n" + "\x00" * 512, "line 3: NUL byte at column 1"),
+    ("UTF-16 without byte-order mark", "1 1 2 3\n".encode("utf-16-le").decode("latin-1"),
+     "looks like UTF-16 without a byte-order mark"),
+    ("UTF-16 cut off", "\ufeff1 1 2 3\n".encode("utf-16-le").decode("latin-1") + "x", "UTF-16-LE byte-order mark, but byte"),
+    ("comma-separated", "1,1,2,3\n", "line 1: '1,1,2,3' is not an integer id (ids are separated by spaces or tabs, not commas)"),
+    ("superscript digit", "1 1 2 3\n2 2 3 \u00b2\n".encode().decode("latin-1"), "line 2: '\u00b2' is not an integer id"),
+    ("only blank lines", "\n \n\t\n", "is empty"),
 ]
 
 
@@ -108,9 +119,27 @@ def test_errors_from_a_real_process_have_no_traceback(tmp_path):
         assert result.stderr.startswith("uniform_seqrec.py: error: ")
 
 
-def test_crlf_line_endings_are_accepted(tmp_path):
-    path = tmp_path / "crlf.txt"
-    path.write_bytes(b"1 1 2 3 4\r\n2 2 3 4 5\r\n3 3 4 5 1 2\r\n")
+# what text editors and spreadsheets leave behind, where the meaning is clear: the same three users as GOOD
+EDITED_FILES = [
+    ("CRLF line endings", GOOD.replace("\n", "\r\n").encode()),
+    ("CR line endings", GOOD.replace("\n", "\r").encode()),
+    ("UTF-8 byte-order mark", b"\xef\xbb\xbf" + GOOD.encode()),
+    ("UTF-16 LE with byte-order mark, tabs, CRLF (Excel's Unicode Text)",
+     GOOD.replace(" ", "\t").replace("\n", "\r\n").encode("utf-16")),
+    ("UTF-16 BE with byte-order mark", b"\xfe\xff" + GOOD.encode("utf-16-be")),
+    ("trailing spaces and tabs", GOOD.replace("\n", " \t \n").encode()),
+    ("no final newline", GOOD.rstrip("\n").encode()),
+    ("blank lines", ("\n" + GOOD.replace("\n", "\n \t\n", 1) + "\n\n").encode()),
+    ("non-breaking spaces", GOOD.replace(" ", "\u00a0").encode()),
+    ("leading zeros", GOOD.replace(" 1", " 0001").encode()),
+    ("DOS end-of-file mark", GOOD.encode() + b"\x1a"),
+]
+
+
+@pytest.mark.parametrize("content", [c for _, c in EDITED_FILES], ids=[n for n, _ in EDITED_FILES])
+def test_what_editors_leave_behind_is_accepted(tmp_path, content):
+    path = tmp_path / "data.txt"
+    path.write_bytes(content)
     assert U.read_sequences(str(path)) == [[1, 2, 3, 4], [2, 3, 4, 5], [3, 4, 5, 1, 2]]
 
 
