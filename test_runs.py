@@ -105,6 +105,33 @@ def test_bad_flag_is_one_line_error(tmp_path, capsys, flags, expected):
     assert not (tmp_path / "run").exists()
 
 
+BAD_DEVICES = [  # (--device, what torch reports about CUDA: (is_available, device_count), expected)
+    ("cuda", (False, 0), "--device cuda: CUDA is not available on this machine"),
+    ("cuda:0", (False, 0), "--device cuda:0: CUDA is not available on this machine"),
+    ("cuda:2", (True, 1), "--device cuda:2: this machine has 1 CUDA device(s), cuda:0 to cuda:0"),
+    ("tpu", None, "--device 'tpu' is not a device name torch knows (auto, cpu, cuda, cuda:N, mps)"),
+    ("gpu", None, "--device 'gpu' is not a device name torch knows"),
+    ("cuda:x", None, "--device 'cuda:x' is not a device name torch knows"),
+    ("", None, "--device '' is not a device name torch knows"),
+    ("meta", None, "--device meta: there is no meta device to train on here"),
+]
+
+
+@pytest.mark.parametrize("device,cuda,expected", BAD_DEVICES, ids=[d or "empty" for d, _, _ in BAD_DEVICES])
+def test_a_device_that_is_unknown_or_absent_is_one_line(tmp_path, capsys, monkeypatch, device, cuda, expected):
+    if cuda is not None:                                                        # the same on a machine with a GPU
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda[0])
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: cuda[1])
+    path = tmp_path / "data.txt"
+    path.write_text(GOOD)
+    code = exit_code_of_main(["--data", str(path), "--out", str(tmp_path / "run"), *SMALL, "--device", device])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and expected in err and "Traceback" not in err
+    if cuda is not None:                                                        # and how to see the devices
+        assert "see which there are with: python -c" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_folder_instead_of_a_file(tmp_path, capsys):
     assert U.main(["--data", str(tmp_path), *SMALL]) == 2
     assert "is a folder, not a data file" in capsys.readouterr().err

@@ -666,14 +666,39 @@ def build_parser():
 RUN_ONLY_KEYS = ("device", "data_dir", "data_path", "out", "resume")
 
 
+SEE_DEVICES = ("see which there are with: python -c \"import torch; print(torch.cuda.device_count(), 'CUDA', "
+               "torch.backends.mps.is_available(), 'MPS')\"")
+
+
 def resolve_device(name):
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    """'auto' -> cuda, then mps, then cpu; any other name must be a device torch knows and this machine has."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device '{name}' is not a device name torch knows (auto, cpu, cuda, cuda:N, mps)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            built = "" if torch.version.cuda else f", and this torch ({torch.__version__}) is built without CUDA"
+            raise ConfigError(f"--device {name}: CUDA is not available on this machine{built}; {SEE_DEVICES}")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}; "
+                              f"{SEE_DEVICES}")
+    elif device.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ConfigError(f"--device {name}: MPS (Apple silicon) is not available on this machine; {SEE_DEVICES}")
+    elif device.type != "cpu":
+        backend = getattr(torch, device.type, None)
+        if not (hasattr(backend, "is_available") and backend.is_available()):
+            raise ConfigError(f"--device {name}: there is no {device.type} device to train on here (auto, cpu, cuda, "
+                              f"cuda:N, mps); {SEE_DEVICES}")
+    return name
 
 
 def check_config(config):
