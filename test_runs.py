@@ -84,6 +84,32 @@ BAD_FLAGS = [
     (["--no-rec", "--no-hom", "--no-het"], "leave no loss to train"),
     (["--epochs", "ten"], "argument --epochs: invalid int value: 'ten'"),
     (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+    # every number at its edges: zero, negative, nan, inf, beyond the machine's integers, beyond its memory
+    (["--lr", "inf"], "--lr must be finite (got inf)"),
+    (["--lr", "1e400"], "--lr must be finite (got inf)"),
+    (["--lr=-inf"], "--lr must be positive (got -inf)"),
+    (["--beta", "nan"], "--beta must be a finite number >= 0 (got nan)"),
+    (["--beta", "inf"], "--beta must be a finite number >= 0 (got inf)"),
+    (["--t", "nan"], "--t must be a finite number >= 0 (got nan)"),
+    (["--t", "inf"], "--t must be a finite number >= 0 (got inf)"),
+    (["--dropout", "nan"], "--dropout must be in [0, 1) (got nan)"),
+    (["--dropout", "-0.1"], "--dropout must be in [0, 1) (got -0.1)"),
+    (["--dropout", "inf"], "--dropout must be in [0, 1) (got inf)"),
+    (["--heads", "0"], "--heads must be positive (got 0)"),
+    (["--layers", "-1"], "--layers must be positive (got -1)"),
+    (["--caser-window", "0"], "--caser-window must be positive (got 0)"),
+    (["--length-groups", "0"], "--length-groups must be positive (got 0)"),
+    (["--epochs", "0"], "--epochs must be positive (got 0)"),
+    (["--max-len", str(2 ** 63)], "--max-len 9223372036854775808 is too large (integers go up to 2**63 - 1)"),
+    (["--batch-size", str(10 ** 30)], f"--batch-size {10 ** 30} is too large"),
+    (["--epochs", str(10 ** 30)], f"--epochs {10 ** 30} is too large"),
+    (["--seed", str(2 ** 64)], "--seed must be from -2**63 to 2**64 - 1, the seeds torch takes (got 18446744073709551616)"),
+    (["--seed", str(-2 ** 63 - 1)], "--seed must be from -2**63 to 2**64 - 1"),
+    (["--dim", str(10 ** 9)], "most of it for the model's weights (--layers 1, --dim 1000000000)"),
+    (["--dim", str(10 ** 12)], "training would need about"),
+    (["--layers", str(10 ** 9)], "training would need about"),
+    (["--model", "gru4rec", "--layers", str(10 ** 9)], "training would need about"),
+    (["--model", "caser", "--caser-window", str(10 ** 9)], "training would need about"),
 ]
 
 
@@ -130,6 +156,49 @@ def test_a_device_that_is_unknown_or_absent_is_one_line(tmp_path, capsys, monkey
     if cuda is not None:                                                        # and how to see the devices
         assert "see which there are with: python -c" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_batch_beyond_the_machines_memory_is_one_line(tmp_path, capsys, monkeypatch):
+    """--batch-size 10**12 means one batch of every example: the uniformity loss's (2B)^2 potentials of 20,000
+    triplets need ~60 GiB. On a machine of 16 GiB (whatever this one has) that is refused before anything starts."""
+    path = tmp_path / "data.txt"
+    path.write_text("".join(f"{u} " + " ".join(str(1 + (u * 7 + k * 13) % 500) for k in range(13)) + "\n"
+                            for u in range(1, 2001)))                           # 2,000 users x 10 examples
+    monkeypatch.setattr(U, "device_memory", lambda device: 16 * 2 ** 30)
+    code = U.main(["--data", str(path), "--out", str(tmp_path / "run"), *SMALL, "--batch-size", str(10 ** 12)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "more than the 16.0 GiB of cpu" in err
+    assert "most of it for one batch (20,000 triplets, histories of up to 12 items; --batch-size 1000000000000" in err
+    assert not (tmp_path / "run").exists()
+
+
+def small_data(tmp_path, users=40, items=30):
+    path = tmp_path / "small.txt"
+    path.write_text("".join(f"{u} " + " ".join(str(1 + (u * 7 + k * 11) % items) for k in range(5 + u % 9)) + "\n"
+                            for u in range(1, users + 1)))
+    return str(path)
+
+
+def test_a_history_length_far_beyond_any_history_trains_as_the_longest(tmp_path):
+    """Nothing pads beyond the longest history or allocates for positions no history has: --max-len 10**9 trains
+    (old code: a 64 GB position table), and exactly as --max-len = the longest history (12 items here)."""
+    data, metrics = small_data(tmp_path), {}
+    for max_len in (str(10 ** 9), "12"):
+        out = tmp_path / max_len
+        assert U.main(["--data", data, "--out", str(out), *SMALL, "--epochs", "2", "--max-len", max_len]) == 0
+        metrics[max_len] = json.loads((out / "metrics.json").read_text())["test"]
+    assert metrics[str(10 ** 9)] == metrics["12"]
+
+
+def test_a_seed_anywhere_in_torchs_range_trains_as_torch_takes_it(tmp_path):
+    """torch takes seeds modulo 2**64: -1 is 2**64 - 1. Both train (2**64 - 1 overflowed at epoch 1 before) and give
+    the same numbers."""
+    data, metrics = small_data(tmp_path), {}
+    for seed in ("-1", str(2 ** 64 - 1)):
+        out = tmp_path / seed
+        assert U.main(["--data", data, "--out", str(out), *SMALL, "--epochs", "2", "--seed", seed]) == 0
+        metrics[seed] = json.loads((out / "metrics.json").read_text())["test"]
+    assert metrics["-1"] == metrics[str(2 ** 64 - 1)]
 
 
 def test_a_folder_instead_of_a_file(tmp_path, capsys):

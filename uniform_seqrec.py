@@ -422,8 +422,9 @@ def embedding_statistics(model, histories, item_ids, bins=40):
 
 def epoch_seed(seed, epoch):
     """Every random draw of an epoch (order, negatives, dropout) follows from (seed, epoch), so a resumed run
-    repeats an uninterrupted one exactly."""
-    return seed * 1_000_003 + epoch
+    repeats an uninterrupted one exactly. Modulo 2**64, as torch takes any seed it accepts (-2**63 .. 2**64 - 1):
+    the same seeds as without it wherever torch accepted them, and no overflow for a large --seed."""
+    return (seed * 1_000_003 + epoch) % 2 ** 64
 
 
 def group_sizes(batch_size, groups):
@@ -539,12 +540,19 @@ def train(config, sequences, run_dir, log=print):
     state because none is needed: every epoch re-seeds from (seed, epoch)."""
     device = torch.device(config["device"])
     flat, starts, lengths, num_items = load_sequences(sequences, device)
-    data = training_data(flat, starts, lengths, num_items, config["max_len"])
-    valid = evaluation_batches(flat, starts, lengths, config["max_len"], "valid")
-    figure_histories, figure_items = figure_sample(flat, starts, lengths, num_items, config["max_len"])
+    # No history is longer than the test history of the longest user (n - 1 items), so nothing needs more than
+    # max_len = min(--max-len, n - 1): every history cut to it is the same, nothing pads beyond the longest history,
+    # and SASRec's position table gets only rows that can be read (--max-len 10**9 would ask for 10**9 rows). Where
+    # --max-len exceeds the longest history this table is smaller than before, so the random draws after it (the
+    # blocks' weights) differ; every run so far used --max-len 50 on the benchmarks, whose longest histories have
+    # 203 to 549 items, and is unchanged.
+    max_len = min(config["max_len"], int(lengths.max()) - 1)
+    data = training_data(flat, starts, lengths, num_items, max_len)
+    valid = evaluation_batches(flat, starts, lengths, max_len, "valid")
+    figure_histories, figure_items = figure_sample(flat, starts, lengths, num_items, max_len)
     torch.manual_seed(config["seed"])
     model = build_model(config["model"], num_items, config["dim"], config["layers"], config["heads"],
-                        config["dropout"], config["max_len"], config["caser_window"]).to(device)
+                        config["dropout"], max_len, config["caser_window"]).to(device)
     optimizer = adam(model, config["lr"], device)
     normalize = scores_normalized(config)
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
@@ -581,7 +589,7 @@ def train(config, sequences, run_dir, log=print):
             f"{row['eval_seconds']:.1f}s")
 
     model.load_state_dict(best_model)
-    test = evaluate(model, evaluation_batches(flat, starts, lengths, config["max_len"], "test"), normalize,
+    test = evaluate(model, evaluation_batches(flat, starts, lengths, max_len, "test"), normalize,
                     config["mask_seen"])
     best_row = state["history"][state["best_epoch"] - 1] if state["best_epoch"] else {}
     result = {"test": test, "valid": {k[6:]: v for k, v in best_row.items() if k.startswith("valid_")},
@@ -701,12 +709,22 @@ def resolve_device(name):
     return name
 
 
+MAX_INT = 2 ** 63 - 1  # torch's int64
+
+
 def check_config(config):
-    """One-line errors for values the paper's setting cannot use."""
+    """One-line errors for values the paper's setting cannot use. (Values that fit these checks but not the
+    machine's memory are refused by check_memory, which needs the data.)"""
     for key in ("lr", "batch_size", "max_len", "dim", "patience", "epochs", "caser_window", "layers", "heads",
                 "length_groups"):
         if not config[key] > 0:
             raise ConfigError(f"--{key.replace('_', '-')} must be positive (got {config[key]})")
+        if key != "lr" and config[key] > MAX_INT:
+            raise ConfigError(f"--{key.replace('_', '-')} {config[key]} is too large (integers go up to 2**63 - 1)")
+    if math.isinf(config["lr"]):
+        raise ConfigError(f"--lr must be finite (got {config['lr']})")
+    if not -2 ** 63 <= config["seed"] < 2 ** 64:
+        raise ConfigError(f"--seed must be from -2**63 to 2**64 - 1, the seeds torch takes (got {config['seed']})")
     for key in ("beta", "t"):
         if not config[key] >= 0 or math.isinf(config[key]):
             raise ConfigError(f"--{key} must be a finite number >= 0 (got {config[key]})")
@@ -720,6 +738,52 @@ def check_config(config):
         raise ConfigError(f"{ablated[0]} only applies to --loss uniform")
     if not (config["rec"] or config["hom"] or config["het"]):
         raise ConfigError("--no-rec, --no-hom and --no-het together leave no loss to train")
+
+
+def device_memory(device):
+    """Bytes of memory of a torch.device: the GPU's own, or the machine's (CPU, and MPS, which shares it); None
+    where that cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):                            # no sysconf on Windows
+        return None
+
+
+def memory_estimate(config, sequences):
+    """The largest terms of training's memory in bytes, as {what: bytes}: rough (float32; the factors count the
+    copies autograd, Adam, the best state and the evaluation keep), only to refuse with one line what could never
+    fit (--dim 10**9, --batch-size 10**12, --layers 10**9) rather than exhaust the machine's memory or hang. SASRec +
+    uniform on Beauty at the paper's settings: about 0.35 GiB (bench.py measured a peak of 388 MiB in all)."""
+    d, window, layers = config["dim"], config["caser_window"], config["layers"]
+    rows = max(max(s) for s in sequences) + 1                               # ids index the item table
+    T = min(config["max_len"], max(len(s) for s in sequences) - 1)          # the widest history (see train)
+    B = min(config["batch_size"], sum(len(s) - 3 for s in sequences))       # one batch: at most every example
+    if config["model"] == "sasrec":
+        weights, activations = T * d + layers * 6 * d * d, layers * B * T * (20 * d + 4 * config["heads"] * T)
+        flags = f"--layers {layers}, --dim {d}"
+    elif config["model"] == "gru4rec":
+        weights, activations, flags = layers * 6 * d * d, layers * B * T * 10 * d, f"--layers {layers}, --dim {d}"
+    else:
+        weights = 8 * window * (window + 1) * d + (4 * d + 16 * window) * d   # horizontal filters of heights 1..L
+        activations, flags = B * (4 * window * d + 16 * window * window), f"--caser-window {window}, --dim {d}"
+    pairs = {"uniform": 40 * B * B, "infonce": 10 * B * B}.get(config["loss"], 0)  # (2B)^2 and B^2 potentials
+    return {f"the item table ({rows:,} rows, one per id up to the largest, x --dim {d})": 4 * 6 * rows * d,
+            f"the model's weights ({flags})": 4 * 6 * weights,
+            f"one batch ({B:,} triplets, histories of up to {T} items; --batch-size {config['batch_size']}, {flags})":
+                4 * (activations + pairs),
+            f"evaluation (1,024 users x {rows:,} scores)": 12 * 1024 * rows}
+
+
+def check_memory(config, sequences):
+    """One line, before any folder exists, when training could never fit the device's memory."""
+    available = device_memory(torch.device(config["device"]))
+    terms = memory_estimate(config, sequences)
+    if available and sum(terms.values()) > available:
+        biggest, gib = max(terms, key=terms.get), sum(terms.values()) / 2 ** 30
+        raise ConfigError(f"training would need about {gib:,.{1 if gib < 100 else 0}f} GiB, more than the "
+                          f"{available / 2 ** 30:,.1f} GiB of {config['device']}; most of it for {biggest}")
 
 
 def data_path_of(config):
@@ -805,6 +869,7 @@ def main(argv=None):
     try:
         config, run_dir = configure(argv)
         sequences = read_sequences(config["data_path"])                     # bad data fails before any folder exists
+        check_memory(config, sequences)
         prepare_run_dir(config, run_dir)
         lock = lock_run_dir(run_dir)                                        # noqa: F841 - held until main returns
         metrics_path = os.path.join(run_dir, "metrics.json")
