@@ -1,4 +1,5 @@
 """Runs that survive interruption, repeat exactly, and refuse bad input with one line (exit code 2)."""
+import errno
 import json
 import os
 import signal
@@ -250,6 +251,154 @@ def test_resume_of_a_folder_with_another_configuration_is_refused(tmp_path, caps
     assert "holds a run with --dim 16, not 32; choose another --out" in capsys.readouterr().err
     assert U.main(["--resume", str(tmp_path)]) == 2
     assert "no config.json there" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Run folders that cannot be created or written, full disks, damaged files, checkpoints from another device
+# ----------------------------------------------------------------------------------------------------------------
+
+def one_line_error(capsys, code, expected):
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and expected in err and "Traceback" not in err, err
+    return err
+
+
+def folder_state(folder):
+    """Every file of a folder with its bytes: to check that a refused command changed nothing."""
+    return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}
+
+
+def test_a_run_folder_that_cannot_be_created_is_one_line_and_leaves_nothing(tmp_path, capsys):
+    data = small_data(tmp_path)
+    (tmp_path / "afile").write_text("keep me")
+    code = U.main(["--data", data, "--out", str(tmp_path / "afile" / "run"), *SMALL])
+    one_line_error(capsys, code, f"cannot create the run folder {tmp_path / 'afile' / 'run'} (Not a directory)")
+    code = U.main(["--data", data, "--out", str(tmp_path / "afile"), *SMALL])
+    one_line_error(capsys, code, f"{tmp_path / 'afile'} is a file, not a run folder; choose another --out")
+    assert sorted(os.listdir(tmp_path)) == ["afile", "small.txt"] and (tmp_path / "afile").read_text() == "keep me"
+
+
+def test_a_full_disk_at_the_start_leaves_no_folder(tmp_path, capsys, monkeypatch):
+    real_replace = os.replace
+
+    def full(source, target):
+        if str(target).endswith("config.json"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", full)
+    code = U.main(["--data", small_data(tmp_path), "--out", str(tmp_path / "runs" / "run"), *SMALL])
+    one_line_error(capsys, code, f"cannot write {tmp_path / 'runs' / 'run' / 'config.json'} (No space left on device)")
+    assert sorted(os.listdir(tmp_path)) == ["small.txt"]                       # both folders it made are gone
+
+
+def test_a_full_disk_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
+    """torch.save fails in epoch 2 after writing part of the file: one line, the partial file is gone, the
+    checkpoint of epoch 1 is whole, and the same command resumes from it once there is room again."""
+    real_save, calls = torch.save, []
+
+    def save(obj, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            with open(path, "wb") as f:
+                f.write(b"PK\x03\x04 half a checkpoint")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    run = tmp_path / "run"
+    args = ["--data", small_data(tmp_path), "--out", str(run), *SMALL, "--epochs", "3"]
+    code = U.main(args)
+    err = one_line_error(capsys, code, f"cannot write {run / 'checkpoint.pt'} (No space left on device)")
+    assert err.rstrip().endswith("the run folder keeps the checkpoint of epoch 1")
+    assert sorted(os.listdir(run)) == [".lock", "checkpoint.pt", "config.json", "log.jsonl"]  # no .partial
+    assert real_load(run / "checkpoint.pt")["state"]["epoch"] == 1
+    monkeypatch.setattr(torch, "save", real_save)
+    assert U.main(args) == 0
+    assert "resuming" in capsys.readouterr().out and (run / "metrics.json").is_file()
+
+
+def real_load(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+@pytest.fixture
+def finished_run(tmp_path, capsys):
+    """A finished one-epoch run on small data: (run folder, its command line)."""
+    run = tmp_path / "run"
+    args = ["--data", small_data(tmp_path), "--out", str(run), *SMALL, "--epochs", "1"]
+    assert U.main(args) == 0
+    capsys.readouterr()
+    return run, args
+
+
+def garbled(data):
+    return bytes(b ^ 0x5A for b in data)
+
+
+DAMAGES = [
+    ("truncated", lambda data: data[:len(data) // 2]),
+    ("empty", lambda data: b""),
+    ("garbled", garbled),
+    ("text", lambda data: b"not a checkpoint\n"),
+]
+
+
+@pytest.mark.parametrize("damage", [d for _, d in DAMAGES], ids=[n for n, _ in DAMAGES])
+def test_a_damaged_checkpoint_is_one_line_and_the_folder_is_kept(finished_run, capsys, damage):
+    run, args = finished_run
+    (run / "metrics.json").unlink()                                            # unfinished: it must load the checkpoint
+    (run / "checkpoint.pt").write_bytes(damage((run / "checkpoint.pt").read_bytes()))
+    before = folder_state(run)
+    for command in (args, ["--resume", str(run)]):
+        one_line_error(capsys, U.main(command), f"{run / 'checkpoint.pt'} is damaged or not this run's checkpoint (")
+        assert folder_state(run) == before
+
+
+def test_a_checkpoint_of_another_model_is_one_line(finished_run, capsys):
+    run, args = finished_run
+    (run / "metrics.json").unlink()
+    checkpoint = real_load(run / "checkpoint.pt")
+    checkpoint["model"]["items.weight"] = checkpoint["model"]["items.weight"][:5]   # another data file's table
+    torch.save(checkpoint, run / "checkpoint.pt")
+    before = folder_state(run)
+    err = one_line_error(capsys, U.main(args), "is damaged or not this run's checkpoint (RuntimeError: Error(s) in "
+                                               "loading state_dict for SASRec: size mismatch for items.weight")
+    assert "remove it to train this run from its start" in err and folder_state(run) == before
+
+
+def test_damaged_json_files_of_a_run_folder_are_one_line(finished_run, capsys):
+    run, args = finished_run
+    metrics = (run / "metrics.json").read_text()
+    (run / "metrics.json").write_text(metrics[:20])
+    one_line_error(capsys, U.main(args), f"{run / 'metrics.json'} is damaged or unreadable (JSONDecodeError")
+    (run / "metrics.json").write_text("[]")
+    one_line_error(capsys, U.main(args), f"{run / 'metrics.json'} is damaged (not a JSON object)")
+    (run / "metrics.json").write_text(metrics)
+    (run / "config.json").write_text((run / "config.json").read_text()[:20])
+    before = folder_state(run)
+    one_line_error(capsys, U.main(args), f"{run / 'config.json'} is damaged or unreadable (JSONDecodeError")
+    one_line_error(capsys, U.main(["--resume", str(run)]), "this folder cannot be resumed")
+    assert folder_state(run) == before
+
+
+def test_a_checkpoint_written_on_a_gpu_resumes_on_the_cpu(finished_run, capsys, monkeypatch):
+    """The checkpoint's tensors are tagged as saved on cuda:0, as a GPU run writes them (torch names each storage's
+    device in the file). On this CPU the run still resumes: every tensor is loaded onto the run's device."""
+    run, args = finished_run
+    result = json.loads((run / "metrics.json").read_text())["test"]
+    (run / "metrics.json").unlink()
+    checkpoint = real_load(run / "checkpoint.pt")
+    registry = torch.serialization._package_registry
+    monkeypatch.setattr(torch.serialization, "_package_registry",
+                        [(0, lambda storage: "cuda:0", lambda obj, location: None), *registry])
+    torch.save(checkpoint, run / "checkpoint.pt")
+    monkeypatch.setattr(torch.serialization, "_package_registry", registry)
+    if not torch.cuda.is_available():                                          # it really names a GPU
+        with pytest.raises(RuntimeError, match="CUDA"):
+            torch.load(run / "checkpoint.pt", weights_only=False)
+    assert U.main(args) == 0                                                   # loads it, tests the best state
+    assert json.loads((run / "metrics.json").read_text())["test"] == result
 
 
 # ----------------------------------------------------------------------------------------------------------------

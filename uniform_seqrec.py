@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 
@@ -484,19 +485,58 @@ class ConfigError(ValueError):
     """A command line the paper's setting cannot use; the message is one line naming the problem."""
 
 
+class RunFolderError(ConfigError):
+    """A run folder that cannot be created or written (full disk, no permission), or whose files are damaged; the
+    message is one line naming the file and the problem, and nothing in the folder is changed."""
+
+
+def one_line(err, limit=200):
+    """An exception as one short line, for messages that quote it."""
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    text = f"{type(err).__name__}: {text}" if text else type(err).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def read_json(path, what):
+    """A run folder's JSON file (config.json, metrics.json), or a RunFolderError naming it."""
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except (OSError, ValueError) as err:                                    # JSONDecodeError, UnicodeDecodeError
+        raise RunFolderError(f"{path} is damaged or unreadable ({one_line(err)}); {what}") from None
+    if not isinstance(value, dict):
+        raise RunFolderError(f"{path} is damaged (not a JSON object); {what}")
+    return value
+
+
 class TrainingStopped(RuntimeError):
     """Training cannot go on (a non-finite loss); the run folder keeps the last good checkpoint."""
 
 
 def save_atomically(obj, path):
-    """Write to a temporary file in the same folder, then rename: a kill at any moment leaves the old or the new."""
+    """Write to a temporary file in the same folder, then rename: a kill at any moment leaves the old or the new.
+    So does a failed write (a full disk, a folder that cannot be written): the partial file is removed, the old one
+    stays, and a RunFolderError says why."""
     partial = path + ".partial"
-    if path.endswith(".pt"):
-        torch.save(obj, partial)
-    else:
-        with open(partial, "w") as f:
-            f.write(obj)
-    os.replace(partial, path)
+    try:
+        if path.endswith(".pt"):
+            torch.save(obj, partial)
+        else:
+            with open(partial, "w") as f:
+                f.write(obj)
+        os.replace(partial, path)
+        return
+    except (OSError, RuntimeError) as err:           # torch.save reports a full disk as a RuntimeError, no errno
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else one_line(err)
+    try:                                             # (after the except clause, which kept torch's writer open)
+        os.remove(partial)
+    except OSError:
+        pass
+    try:
+        free = f"; {shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free:,} bytes free on its disk"
+    except OSError:
+        free = ""
+    raise RunFolderError(f"cannot write {path} ({reason}){free}")
 
 
 def training_data(flat, starts, lengths, num_items, max_len):
@@ -522,10 +562,14 @@ def restore(checkpoint_path, model, optimizer):
     if not os.path.exists(checkpoint_path):
         state = {"epoch": 0, "best_epoch": 0, "best_ndcg": -1.0, "history": []}
         return state, {k: v.clone() for k, v in model.state_dict().items()}
-    checkpoint = torch.load(checkpoint_path, map_location=next(model.parameters()).device, weights_only=False)
-    model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    return checkpoint["state"], checkpoint["best_model"]
+    try:  # map_location: a checkpoint written on any device (a GPU, the CPU) loads onto this run's device
+        checkpoint = torch.load(checkpoint_path, map_location=next(model.parameters()).device, weights_only=False)
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        return checkpoint["state"], checkpoint["best_model"]
+    except Exception as err:  # whatever a truncated, foreign or garbled file raises (zip, pickle, key, shape errors)
+        raise RunFolderError(f"{checkpoint_path} is damaged or not this run's checkpoint ({one_line(err)}); nothing "
+                             f"was changed: remove it to train this run from its start") from None
 
 
 def adam(model, lr, device):
@@ -581,8 +625,11 @@ def train(config, sequences, run_dir, log=print):
         if metrics["NDCG@10"] > state["best_ndcg"]:
             state["best_epoch"], state["best_ndcg"] = epoch, metrics["NDCG@10"]
             best_model = {k: v.clone() for k, v in model.state_dict().items()}
-        save_atomically({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state,
-                         "best_model": best_model}, checkpoint_path)
+        try:
+            save_atomically({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state,
+                             "best_model": best_model}, checkpoint_path)
+        except RunFolderError as err:
+            raise RunFolderError(f"{err}; the run folder keeps the checkpoint of epoch {epoch - 1}") from None
         save_atomically("".join(json.dumps(r) + "\n" for r in state["history"]), os.path.join(run_dir, "log.jsonl"))
         log(f"epoch {epoch:3d}  loss {row['loss']:.4f}  valid HR@10 {metrics['HR@10']:.4f} NDCG@10 "
             f"{metrics['NDCG@10']:.4f}  best epoch {state['best_epoch']}  {train_seconds:.1f}s + "
@@ -817,8 +864,7 @@ def configure(argv):
         saved_path = os.path.join(config["resume"], "config.json")
         if not os.path.isfile(saved_path):
             raise ConfigError(f"--resume {config['resume']}: no config.json there, not a run folder")
-        with open(saved_path) as f:
-            saved = json.load(f)
+        saved = read_json(saved_path, "this folder cannot be resumed")
         for key, value in given.items():
             if key not in RUN_ONLY_KEYS and saved.get(key) != value:
                 raise ConfigError(f"--resume {config['resume']}: that run has --{key.replace('_', '-')} "
@@ -840,22 +886,41 @@ def prepare_run_dir(config, run_dir):
     """Create the run folder, or check that an existing one holds this same configuration."""
     saved_path = os.path.join(run_dir, "config.json")
     if os.path.isfile(saved_path):
-        with open(saved_path) as f:
-            saved = json.load(f)
+        saved = read_json(saved_path, "choose another --out, or remove the folder to start over")
         differing = [k for k in config if k not in RUN_ONLY_KEYS and saved.get(k) != config[k]]
         if differing:
             key = differing[0]
             raise ConfigError(f"{run_dir} holds a run with --{key.replace('_', '-')} {saved.get(key)}, not "
                               f"{config[key]}; choose another --out")
+    elif os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise RunFolderError(f"{run_dir} is a file, not a run folder; choose another --out")
     else:
-        os.makedirs(run_dir, exist_ok=True)
-        save_atomically(json.dumps(config, indent=2) + "\n", saved_path)
+        missing = []                                                        # the folders this call creates
+        folder = os.path.abspath(run_dir)
+        while not os.path.exists(folder) and folder != os.path.dirname(folder):
+            missing.append(folder)
+            folder = os.path.dirname(folder)
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+            save_atomically(json.dumps(config, indent=2) + "\n", saved_path)
+        except (OSError, RunFolderError) as err:
+            for folder in missing:                                          # innermost first; only if still empty
+                try:
+                    os.rmdir(folder)
+                except OSError:
+                    pass
+            if isinstance(err, RunFolderError):
+                raise
+            raise RunFolderError(f"cannot create the run folder {run_dir} ({err.strerror or err})") from None
 
 
 def lock_run_dir(run_dir):
     """An exclusive lock on the run folder for as long as the returned file stays open; the operating system
     releases it when the process ends, however it ends. (No lock where fcntl does not exist, as on Windows.)"""
-    handle = open(os.path.join(run_dir, ".lock"), "w")
+    try:
+        handle = open(os.path.join(run_dir, ".lock"), "w")
+    except OSError as err:
+        raise RunFolderError(f"cannot write in the run folder {run_dir} ({err.strerror or err})") from None
     if fcntl:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -874,8 +939,10 @@ def main(argv=None):
         lock = lock_run_dir(run_dir)                                        # noqa: F841 - held until main returns
         metrics_path = os.path.join(run_dir, "metrics.json")
         if os.path.isfile(metrics_path):
-            with open(metrics_path) as f:
-                test = json.load(f)["test"]
+            test = read_json(metrics_path, "remove it to test the run's best state again").get("test")
+            if not isinstance(test, dict):
+                raise RunFolderError(f"{metrics_path} has no test results; remove it to test the run's best state "
+                                     f"again")
             print(f"{run_dir} is finished: test " + "  ".join(f"{k} {v:.4f}" for k, v in test.items()))
             return 0
         train(config, sequences, run_dir, log=lambda line: print(line, flush=True))
