@@ -1,5 +1,6 @@
 """Runs that survive interruption, repeat exactly, and refuse bad input with one line (exit code 2)."""
 import errno
+import io
 import json
 import os
 import signal
@@ -493,3 +494,49 @@ def test_a_run_folder_in_use_by_another_process_is_refused(tmp_path, capsys, bea
         holder.kill()
         holder.wait()
     assert U.main(args) == 0                                                    # the lock dies with its process
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Progress within an epoch: one updating line on a terminal, nothing anywhere else
+# ----------------------------------------------------------------------------------------------------------------
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_is_one_updating_terminal_line_at_most_once_an_interval(tmp_path):
+    sequences = U.read_sequences(small_data(tmp_path, users=200))
+    config, _ = U.configure(["--data", str(tmp_path / "small.txt"), *SMALL, "--batch-size", "16"])
+    flat, starts, lengths, num_items = U.load_sequences(sequences, "cpu")
+    data = U.training_data(flat, starts, lengths, num_items, 50)
+    model = U.build_model("sasrec", num_items, 16, 1, 1, 0.5, 50, 5)
+    optimizer = U.adam(model, 1e-3, torch.device("cpu"))
+    steps = -(-len(data[1]) // 16)
+    screen = Terminal()
+    progress = U.ProgressLine(screen, interval=1.0)
+    ticks = iter(range(10 ** 6))
+    progress.clock = lambda: next(ticks) / 4                                   # a clock that ticks 0.25 s a reading
+    progress.start("epoch 1")
+    U.train_epoch(model, optimizer, data, config, 1, progress)
+    updates = screen.getvalue().split("\r")[1:]
+    assert len(updates) == steps // 4 and steps > 40                           # once a second, not once a step
+    assert updates[0] == f"epoch 1: 4/{steps} steps, 0:{round((steps - 4) / 4):02d} left"  # 1 s for 4 steps
+    assert updates[-1].startswith(f"epoch 1: {steps // 4 * 4}/{steps} steps, 0:0")
+    assert all(len(new) >= len(old.rstrip()) for old, new in zip(updates, updates[1:]))  # each covers the last
+    progress.clear()
+    assert screen.getvalue().endswith("\r" + " " * len(updates[-1]) + "\r")
+
+
+def test_no_progress_where_the_output_is_not_a_terminal(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(U.ProgressLine, "__init__", lambda self, stream=None, interval=1.0: original_init(
+        self, stream, interval=0.0))                                           # would update every step
+    run = tmp_path / "run"
+    assert U.main(["--data", small_data(tmp_path, users=200), "--out", str(run), *SMALL, "--epochs", "2",
+                   "--batch-size", "16"]) == 0
+    captured = capsys.readouterr()                                             # pytest's capture: not a terminal
+    assert captured.err == "" and "steps" not in captured.out and "\r" not in captured.out
+    assert "steps" not in (run / "log.jsonl").read_text()
+
+
+original_init = U.ProgressLine.__init__
