@@ -43,16 +43,23 @@ BAD_FILES = [
     ("not text", "1 1 2 3\n2 \xe9 3 4\n", "line 2: byte 0xe9 at column 3 is not UTF-8 text"),
     ("id beyond 64 bits", "1 1 2 3\n2 2 99999999999999999999999 4\n",
      "line 2: id 99999999999999999999999 is too large (ids go up to 2**63 - 1)"),
-    ("id of 5000 digits", "1 1 2 3\n2 2 " + "9" * 5000 + " 4\n", "line 2: id 99999999999999999999...(5000 characters) is too large"),
+    ("id of 5000 digits", "1 1 2 3\n2 2 " + "9" * 5000 + " 4\n",
+     "line 2: id 99999999999999999999...(5000 characters) is too large"),
     ("user id beyond 64 bits", "1 1 2 3\n18446744073709551616 2 3 4\n", "line 2: id 18446744073709551616 is too large"),
     ("NUL byte", "1 1 2 3\n2 2\x003 4\n", "line 2: NUL byte at column 4"),
     ("NUL padding", "1 1 2 3\n2 2 3 4\n" + "\x00" * 512, "line 3: NUL byte at column 1"),
     ("UTF-16 without byte-order mark", "1 1 2 3\n".encode("utf-16-le").decode("latin-1"),
      "looks like UTF-16 without a byte-order mark"),
-    ("UTF-16 cut off", "\ufeff1 1 2 3\n".encode("utf-16-le").decode("latin-1") + "x", "UTF-16-LE byte-order mark, but byte"),
-    ("comma-separated", "1,1,2,3\n", "line 1: '1,1,2,3' is not an integer id (ids are separated by spaces or tabs, not commas)"),
-    ("superscript digit", "1 1 2 3\n2 2 3 \u00b2\n".encode().decode("latin-1"), "line 2: '\u00b2' is not an integer id"),
+    ("UTF-16 cut off", "\ufeff1 1 2 3\n".encode("utf-16-le").decode("latin-1") + "x",
+     "UTF-16-LE byte-order mark, but byte"),
+    ("comma-separated", "1,1,2,3\n",
+     "line 1: '1,1,2,3' is not an integer id (ids are separated by spaces or tabs, not commas)"),
+    ("superscript digit", "1 1 2 3\n2 2 3 \u00b2\n".encode().decode("latin-1"),
+     "line 2: '\u00b2' is not an integer id"),
     ("only blank lines", "\n \n\t\n", "is empty"),
+    ("item ids far beyond the number of items", "1 1 2 3\n2 2 3 1000000000000\n",
+     "most of it for evaluation (1,024 users x 1,000,000,000,001 scores) (item ids run up to 1,000,000,000,000 for 4 "
+     "items: number them 1..4)"),
 ]
 
 
@@ -105,7 +112,8 @@ BAD_FLAGS = [
     (["--max-len", str(2 ** 63)], "--max-len 9223372036854775808 is too large (integers go up to 2**63 - 1)"),
     (["--batch-size", str(10 ** 30)], f"--batch-size {10 ** 30} is too large"),
     (["--epochs", str(10 ** 30)], f"--epochs {10 ** 30} is too large"),
-    (["--seed", str(2 ** 64)], "--seed must be from -2**63 to 2**64 - 1, the seeds torch takes (got 18446744073709551616)"),
+    (["--seed", str(2 ** 64)],
+     "--seed must be from -2**63 to 2**64 - 1, the seeds torch takes (got 18446744073709551616)"),
     (["--seed", str(-2 ** 63 - 1)], "--seed must be from -2**63 to 2**64 - 1"),
     (["--dim", str(10 ** 9)], "most of it for the model's weights (--layers 1, --dim 1000000000)"),
     (["--dim", str(10 ** 12)], "training would need about"),
@@ -529,7 +537,8 @@ def test_progress_is_one_updating_terminal_line_at_most_once_an_interval(tmp_pat
 
 
 def test_no_progress_where_the_output_is_not_a_terminal(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(U.ProgressLine, "__init__", lambda self, stream=None, interval=1.0: original_init(
+    init = U.ProgressLine.__init__
+    monkeypatch.setattr(U.ProgressLine, "__init__", lambda self, stream=None, interval=1.0: init(
         self, stream, interval=0.0))                                           # would update every step
     run = tmp_path / "run"
     assert U.main(["--data", small_data(tmp_path, users=200), "--out", str(run), *SMALL, "--epochs", "2",
@@ -538,5 +547,3 @@ def test_no_progress_where_the_output_is_not_a_terminal(tmp_path, capsys, monkey
     assert captured.err == "" and "steps" not in captured.out and "\r" not in captured.out
     assert "steps" not in (run / "log.jsonl").read_text()
 
-
-original_init = U.ProgressLine.__init__

@@ -779,7 +779,8 @@ def resolve_device(name):
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
-        raise ConfigError(f"--device '{name}' is not a device name torch knows (auto, cpu, cuda, cuda:N, mps)") from None
+        raise ConfigError(f"--device '{name}' is not a device name torch knows (auto, cpu, cuda, cuda:N, "
+                          f"mps)") from None
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if not count:
@@ -872,8 +873,13 @@ def check_memory(config, sequences):
     terms = memory_estimate(config, sequences)
     if available and sum(terms.values()) > available:
         biggest, gib = max(terms, key=terms.get), sum(terms.values()) / 2 ** 30
+        table, _, _, scores = terms                                        # the terms that grow with the ids
+        largest, distinct = max(max(s) for s in sequences), len({i for s in sequences for i in s})
+        sparse = ""
+        if biggest in (table, scores) and largest > 2 * distinct:
+            sparse = f" (item ids run up to {largest:,} for {distinct:,} items: number them 1..{distinct:,})"
         raise ConfigError(f"training would need about {gib:,.{1 if gib < 100 else 0}f} GiB, more than the "
-                          f"{available / 2 ** 30:,.1f} GiB of {config['device']}; most of it for {biggest}")
+                          f"{available / 2 ** 30:,.1f} GiB of {config['device']}; most of it for {biggest}{sparse}")
 
 
 def data_path_of(config):
