@@ -10,6 +10,7 @@
   eval   full-ranking evaluation of every Beauty user, against its bare lower bound: the same matrix product and
          comparison on history vectors already computed and on the device
   memory peak memory of training (SASRec, uniformity loss) and of evaluation
+  progress  (only when named) train_epoch with the progress line, drawn on a pseudo-terminal, against without it
 
 Timings are medians of repeated runs where a section is cheap enough to repeat; ratios are measured side by side.
 """
@@ -154,6 +155,59 @@ def bench_train(setup, device, steps, rows):
                  f"{1 / per_example:,.0f} samples/s", f"{per_example * examples:.1f} s/epoch"))
 
 
+def bench_progress(path, device, rows, pairs=4, users=3000):
+    """Seconds of train_epoch on the first `users` Beauty users (SASRec + uniform, paper settings) with the progress
+    line (at its interval of 1 s, and at every step) and without it, in interleaved pairs (ABBA order); the ratio is
+    the median of the pairs'."""
+    flat, starts, lengths, num_items = U.load_sequences(read_sequences(path)[:users], device)
+    data = U.training_data(flat, starts, lengths, num_items, 50)
+    config = {"seed": 1, "batch_size": 256, "length_groups": 8, "loss": "uniform", "beta": 0.05, "t": 2.0,
+              "normalize": True, "rec": True, "hom": True, "het": True}
+    torch.manual_seed(0)
+    model = U.build_model("sasrec", num_items, 64, 2, 2, 0.5, 50, 5).to(device)
+    optimizer = U.adam(model, 1e-3, device)
+    leader, follower = os.openpty()                                        # a terminal, so the line is written
+    os.set_blocking(leader, False)
+    terminal = os.fdopen(follower, "w")
+    epochs = iter(range(1, 10 ** 6))
+
+    def epoch(interval):
+        progress = None
+        if interval is not None:
+            progress = U.ProgressLine(terminal, interval)
+            assert progress.enabled
+            progress.start("epoch")
+        synchronize(device)
+        started = time.perf_counter()
+        U.train_epoch(model, optimizer, data, config, next(epochs), progress)
+        synchronize(device)
+        seconds = time.perf_counter() - started
+        if progress:
+            progress.clear()
+        try:
+            while os.read(leader, 1 << 16):                                # drain what the terminal received
+                pass
+        except BlockingIOError:
+            pass
+        return seconds
+
+    epoch(None)                                                            # warm-up
+    steps = -(-len(data[1]) // 256)
+    for interval, label in ((1.0, "updated at most once a second (as in training)"), (0.0, "updated every step")):
+        without, with_line = [], []
+        for pair in range(pairs):
+            first, second = (None, interval) if pair % 2 == 0 else (interval, None)
+            times = {first: epoch(first)}
+            times[second] = epoch(second)
+            without.append(times[None])
+            with_line.append(times[interval])
+        ratios = [w / o for w, o in zip(with_line, without)]
+        rows.append(("progress", f"train_epoch, {users:,} Beauty users ({steps} steps): without the line",
+                     f"{statistics.median(without):.2f} s", ""))
+        rows.append(("progress", f"  with the line, {label}", f"{statistics.median(with_line):.2f} s",
+                     f"ratio {statistics.median(ratios):.3f} (pairs: {', '.join(f'{r:.3f}' for r in ratios)})"))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 3. Evaluation against its lower bound
 # ---------------------------------------------------------------------------------------------------------------
@@ -252,6 +306,8 @@ def main():
         bench_eval(setup, device, rows)
     if "memory" in sections:
         bench_memory(args, device, rows)
+    if "progress" in sections:
+        bench_progress(path, device, rows)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()} CPU cores"
     print(f"device: {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads")
     print("| section | what | time | ratio |\n|---|---|---|---|")

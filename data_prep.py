@@ -11,6 +11,7 @@ The files are the S3-Rec ones (docs/datasets.md): 5-core, chronological, ids fro
 and reject exactly the same files. Standard library only (numpy is not even needed).
 """
 import argparse
+import codecs
 import gzip
 import hashlib
 import json
@@ -55,42 +56,39 @@ def benchmark_path(name, data_dir):
 # Reading and checking a data file
 # ---------------------------------------------------------------------------------------------------------------
 
+MAX_ID = 2 ** 63 - 1  # ids index torch's int64 tensors
+
+
 def read_sequences(path):
     """Read a one-line-per-user file into a list of item-id lists, in file order.
 
-    Accepts LF or CRLF endings. Raises DataError, naming the file and line, for: a missing file or a folder,
-    an empty file, a blank line, a token that is not an integer, an id below 1 (0 is padding), a user listed
-    twice, and a user with fewer than 3 items.
+    Accepts what text editors and spreadsheets leave behind where the meaning is clear: a UTF-8 byte-order mark,
+    UTF-16 with a byte-order mark (Notepad's and Excel's "Unicode"), LF, CRLF or CR line endings, tabs or any
+    whitespace between ids, trailing whitespace, blank lines (a line is a user only with its id), no final newline,
+    a final Ctrl-Z. Raises DataError, naming the file and, where there is one, the line: a missing file, a folder,
+    an unreadable or empty file, NUL bytes, bytes that are not UTF-8 text, a token that is not an integer id, an id
+    below 1 (0 is padding) or above 2**63 - 1 (the machine's integers), a user listed twice, and a user with fewer
+    than 3 items.
     """
     if not os.path.exists(path):
         raise DataError(f"no such data file: {path}")
     if os.path.isdir(path):
         raise DataError(f"{path} is a folder, not a data file")
-    with open(path, "rb") as f:
-        raw = f.read()
-    if not raw.strip():
-        raise DataError(f"{path} is empty")
     try:
-        text = raw.decode("ascii")
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: byte {err.start} is not ASCII; expected lines of integer ids") from None
-    lines = text.replace("\r\n", "\n").split("\n")
-    if lines[-1] == "":
-        lines.pop()  # the final newline
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as err:
+        raise DataError(f"cannot read {path}: {err.strerror or err}") from None
+    lines = decoded_lines(path, raw)
+    if not any(line.strip() for line in lines):
+        raise DataError(f"{path} is empty")
     sequences, line_of_user = [], {}
     for number, line in enumerate(lines, start=1):
-        tokens = line.split()
+        tokens = line.split()                                               # any whitespace, NBSP included
         if not tokens:
-            raise DataError(f"{path} line {number}: blank line")
-        ids = []
-        for token in tokens:
-            if not token.lstrip("-").isdigit():
-                raise DataError(f"{path} line {number}: '{token}' is not an integer id")
-            ids.append(int(token))
+            continue                                                        # a blank line is no user
+        ids = [integer_id(path, number, token) for token in tokens]
         user, items = ids[0], ids[1:]
-        bad = [i for i in ids if i < 1]
-        if bad:
-            raise DataError(f"{path} line {number}: id {bad[0]} is invalid (ids start at 1; 0 is padding)")
         if user in line_of_user:
             raise DataError(f"{path} line {number}: user {user} already appears on line {line_of_user[user]}")
         line_of_user[user] = number
@@ -99,6 +97,66 @@ def read_sequences(path):
                             f"are needed (training, validation, test)")
         sequences.append(items)
     return sequences
+
+
+def line_and_column(raw, position):
+    """1-based line and column of byte `position`, counting LF, CRLF and CR as line ends."""
+    before = raw[:position].replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    return before.count(b"\n") + 1, len(before) - before.rfind(b"\n")
+
+
+def decoded_lines(path, raw):
+    """The text lines of a data file's bytes: UTF-8 (ASCII included) or UTF-16 with a byte-order mark."""
+    for bom, codec in ((codecs.BOM_UTF8, "utf-8"), (codecs.BOM_UTF16_LE, "utf-16-le"),
+                       (codecs.BOM_UTF16_BE, "utf-16-be")):
+        if raw.startswith(bom):
+            raw = raw[len(bom):]
+            break
+    else:
+        codec = "utf-8"
+    if codec != "utf-8":
+        try:
+            text = raw.decode(codec)
+        except UnicodeDecodeError as err:
+            raise DataError(f"{path}: {codec.upper()} byte-order mark, but byte {err.start + 2} does not decode "
+                            f"({err.reason}); save the file as UTF-8") from None
+    else:
+        if b"\x00" in raw:
+            if len(raw) >= 4 and (not any(raw[1::2]) or not any(raw[0::2])):
+                raise DataError(f"{path} looks like UTF-16 without a byte-order mark (every other byte is NUL); "
+                                f"save it as UTF-8")
+            number, column = line_and_column(raw, raw.index(b"\x00"))
+            raise DataError(f"{path} line {number}: NUL byte at column {column}; is the file damaged or not text?")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            number, column = line_and_column(raw, err.start)
+            raise DataError(f"{path} line {number}: byte 0x{raw[err.start]:02x} at column {column} is not UTF-8 "
+                            f"text; expected lines of integer ids") from None
+    if "\x00" in text:
+        number = text[:text.index("\x00")].replace("\r\n", "\n").replace("\r", "\n").count("\n") + 1
+        raise DataError(f"{path} line {number}: NUL character; is the file damaged or not text?")
+    if text.endswith("\x1a"):                                                # DOS end-of-file mark
+        text = text[:-1]
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    if lines[-1] == "":
+        lines.pop()                                                         # the final newline
+    return lines
+
+
+def integer_id(path, number, token):
+    """One token of line `number` as an id in 1 .. MAX_ID, or a DataError saying what is wrong with it."""
+    shown = token if len(token) <= 40 else f"{token[:20]}...({len(token)} characters)"
+    digits = token[1:] if token.startswith("-") else token
+    if not digits.isdecimal():                                              # the digits int() reads, and only them
+        hint = " (ids are separated by spaces or tabs, not commas)" if "," in token or ";" in token else ""
+        raise DataError(f"{path} line {number}: '{shown}' is not an integer id{hint}")
+    significant = digits.lstrip("0")                                       # int() refuses over 4,300 digits
+    if token.startswith("-") or not significant:
+        raise DataError(f"{path} line {number}: id {shown} is invalid (ids start at 1; 0 is padding)")
+    if len(significant) > len(str(MAX_ID)) or int(significant) > MAX_ID:
+        raise DataError(f"{path} line {number}: id {shown} is too large (ids go up to 2**63 - 1)")
+    return int(significant)
 
 
 def statistics_of(sequences):

@@ -9,9 +9,7 @@ import pytest
 
 import data_prep as D
 import uniform_seqrec as U
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-DATA_DIR = os.environ.get("UNIFORM_SEQREC_DATA") or os.path.join(HERE, "..", "shared", "data")
+from conftest import DATA_DIR, missing, needs
 
 
 def write_amazon(path, records):
@@ -123,9 +121,9 @@ def test_rebuild_rejects_a_file_that_is_not_a_review_dump(tmp_path):
 
 @pytest.fixture
 def server(tmp_path):
+    if missing("beauty"):
+        pytest.skip(missing("beauty"))
     source = os.path.join(DATA_DIR, "Beauty.txt")
-    if not os.path.isfile(source):
-        pytest.skip(f"{source} not found")
     folder = tmp_path / "server"
     folder.mkdir()
     shutil.copy(source, folder / "Beauty.txt")
@@ -180,9 +178,9 @@ PUBLISHED = {  # users, items, interactions, avg len, min, median, max, min freq
 
 @pytest.mark.parametrize("name", list(PUBLISHED))
 def test_published_files_have_the_documented_statistics_and_checksums(name):
+    if missing(name):
+        pytest.skip(missing(name))
     path = D.benchmark_path(name, DATA_DIR)
-    if not os.path.isfile(path):
-        pytest.skip(f"{path} not found")
     assert D.sha256_of(path) == D.BENCHMARKS[name][1]
     s = D.statistics_of(D.read_sequences(path))
     keys = ("users", "items", "interactions", "average length", "min length", "median length", "max length",
@@ -192,10 +190,9 @@ def test_published_files_have_the_documented_statistics_and_checksums(name):
     assert s["largest item id"] == s["items"] and D.format_warnings(D.read_sequences(path)) == []
 
 
+@needs("toys")
 def test_stats_command_prints_the_table(capsys):
     path = D.benchmark_path("toys", DATA_DIR)
-    if not os.path.isfile(path):
-        pytest.skip(f"{path} not found")
     assert D.main(["--stats", path]) == 0
     out = capsys.readouterr().out
     assert "users                        19,412" in out and "density %" in out and "warning" not in out

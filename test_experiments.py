@@ -10,9 +10,9 @@ import sys
 import pytest
 
 import experiments as E
+from conftest import DATA_DIR, needs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DATA_DIR = os.environ.get("UNIFORM_SEQREC_DATA") or os.path.join(HERE, "..", "shared", "data")
 
 
 def test_the_tables_have_the_papers_cells():
@@ -93,9 +93,8 @@ def test_choose_keeps_the_best_validation_point_and_says_how_many_ran(tmp_path, 
     assert "# 0.0300, 3 of 12" in (tmp_path / "h.tsv").read_text()
 
 
+@needs("beauty")
 def test_cells_sharing_a_configuration_train_once(monkeypatch):
-    if not os.path.isfile(os.path.join(DATA_DIR, "Beauty.txt")):
-        pytest.skip("Beauty.txt not found")
     monkeypatch.setenv("UNIFORM_SEQREC_DATA", DATA_DIR)
     monkeypatch.setattr(E.U, "default_data_dir", lambda: DATA_DIR)
     monkeypatch.setattr(E, "read_hyperparameters", lambda path=None: {})

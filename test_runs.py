@@ -1,4 +1,6 @@
 """Runs that survive interruption, repeat exactly, and refuse bad input with one line (exit code 2)."""
+import errno
+import io
 import json
 import os
 import signal
@@ -12,8 +14,6 @@ import torch
 import uniform_seqrec as U
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DATA_DIR = os.environ.get("UNIFORM_SEQREC_DATA") or os.path.join(HERE, "..", "shared", "data")
-BEAUTY = os.path.join(DATA_DIR, "Beauty.txt")
 BEAUTY_SLICE_USERS = 1500  # the conftest.py fixture beauty_slice
 SMALL = ["--model", "sasrec", "--dim", "16", "--layers", "1", "--heads", "1", "--device", "cpu", "--lr", "1e-3"]
 
@@ -32,7 +32,6 @@ def run_cli(*args, timeout=300):
 GOOD = "1 1 2 3 4\n2 2 3 4 5\n3 3 4 5 1 2\n"
 BAD_FILES = [
     ("empty", "", "is empty"),
-    ("blank line", "1 1 2 3\n\n2 2 3 4\n", "line 2: blank line"),
     ("not an integer", "1 1 2 3\n2 2 x 4\n", "line 2: 'x' is not an integer id"),
     ("a float", "1 1 2.5 3\n", "line 1: '2.5' is not an integer id"),
     ("negative id", "1 1 2 3\n2 2 -3 4\n", "line 2: id -3 is invalid"),
@@ -41,7 +40,26 @@ BAD_FILES = [
     ("too short", "1 1 2 3\n2 5 6\n", "line 2: user 2 has 2 item(s); at least 3"),
     ("only a user", "1 1 2 3\n2\n", "line 2: user 2 has 0 item(s)"),
     ("user twice", "1 1 2 3\n1 2 3 4\n", "line 2: user 1 already appears on line 1"),
-    ("not text", "1 1 2 3\n2 \xe9 3 4\n", "is not ASCII"),
+    ("not text", "1 1 2 3\n2 \xe9 3 4\n", "line 2: byte 0xe9 at column 3 is not UTF-8 text"),
+    ("id beyond 64 bits", "1 1 2 3\n2 2 99999999999999999999999 4\n",
+     "line 2: id 99999999999999999999999 is too large (ids go up to 2**63 - 1)"),
+    ("id of 5000 digits", "1 1 2 3\n2 2 " + "9" * 5000 + " 4\n",
+     "line 2: id 99999999999999999999...(5000 characters) is too large"),
+    ("user id beyond 64 bits", "1 1 2 3\n18446744073709551616 2 3 4\n", "line 2: id 18446744073709551616 is too large"),
+    ("NUL byte", "1 1 2 3\n2 2\x003 4\n", "line 2: NUL byte at column 4"),
+    ("NUL padding", "1 1 2 3\n2 2 3 4\n" + "\x00" * 512, "line 3: NUL byte at column 1"),
+    ("UTF-16 without byte-order mark", "1 1 2 3\n".encode("utf-16-le").decode("latin-1"),
+     "looks like UTF-16 without a byte-order mark"),
+    ("UTF-16 cut off", "\ufeff1 1 2 3\n".encode("utf-16-le").decode("latin-1") + "x",
+     "UTF-16-LE byte-order mark, but byte"),
+    ("comma-separated", "1,1,2,3\n",
+     "line 1: '1,1,2,3' is not an integer id (ids are separated by spaces or tabs, not commas)"),
+    ("superscript digit", "1 1 2 3\n2 2 3 \u00b2\n".encode().decode("latin-1"),
+     "line 2: '\u00b2' is not an integer id"),
+    ("only blank lines", "\n \n\t\n", "is empty"),
+    ("item ids far beyond the number of items", "1 1 2 3\n2 2 3 1000000000000\n",
+     "most of it for evaluation (1,024 users x 1,000,000,000,001 scores) (item ids run up to 1,000,000,000,000 for 4 "
+     "items: number them 1..4)"),
 ]
 
 
@@ -75,6 +93,33 @@ BAD_FLAGS = [
     (["--no-rec", "--no-hom", "--no-het"], "leave no loss to train"),
     (["--epochs", "ten"], "argument --epochs: invalid int value: 'ten'"),
     (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+    # every number at its edges: zero, negative, nan, inf, beyond the machine's integers, beyond its memory
+    (["--lr", "inf"], "--lr must be finite (got inf)"),
+    (["--lr", "1e400"], "--lr must be finite (got inf)"),
+    (["--lr=-inf"], "--lr must be positive (got -inf)"),
+    (["--beta", "nan"], "--beta must be a finite number >= 0 (got nan)"),
+    (["--beta", "inf"], "--beta must be a finite number >= 0 (got inf)"),
+    (["--t", "nan"], "--t must be a finite number >= 0 (got nan)"),
+    (["--t", "inf"], "--t must be a finite number >= 0 (got inf)"),
+    (["--dropout", "nan"], "--dropout must be in [0, 1) (got nan)"),
+    (["--dropout", "-0.1"], "--dropout must be in [0, 1) (got -0.1)"),
+    (["--dropout", "inf"], "--dropout must be in [0, 1) (got inf)"),
+    (["--heads", "0"], "--heads must be positive (got 0)"),
+    (["--layers", "-1"], "--layers must be positive (got -1)"),
+    (["--caser-window", "0"], "--caser-window must be positive (got 0)"),
+    (["--length-groups", "0"], "--length-groups must be positive (got 0)"),
+    (["--epochs", "0"], "--epochs must be positive (got 0)"),
+    (["--max-len", str(2 ** 63)], "--max-len 9223372036854775808 is too large (integers go up to 2**63 - 1)"),
+    (["--batch-size", str(10 ** 30)], f"--batch-size {10 ** 30} is too large"),
+    (["--epochs", str(10 ** 30)], f"--epochs {10 ** 30} is too large"),
+    (["--seed", str(2 ** 64)],
+     "--seed must be from -2**63 to 2**64 - 1, the seeds torch takes (got 18446744073709551616)"),
+    (["--seed", str(-2 ** 63 - 1)], "--seed must be from -2**63 to 2**64 - 1"),
+    (["--dim", str(10 ** 9)], "most of it for the model's weights (--layers 1, --dim 1000000000)"),
+    (["--dim", str(10 ** 12)], "training would need about"),
+    (["--layers", str(10 ** 9)], "training would need about"),
+    (["--model", "gru4rec", "--layers", str(10 ** 9)], "training would need about"),
+    (["--model", "caser", "--caser-window", str(10 ** 9)], "training would need about"),
 ]
 
 
@@ -96,6 +141,76 @@ def test_bad_flag_is_one_line_error(tmp_path, capsys, flags, expected):
     assert not (tmp_path / "run").exists()
 
 
+BAD_DEVICES = [  # (--device, what torch reports about CUDA: (is_available, device_count), expected)
+    ("cuda", (False, 0), "--device cuda: CUDA is not available on this machine"),
+    ("cuda:0", (False, 0), "--device cuda:0: CUDA is not available on this machine"),
+    ("cuda:2", (True, 1), "--device cuda:2: this machine has 1 CUDA device(s), cuda:0 to cuda:0"),
+    ("tpu", None, "--device 'tpu' is not a device name torch knows (auto, cpu, cuda, cuda:N, mps)"),
+    ("gpu", None, "--device 'gpu' is not a device name torch knows"),
+    ("cuda:x", None, "--device 'cuda:x' is not a device name torch knows"),
+    ("", None, "--device '' is not a device name torch knows"),
+    ("meta", None, "--device meta: there is no meta device to train on here"),
+]
+
+
+@pytest.mark.parametrize("device,cuda,expected", BAD_DEVICES, ids=[d or "empty" for d, _, _ in BAD_DEVICES])
+def test_a_device_that_is_unknown_or_absent_is_one_line(tmp_path, capsys, monkeypatch, device, cuda, expected):
+    if cuda is not None:                                                        # the same on a machine with a GPU
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda[0])
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: cuda[1])
+    path = tmp_path / "data.txt"
+    path.write_text(GOOD)
+    code = exit_code_of_main(["--data", str(path), "--out", str(tmp_path / "run"), *SMALL, "--device", device])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and expected in err and "Traceback" not in err
+    if cuda is not None:                                                        # and how to see the devices
+        assert "see which there are with: python -c" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_batch_beyond_the_machines_memory_is_one_line(tmp_path, capsys, monkeypatch):
+    """--batch-size 10**12 means one batch of every example: the uniformity loss's (2B)^2 potentials of 20,000
+    triplets need ~60 GiB. On a machine of 16 GiB (whatever this one has) that is refused before anything starts."""
+    path = tmp_path / "data.txt"
+    path.write_text("".join(f"{u} " + " ".join(str(1 + (u * 7 + k * 13) % 500) for k in range(13)) + "\n"
+                            for u in range(1, 2001)))                           # 2,000 users x 10 examples
+    monkeypatch.setattr(U, "device_memory", lambda device: 16 * 2 ** 30)
+    code = U.main(["--data", str(path), "--out", str(tmp_path / "run"), *SMALL, "--batch-size", str(10 ** 12)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "more than the 16.0 GiB of cpu" in err
+    assert "most of it for one batch (20,000 triplets, histories of up to 12 items; --batch-size 1000000000000" in err
+    assert not (tmp_path / "run").exists()
+
+
+def small_data(tmp_path, users=40, items=30):
+    path = tmp_path / "small.txt"
+    path.write_text("".join(f"{u} " + " ".join(str(1 + (u * 7 + k * 11) % items) for k in range(5 + u % 9)) + "\n"
+                            for u in range(1, users + 1)))
+    return str(path)
+
+
+def test_a_history_length_far_beyond_any_history_trains_as_the_longest(tmp_path):
+    """Nothing pads beyond the longest history or allocates for positions no history has: --max-len 10**9 trains
+    (old code: a 64 GB position table), and exactly as --max-len = the longest history (12 items here)."""
+    data, metrics = small_data(tmp_path), {}
+    for max_len in (str(10 ** 9), "12"):
+        out = tmp_path / max_len
+        assert U.main(["--data", data, "--out", str(out), *SMALL, "--epochs", "2", "--max-len", max_len]) == 0
+        metrics[max_len] = json.loads((out / "metrics.json").read_text())["test"]
+    assert metrics[str(10 ** 9)] == metrics["12"]
+
+
+def test_a_seed_anywhere_in_torchs_range_trains_as_torch_takes_it(tmp_path):
+    """torch takes seeds modulo 2**64: -1 is 2**64 - 1. Both train (2**64 - 1 overflowed at epoch 1 before) and give
+    the same numbers."""
+    data, metrics = small_data(tmp_path), {}
+    for seed in ("-1", str(2 ** 64 - 1)):
+        out = tmp_path / seed
+        assert U.main(["--data", data, "--out", str(out), *SMALL, "--epochs", "2", "--seed", seed]) == 0
+        metrics[seed] = json.loads((out / "metrics.json").read_text())["test"]
+    assert metrics["-1"] == metrics[str(2 ** 64 - 1)]
+
+
 def test_a_folder_instead_of_a_file(tmp_path, capsys):
     assert U.main(["--data", str(tmp_path), *SMALL]) == 2
     assert "is a folder, not a data file" in capsys.readouterr().err
@@ -110,9 +225,27 @@ def test_errors_from_a_real_process_have_no_traceback(tmp_path):
         assert result.stderr.startswith("uniform_seqrec.py: error: ")
 
 
-def test_crlf_line_endings_are_accepted(tmp_path):
-    path = tmp_path / "crlf.txt"
-    path.write_bytes(b"1 1 2 3 4\r\n2 2 3 4 5\r\n3 3 4 5 1 2\r\n")
+# what text editors and spreadsheets leave behind, where the meaning is clear: the same three users as GOOD
+EDITED_FILES = [
+    ("CRLF line endings", GOOD.replace("\n", "\r\n").encode()),
+    ("CR line endings", GOOD.replace("\n", "\r").encode()),
+    ("UTF-8 byte-order mark", b"\xef\xbb\xbf" + GOOD.encode()),
+    ("UTF-16 LE with byte-order mark, tabs, CRLF (Excel's Unicode Text)",
+     GOOD.replace(" ", "\t").replace("\n", "\r\n").encode("utf-16")),
+    ("UTF-16 BE with byte-order mark", b"\xfe\xff" + GOOD.encode("utf-16-be")),
+    ("trailing spaces and tabs", GOOD.replace("\n", " \t \n").encode()),
+    ("no final newline", GOOD.rstrip("\n").encode()),
+    ("blank lines", ("\n" + GOOD.replace("\n", "\n \t\n", 1) + "\n\n").encode()),
+    ("non-breaking spaces", GOOD.replace(" ", "\u00a0").encode()),
+    ("leading zeros", GOOD.replace(" 1", " 0001").encode()),
+    ("DOS end-of-file mark", GOOD.encode() + b"\x1a"),
+]
+
+
+@pytest.mark.parametrize("content", [c for _, c in EDITED_FILES], ids=[n for n, _ in EDITED_FILES])
+def test_what_editors_leave_behind_is_accepted(tmp_path, content):
+    path = tmp_path / "data.txt"
+    path.write_bytes(content)
     assert U.read_sequences(str(path)) == [[1, 2, 3, 4], [2, 3, 4, 5], [3, 4, 5, 1, 2]]
 
 
@@ -127,6 +260,154 @@ def test_resume_of_a_folder_with_another_configuration_is_refused(tmp_path, caps
     assert "holds a run with --dim 16, not 32; choose another --out" in capsys.readouterr().err
     assert U.main(["--resume", str(tmp_path)]) == 2
     assert "no config.json there" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Run folders that cannot be created or written, full disks, damaged files, checkpoints from another device
+# ----------------------------------------------------------------------------------------------------------------
+
+def one_line_error(capsys, code, expected):
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and expected in err and "Traceback" not in err, err
+    return err
+
+
+def folder_state(folder):
+    """Every file of a folder with its bytes: to check that a refused command changed nothing."""
+    return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}
+
+
+def test_a_run_folder_that_cannot_be_created_is_one_line_and_leaves_nothing(tmp_path, capsys):
+    data = small_data(tmp_path)
+    (tmp_path / "afile").write_text("keep me")
+    code = U.main(["--data", data, "--out", str(tmp_path / "afile" / "run"), *SMALL])
+    one_line_error(capsys, code, f"cannot create the run folder {tmp_path / 'afile' / 'run'} (Not a directory)")
+    code = U.main(["--data", data, "--out", str(tmp_path / "afile"), *SMALL])
+    one_line_error(capsys, code, f"{tmp_path / 'afile'} is a file, not a run folder; choose another --out")
+    assert sorted(os.listdir(tmp_path)) == ["afile", "small.txt"] and (tmp_path / "afile").read_text() == "keep me"
+
+
+def test_a_full_disk_at_the_start_leaves_no_folder(tmp_path, capsys, monkeypatch):
+    real_replace = os.replace
+
+    def full(source, target):
+        if str(target).endswith("config.json"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", full)
+    code = U.main(["--data", small_data(tmp_path), "--out", str(tmp_path / "runs" / "run"), *SMALL])
+    one_line_error(capsys, code, f"cannot write {tmp_path / 'runs' / 'run' / 'config.json'} (No space left on device)")
+    assert sorted(os.listdir(tmp_path)) == ["small.txt"]                       # both folders it made are gone
+
+
+def test_a_full_disk_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
+    """torch.save fails in epoch 2 after writing part of the file: one line, the partial file is gone, the
+    checkpoint of epoch 1 is whole, and the same command resumes from it once there is room again."""
+    real_save, calls = torch.save, []
+
+    def save(obj, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            with open(path, "wb") as f:
+                f.write(b"PK\x03\x04 half a checkpoint")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    run = tmp_path / "run"
+    args = ["--data", small_data(tmp_path), "--out", str(run), *SMALL, "--epochs", "3"]
+    code = U.main(args)
+    err = one_line_error(capsys, code, f"cannot write {run / 'checkpoint.pt'} (No space left on device)")
+    assert err.rstrip().endswith("the run folder keeps the checkpoint of epoch 1")
+    assert sorted(os.listdir(run)) == [".lock", "checkpoint.pt", "config.json", "log.jsonl"]  # no .partial
+    assert real_load(run / "checkpoint.pt")["state"]["epoch"] == 1
+    monkeypatch.setattr(torch, "save", real_save)
+    assert U.main(args) == 0
+    assert "resuming" in capsys.readouterr().out and (run / "metrics.json").is_file()
+
+
+def real_load(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+@pytest.fixture
+def finished_run(tmp_path, capsys):
+    """A finished one-epoch run on small data: (run folder, its command line)."""
+    run = tmp_path / "run"
+    args = ["--data", small_data(tmp_path), "--out", str(run), *SMALL, "--epochs", "1"]
+    assert U.main(args) == 0
+    capsys.readouterr()
+    return run, args
+
+
+def garbled(data):
+    return bytes(b ^ 0x5A for b in data)
+
+
+DAMAGES = [
+    ("truncated", lambda data: data[:len(data) // 2]),
+    ("empty", lambda data: b""),
+    ("garbled", garbled),
+    ("text", lambda data: b"not a checkpoint\n"),
+]
+
+
+@pytest.mark.parametrize("damage", [d for _, d in DAMAGES], ids=[n for n, _ in DAMAGES])
+def test_a_damaged_checkpoint_is_one_line_and_the_folder_is_kept(finished_run, capsys, damage):
+    run, args = finished_run
+    (run / "metrics.json").unlink()                                            # unfinished: it must load the checkpoint
+    (run / "checkpoint.pt").write_bytes(damage((run / "checkpoint.pt").read_bytes()))
+    before = folder_state(run)
+    for command in (args, ["--resume", str(run)]):
+        one_line_error(capsys, U.main(command), f"{run / 'checkpoint.pt'} is damaged or not this run's checkpoint (")
+        assert folder_state(run) == before
+
+
+def test_a_checkpoint_of_another_model_is_one_line(finished_run, capsys):
+    run, args = finished_run
+    (run / "metrics.json").unlink()
+    checkpoint = real_load(run / "checkpoint.pt")
+    checkpoint["model"]["items.weight"] = checkpoint["model"]["items.weight"][:5]   # another data file's table
+    torch.save(checkpoint, run / "checkpoint.pt")
+    before = folder_state(run)
+    err = one_line_error(capsys, U.main(args), "is damaged or not this run's checkpoint (RuntimeError: Error(s) in "
+                                               "loading state_dict for SASRec: size mismatch for items.weight")
+    assert "remove it to train this run from its start" in err and folder_state(run) == before
+
+
+def test_damaged_json_files_of_a_run_folder_are_one_line(finished_run, capsys):
+    run, args = finished_run
+    metrics = (run / "metrics.json").read_text()
+    (run / "metrics.json").write_text(metrics[:20])
+    one_line_error(capsys, U.main(args), f"{run / 'metrics.json'} is damaged or unreadable (JSONDecodeError")
+    (run / "metrics.json").write_text("[]")
+    one_line_error(capsys, U.main(args), f"{run / 'metrics.json'} is damaged (not a JSON object)")
+    (run / "metrics.json").write_text(metrics)
+    (run / "config.json").write_text((run / "config.json").read_text()[:20])
+    before = folder_state(run)
+    one_line_error(capsys, U.main(args), f"{run / 'config.json'} is damaged or unreadable (JSONDecodeError")
+    one_line_error(capsys, U.main(["--resume", str(run)]), "this folder cannot be resumed")
+    assert folder_state(run) == before
+
+
+def test_a_checkpoint_written_on_a_gpu_resumes_on_the_cpu(finished_run, capsys, monkeypatch):
+    """The checkpoint's tensors are tagged as saved on cuda:0, as a GPU run writes them (torch names each storage's
+    device in the file). On this CPU the run still resumes: every tensor is loaded onto the run's device."""
+    run, args = finished_run
+    result = json.loads((run / "metrics.json").read_text())["test"]
+    (run / "metrics.json").unlink()
+    checkpoint = real_load(run / "checkpoint.pt")
+    registry = torch.serialization._package_registry
+    monkeypatch.setattr(torch.serialization, "_package_registry",
+                        [(0, lambda storage: "cuda:0", lambda obj, location: None), *registry])
+    torch.save(checkpoint, run / "checkpoint.pt")
+    monkeypatch.setattr(torch.serialization, "_package_registry", registry)
+    if not torch.cuda.is_available():                                          # it really names a GPU
+        with pytest.raises(RuntimeError, match="CUDA"):
+            torch.load(run / "checkpoint.pt", weights_only=False)
+    assert U.main(args) == 0                                                   # loads it, tests the best state
+    assert json.loads((run / "metrics.json").read_text())["test"] == result
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -221,3 +502,48 @@ def test_a_run_folder_in_use_by_another_process_is_refused(tmp_path, capsys, bea
         holder.kill()
         holder.wait()
     assert U.main(args) == 0                                                    # the lock dies with its process
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Progress within an epoch: one updating line on a terminal, nothing anywhere else
+# ----------------------------------------------------------------------------------------------------------------
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_is_one_updating_terminal_line_at_most_once_an_interval(tmp_path):
+    sequences = U.read_sequences(small_data(tmp_path, users=200))
+    config, _ = U.configure(["--data", str(tmp_path / "small.txt"), *SMALL, "--batch-size", "16"])
+    flat, starts, lengths, num_items = U.load_sequences(sequences, "cpu")
+    data = U.training_data(flat, starts, lengths, num_items, 50)
+    model = U.build_model("sasrec", num_items, 16, 1, 1, 0.5, 50, 5)
+    optimizer = U.adam(model, 1e-3, torch.device("cpu"))
+    steps = -(-len(data[1]) // 16)
+    screen = Terminal()
+    progress = U.ProgressLine(screen, interval=1.0)
+    ticks = iter(range(10 ** 6))
+    progress.clock = lambda: next(ticks) / 4                                   # a clock that ticks 0.25 s a reading
+    progress.start("epoch 1")
+    U.train_epoch(model, optimizer, data, config, 1, progress)
+    updates = screen.getvalue().split("\r")[1:]
+    assert len(updates) == steps // 4 and steps > 40                           # once a second, not once a step
+    assert updates[0] == f"epoch 1: 4/{steps} steps, 0:{round((steps - 4) / 4):02d} left"  # 1 s for 4 steps
+    assert updates[-1].startswith(f"epoch 1: {steps // 4 * 4}/{steps} steps, 0:0")
+    assert all(len(new) >= len(old.rstrip()) for old, new in zip(updates, updates[1:]))  # each covers the last
+    progress.clear()
+    assert screen.getvalue().endswith("\r" + " " * len(updates[-1]) + "\r")
+
+
+def test_no_progress_where_the_output_is_not_a_terminal(tmp_path, capsys, monkeypatch):
+    init = U.ProgressLine.__init__
+    monkeypatch.setattr(U.ProgressLine, "__init__", lambda self, stream=None, interval=1.0: init(
+        self, stream, interval=0.0))                                           # would update every step
+    run = tmp_path / "run"
+    assert U.main(["--data", small_data(tmp_path, users=200), "--out", str(run), *SMALL, "--epochs", "2",
+                   "--batch-size", "16"]) == 0
+    captured = capsys.readouterr()                                             # pytest's capture: not a terminal
+    assert captured.err == "" and "steps" not in captured.out and "\r" not in captured.out
+    assert "steps" not in (run / "log.jsonl").read_text()
+

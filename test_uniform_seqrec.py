@@ -1,26 +1,21 @@
 """Tests of uniform_seqrec.py: every loss against a slow loop, metrics against brute force, no leakage, causal
 backbones, training that learns, and the command line on a slice of a real benchmark file.
 
-    UNIFORM_SEQREC_DATA=../shared/data python -m pytest -q
+    python -m pytest -q      (the benchmark files in ./data, or in $UNIFORM_SEQREC_DATA)
 """
 import inspect
 import itertools
 import json
 import math
-import os
 
 import pytest
 import torch
 
 import uniform_seqrec as U
+from conftest import BEAUTY, needs
 from data_prep import read_sequences
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-DATA_DIR = os.environ.get("UNIFORM_SEQREC_DATA") or os.path.join(HERE, "..", "shared", "data")
-BEAUTY = os.path.join(DATA_DIR, "Beauty.txt")
 BEAUTY_SLICE_USERS = 600  # the conftest.py fixture beauty_slice
-needs_beauty = pytest.mark.skipif(not os.path.isfile(BEAUTY),
-                                  reason=f"{BEAUTY} not found: run `python data_prep.py beauty` first")
 
 
 def vectors(rows, dim=6, seed=0):
@@ -572,7 +567,7 @@ def test_command_line_trains_and_reports_on_real_data(beauty_slice, tmp_path, ca
     assert "is finished" in capsys.readouterr().out
 
 
-@needs_beauty
+@needs("beauty")
 def test_real_beauty_split_sizes():
     sequences = read_sequences(BEAUTY)
     flat, starts, lengths, num_items = U.load_sequences(sequences, "cpu")

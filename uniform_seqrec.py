@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 
@@ -467,8 +468,9 @@ def embedding_statistics(model, sample, bins=40):
 
 def epoch_seed(seed, epoch):
     """Every random draw of an epoch (order, negatives, dropout) follows from (seed, epoch), so a resumed run
-    repeats an uninterrupted one exactly."""
-    return seed * 1_000_003 + epoch
+    repeats an uninterrupted one exactly. Modulo 2**64, as torch takes any seed it accepts (-2**63 .. 2**64 - 1):
+    the same seeds as without it wherever torch accepted them, and no overflow for a large --seed."""
+    return (seed * 1_000_003 + epoch) % 2 ** 64
 
 
 def group_sizes(batch_size, groups):
@@ -503,9 +505,45 @@ def encode_batch(model, flat, ends, history_lengths, sizes, widths, users=None):
     return torch.cat([model.encode(h, v.view(*h.shape, -1)) for h, v in zip(histories, vectors)])
 
 
-def train_epoch(model, optimizer, data, config, epoch):
+class ProgressLine:
+    """`epoch 3: 412/695 steps, 0:12 left` on one terminal line that rewrites itself (carriage return) at most once
+    every `interval` seconds, on `stream` (stderr) only when it is a terminal: log files and pipes get nothing.
+    `step(done, total)` reads only the clock, never a tensor, so it adds no host-device synchronisation (on a GPU the
+    count is of steps queued, a few ahead of those finished)."""
+
+    def __init__(self, stream=None, interval=1.0):
+        self.stream = sys.stderr if stream is None else stream
+        self.enabled = bool(getattr(self.stream, "isatty", None)) and self.stream.isatty()
+        self.interval, self.width, self.label, self.clock = interval, 0, "", time.monotonic
+
+    def start(self, label):
+        self.label, self.started = label, self.clock()
+        self.next_update = self.started + self.interval
+
+    def step(self, done, total):
+        now = self.clock()
+        if now >= self.next_update:
+            self.next_update = now + self.interval
+            left = round((now - self.started) / done * (total - done))
+            self.show(f"{self.label}: {done:,}/{total:,} steps, {left // 60}:{left % 60:02d} left")
+
+    def show(self, text):
+        if self.enabled:
+            self.stream.write("\r" + text.ljust(self.width))
+            self.stream.flush()
+            self.width = len(text)
+
+    def clear(self):
+        if self.enabled and self.width:
+            self.stream.write("\r" + " " * self.width + "\r")
+            self.stream.flush()
+            self.width = 0
+
+
+def train_epoch(model, optimizer, data, config, epoch, progress=None):
     """One pass over the training examples in a fresh random order with fresh negatives.
-    Returns a tensor with the loss of every step (no host-device synchronisation inside the loop)."""
+    Returns a tensor with the loss of every step (no host-device synchronisation inside the loop).
+    progress: a ProgressLine, told of every step."""
     flat, ends, history_lengths, users, keys, num_items = data
     device = flat.device
     torch.manual_seed(epoch_seed(config["seed"], epoch))                    # dropout
@@ -521,6 +559,8 @@ def train_epoch(model, optimizer, data, config, epoch):
         loss.backward()
         optimizer.step()
         losses[step] = loss.detach()
+        if progress is not None:
+            progress.step(step + 1, len(batches))
     return losses
 
 
@@ -528,19 +568,58 @@ class ConfigError(ValueError):
     """A command line the paper's setting cannot use; the message is one line naming the problem."""
 
 
+class RunFolderError(ConfigError):
+    """A run folder that cannot be created or written (full disk, no permission), or whose files are damaged; the
+    message is one line naming the file and the problem, and nothing in the folder is changed."""
+
+
+def one_line(err, limit=200):
+    """An exception as one short line, for messages that quote it."""
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    text = f"{type(err).__name__}: {text}" if text else type(err).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def read_json(path, what):
+    """A run folder's JSON file (config.json, metrics.json), or a RunFolderError naming it."""
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except (OSError, ValueError) as err:                                    # JSONDecodeError, UnicodeDecodeError
+        raise RunFolderError(f"{path} is damaged or unreadable ({one_line(err)}); {what}") from None
+    if not isinstance(value, dict):
+        raise RunFolderError(f"{path} is damaged (not a JSON object); {what}")
+    return value
+
+
 class TrainingStopped(RuntimeError):
     """Training cannot go on (a non-finite loss); the run folder keeps the last good checkpoint."""
 
 
 def save_atomically(obj, path):
-    """Write to a temporary file in the same folder, then rename: a kill at any moment leaves the old or the new."""
+    """Write to a temporary file in the same folder, then rename: a kill at any moment leaves the old or the new.
+    So does a failed write (a full disk, a folder that cannot be written): the partial file is removed, the old one
+    stays, and a RunFolderError says why."""
     partial = path + ".partial"
-    if path.endswith(".pt"):
-        torch.save(obj, partial)
-    else:
-        with open(partial, "w") as f:
-            f.write(obj)
-    os.replace(partial, path)
+    try:
+        if path.endswith(".pt"):
+            torch.save(obj, partial)
+        else:
+            with open(partial, "w") as f:
+                f.write(obj)
+        os.replace(partial, path)
+        return
+    except (OSError, RuntimeError) as err:           # torch.save reports a full disk as a RuntimeError, no errno
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else one_line(err)
+    try:                                             # (after the except clause, which kept torch's writer open)
+        os.remove(partial)
+    except OSError:
+        pass
+    try:
+        free = f"; {shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free:,} bytes free on its disk"
+    except OSError:
+        free = ""
+    raise RunFolderError(f"cannot write {path} ({reason}){free}")
 
 
 def training_data(flat, starts, lengths, num_items, max_len):
@@ -572,10 +651,14 @@ def restore(checkpoint_path, model, optimizer):
     if not os.path.exists(checkpoint_path):
         state = {"epoch": 0, "best_epoch": 0, "best_ndcg": -1.0, "history": []}
         return state, {k: v.clone() for k, v in model.state_dict().items()}
-    checkpoint = torch.load(checkpoint_path, map_location=next(model.parameters()).device, weights_only=False)
-    model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    return checkpoint["state"], checkpoint["best_model"]
+    try:  # map_location: a checkpoint written on any device (a GPU, the CPU) loads onto this run's device
+        checkpoint = torch.load(checkpoint_path, map_location=next(model.parameters()).device, weights_only=False)
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        return checkpoint["state"], checkpoint["best_model"]
+    except Exception as err:  # whatever a truncated, foreign or garbled file raises (zip, pickle, key, shape errors)
+        raise RunFolderError(f"{checkpoint_path} is damaged or not this run's checkpoint ({one_line(err)}); nothing "
+                             f"was changed: remove it to train this run from its start") from None
 
 
 def adam(model, lr, device):
@@ -590,12 +673,19 @@ def train(config, sequences, run_dir, log=print):
     state because none is needed: every epoch re-seeds from (seed, epoch)."""
     device = torch.device(config["device"])
     flat, starts, lengths, num_items = load_sequences(sequences, device)
-    data = training_data(flat, starts, lengths, num_items, config["max_len"])
-    valid = evaluation_batches(flat, starts, lengths, config["max_len"], "valid")
-    sample = statistics_sample(flat, starts, lengths, num_items, config["max_len"])
+    # No history is longer than the test history of the longest user (n - 1 items), so nothing needs more than
+    # max_len = min(--max-len, n - 1): every history cut to it is the same, nothing pads beyond the longest history,
+    # and SASRec's position table gets only rows that can be read (--max-len 10**9 would ask for 10**9 rows). Where
+    # --max-len exceeds the longest history this table is smaller than before, so the random draws after it (the
+    # blocks' weights) differ; every run so far used --max-len 50 on the benchmarks, whose longest histories have
+    # 203 to 549 items, and is unchanged.
+    max_len = min(config["max_len"], int(lengths.max()) - 1)
+    data = training_data(flat, starts, lengths, num_items, max_len)
+    valid = evaluation_batches(flat, starts, lengths, max_len, "valid")
+    sample = statistics_sample(flat, starts, lengths, num_items, max_len)
     torch.manual_seed(config["seed"])
     model = build_model(config["model"], num_items, config["dim"], config["layers"], config["heads"],
-                        config["dropout"], config["max_len"], config["caser_window"], config["caser_activation"],
+                        config["dropout"], max_len, config["caser_window"], config["caser_activation"],
                         len(lengths) if config["caser_users"] else 0, config["caser_output_table"]).to(device)
     optimizer = adam(model, config["lr"], device)
     normalize = scores_normalized(config)
@@ -606,10 +696,15 @@ def train(config, sequences, run_dir, log=print):
     log(f"{config['data']}: {len(lengths):,} users, {num_items:,} items, {len(data[1]):,} training examples; "
         f"{config['model']} + {config['loss']} on {device}; run folder {run_dir}")
 
+    progress = ProgressLine()                                               # a terminal only: no log file gets it
     while state["epoch"] < config["epochs"] and state["epoch"] - state["best_epoch"] < config["patience"]:
         epoch = state["epoch"] + 1
         started = time.time()
-        losses = train_epoch(model, optimizer, data, config, epoch)
+        progress.start(f"epoch {epoch}")
+        try:
+            losses = train_epoch(model, optimizer, data, config, epoch, progress if progress.enabled else None)
+        finally:
+            progress.clear()
         bad = (~torch.isfinite(losses)).nonzero()
         if len(bad):
             raise TrainingStopped(f"non-finite loss at epoch {epoch}, step {int(bad[0]) + 1}; the run folder keeps "
@@ -625,15 +720,18 @@ def train(config, sequences, run_dir, log=print):
         if metrics["NDCG@10"] > state["best_ndcg"]:
             state["best_epoch"], state["best_ndcg"] = epoch, metrics["NDCG@10"]
             best_model = {k: v.clone() for k, v in model.state_dict().items()}
-        save_atomically({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state,
-                         "best_model": best_model}, checkpoint_path)
+        try:
+            save_atomically({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state,
+                             "best_model": best_model}, checkpoint_path)
+        except RunFolderError as err:
+            raise RunFolderError(f"{err}; the run folder keeps the checkpoint of epoch {epoch - 1}") from None
         save_atomically("".join(json.dumps(r) + "\n" for r in state["history"]), os.path.join(run_dir, "log.jsonl"))
         log(f"epoch {epoch:3d}  loss {row['loss']:.4f}  valid HR@10 {metrics['HR@10']:.4f} NDCG@10 "
             f"{metrics['NDCG@10']:.4f}  best epoch {state['best_epoch']}  {train_seconds:.1f}s + "
             f"{row['eval_seconds']:.1f}s")
 
     model.load_state_dict(best_model)
-    test = evaluate(model, evaluation_batches(flat, starts, lengths, config["max_len"], "test"), normalize,
+    test = evaluate(model, evaluation_batches(flat, starts, lengths, max_len, "test"), normalize,
                     config["mask_seen"])
     best_row = state["history"][state["best_epoch"] - 1] if state["best_epoch"] else {}
     result = {"test": test, "valid": {k[6:]: v for k, v in best_row.items() if k.startswith("valid_")},
@@ -736,22 +834,58 @@ LATER_KEYS = {"infonce_negatives": None, "caser_activation": "none", "caser_user
 ORIGINAL_LAYERS = {"sasrec": 2, "gru4rec": 1, "caser": 1}
 
 
+SEE_DEVICES = ("see which there are with: python -c \"import torch; print(torch.cuda.device_count(), 'CUDA', "
+               "torch.backends.mps.is_available(), 'MPS')\"")
+
+
 def resolve_device(name):
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    """'auto' -> cuda, then mps, then cpu; any other name must be a device torch knows and this machine has."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device '{name}' is not a device name torch knows (auto, cpu, cuda, cuda:N, "
+                          f"mps)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            built = "" if torch.version.cuda else f", and this torch ({torch.__version__}) is built without CUDA"
+            raise ConfigError(f"--device {name}: CUDA is not available on this machine{built}; {SEE_DEVICES}")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}; "
+                              f"{SEE_DEVICES}")
+    elif device.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ConfigError(f"--device {name}: MPS (Apple silicon) is not available on this machine; {SEE_DEVICES}")
+    elif device.type != "cpu":
+        backend = getattr(torch, device.type, None)
+        if not (hasattr(backend, "is_available") and backend.is_available()):
+            raise ConfigError(f"--device {name}: there is no {device.type} device to train on here (auto, cpu, cuda, "
+                              f"cuda:N, mps); {SEE_DEVICES}")
+    return name
+
+
+MAX_INT = 2 ** 63 - 1  # torch's int64
 
 
 def check_config(config):
-    """One-line errors for values the paper's setting cannot use."""
+    """One-line errors for values the paper's setting cannot use. (Values that fit these checks but not the
+    machine's memory are refused by check_memory, which needs the data.)"""
     for key in ("lr", "batch_size", "max_len", "dim", "patience", "epochs", "caser_window", "layers", "heads",
                 "length_groups"):
         if not config[key] > 0:
             raise ConfigError(f"--{key.replace('_', '-')} must be positive (got {config[key]})")
+        if key != "lr" and config[key] > MAX_INT:
+            raise ConfigError(f"--{key.replace('_', '-')} {config[key]} is too large (integers go up to 2**63 - 1)")
+    if math.isinf(config["lr"]):
+        raise ConfigError(f"--lr must be finite (got {config['lr']})")
+    if not -2 ** 63 <= config["seed"] < 2 ** 64:
+        raise ConfigError(f"--seed must be from -2**63 to 2**64 - 1, the seeds torch takes (got {config['seed']})")
     for key in ("beta", "t"):
         if not config[key] >= 0 or math.isinf(config[key]):
             raise ConfigError(f"--{key} must be a finite number >= 0 (got {config[key]})")
@@ -771,6 +905,57 @@ def check_config(config):
         if not config["infonce_negatives"] > 0:
             raise ConfigError(f"--infonce-negatives must be positive (got {config['infonce_negatives']})")
 
+
+
+def device_memory(device):
+    """Bytes of memory of a torch.device: the GPU's own, or the machine's (CPU, and MPS, which shares it); None
+    where that cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):                            # no sysconf on Windows
+        return None
+
+
+def memory_estimate(config, sequences):
+    """The largest terms of training's memory in bytes, as {what: bytes}: rough (float32; the factors count the
+    copies autograd, Adam, the best state and the evaluation keep), only to refuse with one line what could never
+    fit (--dim 10**9, --batch-size 10**12, --layers 10**9) rather than exhaust the machine's memory or hang. SASRec +
+    uniform on Beauty at the paper's settings: about 0.35 GiB (bench.py measured a peak of 388 MiB in all)."""
+    d, window, layers = config["dim"], config["caser_window"], config["layers"]
+    rows = max(max(s) for s in sequences) + 1                               # ids index the item table
+    T = min(config["max_len"], max(len(s) for s in sequences) - 1)          # the widest history (see train)
+    B = min(config["batch_size"], sum(len(s) - 3 for s in sequences))       # one batch: at most every example
+    if config["model"] == "sasrec":
+        weights, activations = T * d + layers * 6 * d * d, layers * B * T * (20 * d + 4 * config["heads"] * T)
+        flags = f"--layers {layers}, --dim {d}"
+    elif config["model"] == "gru4rec":
+        weights, activations, flags = layers * 6 * d * d, layers * B * T * 10 * d, f"--layers {layers}, --dim {d}"
+    else:
+        weights = 8 * window * (window + 1) * d + (4 * d + 16 * window) * d   # horizontal filters of heights 1..L
+        activations, flags = B * (4 * window * d + 16 * window * window), f"--caser-window {window}, --dim {d}"
+    pairs = {"uniform": 40 * B * B, "infonce": 10 * B * B}.get(config["loss"], 0)  # (2B)^2 and B^2 potentials
+    return {f"the item table ({rows:,} rows, one per id up to the largest, x --dim {d})": 4 * 6 * rows * d,
+            f"the model's weights ({flags})": 4 * 6 * weights,
+            f"one batch ({B:,} triplets, histories of up to {T} items; --batch-size {config['batch_size']}, {flags})":
+                4 * (activations + pairs),
+            f"evaluation (1,024 users x {rows:,} scores)": 12 * 1024 * rows}
+
+
+def check_memory(config, sequences):
+    """One line, before any folder exists, when training could never fit the device's memory."""
+    available = device_memory(torch.device(config["device"]))
+    terms = memory_estimate(config, sequences)
+    if available and sum(terms.values()) > available:
+        biggest, gib = max(terms, key=terms.get), sum(terms.values()) / 2 ** 30
+        table, _, _, scores = terms                                        # the terms that grow with the ids
+        largest, distinct = max(max(s) for s in sequences), len({i for s in sequences for i in s})
+        sparse = ""
+        if biggest in (table, scores) and largest > 2 * distinct:
+            sparse = f" (item ids run up to {largest:,} for {distinct:,} items: number them 1..{distinct:,})"
+        raise ConfigError(f"training would need about {gib:,.{1 if gib < 100 else 0}f} GiB, more than the "
+                          f"{available / 2 ** 30:,.1f} GiB of {config['device']}; most of it for {biggest}{sparse}")
 
 
 def data_path_of(config):
@@ -805,13 +990,12 @@ def configure(argv):
         saved_path = os.path.join(config["resume"], "config.json")
         if not os.path.isfile(saved_path):
             raise ConfigError(f"--resume {config['resume']}: no config.json there, not a run folder")
-        with open(saved_path) as f:
-            saved = json.load(f)
+        saved = {**LATER_KEYS, **read_json(saved_path, "this folder cannot be resumed")}
         for key, value in given.items():
             if key not in RUN_ONLY_KEYS and saved.get(key) != value:
                 raise ConfigError(f"--resume {config['resume']}: that run has --{key.replace('_', '-')} "
                                   f"{saved.get(key)}, this command asks for {value}")
-        config = {**LATER_KEYS, **saved, **{k: v for k, v in given.items() if k in RUN_ONLY_KEYS},
+        config = {**saved, **{k: v for k, v in given.items() if k in RUN_ONLY_KEYS},
                   "resume": config["resume"]}
         config.setdefault("data_dir", default_data_dir())
     if config["length_groups"] is None:
@@ -838,22 +1022,41 @@ def prepare_run_dir(config, run_dir):
     """Create the run folder, or check that an existing one holds this same configuration."""
     saved_path = os.path.join(run_dir, "config.json")
     if os.path.isfile(saved_path):
-        with open(saved_path) as f:
-            saved = json.load(f)
+        saved = read_json(saved_path, "choose another --out, or remove the folder to start over")
         differing = [k for k in config if k not in RUN_ONLY_KEYS and saved.get(k, LATER_KEYS.get(k)) != config[k]]
         if differing:
             key = differing[0]
             raise ConfigError(f"{run_dir} holds a run with --{key.replace('_', '-')} {saved.get(key)}, not "
                               f"{config[key]}; choose another --out")
+    elif os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise RunFolderError(f"{run_dir} is a file, not a run folder; choose another --out")
     else:
-        os.makedirs(run_dir, exist_ok=True)
-        save_atomically(json.dumps(config, indent=2) + "\n", saved_path)
+        missing = []                                                        # the folders this call creates
+        folder = os.path.abspath(run_dir)
+        while not os.path.exists(folder) and folder != os.path.dirname(folder):
+            missing.append(folder)
+            folder = os.path.dirname(folder)
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+            save_atomically(json.dumps(config, indent=2) + "\n", saved_path)
+        except (OSError, RunFolderError) as err:
+            for folder in missing:                                          # innermost first; only if still empty
+                try:
+                    os.rmdir(folder)
+                except OSError:
+                    pass
+            if isinstance(err, RunFolderError):
+                raise
+            raise RunFolderError(f"cannot create the run folder {run_dir} ({err.strerror or err})") from None
 
 
 def lock_run_dir(run_dir):
     """An exclusive lock on the run folder for as long as the returned file stays open; the operating system
     releases it when the process ends, however it ends. (No lock where fcntl does not exist, as on Windows.)"""
-    handle = open(os.path.join(run_dir, ".lock"), "w")
+    try:
+        handle = open(os.path.join(run_dir, ".lock"), "w")
+    except OSError as err:
+        raise RunFolderError(f"cannot write in the run folder {run_dir} ({err.strerror or err})") from None
     if fcntl:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -867,12 +1070,15 @@ def main(argv=None):
     try:
         config, run_dir = configure(argv)
         sequences = read_sequences(config["data_path"])                     # bad data fails before any folder exists
+        check_memory(config, sequences)
         prepare_run_dir(config, run_dir)
         lock = lock_run_dir(run_dir)                                        # noqa: F841 - held until main returns
         metrics_path = os.path.join(run_dir, "metrics.json")
         if os.path.isfile(metrics_path):
-            with open(metrics_path) as f:
-                test = json.load(f)["test"]
+            test = read_json(metrics_path, "remove it to test the run's best state again").get("test")
+            if not isinstance(test, dict):
+                raise RunFolderError(f"{metrics_path} has no test results; remove it to test the run's best state "
+                                     f"again")
             print(f"{run_dir} is finished: test " + "  ".join(f"{k} {v:.4f}" for k, v in test.items()))
             return 0
         train(config, sequences, run_dir, log=lambda line: print(line, flush=True))
