@@ -108,8 +108,8 @@ def sample_negatives(users, keys, num_items, generator):
 # 2. Backbones (section 5.1): item ids in, one vector per history out, one item table for inputs and scoring
 # =============================================================================================================
 
-# Item (and position) tables start N(0, 0.02) as in S3-Rec and BERT. Small vectors turn quickly under Adam: on Beauty
-# (SASRec, uniformity loss, lr 1e-3) validation HR@10 after 5 epochs was 0.070 with 0.02 against 0.054 with 1/sqrt(d).
+# Item and position tables start N(0, 0.02), as in S3-Rec and BERT: small vectors turn quickly under Adam, and learning
+# was faster than from N(0, 1/d) (docs/measurements.md).
 EMBEDDING_INIT_STD = 0.02
 
 
@@ -137,7 +137,7 @@ class Backbone(nn.Module):
 
 class Dropout(nn.Module):
     """Inverted dropout, as nn.Dropout, with the mask drawn by comparing uniform numbers: the same distribution,
-    cheaper on CPU than torch's Bernoulli sampler (1.9x on 2 cores; bench.py measures both)."""
+    drawn faster on CPU than by torch's Bernoulli sampler (docs/measurements.md; bench.py measures both)."""
 
     def __init__(self, p):
         super().__init__()
@@ -240,7 +240,7 @@ class CausalSelfAttention(nn.Module):
 class TransformerBlock(nn.Module):
     """Pre-LayerNorm block as in the original SASRec: attention and a point-wise feed-forward net, residuals.
     Dropout where the original has it: on the attention weights and twice in the feed-forward net, not on the
-    attention's output (one more there slowed learning: valid HR@10 0.046 against 0.053 after 6 Beauty epochs)."""
+    attention's output (one more there slowed learning; docs/measurements.md)."""
 
     def __init__(self, dim, heads, dropout):
         super().__init__()
@@ -258,8 +258,7 @@ class SASRec(Backbone):
     """Kang & McAuley: item vectors times sqrt(d) plus learned position embeddings, causal self-attention blocks,
     the output at the last real position. Positions count back from the most recent item (0 = most recent), so a
     history means the same whatever its padding. Right padding plus the causal mask: a real position only ever
-    sees real items. The sqrt(d) is the original's; without it learning is slower (valid HR@10 0.040 against
-    0.064 after 4 Beauty epochs with the uniformity loss)."""
+    sees real items. The sqrt(d) is the original's; without it learning is slower (docs/measurements.md)."""
 
     def __init__(self, num_items, dim=64, layers=2, heads=2, dropout=0.5, max_len=50):
         super().__init__(num_items, dim)
@@ -673,12 +672,10 @@ def train(config, sequences, run_dir, log=print):
     state because none is needed: every epoch re-seeds from (seed, epoch)."""
     device = torch.device(config["device"])
     flat, starts, lengths, num_items = load_sequences(sequences, device)
-    # No history is longer than the test history of the longest user (n - 1 items), so nothing needs more than
-    # max_len = min(--max-len, n - 1): every history cut to it is the same, nothing pads beyond the longest history,
-    # and SASRec's position table gets only rows that can be read (--max-len 10**9 would ask for 10**9 rows). Where
-    # --max-len exceeds the longest history this table is smaller than before, so the random draws after it (the
-    # blocks' weights) differ; every run so far used --max-len 50 on the benchmarks, whose longest histories have
-    # 203 to 549 items, and is unchanged.
+    # No history is longer than the longest user's test history (n - 1 items), so max_len is capped there: SASRec's
+    # position table then gets only rows that can be read (--max-len 10**9 would ask for 10**9 rows). (A smaller table
+    # shifts the random draws after it; with --max-len 50 the benchmarks, whose longest histories have 203 to 549
+    # items, never reach the cap.)
     max_len = min(config["max_len"], int(lengths.max()) - 1)
     data = training_data(flat, starts, lengths, num_items, max_len)
     valid = evaluation_batches(flat, starts, lengths, max_len, "valid")
@@ -921,8 +918,8 @@ def device_memory(device):
 def memory_estimate(config, sequences):
     """The largest terms of training's memory in bytes, as {what: bytes}: rough (float32; the factors count the
     copies autograd, Adam, the best state and the evaluation keep), only to refuse with one line what could never
-    fit (--dim 10**9, --batch-size 10**12, --layers 10**9) rather than exhaust the machine's memory or hang. SASRec +
-    uniform on Beauty at the paper's settings: about 0.35 GiB (bench.py measured a peak of 388 MiB in all)."""
+    fit (--dim 10**9, --batch-size 10**12, --layers 10**9) rather than exhaust the machine's memory or hang
+    (docs/measurements.md compares it with a measured peak)."""
     d, window, layers = config["dim"], config["caser_window"], config["layers"]
     rows = max(max(s) for s in sequences) + 1                               # ids index the item table
     T = min(config["max_len"], max(len(s) for s in sequences) - 1)          # the widest history (see train)
