@@ -217,11 +217,11 @@ def bench_eval(setup, device, rows):
     torch.manual_seed(0)
     model = U.build_model("sasrec", num_items, 64, 2, 2, 0.5, 50, 5).to(device).eval()
     batches = U.evaluation_batches(flat, starts, lengths, 50, "test")
-    full = timed(lambda: U.evaluate(model, batches, normalize=True), device, repeats=3)
+    full = timed(lambda: U.evaluate(model, batches, cosine=True), device, repeats=3)
     with torch.no_grad():
         history = torch.cat([torch.nn.functional.normalize(model.encode(h), dim=-1) for h, _, _ in batches])
         targets = torch.cat([t for _, _, t in batches])
-        items = U.item_table(model, normalize=True)
+        items = torch.nn.functional.normalize(model.output_items().weight, dim=-1)
 
     def lower_bound():
         with torch.no_grad():
@@ -267,7 +267,7 @@ def memory_probe(what, path, device, steps):
     else:
         flat, starts, lengths, num_items, *_ = setup
         model = U.build_model("sasrec", num_items, 64, 2, 2, 0.5, 50, 5).to(device)
-        U.evaluate(model, U.evaluation_batches(flat, starts, lengths, 50, "test"), normalize=True)
+        U.evaluate(model, U.evaluation_batches(flat, starts, lengths, 50, "test"), cosine=True)
     print(f"{peak_megabytes(device):.0f} {before:.0f}")
 
 

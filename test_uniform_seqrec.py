@@ -73,6 +73,25 @@ def slow_uniformity(h, p, n, beta, t, normalize=True, rec=True, hom=True, het=Tr
     return total
 
 
+def test_score_is_the_dot_product_or_the_cosine_of_every_pair_it_is_given():
+    """Eq. 1 (with cosine=True eq. 3) against a loop, for the three ways vectors pair up: history b with item b,
+    each history with K items of its own (training), every history with one set of items (evaluation)."""
+    h, paired, own, shared = vectors(4, seed=23), vectors(4, seed=26), vectors(12, seed=24).view(4, 3, 6), \
+        vectors(5, seed=25)
+    for cosine in (False, True):
+        f = (lambda v: v / v.norm()) if cosine else (lambda v: v)
+        one, per_history, every = U.score(h, paired, cosine), U.score(h[:, None], own, cosine), \
+            U.score(h[:, None], shared, cosine)
+        assert one.shape == (4,) and per_history.shape == (4, 3) and every.shape == (4, 5)
+        for b in range(4):
+            assert torch.allclose(one[b], f(h[b]) @ f(paired[b]))
+            for k in range(3):
+                assert torch.allclose(per_history[b, k], f(h[b]) @ f(own[b, k]))
+            for m in range(5):
+                assert torch.allclose(every[b, m], f(h[b]) @ f(shared[m]))
+        assert torch.allclose(U.score(h[:, None], shared.expand(4, 5, 6), cosine), every)  # the product = the rule
+
+
 def test_bce_and_bpr_match_loops():
     pos, neg = vectors(7, 1, seed=1)[:, 0], vectors(7, 1, seed=2)[:, 0]
     for fast, slow in ((U.bce_loss, slow_bce), (U.bpr_loss, slow_bpr)):
@@ -176,7 +195,7 @@ def test_uniformity_gradients_finite_when_an_item_repeats():
 
 
 def test_loss_functions_work_copied_alone_with_only_torch():
-    functions = (U.bce_loss, U.bpr_loss, U.infonce_loss, U.gaussian_potential, U.uniformity_loss)
+    functions = (U.score, U.bce_loss, U.bpr_loss, U.infonce_loss, U.gaussian_potential, U.uniformity_loss)
     source = "import torch\n\n" + "\n\n".join(inspect.getsource(f) for f in functions)
     namespace = {}
     exec(compile(source, "copied_losses.py", "exec"), namespace)             # noqa: S102 - the point of the test
@@ -227,8 +246,8 @@ def brute_force_metrics(scores, targets, histories, mask_seen, k):
 
 
 @pytest.mark.parametrize("mask_seen", [False, True])
-@pytest.mark.parametrize("normalize", [False, True])
-def test_metrics_match_brute_force(mask_seen, normalize):
+@pytest.mark.parametrize("cosine", [False, True])
+def test_metrics_match_brute_force(mask_seen, cosine):
     g = torch.Generator().manual_seed(0)
     num_items, users = 30, 40
     items = torch.randn(num_items + 1, 4, generator=g)
@@ -243,10 +262,11 @@ def test_metrics_match_brute_force(mask_seen, normalize):
     padded = torch.tensor([h + [0] * (width - len(h)) for h in histories])
     model = FixedScorer(history_table, items)
     batches = [(padded[:17], None, targets[:17]), (padded[17:], None, targets[17:])]
-    result = U.evaluate(model, batches, normalize=normalize, mask_seen=mask_seen)
-    h = model.encode(padded)
-    table = U.item_table(model, normalize)
-    scores = (torch.nn.functional.normalize(h, dim=-1) if normalize else h) @ table.T
+    result = U.evaluate(model, batches, cosine=cosine, mask_seen=mask_seen)
+    h, table = model.encode(padded), model.items.weight
+    if cosine:
+        h, table = h / h.norm(dim=-1, keepdim=True), table / table.norm(dim=-1, keepdim=True)
+    scores = h @ table.T
     for k in (5, 10, 20):
         hr, ndcg = brute_force_metrics(scores.detach(), targets.tolist(), histories, mask_seen, k)
         assert result[f"HR@{k}"] == pytest.approx(hr) and result[f"NDCG@{k}"] == pytest.approx(ndcg)
@@ -257,14 +277,14 @@ def test_constant_scorer_scores_zero_and_perfect_scorer_scores_one():
     histories = torch.tensor([[1, 2], [3, 0], [4, 5]])
     targets = torch.tensor([7, 8, 9])
     constant = FixedScorer(torch.ones(num_items + 1, 3), torch.ones(num_items + 1, 3))
-    result = U.evaluate(constant, [(histories, None, targets)], normalize=False)
+    result = U.evaluate(constant, [(histories, None, targets)], cosine=False)
     assert all(v == 0 for v in result.values())
     # history vector of the user = one-hot of its target; items one-hot: the target alone scores 1
     one_hot = torch.eye(num_items + 1)
     history_table = torch.zeros(num_items + 1, num_items + 1)
     history_table[2], history_table[3], history_table[5] = one_hot[7], one_hot[8], one_hot[9]
     perfect = FixedScorer(history_table, one_hot)
-    result = U.evaluate(perfect, [(histories, None, targets)], normalize=True)
+    result = U.evaluate(perfect, [(histories, None, targets)], cosine=True)
     assert result["HR@5"] == result["NDCG@5"] == result["NDCG@20"] == 1.0
 
 
@@ -274,8 +294,8 @@ def test_mask_seen_makes_a_repeated_target_unreachable():
     history_table[2] = one_hot[2]                                             # user's vector points at item 2
     model = FixedScorer(history_table, one_hot)
     batch = [(torch.tensor([[1, 2]]), None, torch.tensor([2]))]                     # target 2 is also in the history
-    assert U.evaluate(model, batch, normalize=False)["HR@5"] == 1.0
-    assert U.evaluate(model, batch, normalize=False, mask_seen=True)["HR@20"] == 0.0
+    assert U.evaluate(model, batch, cosine=False)["HR@5"] == 1.0
+    assert U.evaluate(model, batch, cosine=False, mask_seen=True)["HR@20"] == 0.0
 
 
 def test_non_finite_scores_are_an_error_not_a_hit():
@@ -283,7 +303,7 @@ def test_non_finite_scores_are_an_error_not_a_hit():
     table[4, 0] = float("nan")
     model = FixedScorer(torch.ones(6, 3), table)
     with pytest.raises(FloatingPointError):
-        U.evaluate(model, [(torch.tensor([[1, 2]]), None, torch.tensor([4]))], normalize=False)
+        U.evaluate(model, [(torch.tensor([[1, 2]]), None, torch.tensor([4]))], cosine=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -482,7 +502,7 @@ def test_evaluation_scores_with_the_output_table_and_reads_users():
     model = caser_variant(num_users=6, output_table=True)
     flat, starts, lengths, _ = U.load_sequences(sequences, "cpu")
     batches = U.evaluation_batches(flat, starts, lengths, 20, "test")
-    result = U.evaluate(model, batches, normalize=True)
+    result = U.evaluate(model, batches, cosine=True)
     (histories, users, targets), = batches
     with torch.no_grad():
         h = torch.nn.functional.normalize(model.encode(histories, users=users), dim=-1)
@@ -507,6 +527,30 @@ def test_alignment_is_the_mean_squared_distance_of_normalized_training_pairs():
             h = model.encode(torch.tensor([history]))[0]
             total += ((h / h.norm() - model.items.weight[positive] / model.items.weight[positive].norm()) ** 2).sum()
     assert U.embedding_statistics(model, sample)["alignment"] == pytest.approx(total.item() / len(pairs), rel=1e-5)
+
+
+@pytest.mark.parametrize("loss", ["bce", "uniform"])
+def test_training_and_evaluation_score_a_pair_alike(loss, monkeypatch):
+    """The score the training loss gives (history, positive) is the score evaluation ranks that item by: a dot
+    product with BCE, a cosine with the uniformity loss."""
+    model = make_model("sasrec")                                             # eval(): no dropout
+    histories, positives, negatives = torch.tensor([[1, 2, 3], [4, 5, 0], [6, 0, 0]]), torch.tensor([7, 8, 9]), \
+        torch.tensor([10, 11, 12])
+    config = {"loss": loss, "beta": 0.05, "t": 2.0, "normalize": True, "rec": True, "hom": False, "het": False}
+    seen, rank_of_targets = {}, U.rank_of_targets
+    monkeypatch.setattr(U, "bce_loss", lambda pos, neg: seen.setdefault("training", pos.detach()).sum())
+    U.batch_loss(model, model.encode(histories), positives, negatives, config)
+
+    def recording_rank(scores, targets):
+        seen["evaluation"] = scores.gather(1, targets[:, None])[:, 0]
+        return rank_of_targets(scores, targets)
+
+    monkeypatch.setattr(U, "rank_of_targets", recording_rank)
+    U.evaluate(model, [(histories, None, positives)], cosine=U.scores_are_cosines(config))
+    assert torch.allclose(seen["training"], seen["evaluation"], atol=1e-6)
+    with torch.no_grad():
+        h, i = model.encode(histories), model.items(positives)
+    assert torch.allclose(seen["training"], (h * i).sum(-1) if loss == "bce" else torch.cosine_similarity(h, i))
 
 
 def test_dropout_drops_at_rate_p_keeps_the_mean_and_is_off_in_eval():

@@ -293,9 +293,34 @@ def build_model(model, num_items, dim, layers, heads, dropout, max_len, caser_wi
 
 
 # =============================================================================================================
-# 3. Losses. Each is a small pure function of tensors returning a scalar SUM over the batch, as the paper writes
-#    them. The five functions below need only `import torch` (copy them freely).
+# 3. Scores and losses (sections 2-4, eqs. 1-6; spec §4)
 # =============================================================================================================
+#
+# The score of a history and an item is eq. 1, the dot product of their vectors; the uniformity loss scores unit
+# vectors (eq. 3), so its score is a cosine. `score` computes it for training and evaluation alike. Every loss is a
+# SUM over the batch, as the paper writes them. In the losses, h, i, j are the (B, d) vectors of a batch of triplets
+# (u, i, j): histories, positives, negatives; elsewhere `positives` and `negatives` are item ids.
+# `score`, the four losses and `gaussian_potential` need only `import torch`: they can be copied alone. Whoever
+# copies uniformity_loss should know three things:
+# - L_hom sums over unordered pairs, each pair once and no vector with itself: half of a literal reading of eq. 4's
+#   double sum over x, y. The authors' code does the same (torch.pdist), so beta means what their beta means.
+# - L_rec has 2B terms, L_hom about 5B^2/2 and L_het B^2, so the weight of beta grows with the batch size: the
+#   paper's beta = 0.05 goes with B = 256.
+# - A model trained on cosines must be ranked by cosines (scores_are_cosines): the loss never sees the vectors'
+#   lengths, so a dot product would rank by lengths nothing trained.
+
+
+def score(h, items, cosine=False):
+    """Eq. 1: the score of history vector h for item vector i is h . i; with cosine=True both are first scaled to
+    unit length (eq. 3), which makes it their cosine. Vectors pair up as h * items broadcasts: (B, d) and (B, d)
+    -> (B,), history b with item b; (B, 1, d) and (B, K, d) -> (B, K), each history with K items of its own;
+    (B, 1, d) and (M, d) -> (B, M), every history with the same M items (one matrix product)."""
+    if cosine:
+        h, items = torch.nn.functional.normalize(h, dim=-1), torch.nn.functional.normalize(items, dim=-1)
+    if h.dim() == 3 and items.dim() == 2:
+        return h[:, 0] @ items.T                                             # (B, M), no (B, M, d) product
+    return (h * items).sum(-1)
+
 
 def bce_loss(positive_scores, negative_scores):
     """Eq. 2: -sum_b [ log sigmoid(s_ui) + log(1 - sigmoid(s_uj)) ].  (B,), (B,) -> scalar."""
@@ -310,8 +335,8 @@ def bpr_loss(positive_scores, negative_scores):
 
 def infonce_loss(positive_scores, negative_scores, same_item):
     """InfoNCE (van den Oord et al.), temperature 1: each history's positive against its K negatives.
-    positive_scores (B,); negative_scores (B, K), [b, k] = history b . its k-th negative; same_item (B, K) bool,
-    True where that negative is history b's positive (the candidate is dropped). With K = 1 this is BPR:
+    positive_scores (B,); negative_scores (B, K), [b, k] = history b's score for its k-th negative; same_item (B, K)
+    bool, True where that negative is history b's positive (the candidate is dropped). With K = 1 this is BPR:
     -log(e^p / (e^p + e^n)) = -log sigmoid(p - n)."""
     logits = torch.cat([positive_scores[:, None], negative_scores.masked_fill(same_item, float("-inf"))], 1)  # (B, 1+K)
     return -torch.log_softmax(logits, 1)[:, 0].sum()
@@ -322,28 +347,28 @@ def gaussian_potential(x, y, t=2.0):
     return torch.exp(-t * torch.cdist(x, y).square())
 
 
-def uniformity_loss(history, positives, negatives, beta=0.05, t=2.0, *, normalize=True, rec=True, hom=True, het=True):
+def uniformity_loss(h, i, j, beta=0.05, t=2.0, *, normalize=True, rec=True, hom=True, het=True):
     """Eq. 6 with beta1 = beta2 = beta:  L = L_rec + beta * L_hom + beta * L_het.
 
-    history, positives, negatives: (B, d) vectors of a batch of triplets (u, i, j). The keywords switch the
-    parts off for the ablation of Table 2 (normalize=False scores and regularises the raw vectors).
-      L_rec  eq. 2 on cosines:  BCE of h.i and h.j after L2 normalization (eq. 3), no temperature.
-      L_hom  eq. 4: sum of G over unordered pairs of distinct batch slots of the B histories, plus the same over
-             the 2B items D_I (positives and negatives together). Self-pairs are left out.
-      L_het  eq. 5: sum of G over all B x B pairs (history x, negative y), each history's own negative included.
+    h, i, j: (B, d) vectors of the histories, positives and negatives of a batch of triplets (u, i, j). The keywords
+    switch parts off for the ablation of Table 2 (normalize=False scores and regularises the raw vectors).
+      L_rec  eq. 2 on cosines: BCE of each history's score for its positive and for its negative, no temperature.
+      L_hom  eq. 4: G summed over unordered pairs of the B histories, plus over unordered pairs of the 2B items D_I
+             (positives and negatives together). Pairs of batch slots: an item twice in a batch is two slots.
+      L_het  eq. 5: G summed over all B x B pairs (history x, negative y), each history's own negative included.
     """
-    if normalize:                                                           # eq. 3
+    if normalize:                                                            # eq. 3
         unit = torch.nn.functional.normalize
-        history, positives, negatives = unit(history, dim=-1), unit(positives, dim=-1), unit(negatives, dim=-1)
-    loss = history.new_zeros(())
+        h, i, j = unit(h, dim=-1), unit(i, dim=-1), unit(j, dim=-1)
+    loss = h.new_zeros(())
     if rec:
-        loss = loss + bce_loss((history * positives).sum(-1), (history * negatives).sum(-1))
-    if hom:                                                                 # eq. 4; triu(1): pairs x < y
-        items = torch.cat([positives, negatives])                           # D_I: (2B, d)
-        loss = loss + beta * (gaussian_potential(history, history, t).triu(1).sum()
+        loss = loss + bce_loss(score(h, i), score(h, j))
+    if hom:                                                                  # eq. 4; triu(1): pairs x < y
+        items = torch.cat([i, j])                                            # D_I: (2B, d)
+        loss = loss + beta * (gaussian_potential(h, h, t).triu(1).sum()
                               + gaussian_potential(items, items, t).triu(1).sum())
-    if het:                                                                 # eq. 5
-        loss = loss + beta * gaussian_potential(history, negatives, t).sum()
+    if het:                                                                  # eq. 5
+        loss = loss + beta * gaussian_potential(h, j, t).sum()
     return loss
 
 
@@ -354,25 +379,25 @@ def infonce_candidates(batch_size, k, device):
 
 
 def batch_loss(model, h, positives, negatives, config):
-    """The configured loss of one batch of triplets: history vectors h (B, d), item ids positives, negatives (B,)."""
-    p, n = model.output_items()(torch.cat([positives, negatives])).chunk(2)  # (B, d) each; one lookup, one gradient
+    """The configured loss of one batch of triplets: h (B, d) history vectors; positives, negatives (B,) item ids."""
+    i, j = model.output_items()(torch.cat([positives, negatives])).chunk(2)  # (B, d) each; one lookup, one gradient
     if config["loss"] == "uniform":
-        return uniformity_loss(h, p, n, config["beta"], config["t"], normalize=config["normalize"],
+        return uniformity_loss(h, i, j, config["beta"], config["t"], normalize=config["normalize"],
                                rec=config["rec"], hom=config["hom"], het=config["het"])
-    positive_scores, negative_scores = (h * p).sum(-1), (h * n).sum(-1)     # eq. 1, raw vectors
-    if config["loss"] == "bce":
-        return bce_loss(positive_scores, negative_scores)
+    if config["loss"] == "bce":                                              # eq. 1 on raw vectors from here on
+        return bce_loss(score(h, i), score(h, j))
     if config["loss"] == "bpr":
-        return bpr_loss(positive_scores, negative_scores)
+        return bpr_loss(score(h, i), score(h, j))
     k = config["infonce_negatives"]
-    if k is None or k >= len(h):                                            # all B negatives of the batch
-        return infonce_loss(positive_scores, h @ n.T, positives[:, None] == negatives[None, :])
-    chosen = infonce_candidates(len(h), k, h.device)                        # (B, K)
-    return infonce_loss(positive_scores, (h[:, None, :] * n[chosen]).sum(-1), positives[:, None] == negatives[chosen])
+    if k is None or k >= len(h):                                             # all B negatives of the batch: (B, B)
+        return infonce_loss(score(h, i), score(h[:, None], j), positives[:, None] == negatives[None, :])
+    chosen = infonce_candidates(len(h), k, h.device)                         # (B, K) batch slots
+    return infonce_loss(score(h, i), score(h[:, None], j[chosen]), positives[:, None] == negatives[chosen])
 
 
-def scores_normalized(config):
-    """The uniformity loss scores (and ranks) with cosines unless its normalization is ablated away."""
+def scores_are_cosines(config):
+    """Whether `score` takes cosines, in training and so in ranking: with the uniformity loss (eq. 3), unless row
+    (g) of Table 2 ablates its normalization."""
     return config["loss"] == "uniform" and config["normalize"]
 
 
@@ -410,22 +435,17 @@ def evaluation_batches(flat, starts, lengths, max_len, split, batch_size=1024):
     return batches
 
 
-def item_table(model, normalize):
-    table = model.output_items().weight                                     # (N + 1, d)
-    return F.normalize(table, dim=-1) if normalize else table
-
-
 @torch.no_grad()
-def evaluate(model, batches, normalize, mask_seen=False):
-    """HR@5/10/20 and NDCG@5/10/20 over the given batches. One matrix product per batch on the model's device.
-    mask_seen: items of the history score -inf (a target that repeats a history item then cannot be hit)."""
+def evaluate(model, batches, cosine, mask_seen=False):
+    """HR@5/10/20 and NDCG@5/10/20 over the given batches, every item scored by `score` (cosines where training
+    scored cosines): one matrix product per batch on the model's device. mask_seen: items of the history score -inf
+    (a target that repeats a history item then cannot be hit)."""
     was_training = model.training
     model.eval()
-    items = item_table(model, normalize)
+    table = model.output_items().weight                                     # (N + 1, d)
     ranks, all_finite = [], True
     for histories, users, targets in batches:
-        h = model.encode(histories, users=users)                            # (B, d)
-        scores = (F.normalize(h, dim=-1) if normalize else h) @ items.T     # (B, N + 1)
+        scores = score(model.encode(histories, users=users)[:, None], table, cosine)  # (B, N + 1)
         all_finite = all_finite & torch.isfinite(scores[:, 1:].sum(1)).all()  # a row sum is finite iff every score is
         scores[:, 0] = float("-inf")                                        # padding is no item
         if mask_seen:
@@ -455,8 +475,8 @@ def embedding_statistics(model, sample, bins=40):
         result[f"{name}_uniformity"] = torch.log(torch.exp(-2 * (2 - 2 * cosines)).mean()).item()
         result[f"{name}_cosine_histogram"] = torch.histc(cosines.float(), bins, -1, 1).long().tolist()
     h = F.normalize(model.encode(sample["pair_histories"], users=sample["pair_users"]), dim=-1)  # (S, d)
-    p = F.normalize(model.output_items()(sample["positives"]), dim=-1)     # (S, d)
-    result["alignment"] = (h - p).square().sum(-1).mean().item()
+    i = F.normalize(model.output_items()(sample["positives"]), dim=-1)     # (S, d)
+    result["alignment"] = (h - i).square().sum(-1).mean().item()
     model.train(was_training)
     return result
 
@@ -685,7 +705,7 @@ def train(config, sequences, run_dir, log=print):
                         config["dropout"], max_len, config["caser_window"], config["caser_activation"],
                         len(lengths) if config["caser_users"] else 0, config["caser_output_table"]).to(device)
     optimizer = adam(model, config["lr"], device)
-    normalize = scores_normalized(config)
+    cosine = scores_are_cosines(config)
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
     state, best_model = restore(checkpoint_path, model, optimizer)
     if state["epoch"]:
@@ -707,7 +727,7 @@ def train(config, sequences, run_dir, log=print):
             raise TrainingStopped(f"non-finite loss at epoch {epoch}, step {int(bad[0]) + 1}; the run folder keeps "
                                   f"the checkpoint of epoch {state['epoch']}")
         train_seconds = time.time() - started
-        metrics = evaluate(model, valid, normalize, config["mask_seen"])
+        metrics = evaluate(model, valid, cosine, config["mask_seen"])
         row = {"epoch": epoch, "loss": losses.sum().item() / len(data[1]), "train_seconds": round(train_seconds, 2),
                "eval_seconds": round(time.time() - started - train_seconds, 2),
                **{f"valid_{k}": v for k, v in metrics.items()},
@@ -728,8 +748,7 @@ def train(config, sequences, run_dir, log=print):
             f"{row['eval_seconds']:.1f}s")
 
     model.load_state_dict(best_model)
-    test = evaluate(model, evaluation_batches(flat, starts, lengths, max_len, "test"), normalize,
-                    config["mask_seen"])
+    test = evaluate(model, evaluation_batches(flat, starts, lengths, max_len, "test"), cosine, config["mask_seen"])
     best_row = state["history"][state["best_epoch"] - 1] if state["best_epoch"] else {}
     result = {"test": test, "valid": {k[6:]: v for k, v in best_row.items() if k.startswith("valid_")},
               "best_epoch": state["best_epoch"], "epochs": state["epoch"],
