@@ -107,7 +107,7 @@ def bench_dropout(device, rows):
 # ---------------------------------------------------------------------------------------------------------------
 
 def training_setup(path, device):
-    flat, starts, lengths, num_items = U.load_sequences(read_sequences(path), device)
+    flat, starts, lengths, num_items = U.flatten_sequences(read_sequences(path), device)
     ends, history_lengths, users = U.training_examples(starts, lengths, 50)
     keys = U.training_item_keys(flat, starts, lengths, num_items)
     return flat, starts, lengths, num_items, ends, history_lengths, users, keys
@@ -159,7 +159,7 @@ def bench_progress(path, device, rows, pairs=4, users=3000):
     """Seconds of train_epoch on the first `users` Beauty users (SASRec + uniform, paper settings) with the progress
     line (at its interval of 1 s, and at every step) and without it, in interleaved pairs (ABBA order); the ratio is
     the median of the pairs'."""
-    flat, starts, lengths, num_items = U.load_sequences(read_sequences(path)[:users], device)
+    flat, starts, lengths, num_items = U.flatten_sequences(read_sequences(path)[:users], device)
     data = U.training_data(flat, starts, lengths, num_items, 50)
     config = {"seed": 1, "batch_size": 256, "length_groups": 8, "loss": "uniform", "beta": 0.05, "t": 2.0,
               "normalize": True, "rec": True, "hom": True, "het": True}
@@ -192,7 +192,7 @@ def bench_progress(path, device, rows, pairs=4, users=3000):
         return seconds
 
     epoch(None)                                                            # warm-up
-    steps = -(-len(data[1]) // 256)
+    steps = -(-len(data.ends) // 256)
     for interval, label in ((1.0, "updated at most once a second (as in training)"), (0.0, "updated every step")):
         without, with_line = [], []
         for pair in range(pairs):

@@ -321,9 +321,22 @@ def toy_sequences(users=30, held_out_base=1000, seed=0):
     return sequences
 
 
+def test_flattened_sequences_and_training_data_hold_what_they_say():
+    sequences = toy_sequences()
+    flat, starts, lengths, num_items = U.flatten_sequences(sequences, "cpu")
+    assert flat[0] == 0 and num_items == max(max(s) for s in sequences)
+    assert [flat[a:a + n].tolist() for a, n in zip(starts.tolist(), lengths.tolist())] == sequences
+    data = U.training_data(flat, starts, lengths, num_items, 50)
+    ends, history_lengths, users = U.training_examples(starts, lengths, 50)
+    assert data.flat is flat and data.num_items == num_items
+    assert torch.equal(data.ends, ends) and torch.equal(data.history_lengths, history_lengths)
+    assert torch.equal(data.users, users)
+    assert torch.equal(data.keys, U.training_item_keys(flat, starts, lengths, num_items))
+
+
 def test_training_examples_are_exactly_the_prefixes_of_the_training_part():
     sequences = toy_sequences()
-    flat, starts, lengths, _ = U.load_sequences(sequences, "cpu")
+    flat, starts, lengths, _ = U.flatten_sequences(sequences, "cpu")
     ends, history_lengths, users = U.training_examples(starts, lengths, max_len=50)
     width = int(history_lengths.max())
     histories = U.gather_histories(flat, ends, history_lengths, width)
@@ -335,7 +348,7 @@ def test_training_examples_are_exactly_the_prefixes_of_the_training_part():
 
 def test_no_validation_or_test_item_reaches_training():
     sequences = toy_sequences()
-    flat, starts, lengths, num_items = U.load_sequences(sequences, "cpu")
+    flat, starts, lengths, num_items = U.flatten_sequences(sequences, "cpu")
     ends, history_lengths, users = U.training_examples(starts, lengths, 50)
     seen = set()
     for batch, sizes, widths in U.epoch_batches(torch.randperm(len(ends)), history_lengths, 16, 3):
@@ -347,7 +360,7 @@ def test_no_validation_or_test_item_reaches_training():
 
 def test_evaluation_histories_are_the_leave_one_out_ones():
     sequences = toy_sequences()
-    flat, starts, lengths, _ = U.load_sequences(sequences, "cpu")
+    flat, starts, lengths, _ = U.flatten_sequences(sequences, "cpu")
     for split, cut in (("valid", 2), ("test", 1)):
         ((histories, users, targets),) = U.evaluation_batches(flat, starts, lengths, 50, split, batch_size=10_000)
         produced = sorted((tuple(h[h > 0].tolist()), int(t)) for h, t in zip(histories, targets))
@@ -361,7 +374,7 @@ def test_negatives_avoid_each_users_training_items():
     # users that own most of the catalogue force many rejections
     sequences = [torch.randperm(num_items, generator=g)[:int(torch.randint(3, 11, (1,), generator=g))].add(1).tolist()
                  for _ in range(50)]
-    flat, starts, lengths, num_items = U.load_sequences(sequences, "cpu")
+    flat, starts, lengths, num_items = U.flatten_sequences(sequences, "cpu")
     keys = U.training_item_keys(flat, starts, lengths, num_items)
     users = torch.arange(len(sequences)).repeat_interleave(200)
     negatives = U.sample_negatives(users, keys, num_items, torch.Generator().manual_seed(2))
@@ -397,7 +410,7 @@ def test_grouped_encoding_equals_each_history_alone(name):
     In float64: in float32 the LayerNorms of small vectors amplify summation-order differences to ~1e-3."""
     model = make_model(name).double()
     sequences = [[3, 4], [4, 9, 2, 7, 8], [7, 1, 2, 8, 5, 6, 10, 11], [11, 12, 13], [5, 6, 7, 8]]
-    flat, starts, lengths, _ = U.load_sequences(sequences, "cpu")
+    flat, starts, lengths, _ = U.flatten_sequences(sequences, "cpu")
     ends, history_lengths, _ = U.training_examples(starts, lengths, 20)
     (batch, sizes, widths), = U.epoch_batches(torch.arange(len(ends)), history_lengths, len(ends), 3)
     assert len(sizes) == 3 and len(set(widths)) > 1
@@ -500,7 +513,7 @@ def test_caser_switches_change_what_they_say():
 def test_evaluation_scores_with_the_output_table_and_reads_users():
     sequences = [[1, 2, 3, 4, 5], [6, 7, 8, 9], [2, 4, 6, 8, 10], [3, 5, 7], [11, 13, 40], [41, 42, 43, 44, 45]]
     model = caser_variant(num_users=6, output_table=True)
-    flat, starts, lengths, _ = U.load_sequences(sequences, "cpu")
+    flat, starts, lengths, _ = U.flatten_sequences(sequences, "cpu")
     batches = U.evaluation_batches(flat, starts, lengths, 20, "test")
     result = U.evaluate(model, batches, cosine=True)
     (histories, users, targets), = batches
@@ -515,7 +528,7 @@ def test_evaluation_scores_with_the_output_table_and_reads_users():
 
 def test_alignment_is_the_mean_squared_distance_of_normalized_training_pairs():
     sequences = [[1, 2, 3, 4, 5, 6], [7, 8, 9, 10], [2, 4, 6, 8, 10, 12, 14]]
-    flat, starts, lengths, num_items = U.load_sequences(sequences, "cpu")
+    flat, starts, lengths, num_items = U.flatten_sequences(sequences, "cpu")
     model = make_model("sasrec", num_items=14)
     sample = U.statistics_sample(flat, starts, lengths, num_items, 20)
     expected_pairs = sorted((tuple(s[:t]), s[t]) for s in sequences for t in range(1, len(s) - 2))
@@ -614,7 +627,7 @@ def test_command_line_trains_and_reports_on_real_data(beauty_slice, tmp_path, ca
 @needs("beauty")
 def test_real_beauty_split_sizes():
     sequences = read_sequences(BEAUTY)
-    flat, starts, lengths, num_items = U.load_sequences(sequences, "cpu")
+    flat, starts, lengths, num_items = U.flatten_sequences(sequences, "cpu")
     ends, _, _ = U.training_examples(starts, lengths, 50)
     assert (len(sequences), num_items) == (22_363, 12_101)
     assert len(ends) == 198_502 - 3 * 22_363                                  # n - 3 examples per user

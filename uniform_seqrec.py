@@ -22,6 +22,7 @@ import os
 import shutil
 import sys
 import time
+from typing import NamedTuple
 
 try:
     import fcntl
@@ -50,8 +51,9 @@ from data_prep import BENCHMARKS, DataError, OneLineErrorParser, benchmark_path,
 # last `max_len` items and right-padded with 0 to the width of their batch.
 
 
-def load_sequences(sequences, device):
-    """Flatten a list of item-id lists. Returns (flat, starts, lengths, num_items), all on `device`."""
+def flatten_sequences(sequences, device):
+    """Lists of item ids, one per user, as one flat tensor: returns (flat, starts, lengths, num_items), the tensors on
+    `device`; user u's items are flat[starts[u] : starts[u] + lengths[u]]."""
     lengths = torch.tensor([len(s) for s in sequences])
     starts = 1 + torch.cumsum(lengths, 0) - lengths                        # flat[0] is the padding sentinel
     flat = torch.tensor([0] + [i for s in sequences for i in s])
@@ -92,8 +94,8 @@ def training_item_keys(flat, starts, lengths, num_items):
 
 
 def sample_negatives(users, keys, num_items, generator):
-    """One negative per example, uniform over 1..N minus the user's training items (spec §2). Vectorised
-    rejection sampling: redraw only the rejected slots until none is left."""
+    """One negative item id per example, uniform over 1..N minus the user's training items (spec §2; `keys` from
+    training_item_keys). Vectorised rejection sampling: redraw only the rejected slots until none is left."""
     negatives = torch.randint(1, num_items + 1, users.shape, device=users.device, generator=generator)
     while True:
         query = users * (num_items + 1) + negatives
@@ -102,6 +104,25 @@ def sample_negatives(users, keys, num_items, generator):
             return negatives
         negatives[found] = torch.randint(1, num_items + 1, (int(found.sum()),), device=users.device,
                                          generator=generator)
+
+
+class TrainingData(NamedTuple):
+    """What every epoch needs, on the training device. E examples, example e being history -> positive."""
+    flat: torch.Tensor               # all users' items, flat[0] = 0 (padding)
+    ends: torch.Tensor               # (E,) example e's positive is flat[ends[e]], its history the items before it
+    history_lengths: torch.Tensor    # (E,) history lengths, at most max_len
+    users: torch.Tensor              # (E,) the user of each example
+    keys: torch.Tensor               # training_item_keys(): the items no negative of a user may be
+    num_items: int                   # N
+
+
+def training_data(flat, starts, lengths, num_items, max_len):
+    ends, history_lengths, users = training_examples(starts, lengths, max_len)
+    keys = training_item_keys(flat, starts, lengths, num_items)
+    full_users = (torch.bincount(keys // (num_items + 1), minlength=len(lengths)) == num_items).nonzero()
+    if len(full_users):
+        raise DataError(f"user on line {int(full_users[0]) + 1} has every item in training: no negative can be drawn")
+    return TrainingData(flat, ends, history_lengths, users, keys, num_items)
 
 
 # =============================================================================================================
@@ -572,8 +593,8 @@ def train_epoch(model, optimizer, data, config, epoch, progress=None):
     batches = epoch_batches(order, history_lengths, config["batch_size"], config["length_groups"])
     losses = torch.zeros(len(batches), device=device)
     for step, (batch, sizes, widths) in enumerate(batches):
-        history = encode_batch(model, flat, ends[batch], history_lengths[batch], sizes, widths, users[batch])  # (B, d)
-        loss = batch_loss(model, history, flat[ends[batch]], negatives[batch], config)
+        h = encode_batch(model, flat, ends[batch], history_lengths[batch], sizes, widths, users[batch])  # (B, d)
+        loss = batch_loss(model, h, flat[ends[batch]], negatives[batch], config)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -641,16 +662,6 @@ def save_atomically(obj, path):
     raise RunFolderError(f"cannot write {path} ({reason}){free}")
 
 
-def training_data(flat, starts, lengths, num_items, max_len):
-    """What every epoch needs: (flat, ends, history_lengths, users, keys, num_items)."""
-    ends, history_lengths, users = training_examples(starts, lengths, max_len)
-    keys = training_item_keys(flat, starts, lengths, num_items)
-    full_users = (torch.bincount(keys // (num_items + 1), minlength=len(lengths)) == num_items).nonzero()
-    if len(full_users):
-        raise DataError(f"user on line {int(full_users[0]) + 1} has every item in training: no negative can be drawn")
-    return flat, ends, history_lengths, users, keys, num_items
-
-
 def statistics_sample(flat, starts, lengths, num_items, max_len, size=1000):
     """A fixed sample (seed 0) for embedding_statistics(): validation histories of `size` users, `size` item ids,
     and `size` training pairs (history, positive)."""
@@ -691,7 +702,7 @@ def train(config, sequences, run_dir, log=print):
     into run_dir, and resumes from its checkpoint.pt when there is one. The checkpoint holds no random-number
     state because none is needed: every epoch re-seeds from (seed, epoch)."""
     device = torch.device(config["device"])
-    flat, starts, lengths, num_items = load_sequences(sequences, device)
+    flat, starts, lengths, num_items = flatten_sequences(sequences, device)
     # No history is longer than the longest user's test history (n - 1 items), so max_len is capped there: SASRec's
     # position table then gets only rows that can be read (--max-len 10**9 would ask for 10**9 rows). (A smaller table
     # shifts the random draws after it; with --max-len 50 the benchmarks, whose longest histories have 203 to 549
@@ -710,7 +721,7 @@ def train(config, sequences, run_dir, log=print):
     state, best_model = restore(checkpoint_path, model, optimizer)
     if state["epoch"]:
         log(f"resuming {run_dir} after epoch {state['epoch']} (best so far: epoch {state['best_epoch']})")
-    log(f"{config['data']}: {len(lengths):,} users, {num_items:,} items, {len(data[1]):,} training examples; "
+    log(f"{config['data']}: {len(lengths):,} users, {num_items:,} items, {len(data.ends):,} training examples; "
         f"{config['model']} + {config['loss']} on {device}; run folder {run_dir}")
 
     progress = ProgressLine()                                               # a terminal only: no log file gets it
@@ -728,7 +739,7 @@ def train(config, sequences, run_dir, log=print):
                                   f"the checkpoint of epoch {state['epoch']}")
         train_seconds = time.time() - started
         metrics = evaluate(model, valid, cosine, config["mask_seen"])
-        row = {"epoch": epoch, "loss": losses.sum().item() / len(data[1]), "train_seconds": round(train_seconds, 2),
+        row = {"epoch": epoch, "loss": losses.sum().item() / len(data.ends), "train_seconds": round(train_seconds, 2),
                "eval_seconds": round(time.time() - started - train_seconds, 2),
                **{f"valid_{k}": v for k, v in metrics.items()},
                **embedding_statistics(model, sample)}
