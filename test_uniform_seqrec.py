@@ -424,6 +424,21 @@ def test_grouped_encoding_equals_each_history_alone(name):
     assert torch.allclose(grouped_gradient, model.items.weight.grad, atol=1e-10)
 
 
+def test_grouped_encoding_gives_each_group_its_users():
+    """A Caser with a user embedding, encoded in groups (--length-groups > 1), reads each history's own user."""
+    model = caser_variant(num_users=5).double()
+    sequences = [[3, 4, 5, 6], [4, 9, 2, 7, 8], [7, 1, 2, 8, 5, 6, 10, 11], [11, 12, 13, 14], [5, 6, 7, 8, 9]]
+    flat, starts, lengths, _ = U.flatten_sequences(sequences, "cpu")
+    ends, history_lengths, users = U.training_examples(starts, lengths, 20)
+    (batch, sizes, widths), = U.epoch_batches(torch.arange(len(ends)), history_lengths, len(ends), 3)
+    with torch.no_grad():
+        grouped = U.encode_batch(model, flat, ends[batch], history_lengths[batch], sizes, widths, users[batch])
+        alone = torch.cat([model.encode(U.gather_histories(flat, ends[b:b + 1], history_lengths[b:b + 1],
+                                                           int(history_lengths[b])), users=users[b:b + 1])
+                           for b in batch.tolist()])
+    assert len(sizes) == 3 and torch.allclose(grouped, alone, atol=1e-10)
+
+
 @pytest.mark.parametrize("name", ["gru4rec", "caser", "sasrec"])
 def test_padding_does_not_change_history_vectors(name):
     model = make_model(name)
@@ -444,7 +459,8 @@ def test_states_do_not_see_later_items(name):
     changed = history.clone()
     changed[0, 4:] = torch.tensor([20, 21])
     with torch.no_grad():
-        before, after = model.sequence_states(history), model.sequence_states(changed)
+        before = model.sequence_states(model.items(history), history)
+        after = model.sequence_states(model.items(changed), changed)
     assert torch.allclose(before[0, :4], after[0, :4], atol=1e-6)
     assert not torch.allclose(before[0, 4:], after[0, 4:])
 

@@ -135,12 +135,11 @@ EMBEDDING_INIT_STD = 0.02
 
 
 class Backbone(nn.Module):
-    """The contract: `items` is the (N + 1, d) item table (row 0 padding, kept at zero); `encode(histories)`
-    maps (B, T) right-padded item ids to (B, d) history vectors. Padding never changes a real output.
-    `encode(histories, embedded)` takes the (B, T, d) item vectors of `histories` when the caller looked them up
-    already (training looks up all of a batch's groups at once: one gradient of the whole table, not one per group).
-    `users` (B,) are the histories' user ids, read only by a Caser with a user embedding. `output_items()` is the
-    table items are scored with: the input table, except for a Caser with a table of its own."""
+    """The contract: `items` is the (N + 1, d) item table (row 0 padding, kept at zero); `encode(histories, users)`
+    maps (B, T) right-padded item ids to (B, d) history vectors, and padding never changes a real output. `users`
+    (B,) are the histories' user ids, read only by a Caser with a user embedding. `output_items()` is the table
+    items are scored with: the input table, except for a Caser with a table of its own. The sequence models, GRU4Rec
+    and SASRec, encode in two steps: `sequence_states(items(histories), histories)`, then its last real state."""
 
     def __init__(self, num_items, dim):
         super().__init__()
@@ -148,9 +147,6 @@ class Backbone(nn.Module):
         nn.init.normal_(self.items.weight, std=EMBEDDING_INIT_STD)
         with torch.no_grad():
             self.items.weight[0].zero_()
-
-    def embed(self, histories, embedded=None):
-        return self.items(histories) if embedded is None else embedded
 
     def output_items(self):
         return self.items
@@ -185,11 +181,11 @@ class GRU4Rec(Backbone):
         self.dropout = Dropout(dropout)
         self.gru = nn.GRU(dim, dim, num_layers=layers, batch_first=True, dropout=dropout if layers > 1 else 0.0)
 
-    def sequence_states(self, histories, embedded=None):                   # (B, T) -> (B, T, d)
-        return self.gru(self.dropout(self.embed(histories, embedded)))[0]
+    def sequence_states(self, x, histories):                                # (B, T, d) item vectors -> (B, T, d)
+        return self.gru(self.dropout(x))[0]
 
-    def encode(self, histories, embedded=None, users=None):
-        return last_real_state(self.sequence_states(histories, embedded), histories)
+    def encode(self, histories, users=None):                                # (B, T) item ids -> (B, d)
+        return last_real_state(self.sequence_states(self.items(histories), histories), histories)
 
 
 class Caser(Backbone):
@@ -225,11 +221,11 @@ class Caser(Backbone):
 
     def last_items(self, histories):
         """(B, T) right-padded -> (B, L) the last L items, left-padded with 0 when the history is shorter."""
-        lengths = (histories > 0).sum(1, keepdim=True)                     # (B, 1)
-        index = lengths - self.window + torch.arange(self.window, device=histories.device)  # (B, L)
+        history_lengths = (histories > 0).sum(1, keepdim=True)             # (B, 1)
+        index = history_lengths - self.window + torch.arange(self.window, device=histories.device)  # (B, L)
         return torch.where(index >= 0, histories.gather(1, index.clamp(min=0)), 0)
 
-    def encode(self, histories, embedded=None, users=None):               # Caser looks up its last L items itself
+    def encode(self, histories, users=None):                                # (B, T) item ids -> (B, d)
         image = self.items(self.last_items(histories)).unsqueeze(1)        # (B, 1, L, d)
         vertical = self.vertical(image).flatten(1)                         # (B, nv * d)
         horizontal = [F.relu(conv(image)).squeeze(3).amax(2) for conv in self.horizontal]  # L x (B, nh)
@@ -290,17 +286,17 @@ class SASRec(Backbone):
         self.blocks = nn.ModuleList(TransformerBlock(dim, heads, dropout) for _ in range(layers))
         self.final_norm = nn.LayerNorm(dim)
 
-    def sequence_states(self, histories, embedded=None):                   # (B, T) -> (B, T, d)
+    def sequence_states(self, x, histories):                                # (B, T, d) item vectors -> (B, T, d)
         T = histories.shape[1]
-        lengths = (histories > 0).sum(1, keepdim=True)                     # (B, 1)
-        steps_back = (lengths - 1 - torch.arange(T, device=histories.device)).clamp(min=0)  # (B, T)
-        x = self.dropout(self.embed(histories, embedded) * self.scale + self.positions(steps_back))
+        history_lengths = (histories > 0).sum(1, keepdim=True)             # (B, 1)
+        steps_back = (history_lengths - 1 - torch.arange(T, device=histories.device)).clamp(min=0)  # (B, T)
+        x = self.dropout(x * self.scale + self.positions(steps_back))      # (B, T, d)
         for block in self.blocks:
             x = block(x)
         return self.final_norm(x)
 
-    def encode(self, histories, embedded=None, users=None):
-        return last_real_state(self.sequence_states(histories, embedded), histories)
+    def encode(self, histories, users=None):                                # (B, T) item ids -> (B, d)
+        return last_real_state(self.sequence_states(self.items(histories), histories), histories)
 
 
 def build_model(model, num_items, dim, layers, heads, dropout, max_len, caser_window, caser_activation="relu",
@@ -534,15 +530,21 @@ def epoch_batches(order, history_lengths, batch_size, groups):
 
 
 def encode_batch(model, flat, ends, history_lengths, sizes, widths, users=None):
-    """History vectors (B, d) of a length-sorted batch, one padded group at a time. The item vectors of all groups
-    come from one lookup: each lookup's gradient is a whole (N + 1, d) table, so one per group would cost more than
-    the groups' own arithmetic on Beauty. (Only Caser reads `users`, and it always runs as one group.)"""
+    """History vectors (B, d) of a length-sorted batch, one group at a time, each padded only to its own longest
+    history. A sequence model gets the item vectors of all groups from one lookup, since the gradient of each lookup
+    is a whole (N + 1, d) table (docs/measurements.md); Caser, which reads only its last L items, encodes each group
+    as it is."""
     groups = zip(ends.split(sizes), history_lengths.split(sizes), widths)
-    histories = [gather_histories(flat, e, n, w) for e, n, w in groups]
+    histories = [gather_histories(flat, e, lengths, width) for e, lengths, width in groups]  # G x (B_g, T_g)
     if len(histories) == 1:
         return model.encode(histories[0], users=users)
-    vectors = model.items(torch.cat([h.flatten() for h in histories])).split([h.numel() for h in histories])
-    return torch.cat([model.encode(h, v.view(*h.shape, -1)) for h, v in zip(histories, vectors)])
+    if not hasattr(model, "sequence_states"):                               # Caser
+        users = [None] * len(sizes) if users is None else users.split(sizes)
+        return torch.cat([model.encode(group, users=u) for group, u in zip(histories, users)])
+    vectors = model.items(torch.cat([group.flatten() for group in histories]))  # (sum of B_g * T_g, d)
+    vectors = vectors.split([group.numel() for group in histories])
+    return torch.cat([last_real_state(model.sequence_states(x.view(*group.shape, -1), group), group)
+                      for group, x in zip(histories, vectors)])
 
 
 class ProgressLine:
