@@ -128,8 +128,8 @@ def train_steps(setup, device, model_name, loss, steps, length_groups):
 
     def run(some):
         for batch, sizes, widths in some:
-            history = U.encode_batch(model, flat, ends[batch], history_lengths[batch], sizes, widths)
-            value = U.batch_loss(model, history, flat[ends[batch]], negatives[batch], config)
+            h = U.encode_batch(model, flat, ends[batch], history_lengths[batch], sizes, widths)
+            value = U.batch_loss(model, h, flat[ends[batch]], negatives[batch], config)
             optimizer.zero_grad(set_to_none=True)
             value.backward()
             optimizer.step()

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from data_prep import BENCHMARKS, DataError, OneLineErrorParser, benchmark_path, default_data_dir, read_sequences
 
+
 # =============================================================================================================
 # 1. Data: leave-one-out split and training triplets (paper appendix A and section 4; spec §1-2)
 # =============================================================================================================
@@ -128,6 +129,7 @@ def training_data(flat, starts, lengths, num_items, max_len):
 # =============================================================================================================
 # 2. Backbones (section 5.1): item ids in, one vector per history out, one item table for inputs and scoring
 # =============================================================================================================
+
 
 # Item and position tables start N(0, 0.02), as in S3-Rec and BERT: small vectors turn quickly under Adam, and learning
 # was faster than from N(0, 1/d) (docs/measurements.md).
@@ -419,8 +421,9 @@ def scores_are_cosines(config):
 
 
 # =============================================================================================================
-# 4. Evaluation (section 5.1; spec §5): rank the target against ALL items, for ALL users
+# 4. Evaluation (section 5.1; spec §5): rank the target against ALL items, for ALL users; Figure 1's statistics
 # =============================================================================================================
+
 
 def rank_of_targets(scores, targets):
     """Number of items other than the target scoring >= the target (ties count against it): (B, N+1), (B,) -> (B,).
@@ -474,6 +477,20 @@ def evaluate(model, batches, cosine, mask_seen=False):
     return metrics_from_ranks(torch.cat(ranks))
 
 
+def statistics_sample(flat, starts, lengths, num_items, max_len, size=1000):
+    """A fixed sample (seed 0) for embedding_statistics(): validation histories of `size` users, `size` item ids,
+    and `size` training pairs (history, positive)."""
+    generator = torch.Generator().manual_seed(0)
+    users = torch.randperm(len(lengths), generator=generator)[:size].to(flat.device)
+    histories = gather_histories(flat, *evaluation_examples(starts[users], lengths[users], max_len, "valid"), max_len)
+    items = (torch.randperm(num_items, generator=generator)[:size] + 1).to(flat.device)
+    ends, history_lengths, pair_users = training_examples(starts, lengths, max_len)
+    pairs = torch.randperm(len(ends), generator=generator)[:size].to(flat.device)
+    return {"histories": histories, "users": users, "items": items, "pair_users": pair_users[pairs],
+            "pair_histories": gather_histories(flat, ends[pairs], history_lengths[pairs], max_len),
+            "positives": flat[ends[pairs]]}
+
+
 @torch.no_grad()
 def embedding_statistics(model, sample, bins=40):
     """On the fixed sample of statistics_sample(), in Wang & Isola's terms: the pairwise cosine similarities of
@@ -502,11 +519,18 @@ def embedding_statistics(model, sample, bins=40):
 # 5. Training (appendix B; spec §6): Adam, batches of triplets, early stopping on validation NDCG@10
 # =============================================================================================================
 
+
 def epoch_seed(seed, epoch):
     """Every random draw of an epoch (order, negatives, dropout) follows from (seed, epoch), so a resumed run
     repeats an uninterrupted one exactly. Modulo 2**64, as torch takes any seed it accepts (-2**63 .. 2**64 - 1):
     the same seeds as without it wherever torch accepted them, and no overflow for a large --seed."""
     return (seed * 1_000_003 + epoch) % 2 ** 64
+
+
+# Length groups, a speed path: a batch is a random set of B triplets as always, but inside it the histories are
+# sorted by length and encoded in `length_groups` groups, each padded only to its own longest history. Every loss sums
+# over the batch, so this changes nothing but float rounding and far less padding is computed (docs/measurements.md).
+# The three functions below are all of it.
 
 
 def group_sizes(batch_size, groups):
@@ -547,41 +571,6 @@ def encode_batch(model, flat, ends, history_lengths, sizes, widths, users=None):
                       for group, x in zip(histories, vectors)])
 
 
-class ProgressLine:
-    """`epoch 3: 412/695 steps, 0:12 left` on one terminal line that rewrites itself (carriage return) at most once
-    every `interval` seconds, on `stream` (stderr) only when it is a terminal: log files and pipes get nothing.
-    `step(done, total)` reads only the clock, never a tensor, so it adds no host-device synchronisation (on a GPU the
-    count is of steps queued, a few ahead of those finished)."""
-
-    def __init__(self, stream=None, interval=1.0):
-        self.stream = sys.stderr if stream is None else stream
-        self.enabled = bool(getattr(self.stream, "isatty", None)) and self.stream.isatty()
-        self.interval, self.width, self.label, self.clock = interval, 0, "", time.monotonic
-
-    def start(self, label):
-        self.label, self.started = label, self.clock()
-        self.next_update = self.started + self.interval
-
-    def step(self, done, total):
-        now = self.clock()
-        if now >= self.next_update:
-            self.next_update = now + self.interval
-            left = round((now - self.started) / done * (total - done))
-            self.show(f"{self.label}: {done:,}/{total:,} steps, {left // 60}:{left % 60:02d} left")
-
-    def show(self, text):
-        if self.enabled:
-            self.stream.write("\r" + text.ljust(self.width))
-            self.stream.flush()
-            self.width = len(text)
-
-    def clear(self):
-        if self.enabled and self.width:
-            self.stream.write("\r" + " " * self.width + "\r")
-            self.stream.flush()
-            self.width = 0
-
-
 def train_epoch(model, optimizer, data, config, epoch, progress=None):
     """One pass over the training examples in a fresh random order with fresh negatives.
     Returns a tensor with the loss of every step (no host-device synchronisation inside the loop).
@@ -604,93 +593,6 @@ def train_epoch(model, optimizer, data, config, epoch, progress=None):
         if progress is not None:
             progress.step(step + 1, len(batches))
     return losses
-
-
-class ConfigError(ValueError):
-    """A command line the paper's setting cannot use; the message is one line naming the problem."""
-
-
-class RunFolderError(ConfigError):
-    """A run folder that cannot be created or written (full disk, no permission), or whose files are damaged; the
-    message is one line naming the file and the problem, and nothing in the folder is changed."""
-
-
-def one_line(err, limit=200):
-    """An exception as one short line, for messages that quote it."""
-    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
-    text = f"{type(err).__name__}: {text}" if text else type(err).__name__
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def read_json(path, what):
-    """A run folder's JSON file (config.json, metrics.json), or a RunFolderError naming it."""
-    try:
-        with open(path) as f:
-            value = json.load(f)
-    except (OSError, ValueError) as err:                                    # JSONDecodeError, UnicodeDecodeError
-        raise RunFolderError(f"{path} is damaged or unreadable ({one_line(err)}); {what}") from None
-    if not isinstance(value, dict):
-        raise RunFolderError(f"{path} is damaged (not a JSON object); {what}")
-    return value
-
-
-class TrainingStopped(RuntimeError):
-    """Training cannot go on (a non-finite loss); the run folder keeps the last good checkpoint."""
-
-
-def save_atomically(obj, path):
-    """Write to a temporary file in the same folder, then rename: a kill at any moment leaves the old or the new.
-    So does a failed write (a full disk, a folder that cannot be written): the partial file is removed, the old one
-    stays, and a RunFolderError says why."""
-    partial = path + ".partial"
-    try:
-        if path.endswith(".pt"):
-            torch.save(obj, partial)
-        else:
-            with open(partial, "w") as f:
-                f.write(obj)
-        os.replace(partial, path)
-        return
-    except (OSError, RuntimeError) as err:           # torch.save reports a full disk as a RuntimeError, no errno
-        reason = err.strerror if isinstance(err, OSError) and err.strerror else one_line(err)
-    try:                                             # (after the except clause, which kept torch's writer open)
-        os.remove(partial)
-    except OSError:
-        pass
-    try:
-        free = f"; {shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free:,} bytes free on its disk"
-    except OSError:
-        free = ""
-    raise RunFolderError(f"cannot write {path} ({reason}){free}")
-
-
-def statistics_sample(flat, starts, lengths, num_items, max_len, size=1000):
-    """A fixed sample (seed 0) for embedding_statistics(): validation histories of `size` users, `size` item ids,
-    and `size` training pairs (history, positive)."""
-    generator = torch.Generator().manual_seed(0)
-    users = torch.randperm(len(lengths), generator=generator)[:size].to(flat.device)
-    histories = gather_histories(flat, *evaluation_examples(starts[users], lengths[users], max_len, "valid"), max_len)
-    items = (torch.randperm(num_items, generator=generator)[:size] + 1).to(flat.device)
-    ends, history_lengths, pair_users = training_examples(starts, lengths, max_len)
-    pairs = torch.randperm(len(ends), generator=generator)[:size].to(flat.device)
-    return {"histories": histories, "users": users, "items": items, "pair_users": pair_users[pairs],
-            "pair_histories": gather_histories(flat, ends[pairs], history_lengths[pairs], max_len),
-            "positives": flat[ends[pairs]]}
-
-
-def restore(checkpoint_path, model, optimizer):
-    """Load the last checkpoint into model and optimizer, if any. Returns (early-stopping state, best model)."""
-    if not os.path.exists(checkpoint_path):
-        state = {"epoch": 0, "best_epoch": 0, "best_ndcg": -1.0, "history": []}
-        return state, {k: v.clone() for k, v in model.state_dict().items()}
-    try:  # map_location: a checkpoint written on any device (a GPU, the CPU) loads onto this run's device
-        checkpoint = torch.load(checkpoint_path, map_location=next(model.parameters()).device, weights_only=False)
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        return checkpoint["state"], checkpoint["best_model"]
-    except Exception as err:  # whatever a truncated, foreign or garbled file raises (zip, pickle, key, shape errors)
-        raise RunFolderError(f"{checkpoint_path} is damaged or not this run's checkpoint ({one_line(err)}); nothing "
-                             f"was changed: remove it to train this run from its start") from None
 
 
 def adam(model, lr, device):
@@ -773,8 +675,170 @@ def train(config, sequences, run_dir, log=print):
 
 
 # =============================================================================================================
-# 6. Command line
+# 6. Run folders: configuration, checkpoint and resume; one-line errors; the progress line
 # =============================================================================================================
+
+
+class ConfigError(ValueError):
+    """A command line the paper's setting cannot use; the message is one line naming the problem."""
+
+
+class RunFolderError(ConfigError):
+    """A run folder that cannot be created or written (full disk, no permission), or whose files are damaged; the
+    message is one line naming the file and the problem, and nothing in the folder is changed."""
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (a non-finite loss); the run folder keeps the last good checkpoint."""
+
+
+def one_line(err, limit=200):
+    """An exception as one short line, for messages that quote it."""
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    text = f"{type(err).__name__}: {text}" if text else type(err).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def read_json(path, what):
+    """A run folder's JSON file (config.json, metrics.json), or a RunFolderError naming it."""
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except (OSError, ValueError) as err:                                    # JSONDecodeError, UnicodeDecodeError
+        raise RunFolderError(f"{path} is damaged or unreadable ({one_line(err)}); {what}") from None
+    if not isinstance(value, dict):
+        raise RunFolderError(f"{path} is damaged (not a JSON object); {what}")
+    return value
+
+
+def save_atomically(obj, path):
+    """Write to a temporary file in the same folder, then rename: a kill at any moment leaves the old or the new.
+    So does a failed write (a full disk, a folder that cannot be written): the partial file is removed, the old one
+    stays, and a RunFolderError says why."""
+    partial = path + ".partial"
+    try:
+        if path.endswith(".pt"):
+            torch.save(obj, partial)
+        else:
+            with open(partial, "w") as f:
+                f.write(obj)
+        os.replace(partial, path)
+        return
+    except (OSError, RuntimeError) as err:           # torch.save reports a full disk as a RuntimeError, no errno
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else one_line(err)
+    try:                                             # (after the except clause, which kept torch's writer open)
+        os.remove(partial)
+    except OSError:
+        pass
+    try:
+        free = f"; {shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free:,} bytes free on its disk"
+    except OSError:
+        free = ""
+    raise RunFolderError(f"cannot write {path} ({reason}){free}")
+
+
+def restore(checkpoint_path, model, optimizer):
+    """Load the last checkpoint into model and optimizer, if any. Returns (early-stopping state, best model)."""
+    if not os.path.exists(checkpoint_path):
+        state = {"epoch": 0, "best_epoch": 0, "best_ndcg": -1.0, "history": []}
+        return state, {k: v.clone() for k, v in model.state_dict().items()}
+    try:  # map_location: a checkpoint written on any device (a GPU, the CPU) loads onto this run's device
+        checkpoint = torch.load(checkpoint_path, map_location=next(model.parameters()).device, weights_only=False)
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        return checkpoint["state"], checkpoint["best_model"]
+    except Exception as err:  # whatever a truncated, foreign or garbled file raises (zip, pickle, key, shape errors)
+        raise RunFolderError(f"{checkpoint_path} is damaged or not this run's checkpoint ({one_line(err)}); nothing "
+                             f"was changed: remove it to train this run from its start") from None
+
+
+def prepare_run_dir(config, run_dir):
+    """Create the run folder, or check that an existing one holds this same configuration."""
+    saved_path = os.path.join(run_dir, "config.json")
+    if os.path.isfile(saved_path):
+        saved = read_json(saved_path, "choose another --out, or remove the folder to start over")
+        differing = [k for k in config if k not in RUN_ONLY_KEYS and saved.get(k, LATER_KEYS.get(k)) != config[k]]
+        if differing:
+            key = differing[0]
+            raise ConfigError(f"{run_dir} holds a run with --{key.replace('_', '-')} {saved.get(key)}, not "
+                              f"{config[key]}; choose another --out")
+    elif os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise RunFolderError(f"{run_dir} is a file, not a run folder; choose another --out")
+    else:
+        missing = []                                                        # the folders this call creates
+        folder = os.path.abspath(run_dir)
+        while not os.path.exists(folder) and folder != os.path.dirname(folder):
+            missing.append(folder)
+            folder = os.path.dirname(folder)
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+            save_atomically(json.dumps(config, indent=2) + "\n", saved_path)
+        except (OSError, RunFolderError) as err:
+            for folder in missing:                                          # innermost first; only if still empty
+                try:
+                    os.rmdir(folder)
+                except OSError:
+                    pass
+            if isinstance(err, RunFolderError):
+                raise
+            raise RunFolderError(f"cannot create the run folder {run_dir} ({err.strerror or err})") from None
+
+
+def lock_run_dir(run_dir):
+    """An exclusive lock on the run folder for as long as the returned file stays open; the operating system
+    releases it when the process ends, however it ends. (No lock where fcntl does not exist, as on Windows.)"""
+    try:
+        handle = open(os.path.join(run_dir, ".lock"), "w")
+    except OSError as err:
+        raise RunFolderError(f"cannot write in the run folder {run_dir} ({err.strerror or err})") from None
+    if fcntl:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise ConfigError(f"{run_dir} is in use by another running process") from None
+    return handle
+
+
+class ProgressLine:
+    """`epoch 3: 412/695 steps, 0:12 left` on one terminal line that rewrites itself (carriage return) at most once
+    every `interval` seconds, on `stream` (stderr) only when it is a terminal: log files and pipes get nothing.
+    `step(done, total)` reads only the clock, never a tensor, so it adds no host-device synchronisation (on a GPU the
+    count is of steps queued, a few ahead of those finished)."""
+
+    def __init__(self, stream=None, interval=1.0):
+        self.stream = sys.stderr if stream is None else stream
+        self.enabled = bool(getattr(self.stream, "isatty", None)) and self.stream.isatty()
+        self.interval, self.width, self.label, self.clock = interval, 0, "", time.monotonic
+
+    def start(self, label):
+        self.label, self.started = label, self.clock()
+        self.next_update = self.started + self.interval
+
+    def step(self, done, total):
+        now = self.clock()
+        if now >= self.next_update:
+            self.next_update = now + self.interval
+            left = round((now - self.started) / done * (total - done))
+            self.show(f"{self.label}: {done:,}/{total:,} steps, {left // 60}:{left % 60:02d} left")
+
+    def show(self, text):
+        if self.enabled:
+            self.stream.write("\r" + text.ljust(self.width))
+            self.stream.flush()
+            self.width = len(text)
+
+    def clear(self):
+        if self.enabled and self.width:
+            self.stream.write("\r" + " " * self.width + "\r")
+            self.stream.flush()
+            self.width = 0
+
+
+# =============================================================================================================
+# 7. Command line
+# =============================================================================================================
+
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows '(default: X)' only for flags that take a value and have a default (not for --no-hom and the like)."""
@@ -935,7 +999,6 @@ def check_config(config):
             raise ConfigError(f"--infonce-negatives must be positive (got {config['infonce_negatives']})")
 
 
-
 def device_memory(device):
     """Bytes of memory of a torch.device: the GPU's own, or the machine's (CPU, and MPS, which shares it); None
     where that cannot be told."""
@@ -1045,54 +1108,6 @@ def configure(argv):
     run_dir = config["resume"] or config["out"] or os.path.join(
         "runs", f"{name}-{config['model']}-{config['loss']}-{configuration_id(config)}")
     return config, run_dir
-
-
-def prepare_run_dir(config, run_dir):
-    """Create the run folder, or check that an existing one holds this same configuration."""
-    saved_path = os.path.join(run_dir, "config.json")
-    if os.path.isfile(saved_path):
-        saved = read_json(saved_path, "choose another --out, or remove the folder to start over")
-        differing = [k for k in config if k not in RUN_ONLY_KEYS and saved.get(k, LATER_KEYS.get(k)) != config[k]]
-        if differing:
-            key = differing[0]
-            raise ConfigError(f"{run_dir} holds a run with --{key.replace('_', '-')} {saved.get(key)}, not "
-                              f"{config[key]}; choose another --out")
-    elif os.path.exists(run_dir) and not os.path.isdir(run_dir):
-        raise RunFolderError(f"{run_dir} is a file, not a run folder; choose another --out")
-    else:
-        missing = []                                                        # the folders this call creates
-        folder = os.path.abspath(run_dir)
-        while not os.path.exists(folder) and folder != os.path.dirname(folder):
-            missing.append(folder)
-            folder = os.path.dirname(folder)
-        try:
-            os.makedirs(run_dir, exist_ok=True)
-            save_atomically(json.dumps(config, indent=2) + "\n", saved_path)
-        except (OSError, RunFolderError) as err:
-            for folder in missing:                                          # innermost first; only if still empty
-                try:
-                    os.rmdir(folder)
-                except OSError:
-                    pass
-            if isinstance(err, RunFolderError):
-                raise
-            raise RunFolderError(f"cannot create the run folder {run_dir} ({err.strerror or err})") from None
-
-
-def lock_run_dir(run_dir):
-    """An exclusive lock on the run folder for as long as the returned file stays open; the operating system
-    releases it when the process ends, however it ends. (No lock where fcntl does not exist, as on Windows.)"""
-    try:
-        handle = open(os.path.join(run_dir, ".lock"), "w")
-    except OSError as err:
-        raise RunFolderError(f"cannot write in the run folder {run_dir} ({err.strerror or err})") from None
-    if fcntl:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
-            raise ConfigError(f"{run_dir} is in use by another running process") from None
-    return handle
 
 
 def main(argv=None):
