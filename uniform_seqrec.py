@@ -3,16 +3,20 @@ Recommendation" (Chung & Kim).
 
     python uniform_seqrec.py --model sasrec --loss uniform --data beauty
 
-The module follows the paper, top to bottom:
-  1. Data          leave-one-out split, training triplets (u, i, j), negatives        (appendix A, section 4)
-  2. Backbones     GRU4Rec, Caser, SASRec: encode(histories) -> one vector per history (section 5.1)
-  3. Losses        BCE (eq. 2), BPR, InfoNCE, and the uniformity loss (eqs. 3-6)
-  4. Evaluation    HR@K and NDCG@K, ranking the target against every item            (section 5.1)
-  5. Training      Adam, early stopping on validation NDCG@10, run folders, resume    (appendix B)
-  6. Command line
+The sections follow the pipeline, from the data file to the command line (not the paper's order; each names the
+part of the paper it implements):
+  1. Data            leave-one-out split, training triplets (u, i, j), negatives          (appendix A, section 4)
+  2. Backbones       GRU4Rec, Caser, SASRec: encode(histories) -> (B, d)                  (section 5.1)
+  3. Scores, losses  score (eqs. 1, 3), BCE (eq. 2), BPR, InfoNCE, uniformity loss        (sections 2-4)
+  4. Evaluation      HR@K and NDCG@K ranking every item; Figure 1's statistics            (sections 5.1, 3)
+  5. Training        Adam, length-grouped batches, early stopping on validation NDCG@10   (appendix B)
+  6. Run folders     configuration, checkpoint, resume, one-line errors
+  7. Command line
 
-Where the paper is silent, docs/spec.md decides (its section numbers are cited as "spec §n").
-Nothing runs at import; the loss functions in section 3 need nothing but `import torch`.
+Where the paper is silent, docs/spec.md decides (cited as "spec §n"); the measurements behind the code's own
+choices are in docs/measurements.md. Item ids are `histories` (B, T), `positives`, `negatives`, `targets` (B,);
+vectors are h (histories), i (positives), j (negatives), (B, d). Nothing runs at import; the score and loss
+functions of section 3 need nothing but `import torch`.
 """
 import argparse
 import hashlib
@@ -48,8 +52,9 @@ from data_prep import BENCHMARKS, DataError, OneLineErrorParser, benchmark_path,
 #   test:                               history s[:n-1] -> target   s[n-1]   (includes the validation item)
 #
 # All users' items live in one flat tensor `flat`, with a 0 (padding) at index 0. An example is a pair
-# (end, length): its history is flat[end - length : end] and its target is flat[end]. Histories are cut to the
-# last `max_len` items and right-padded with 0 to the width of their batch.
+# (end, history length): its history is flat[end - length : end] and its target is flat[end]. Histories are cut to
+# the last `max_len` items and right-padded with 0 to the width of their batch. `lengths` are the users' sequence
+# lengths n, `history_lengths` the examples'; E is the number of training examples.
 
 
 def flatten_sequences(sequences, device):
@@ -63,7 +68,7 @@ def flatten_sequences(sequences, device):
 
 
 def training_examples(starts, lengths, max_len):
-    """Every prefix of every user's training part. Returns (ends, history_lengths, users), each (num_examples,)."""
+    """Every prefix of every user's training part. Returns (ends, history_lengths, users), each (E,)."""
     per_user = (lengths - 3).clamp(min=0)                                  # t = 1 .. n-3
     users = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), per_user)
     first = torch.cumsum(per_user, 0) - per_user
@@ -118,6 +123,7 @@ class TrainingData(NamedTuple):
 
 
 def training_data(flat, starts, lengths, num_items, max_len):
+    """TrainingData of every user's training part; a DataError when a user leaves no item to draw as a negative."""
     ends, history_lengths, users = training_examples(starts, lengths, max_len)
     keys = training_item_keys(flat, starts, lengths, num_items)
     full_users = (torch.bincount(keys // (num_items + 1), minlength=len(lengths)) == num_items).nonzero()
@@ -129,7 +135,6 @@ def training_data(flat, starts, lengths, num_items, max_len):
 # =============================================================================================================
 # 2. Backbones (section 5.1): item ids in, one vector per history out, one item table for inputs and scoring
 # =============================================================================================================
-
 
 # Item and position tables start N(0, 0.02), as in S3-Rec and BERT: small vectors turn quickly under Adam, and learning
 # was faster than from N(0, 1/d) (docs/measurements.md).
@@ -192,8 +197,8 @@ class GRU4Rec(Backbone):
 
 class Caser(Backbone):
     """Tang & Wang: the last L item vectors as an L x d "image"; vertical convolutions (L x 1) and horizontal
-    ones (h x d for h = 1..L, max-pooled over time); dropout; one fully connected layer to d. By default (see
-    CASER_DEFAULTS) the last layer has the original's ReLU. Three switches undo the original's choices, for the
+    ones (h x d for h = 1..L, max-pooled over time); dropout; one fully connected layer to d. By default the
+    last layer has the original's ReLU. Three switches undo the original's choices, for the
     comparison in the README: activation "none" lets history vectors point anywhere on the sphere; `num_users` > 0
     adds the original's user embedding, joined to the convolutions' output by a second layer (RecBole's form, so
     that history vectors stay d-wide); `output_table` scores items with a table of their own, as the original does
@@ -229,8 +234,8 @@ class Caser(Backbone):
 
     def encode(self, histories, users=None):                                # (B, T) item ids -> (B, d)
         image = self.items(self.last_items(histories)).unsqueeze(1)        # (B, 1, L, d)
-        vertical = self.vertical(image).flatten(1)                         # (B, nv * d)
-        horizontal = [F.relu(conv(image)).squeeze(3).amax(2) for conv in self.horizontal]  # L x (B, nh)
+        vertical = self.vertical(image).flatten(1)                         # (B, 4d): 4 vertical filters
+        horizontal = [F.relu(conv(image)).squeeze(3).amax(2) for conv in self.horizontal]  # L x (B, 16)
         z = self.activation(self.project(self.dropout(torch.cat([vertical, *horizontal], 1))))  # (B, d)
         if hasattr(self, "users"):
             z = self.activation(self.join_user(torch.cat([z, self.users(users)], 1)))  # (B, 2d) -> (B, d)
@@ -238,7 +243,8 @@ class Caser(Backbone):
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head self-attention in which position j attends to positions 0..j only."""
+    """Multi-head self-attention in which position j attends to positions 0..j only. Written out rather than
+    F.scaled_dot_product_attention so that the attention weights get the faster Dropout above."""
 
     def __init__(self, dim, heads, dropout):
         super().__init__()
@@ -247,11 +253,11 @@ class CausalSelfAttention(nn.Module):
         self.dropout = Dropout(dropout)                                    # on the attention weights
         self.out = nn.Linear(dim, dim)
 
-    def forward(self, x):                                                  # (B, T, d)
+    def forward(self, x):                                                  # (B, T, d) -> (B, T, d)
         B, T, d = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, T, d/h)
         future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)  # [i, j] = j > i
-        scores = (q @ k.transpose(-1, -2) / (d // self.heads) ** 0.5).masked_fill(future, float("-inf"))
+        scores = (q @ k.transpose(-1, -2) / (d // self.heads) ** 0.5).masked_fill(future, float("-inf"))  # (B, h, T, T)
         y = self.dropout(scores.softmax(-1)) @ v                           # (B, h, T, d/h)
         return self.out(y.transpose(1, 2).reshape(B, T, d))
 
@@ -315,16 +321,14 @@ def build_model(model, num_items, dim, layers, heads, dropout, max_len, caser_wi
 # 3. Scores and losses (sections 2-4, eqs. 1-6; spec §4)
 # =============================================================================================================
 #
-# The score of a history and an item is eq. 1, the dot product of their vectors; the uniformity loss scores unit
-# vectors (eq. 3), so its score is a cosine. `score` computes it for training and evaluation alike. Every loss is a
-# SUM over the batch, as the paper writes them. In the losses, h, i, j are the (B, d) vectors of a batch of triplets
-# (u, i, j): histories, positives, negatives; elsewhere `positives` and `negatives` are item ids.
-# `score`, the four losses and `gaussian_potential` need only `import torch`: they can be copied alone. Whoever
-# copies uniformity_loss should know three things:
-# - L_hom sums over unordered pairs, each pair once and no vector with itself: half of a literal reading of eq. 4's
-#   double sum over x, y. The authors' code does the same (torch.pdist), so beta means what their beta means.
-# - L_rec has 2B terms, L_hom about 5B^2/2 and L_het B^2, so the weight of beta grows with the batch size: the
-#   paper's beta = 0.05 goes with B = 256.
+# Eq. 1 scores a history and an item by the dot product of their vectors; on unit vectors (eq. 3), as the uniformity
+# loss has them, that is their cosine. `score` computes it for training and evaluation alike. Every loss SUMS over the
+# batch, as the paper writes them. h, i, j are the (B, d) vectors of a batch's histories, positives and negatives
+# (the triplets (u, i, j)); `positives` and `negatives` are item ids. `score`, the four losses and
+# `gaussian_potential` need only `import torch`. Three things to know when copying uniformity_loss:
+# - L_hom counts each unordered pair once and no vector with itself, half of a literal reading of eq. 4's double sum,
+#   as the authors' code does (torch.pdist): so beta means what their beta means.
+# - L_rec has 2B terms, L_hom about 5B^2/2 and L_het B^2: beta's weight grows with B (the paper's 0.05 is for B = 256).
 # - A model trained on cosines must be ranked by cosines (scores_are_cosines): the loss never sees the vectors'
 #   lengths, so a dot product would rank by lengths nothing trained.
 
@@ -424,7 +428,6 @@ def scores_are_cosines(config):
 # 4. Evaluation (section 5.1; spec §5): rank the target against ALL items, for ALL users; Figure 1's statistics
 # =============================================================================================================
 
-
 def rank_of_targets(scores, targets):
     """Number of items other than the target scoring >= the target (ties count against it): (B, N+1), (B,) -> (B,).
     A target masked to -inf cannot be recommended: its rank is inf, never a hit."""
@@ -519,7 +522,6 @@ def embedding_statistics(model, sample, bins=40):
 # 5. Training (appendix B; spec §6): Adam, batches of triplets, early stopping on validation NDCG@10
 # =============================================================================================================
 
-
 def epoch_seed(seed, epoch):
     """Every random draw of an epoch (order, negatives, dropout) follows from (seed, epoch), so a resumed run
     repeats an uninterrupted one exactly. Modulo 2**64, as torch takes any seed it accepts (-2**63 .. 2**64 - 1):
@@ -540,16 +542,13 @@ def group_sizes(batch_size, groups):
 
 
 def epoch_batches(order, history_lengths, batch_size, groups):
-    """Cut a random order into batches of `batch_size` examples. Inside a batch the examples are sorted by history
-    length and encoded in `groups` groups, each padded only to its own longest history: the batch is the same
-    set of triplets (every loss sums over the batch), but far fewer padding slots are computed (spec §2).
-    Returns [(example ids, group sizes, group widths)] with a single host-device synchronisation."""
+    """Cut a random order into batches of `batch_size` examples, each sorted by history length and cut into `groups`
+    groups. Returns [(example ids, group sizes, group widths)] with a single host-device synchronisation."""
     batches = [b[torch.argsort(history_lengths[b], stable=True)] for b in order.split(batch_size)]
     sizes = [group_sizes(len(b), groups) for b in batches]
     last_of_group = torch.tensor([start + sum(s[:g + 1]) - 1 for start, s in
                                   zip(range(0, len(order), batch_size), sizes) for g in range(len(s))])
-    widths = history_lengths[torch.cat(batches)[last_of_group.to(order.device)]].tolist()
-    widths = iter(widths)
+    widths = iter(history_lengths[torch.cat(batches)[last_of_group.to(order.device)]].tolist())
     return [(b, s, [next(widths) for _ in s]) for b, s in zip(batches, sizes)]
 
 
@@ -579,8 +578,8 @@ def train_epoch(model, optimizer, data, config, epoch, progress=None):
     device = flat.device
     torch.manual_seed(epoch_seed(config["seed"], epoch))                    # dropout
     generator = torch.Generator(device).manual_seed(epoch_seed(config["seed"], epoch))
-    order = torch.randperm(len(ends), device=device, generator=generator)
-    negatives = sample_negatives(users, keys, num_items, generator)         # one per example, (num_examples,)
+    order = torch.randperm(len(ends), device=device, generator=generator)  # (E,)
+    negatives = sample_negatives(users, keys, num_items, generator)         # (E,) item ids, one per example
     batches = epoch_batches(order, history_lengths, config["batch_size"], config["length_groups"])
     losses = torch.zeros(len(batches), device=device)
     for step, (batch, sizes, widths) in enumerate(batches):
@@ -607,10 +606,9 @@ def train(config, sequences, run_dir, log=print):
     state because none is needed: every epoch re-seeds from (seed, epoch)."""
     device = torch.device(config["device"])
     flat, starts, lengths, num_items = flatten_sequences(sequences, device)
-    # No history is longer than the longest user's test history (n - 1 items), so max_len is capped there: SASRec's
-    # position table then gets only rows that can be read (--max-len 10**9 would ask for 10**9 rows). (A smaller table
-    # shifts the random draws after it; with --max-len 50 the benchmarks, whose longest histories have 203 to 549
-    # items, never reach the cap.)
+    # No history is longer than the longest user's test history (n - 1 items), so max_len is capped there and SASRec's
+    # position table gets only rows that can be read (not 10**9 for --max-len 10**9); the benchmarks' longest histories
+    # (203 to 549 items) never reach a --max-len of 50, so their random draws are as before the cap.
     max_len = min(config["max_len"], int(lengths.max()) - 1)
     data = training_data(flat, starts, lengths, num_items, max_len)
     valid = evaluation_batches(flat, starts, lengths, max_len, "valid")
@@ -677,7 +675,6 @@ def train(config, sequences, run_dir, log=print):
 # =============================================================================================================
 # 6. Run folders: configuration, checkpoint and resume; one-line errors; the progress line
 # =============================================================================================================
-
 
 class ConfigError(ValueError):
     """A command line the paper's setting cannot use; the message is one line naming the problem."""
@@ -838,7 +835,6 @@ class ProgressLine:
 # =============================================================================================================
 # 7. Command line
 # =============================================================================================================
-
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows '(default: X)' only for flags that take a value and have a default (not for --no-hom and the like)."""
