@@ -503,8 +503,8 @@ def embedding_statistics(model, sample, bins=40):
     was_training = model.training
     model.eval()
     result = {}
-    histories = model.encode(sample["histories"], users=sample["users"])   # (S, d)
-    for name, vectors in (("history", histories), ("item", model.output_items()(sample["items"]))):
+    history_vectors = model.encode(sample["histories"], users=sample["users"])  # (S, d)
+    for name, vectors in (("history", history_vectors), ("item", model.output_items()(sample["items"]))):
         unit = F.normalize(vectors, dim=-1)
         upper = torch.triu_indices(len(unit), len(unit), 1, device=unit.device)
         cosines = (unit @ unit.T)[upper[0], upper[1]]
@@ -557,8 +557,8 @@ def encode_batch(model, flat, ends, history_lengths, sizes, widths, users=None):
     history. A sequence model gets the item vectors of all groups from one lookup, since the gradient of each lookup
     is a whole (N + 1, d) table (docs/measurements.md); Caser, which reads only its last L items, encodes each group
     as it is."""
-    groups = zip(ends.split(sizes), history_lengths.split(sizes), widths)
-    histories = [gather_histories(flat, e, lengths, width) for e, lengths, width in groups]  # G x (B_g, T_g)
+    histories = [gather_histories(flat, group_ends, group_lengths, width) for group_ends, group_lengths, width
+                 in zip(ends.split(sizes), history_lengths.split(sizes), widths)]  # G groups of (B_g, T_g) item ids
     if len(histories) == 1:
         return model.encode(histories[0], users=users)
     if not hasattr(model, "sequence_states"):                               # Caser
@@ -737,7 +737,7 @@ def save_atomically(obj, path):
 def restore(checkpoint_path, model, optimizer):
     """Load the last checkpoint into model and optimizer, if any. Returns (early-stopping state, best model)."""
     if not os.path.exists(checkpoint_path):
-        state = {"epoch": 0, "best_epoch": 0, "best_ndcg": -1.0, "history": []}
+        state = {"epoch": 0, "best_epoch": 0, "best_ndcg": -1.0, "history": []}  # history: the log rows so far
         return state, {k: v.clone() for k, v in model.state_dict().items()}
     try:  # map_location: a checkpoint written on any device (a GPU, the CPU) loads onto this run's device
         checkpoint = torch.load(checkpoint_path, map_location=next(model.parameters()).device, weights_only=False)
