@@ -107,7 +107,7 @@ def bench_dropout(device, rows):
 # ---------------------------------------------------------------------------------------------------------------
 
 def training_setup(path, device):
-    flat, starts, lengths, num_items = U.load_sequences(read_sequences(path), device)
+    flat, starts, lengths, num_items = U.flatten_sequences(read_sequences(path), device)
     ends, history_lengths, users = U.training_examples(starts, lengths, 50)
     keys = U.training_item_keys(flat, starts, lengths, num_items)
     return flat, starts, lengths, num_items, ends, history_lengths, users, keys
@@ -128,8 +128,8 @@ def train_steps(setup, device, model_name, loss, steps, length_groups):
 
     def run(some):
         for batch, sizes, widths in some:
-            history = U.encode_batch(model, flat, ends[batch], history_lengths[batch], sizes, widths)
-            value = U.batch_loss(model, history, flat[ends[batch]], negatives[batch], config)
+            h = U.encode_batch(model, flat, ends[batch], history_lengths[batch], sizes, widths)
+            value = U.batch_loss(model, h, flat[ends[batch]], negatives[batch], config)
             optimizer.zero_grad(set_to_none=True)
             value.backward()
             optimizer.step()
@@ -159,7 +159,7 @@ def bench_progress(path, device, rows, pairs=4, users=3000):
     """Seconds of train_epoch on the first `users` Beauty users (SASRec + uniform, paper settings) with the progress
     line (at its interval of 1 s, and at every step) and without it, in interleaved pairs (ABBA order); the ratio is
     the median of the pairs'."""
-    flat, starts, lengths, num_items = U.load_sequences(read_sequences(path)[:users], device)
+    flat, starts, lengths, num_items = U.flatten_sequences(read_sequences(path)[:users], device)
     data = U.training_data(flat, starts, lengths, num_items, 50)
     config = {"seed": 1, "batch_size": 256, "length_groups": 8, "loss": "uniform", "beta": 0.05, "t": 2.0,
               "normalize": True, "rec": True, "hom": True, "het": True}
@@ -192,7 +192,7 @@ def bench_progress(path, device, rows, pairs=4, users=3000):
         return seconds
 
     epoch(None)                                                            # warm-up
-    steps = -(-len(data[1]) // 256)
+    steps = -(-len(data.ends) // 256)
     for interval, label in ((1.0, "updated at most once a second (as in training)"), (0.0, "updated every step")):
         without, with_line = [], []
         for pair in range(pairs):
@@ -217,11 +217,11 @@ def bench_eval(setup, device, rows):
     torch.manual_seed(0)
     model = U.build_model("sasrec", num_items, 64, 2, 2, 0.5, 50, 5).to(device).eval()
     batches = U.evaluation_batches(flat, starts, lengths, 50, "test")
-    full = timed(lambda: U.evaluate(model, batches, normalize=True), device, repeats=3)
+    full = timed(lambda: U.evaluate(model, batches, cosine=True), device, repeats=3)
     with torch.no_grad():
         history = torch.cat([torch.nn.functional.normalize(model.encode(h), dim=-1) for h, _, _ in batches])
         targets = torch.cat([t for _, _, t in batches])
-        items = U.item_table(model, normalize=True)
+        items = torch.nn.functional.normalize(model.output_items().weight, dim=-1)
 
     def lower_bound():
         with torch.no_grad():
@@ -267,7 +267,7 @@ def memory_probe(what, path, device, steps):
     else:
         flat, starts, lengths, num_items, *_ = setup
         model = U.build_model("sasrec", num_items, 64, 2, 2, 0.5, 50, 5).to(device)
-        U.evaluate(model, U.evaluation_batches(flat, starts, lengths, 50, "test"), normalize=True)
+        U.evaluate(model, U.evaluation_batches(flat, starts, lengths, 50, "test"), cosine=True)
     print(f"{peak_megabytes(device):.0f} {before:.0f}")
 
 

@@ -351,7 +351,7 @@ def baseline_metrics(score, flat, starts, lengths, split):
 
 def dataset_baselines(sequences):
     """{'popularity': {valid, test}, 'transitions': {decay, valid, test, valid_by_decay}} for one dataset."""
-    flat, starts, lengths, num_items = U.load_sequences(sequences, "cpu")
+    flat, starts, lengths, num_items = U.flatten_sequences(sequences, "cpu")
     popularity = item_popularity(flat, starts, lengths, num_items)
     transitions = item_transitions(flat, starts, lengths, num_items)
     by_popularity = lambda histories: popularity.expand(len(histories), -1).clone()

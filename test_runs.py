@@ -516,11 +516,11 @@ class Terminal(io.StringIO):
 def test_progress_is_one_updating_terminal_line_at_most_once_an_interval(tmp_path):
     sequences = U.read_sequences(small_data(tmp_path, users=200))
     config, _ = U.configure(["--data", str(tmp_path / "small.txt"), *SMALL, "--batch-size", "16"])
-    flat, starts, lengths, num_items = U.load_sequences(sequences, "cpu")
+    flat, starts, lengths, num_items = U.flatten_sequences(sequences, "cpu")
     data = U.training_data(flat, starts, lengths, num_items, 50)
     model = U.build_model("sasrec", num_items, 16, 1, 1, 0.5, 50, 5)
     optimizer = U.adam(model, 1e-3, torch.device("cpu"))
-    steps = -(-len(data[1]) // 16)
+    steps = -(-len(data.ends) // 16)
     screen = Terminal()
     progress = U.ProgressLine(screen, interval=1.0)
     ticks = iter(range(10 ** 6))

@@ -73,6 +73,25 @@ def slow_uniformity(h, p, n, beta, t, normalize=True, rec=True, hom=True, het=Tr
     return total
 
 
+def test_score_is_the_dot_product_or_the_cosine_of_every_pair_it_is_given():
+    """Eq. 1 (with cosine=True eq. 3) against a loop, for the three ways vectors pair up: history b with item b,
+    each history with K items of its own (training), every history with one set of items (evaluation)."""
+    h, paired, own, shared = vectors(4, seed=23), vectors(4, seed=26), vectors(12, seed=24).view(4, 3, 6), \
+        vectors(5, seed=25)
+    for cosine in (False, True):
+        f = (lambda v: v / v.norm()) if cosine else (lambda v: v)
+        one, per_history, every = U.score(h, paired, cosine), U.score(h[:, None], own, cosine), \
+            U.score(h[:, None], shared, cosine)
+        assert one.shape == (4,) and per_history.shape == (4, 3) and every.shape == (4, 5)
+        for b in range(4):
+            assert torch.allclose(one[b], f(h[b]) @ f(paired[b]))
+            for k in range(3):
+                assert torch.allclose(per_history[b, k], f(h[b]) @ f(own[b, k]))
+            for m in range(5):
+                assert torch.allclose(every[b, m], f(h[b]) @ f(shared[m]))
+        assert torch.allclose(U.score(h[:, None], shared.expand(4, 5, 6), cosine), every)  # the product = the rule
+
+
 def test_bce_and_bpr_match_loops():
     pos, neg = vectors(7, 1, seed=1)[:, 0], vectors(7, 1, seed=2)[:, 0]
     for fast, slow in ((U.bce_loss, slow_bce), (U.bpr_loss, slow_bpr)):
@@ -176,7 +195,7 @@ def test_uniformity_gradients_finite_when_an_item_repeats():
 
 
 def test_loss_functions_work_copied_alone_with_only_torch():
-    functions = (U.bce_loss, U.bpr_loss, U.infonce_loss, U.gaussian_potential, U.uniformity_loss)
+    functions = (U.score, U.bce_loss, U.bpr_loss, U.infonce_loss, U.gaussian_potential, U.uniformity_loss)
     source = "import torch\n\n" + "\n\n".join(inspect.getsource(f) for f in functions)
     namespace = {}
     exec(compile(source, "copied_losses.py", "exec"), namespace)             # noqa: S102 - the point of the test
@@ -227,8 +246,8 @@ def brute_force_metrics(scores, targets, histories, mask_seen, k):
 
 
 @pytest.mark.parametrize("mask_seen", [False, True])
-@pytest.mark.parametrize("normalize", [False, True])
-def test_metrics_match_brute_force(mask_seen, normalize):
+@pytest.mark.parametrize("cosine", [False, True])
+def test_metrics_match_brute_force(mask_seen, cosine):
     g = torch.Generator().manual_seed(0)
     num_items, users = 30, 40
     items = torch.randn(num_items + 1, 4, generator=g)
@@ -243,10 +262,11 @@ def test_metrics_match_brute_force(mask_seen, normalize):
     padded = torch.tensor([h + [0] * (width - len(h)) for h in histories])
     model = FixedScorer(history_table, items)
     batches = [(padded[:17], None, targets[:17]), (padded[17:], None, targets[17:])]
-    result = U.evaluate(model, batches, normalize=normalize, mask_seen=mask_seen)
-    h = model.encode(padded)
-    table = U.item_table(model, normalize)
-    scores = (torch.nn.functional.normalize(h, dim=-1) if normalize else h) @ table.T
+    result = U.evaluate(model, batches, cosine=cosine, mask_seen=mask_seen)
+    h, table = model.encode(padded), model.items.weight
+    if cosine:
+        h, table = h / h.norm(dim=-1, keepdim=True), table / table.norm(dim=-1, keepdim=True)
+    scores = h @ table.T
     for k in (5, 10, 20):
         hr, ndcg = brute_force_metrics(scores.detach(), targets.tolist(), histories, mask_seen, k)
         assert result[f"HR@{k}"] == pytest.approx(hr) and result[f"NDCG@{k}"] == pytest.approx(ndcg)
@@ -257,14 +277,14 @@ def test_constant_scorer_scores_zero_and_perfect_scorer_scores_one():
     histories = torch.tensor([[1, 2], [3, 0], [4, 5]])
     targets = torch.tensor([7, 8, 9])
     constant = FixedScorer(torch.ones(num_items + 1, 3), torch.ones(num_items + 1, 3))
-    result = U.evaluate(constant, [(histories, None, targets)], normalize=False)
+    result = U.evaluate(constant, [(histories, None, targets)], cosine=False)
     assert all(v == 0 for v in result.values())
     # history vector of the user = one-hot of its target; items one-hot: the target alone scores 1
     one_hot = torch.eye(num_items + 1)
     history_table = torch.zeros(num_items + 1, num_items + 1)
     history_table[2], history_table[3], history_table[5] = one_hot[7], one_hot[8], one_hot[9]
     perfect = FixedScorer(history_table, one_hot)
-    result = U.evaluate(perfect, [(histories, None, targets)], normalize=True)
+    result = U.evaluate(perfect, [(histories, None, targets)], cosine=True)
     assert result["HR@5"] == result["NDCG@5"] == result["NDCG@20"] == 1.0
 
 
@@ -274,8 +294,8 @@ def test_mask_seen_makes_a_repeated_target_unreachable():
     history_table[2] = one_hot[2]                                             # user's vector points at item 2
     model = FixedScorer(history_table, one_hot)
     batch = [(torch.tensor([[1, 2]]), None, torch.tensor([2]))]                     # target 2 is also in the history
-    assert U.evaluate(model, batch, normalize=False)["HR@5"] == 1.0
-    assert U.evaluate(model, batch, normalize=False, mask_seen=True)["HR@20"] == 0.0
+    assert U.evaluate(model, batch, cosine=False)["HR@5"] == 1.0
+    assert U.evaluate(model, batch, cosine=False, mask_seen=True)["HR@20"] == 0.0
 
 
 def test_non_finite_scores_are_an_error_not_a_hit():
@@ -283,7 +303,7 @@ def test_non_finite_scores_are_an_error_not_a_hit():
     table[4, 0] = float("nan")
     model = FixedScorer(torch.ones(6, 3), table)
     with pytest.raises(FloatingPointError):
-        U.evaluate(model, [(torch.tensor([[1, 2]]), None, torch.tensor([4]))], normalize=False)
+        U.evaluate(model, [(torch.tensor([[1, 2]]), None, torch.tensor([4]))], cosine=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -301,9 +321,22 @@ def toy_sequences(users=30, held_out_base=1000, seed=0):
     return sequences
 
 
+def test_flattened_sequences_and_training_data_hold_what_they_say():
+    sequences = toy_sequences()
+    flat, starts, lengths, num_items = U.flatten_sequences(sequences, "cpu")
+    assert flat[0] == 0 and num_items == max(max(s) for s in sequences)
+    assert [flat[a:a + n].tolist() for a, n in zip(starts.tolist(), lengths.tolist())] == sequences
+    data = U.training_data(flat, starts, lengths, num_items, 50)
+    ends, history_lengths, users = U.training_examples(starts, lengths, 50)
+    assert data.flat is flat and data.num_items == num_items
+    assert torch.equal(data.ends, ends) and torch.equal(data.history_lengths, history_lengths)
+    assert torch.equal(data.users, users)
+    assert torch.equal(data.keys, U.training_item_keys(flat, starts, lengths, num_items))
+
+
 def test_training_examples_are_exactly_the_prefixes_of_the_training_part():
     sequences = toy_sequences()
-    flat, starts, lengths, _ = U.load_sequences(sequences, "cpu")
+    flat, starts, lengths, _ = U.flatten_sequences(sequences, "cpu")
     ends, history_lengths, users = U.training_examples(starts, lengths, max_len=50)
     width = int(history_lengths.max())
     histories = U.gather_histories(flat, ends, history_lengths, width)
@@ -315,7 +348,7 @@ def test_training_examples_are_exactly_the_prefixes_of_the_training_part():
 
 def test_no_validation_or_test_item_reaches_training():
     sequences = toy_sequences()
-    flat, starts, lengths, num_items = U.load_sequences(sequences, "cpu")
+    flat, starts, lengths, num_items = U.flatten_sequences(sequences, "cpu")
     ends, history_lengths, users = U.training_examples(starts, lengths, 50)
     seen = set()
     for batch, sizes, widths in U.epoch_batches(torch.randperm(len(ends)), history_lengths, 16, 3):
@@ -327,7 +360,7 @@ def test_no_validation_or_test_item_reaches_training():
 
 def test_evaluation_histories_are_the_leave_one_out_ones():
     sequences = toy_sequences()
-    flat, starts, lengths, _ = U.load_sequences(sequences, "cpu")
+    flat, starts, lengths, _ = U.flatten_sequences(sequences, "cpu")
     for split, cut in (("valid", 2), ("test", 1)):
         ((histories, users, targets),) = U.evaluation_batches(flat, starts, lengths, 50, split, batch_size=10_000)
         produced = sorted((tuple(h[h > 0].tolist()), int(t)) for h, t in zip(histories, targets))
@@ -341,7 +374,7 @@ def test_negatives_avoid_each_users_training_items():
     # users that own most of the catalogue force many rejections
     sequences = [torch.randperm(num_items, generator=g)[:int(torch.randint(3, 11, (1,), generator=g))].add(1).tolist()
                  for _ in range(50)]
-    flat, starts, lengths, num_items = U.load_sequences(sequences, "cpu")
+    flat, starts, lengths, num_items = U.flatten_sequences(sequences, "cpu")
     keys = U.training_item_keys(flat, starts, lengths, num_items)
     users = torch.arange(len(sequences)).repeat_interleave(200)
     negatives = U.sample_negatives(users, keys, num_items, torch.Generator().manual_seed(2))
@@ -377,7 +410,7 @@ def test_grouped_encoding_equals_each_history_alone(name):
     In float64: in float32 the LayerNorms of small vectors amplify summation-order differences to ~1e-3."""
     model = make_model(name).double()
     sequences = [[3, 4], [4, 9, 2, 7, 8], [7, 1, 2, 8, 5, 6, 10, 11], [11, 12, 13], [5, 6, 7, 8]]
-    flat, starts, lengths, _ = U.load_sequences(sequences, "cpu")
+    flat, starts, lengths, _ = U.flatten_sequences(sequences, "cpu")
     ends, history_lengths, _ = U.training_examples(starts, lengths, 20)
     (batch, sizes, widths), = U.epoch_batches(torch.arange(len(ends)), history_lengths, len(ends), 3)
     assert len(sizes) == 3 and len(set(widths)) > 1
@@ -389,6 +422,21 @@ def test_grouped_encoding_equals_each_history_alone(name):
     alone.square().sum().backward()
     assert torch.allclose(grouped, alone, atol=1e-10)
     assert torch.allclose(grouped_gradient, model.items.weight.grad, atol=1e-10)
+
+
+def test_grouped_encoding_gives_each_group_its_users():
+    """A Caser with a user embedding, encoded in groups (--length-groups > 1), reads each history's own user."""
+    model = caser_variant(num_users=5).double()
+    sequences = [[3, 4, 5, 6], [4, 9, 2, 7, 8], [7, 1, 2, 8, 5, 6, 10, 11], [11, 12, 13, 14], [5, 6, 7, 8, 9]]
+    flat, starts, lengths, _ = U.flatten_sequences(sequences, "cpu")
+    ends, history_lengths, users = U.training_examples(starts, lengths, 20)
+    (batch, sizes, widths), = U.epoch_batches(torch.arange(len(ends)), history_lengths, len(ends), 3)
+    with torch.no_grad():
+        grouped = U.encode_batch(model, flat, ends[batch], history_lengths[batch], sizes, widths, users[batch])
+        alone = torch.cat([model.encode(U.gather_histories(flat, ends[b:b + 1], history_lengths[b:b + 1],
+                                                           int(history_lengths[b])), users=users[b:b + 1])
+                           for b in batch.tolist()])
+    assert len(sizes) == 3 and torch.allclose(grouped, alone, atol=1e-10)
 
 
 @pytest.mark.parametrize("name", ["gru4rec", "caser", "sasrec"])
@@ -411,7 +459,8 @@ def test_states_do_not_see_later_items(name):
     changed = history.clone()
     changed[0, 4:] = torch.tensor([20, 21])
     with torch.no_grad():
-        before, after = model.sequence_states(history), model.sequence_states(changed)
+        before = model.sequence_states(model.items(history), history)
+        after = model.sequence_states(model.items(changed), changed)
     assert torch.allclose(before[0, :4], after[0, :4], atol=1e-6)
     assert not torch.allclose(before[0, 4:], after[0, 4:])
 
@@ -480,9 +529,9 @@ def test_caser_switches_change_what_they_say():
 def test_evaluation_scores_with_the_output_table_and_reads_users():
     sequences = [[1, 2, 3, 4, 5], [6, 7, 8, 9], [2, 4, 6, 8, 10], [3, 5, 7], [11, 13, 40], [41, 42, 43, 44, 45]]
     model = caser_variant(num_users=6, output_table=True)
-    flat, starts, lengths, _ = U.load_sequences(sequences, "cpu")
+    flat, starts, lengths, _ = U.flatten_sequences(sequences, "cpu")
     batches = U.evaluation_batches(flat, starts, lengths, 20, "test")
-    result = U.evaluate(model, batches, normalize=True)
+    result = U.evaluate(model, batches, cosine=True)
     (histories, users, targets), = batches
     with torch.no_grad():
         h = torch.nn.functional.normalize(model.encode(histories, users=users), dim=-1)
@@ -495,7 +544,7 @@ def test_evaluation_scores_with_the_output_table_and_reads_users():
 
 def test_alignment_is_the_mean_squared_distance_of_normalized_training_pairs():
     sequences = [[1, 2, 3, 4, 5, 6], [7, 8, 9, 10], [2, 4, 6, 8, 10, 12, 14]]
-    flat, starts, lengths, num_items = U.load_sequences(sequences, "cpu")
+    flat, starts, lengths, num_items = U.flatten_sequences(sequences, "cpu")
     model = make_model("sasrec", num_items=14)
     sample = U.statistics_sample(flat, starts, lengths, num_items, 20)
     expected_pairs = sorted((tuple(s[:t]), s[t]) for s in sequences for t in range(1, len(s) - 2))
@@ -507,6 +556,30 @@ def test_alignment_is_the_mean_squared_distance_of_normalized_training_pairs():
             h = model.encode(torch.tensor([history]))[0]
             total += ((h / h.norm() - model.items.weight[positive] / model.items.weight[positive].norm()) ** 2).sum()
     assert U.embedding_statistics(model, sample)["alignment"] == pytest.approx(total.item() / len(pairs), rel=1e-5)
+
+
+@pytest.mark.parametrize("loss", ["bce", "uniform"])
+def test_training_and_evaluation_score_a_pair_alike(loss, monkeypatch):
+    """The score the training loss gives (history, positive) is the score evaluation ranks that item by: a dot
+    product with BCE, a cosine with the uniformity loss."""
+    model = make_model("sasrec")                                             # eval(): no dropout
+    histories, positives, negatives = torch.tensor([[1, 2, 3], [4, 5, 0], [6, 0, 0]]), torch.tensor([7, 8, 9]), \
+        torch.tensor([10, 11, 12])
+    config = {"loss": loss, "beta": 0.05, "t": 2.0, "normalize": True, "rec": True, "hom": False, "het": False}
+    seen, rank_of_targets = {}, U.rank_of_targets
+    monkeypatch.setattr(U, "bce_loss", lambda pos, neg: seen.setdefault("training", pos.detach()).sum())
+    U.batch_loss(model, model.encode(histories), positives, negatives, config)
+
+    def recording_rank(scores, targets):
+        seen["evaluation"] = scores.gather(1, targets[:, None])[:, 0]
+        return rank_of_targets(scores, targets)
+
+    monkeypatch.setattr(U, "rank_of_targets", recording_rank)
+    U.evaluate(model, [(histories, None, positives)], cosine=U.scores_are_cosines(config))
+    assert torch.allclose(seen["training"], seen["evaluation"], atol=1e-6)
+    with torch.no_grad():
+        h, i = model.encode(histories), model.items(positives)
+    assert torch.allclose(seen["training"], (h * i).sum(-1) if loss == "bce" else torch.cosine_similarity(h, i))
 
 
 def test_dropout_drops_at_rate_p_keeps_the_mean_and_is_off_in_eval():
@@ -570,7 +643,7 @@ def test_command_line_trains_and_reports_on_real_data(beauty_slice, tmp_path, ca
 @needs("beauty")
 def test_real_beauty_split_sizes():
     sequences = read_sequences(BEAUTY)
-    flat, starts, lengths, num_items = U.load_sequences(sequences, "cpu")
+    flat, starts, lengths, num_items = U.flatten_sequences(sequences, "cpu")
     ends, _, _ = U.training_examples(starts, lengths, 50)
     assert (len(sequences), num_items) == (22_363, 12_101)
     assert len(ends) == 198_502 - 3 * 22_363                                  # n - 3 examples per user

@@ -3,16 +3,20 @@ Recommendation" (Chung & Kim).
 
     python uniform_seqrec.py --model sasrec --loss uniform --data beauty
 
-The module follows the paper, top to bottom:
-  1. Data          leave-one-out split, training triplets (u, i, j), negatives        (appendix A, section 4)
-  2. Backbones     GRU4Rec, Caser, SASRec: encode(histories) -> one vector per history (section 5.1)
-  3. Losses        BCE (eq. 2), BPR, InfoNCE, and the uniformity loss (eqs. 3-6)
-  4. Evaluation    HR@K and NDCG@K, ranking the target against every item            (section 5.1)
-  5. Training      Adam, early stopping on validation NDCG@10, run folders, resume    (appendix B)
-  6. Command line
+The sections follow the pipeline, from the data file to the command line (not the paper's order; each names the
+part of the paper it implements):
+  1. Data            leave-one-out split, training triplets (u, i, j), negatives          (appendix A, section 4)
+  2. Backbones       GRU4Rec, Caser, SASRec: encode(histories) -> (B, d)                  (section 5.1)
+  3. Scores, losses  score (eqs. 1, 3), BCE (eq. 2), BPR, InfoNCE, uniformity loss        (sections 2-4)
+  4. Evaluation      HR@K and NDCG@K ranking every item; Figure 1's statistics            (sections 5.1, 3)
+  5. Training        Adam, length-grouped batches, early stopping on validation NDCG@10   (appendix B)
+  6. Run folders     configuration, checkpoint, resume, one-line errors
+  7. Command line
 
-Where the paper is silent, docs/spec.md decides (its section numbers are cited as "spec §n").
-Nothing runs at import; the loss functions in section 3 need nothing but `import torch`.
+Where the paper is silent, docs/spec.md decides (cited as "spec §n"); the measurements behind the code's own
+choices are in docs/measurements.md. Item ids are `histories` (B, T), `positives`, `negatives`, `targets` (B,);
+vectors are h (histories), i (positives), j (negatives), (B, d). Nothing runs at import; the score and loss
+functions of section 3 need nothing but `import torch`.
 """
 import argparse
 import hashlib
@@ -22,6 +26,7 @@ import os
 import shutil
 import sys
 import time
+from typing import NamedTuple
 
 try:
     import fcntl
@@ -33,6 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data_prep import BENCHMARKS, DataError, OneLineErrorParser, benchmark_path, default_data_dir, read_sequences
+
 
 # =============================================================================================================
 # 1. Data: leave-one-out split and training triplets (paper appendix A and section 4; spec §1-2)
@@ -46,12 +52,14 @@ from data_prep import BENCHMARKS, DataError, OneLineErrorParser, benchmark_path,
 #   test:                               history s[:n-1] -> target   s[n-1]   (includes the validation item)
 #
 # All users' items live in one flat tensor `flat`, with a 0 (padding) at index 0. An example is a pair
-# (end, length): its history is flat[end - length : end] and its target is flat[end]. Histories are cut to the
-# last `max_len` items and right-padded with 0 to the width of their batch.
+# (end, history length): its history is flat[end - length : end] and its target is flat[end]. Histories are cut to
+# the last `max_len` items and right-padded with 0 to the width of their batch. `lengths` are the users' sequence
+# lengths n, `history_lengths` the examples'; E is the number of training examples.
 
 
-def load_sequences(sequences, device):
-    """Flatten a list of item-id lists. Returns (flat, starts, lengths, num_items), all on `device`."""
+def flatten_sequences(sequences, device):
+    """Lists of item ids, one per user, as one flat tensor: returns (flat, starts, lengths, num_items), the tensors on
+    `device`; user u's items are flat[starts[u] : starts[u] + lengths[u]]."""
     lengths = torch.tensor([len(s) for s in sequences])
     starts = 1 + torch.cumsum(lengths, 0) - lengths                        # flat[0] is the padding sentinel
     flat = torch.tensor([0] + [i for s in sequences for i in s])
@@ -60,7 +68,7 @@ def load_sequences(sequences, device):
 
 
 def training_examples(starts, lengths, max_len):
-    """Every prefix of every user's training part. Returns (ends, history_lengths, users), each (num_examples,)."""
+    """Every prefix of every user's training part. Returns (ends, history_lengths, users), each (E,)."""
     per_user = (lengths - 3).clamp(min=0)                                  # t = 1 .. n-3
     users = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), per_user)
     first = torch.cumsum(per_user, 0) - per_user
@@ -92,8 +100,8 @@ def training_item_keys(flat, starts, lengths, num_items):
 
 
 def sample_negatives(users, keys, num_items, generator):
-    """One negative per example, uniform over 1..N minus the user's training items (spec §2). Vectorised
-    rejection sampling: redraw only the rejected slots until none is left."""
+    """One negative item id per example, uniform over 1..N minus the user's training items (spec §2; `keys` from
+    training_item_keys). Vectorised rejection sampling: redraw only the rejected slots until none is left."""
     negatives = torch.randint(1, num_items + 1, users.shape, device=users.device, generator=generator)
     while True:
         query = users * (num_items + 1) + negatives
@@ -104,22 +112,41 @@ def sample_negatives(users, keys, num_items, generator):
                                          generator=generator)
 
 
+class TrainingData(NamedTuple):
+    """What every epoch needs, on the training device. E examples, example e being history -> positive."""
+    flat: torch.Tensor               # all users' items, flat[0] = 0 (padding)
+    ends: torch.Tensor               # (E,) example e's positive is flat[ends[e]], its history the items before it
+    history_lengths: torch.Tensor    # (E,) history lengths, at most max_len
+    users: torch.Tensor              # (E,) the user of each example
+    keys: torch.Tensor               # training_item_keys(): the items no negative of a user may be
+    num_items: int                   # N
+
+
+def training_data(flat, starts, lengths, num_items, max_len):
+    """TrainingData of every user's training part; a DataError when a user leaves no item to draw as a negative."""
+    ends, history_lengths, users = training_examples(starts, lengths, max_len)
+    keys = training_item_keys(flat, starts, lengths, num_items)
+    full_users = (torch.bincount(keys // (num_items + 1), minlength=len(lengths)) == num_items).nonzero()
+    if len(full_users):
+        raise DataError(f"user on line {int(full_users[0]) + 1} has every item in training: no negative can be drawn")
+    return TrainingData(flat, ends, history_lengths, users, keys, num_items)
+
+
 # =============================================================================================================
 # 2. Backbones (section 5.1): item ids in, one vector per history out, one item table for inputs and scoring
 # =============================================================================================================
 
-# Item (and position) tables start N(0, 0.02) as in S3-Rec and BERT. Small vectors turn quickly under Adam: on Beauty
-# (SASRec, uniformity loss, lr 1e-3) validation HR@10 after 5 epochs was 0.070 with 0.02 against 0.054 with 1/sqrt(d).
+# Item and position tables start N(0, 0.02), as in S3-Rec and BERT: small vectors turn quickly under Adam, and learning
+# was faster than from N(0, 1/d) (docs/measurements.md).
 EMBEDDING_INIT_STD = 0.02
 
 
 class Backbone(nn.Module):
-    """The contract: `items` is the (N + 1, d) item table (row 0 padding, kept at zero); `encode(histories)`
-    maps (B, T) right-padded item ids to (B, d) history vectors. Padding never changes a real output.
-    `encode(histories, embedded)` takes the (B, T, d) item vectors of `histories` when the caller looked them up
-    already (training looks up all of a batch's groups at once: one gradient of the whole table, not one per group).
-    `users` (B,) are the histories' user ids, read only by a Caser with a user embedding. `output_items()` is the
-    table items are scored with: the input table, except for a Caser with a table of its own."""
+    """The contract: `items` is the (N + 1, d) item table (row 0 padding, kept at zero); `encode(histories, users)`
+    maps (B, T) right-padded item ids to (B, d) history vectors, and padding never changes a real output. `users`
+    (B,) are the histories' user ids, read only by a Caser with a user embedding. `output_items()` is the table
+    items are scored with: the input table, except for a Caser with a table of its own. The sequence models, GRU4Rec
+    and SASRec, encode in two steps: `sequence_states(items(histories), histories)`, then its last real state."""
 
     def __init__(self, num_items, dim):
         super().__init__()
@@ -128,16 +155,13 @@ class Backbone(nn.Module):
         with torch.no_grad():
             self.items.weight[0].zero_()
 
-    def embed(self, histories, embedded=None):
-        return self.items(histories) if embedded is None else embedded
-
     def output_items(self):
         return self.items
 
 
 class Dropout(nn.Module):
     """Inverted dropout, as nn.Dropout, with the mask drawn by comparing uniform numbers: the same distribution,
-    cheaper on CPU than torch's Bernoulli sampler (1.9x on 2 cores; bench.py measures both)."""
+    drawn faster on CPU than by torch's Bernoulli sampler (docs/measurements.md; bench.py measures both)."""
 
     def __init__(self, p):
         super().__init__()
@@ -164,17 +188,17 @@ class GRU4Rec(Backbone):
         self.dropout = Dropout(dropout)
         self.gru = nn.GRU(dim, dim, num_layers=layers, batch_first=True, dropout=dropout if layers > 1 else 0.0)
 
-    def sequence_states(self, histories, embedded=None):                   # (B, T) -> (B, T, d)
-        return self.gru(self.dropout(self.embed(histories, embedded)))[0]
+    def sequence_states(self, x, histories):                                # (B, T, d) item vectors -> (B, T, d)
+        return self.gru(self.dropout(x))[0]
 
-    def encode(self, histories, embedded=None, users=None):
-        return last_real_state(self.sequence_states(histories, embedded), histories)
+    def encode(self, histories, users=None):                                # (B, T) item ids -> (B, d)
+        return last_real_state(self.sequence_states(self.items(histories), histories), histories)
 
 
 class Caser(Backbone):
     """Tang & Wang: the last L item vectors as an L x d "image"; vertical convolutions (L x 1) and horizontal
-    ones (h x d for h = 1..L, max-pooled over time); dropout; one fully connected layer to d. By default (see
-    CASER_DEFAULTS) the last layer has the original's ReLU. Three switches undo the original's choices, for the
+    ones (h x d for h = 1..L, max-pooled over time); dropout; one fully connected layer to d. By default the
+    last layer has the original's ReLU. Three switches undo the original's choices, for the
     comparison in the README: activation "none" lets history vectors point anywhere on the sphere; `num_users` > 0
     adds the original's user embedding, joined to the convolutions' output by a second layer (RecBole's form, so
     that history vectors stay d-wide); `output_table` scores items with a table of their own, as the original does
@@ -204,14 +228,14 @@ class Caser(Backbone):
 
     def last_items(self, histories):
         """(B, T) right-padded -> (B, L) the last L items, left-padded with 0 when the history is shorter."""
-        lengths = (histories > 0).sum(1, keepdim=True)                     # (B, 1)
-        index = lengths - self.window + torch.arange(self.window, device=histories.device)  # (B, L)
+        history_lengths = (histories > 0).sum(1, keepdim=True)             # (B, 1)
+        index = history_lengths - self.window + torch.arange(self.window, device=histories.device)  # (B, L)
         return torch.where(index >= 0, histories.gather(1, index.clamp(min=0)), 0)
 
-    def encode(self, histories, embedded=None, users=None):               # Caser looks up its last L items itself
+    def encode(self, histories, users=None):                                # (B, T) item ids -> (B, d)
         image = self.items(self.last_items(histories)).unsqueeze(1)        # (B, 1, L, d)
-        vertical = self.vertical(image).flatten(1)                         # (B, nv * d)
-        horizontal = [F.relu(conv(image)).squeeze(3).amax(2) for conv in self.horizontal]  # L x (B, nh)
+        vertical = self.vertical(image).flatten(1)                         # (B, 4d): 4 vertical filters
+        horizontal = [F.relu(conv(image)).squeeze(3).amax(2) for conv in self.horizontal]  # L x (B, 16)
         z = self.activation(self.project(self.dropout(torch.cat([vertical, *horizontal], 1))))  # (B, d)
         if hasattr(self, "users"):
             z = self.activation(self.join_user(torch.cat([z, self.users(users)], 1)))  # (B, 2d) -> (B, d)
@@ -219,7 +243,8 @@ class Caser(Backbone):
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head self-attention in which position j attends to positions 0..j only."""
+    """Multi-head self-attention in which position j attends to positions 0..j only. Written out rather than
+    F.scaled_dot_product_attention so that the attention weights get the faster Dropout above."""
 
     def __init__(self, dim, heads, dropout):
         super().__init__()
@@ -228,11 +253,11 @@ class CausalSelfAttention(nn.Module):
         self.dropout = Dropout(dropout)                                    # on the attention weights
         self.out = nn.Linear(dim, dim)
 
-    def forward(self, x):                                                  # (B, T, d)
+    def forward(self, x):                                                  # (B, T, d) -> (B, T, d)
         B, T, d = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, T, d/h)
         future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)  # [i, j] = j > i
-        scores = (q @ k.transpose(-1, -2) / (d // self.heads) ** 0.5).masked_fill(future, float("-inf"))
+        scores = (q @ k.transpose(-1, -2) / (d // self.heads) ** 0.5).masked_fill(future, float("-inf"))  # (B, h, T, T)
         y = self.dropout(scores.softmax(-1)) @ v                           # (B, h, T, d/h)
         return self.out(y.transpose(1, 2).reshape(B, T, d))
 
@@ -240,7 +265,7 @@ class CausalSelfAttention(nn.Module):
 class TransformerBlock(nn.Module):
     """Pre-LayerNorm block as in the original SASRec: attention and a point-wise feed-forward net, residuals.
     Dropout where the original has it: on the attention weights and twice in the feed-forward net, not on the
-    attention's output (one more there slowed learning: valid HR@10 0.046 against 0.053 after 6 Beauty epochs)."""
+    attention's output (one more there slowed learning; docs/measurements.md)."""
 
     def __init__(self, dim, heads, dropout):
         super().__init__()
@@ -258,8 +283,7 @@ class SASRec(Backbone):
     """Kang & McAuley: item vectors times sqrt(d) plus learned position embeddings, causal self-attention blocks,
     the output at the last real position. Positions count back from the most recent item (0 = most recent), so a
     history means the same whatever its padding. Right padding plus the causal mask: a real position only ever
-    sees real items. The sqrt(d) is the original's; without it learning is slower (valid HR@10 0.040 against
-    0.064 after 4 Beauty epochs with the uniformity loss)."""
+    sees real items. The sqrt(d) is the original's; without it learning is slower (docs/measurements.md)."""
 
     def __init__(self, num_items, dim=64, layers=2, heads=2, dropout=0.5, max_len=50):
         super().__init__(num_items, dim)
@@ -270,17 +294,17 @@ class SASRec(Backbone):
         self.blocks = nn.ModuleList(TransformerBlock(dim, heads, dropout) for _ in range(layers))
         self.final_norm = nn.LayerNorm(dim)
 
-    def sequence_states(self, histories, embedded=None):                   # (B, T) -> (B, T, d)
+    def sequence_states(self, x, histories):                                # (B, T, d) item vectors -> (B, T, d)
         T = histories.shape[1]
-        lengths = (histories > 0).sum(1, keepdim=True)                     # (B, 1)
-        steps_back = (lengths - 1 - torch.arange(T, device=histories.device)).clamp(min=0)  # (B, T)
-        x = self.dropout(self.embed(histories, embedded) * self.scale + self.positions(steps_back))
+        history_lengths = (histories > 0).sum(1, keepdim=True)             # (B, 1)
+        steps_back = (history_lengths - 1 - torch.arange(T, device=histories.device)).clamp(min=0)  # (B, T)
+        x = self.dropout(x * self.scale + self.positions(steps_back))      # (B, T, d)
         for block in self.blocks:
             x = block(x)
         return self.final_norm(x)
 
-    def encode(self, histories, embedded=None, users=None):
-        return last_real_state(self.sequence_states(histories, embedded), histories)
+    def encode(self, histories, users=None):                                # (B, T) item ids -> (B, d)
+        return last_real_state(self.sequence_states(self.items(histories), histories), histories)
 
 
 def build_model(model, num_items, dim, layers, heads, dropout, max_len, caser_window, caser_activation="relu",
@@ -294,9 +318,32 @@ def build_model(model, num_items, dim, layers, heads, dropout, max_len, caser_wi
 
 
 # =============================================================================================================
-# 3. Losses. Each is a small pure function of tensors returning a scalar SUM over the batch, as the paper writes
-#    them. The five functions below need only `import torch` (copy them freely).
+# 3. Scores and losses (sections 2-4, eqs. 1-6; spec §4)
 # =============================================================================================================
+#
+# Eq. 1 scores a history and an item by the dot product of their vectors; on unit vectors (eq. 3), as the uniformity
+# loss has them, that is their cosine. `score` computes it for training and evaluation alike. Every loss SUMS over the
+# batch, as the paper writes them. h, i, j are the (B, d) vectors of a batch's histories, positives and negatives
+# (the triplets (u, i, j)); `positives` and `negatives` are item ids. `score`, the four losses and
+# `gaussian_potential` need only `import torch`. Three things to know when copying uniformity_loss:
+# - L_hom counts each unordered pair once and no vector with itself, half of a literal reading of eq. 4's double sum,
+#   as the authors' code does (torch.pdist): so beta means what their beta means.
+# - L_rec has 2B terms, L_hom about 5B^2/2 and L_het B^2: beta's weight grows with B (the paper's 0.05 is for B = 256).
+# - A model trained on cosines must be ranked by cosines (scores_are_cosines): the loss never sees the vectors'
+#   lengths, so a dot product would rank by lengths nothing trained.
+
+
+def score(h, items, cosine=False):
+    """Eq. 1: the score of history vector h for item vector i is h . i; with cosine=True both are first scaled to
+    unit length (eq. 3), which makes it their cosine. Vectors pair up as h * items broadcasts: (B, d) and (B, d)
+    -> (B,), history b with item b; (B, 1, d) and (B, K, d) -> (B, K), each history with K items of its own;
+    (B, 1, d) and (M, d) -> (B, M), every history with the same M items (one matrix product)."""
+    if cosine:
+        h, items = torch.nn.functional.normalize(h, dim=-1), torch.nn.functional.normalize(items, dim=-1)
+    if h.dim() == 3 and items.dim() == 2:
+        return h[:, 0] @ items.T                                             # (B, M), no (B, M, d) product
+    return (h * items).sum(-1)
+
 
 def bce_loss(positive_scores, negative_scores):
     """Eq. 2: -sum_b [ log sigmoid(s_ui) + log(1 - sigmoid(s_uj)) ].  (B,), (B,) -> scalar."""
@@ -311,8 +358,8 @@ def bpr_loss(positive_scores, negative_scores):
 
 def infonce_loss(positive_scores, negative_scores, same_item):
     """InfoNCE (van den Oord et al.), temperature 1: each history's positive against its K negatives.
-    positive_scores (B,); negative_scores (B, K), [b, k] = history b . its k-th negative; same_item (B, K) bool,
-    True where that negative is history b's positive (the candidate is dropped). With K = 1 this is BPR:
+    positive_scores (B,); negative_scores (B, K), [b, k] = history b's score for its k-th negative; same_item (B, K)
+    bool, True where that negative is history b's positive (the candidate is dropped). With K = 1 this is BPR:
     -log(e^p / (e^p + e^n)) = -log sigmoid(p - n)."""
     logits = torch.cat([positive_scores[:, None], negative_scores.masked_fill(same_item, float("-inf"))], 1)  # (B, 1+K)
     return -torch.log_softmax(logits, 1)[:, 0].sum()
@@ -323,28 +370,28 @@ def gaussian_potential(x, y, t=2.0):
     return torch.exp(-t * torch.cdist(x, y).square())
 
 
-def uniformity_loss(history, positives, negatives, beta=0.05, t=2.0, *, normalize=True, rec=True, hom=True, het=True):
+def uniformity_loss(h, i, j, beta=0.05, t=2.0, *, normalize=True, rec=True, hom=True, het=True):
     """Eq. 6 with beta1 = beta2 = beta:  L = L_rec + beta * L_hom + beta * L_het.
 
-    history, positives, negatives: (B, d) vectors of a batch of triplets (u, i, j). The keywords switch the
-    parts off for the ablation of Table 2 (normalize=False scores and regularises the raw vectors).
-      L_rec  eq. 2 on cosines:  BCE of h.i and h.j after L2 normalization (eq. 3), no temperature.
-      L_hom  eq. 4: sum of G over unordered pairs of distinct batch slots of the B histories, plus the same over
-             the 2B items D_I (positives and negatives together). Self-pairs are left out.
-      L_het  eq. 5: sum of G over all B x B pairs (history x, negative y), each history's own negative included.
+    h, i, j: (B, d) vectors of the histories, positives and negatives of a batch of triplets (u, i, j). The keywords
+    switch parts off for the ablation of Table 2 (normalize=False scores and regularises the raw vectors).
+      L_rec  eq. 2 on cosines: BCE of each history's score for its positive and for its negative, no temperature.
+      L_hom  eq. 4: G summed over unordered pairs of the B histories, plus over unordered pairs of the 2B items D_I
+             (positives and negatives together). Pairs of batch slots: an item twice in a batch is two slots.
+      L_het  eq. 5: G summed over all B x B pairs (history x, negative y), each history's own negative included.
     """
-    if normalize:                                                           # eq. 3
+    if normalize:                                                            # eq. 3
         unit = torch.nn.functional.normalize
-        history, positives, negatives = unit(history, dim=-1), unit(positives, dim=-1), unit(negatives, dim=-1)
-    loss = history.new_zeros(())
+        h, i, j = unit(h, dim=-1), unit(i, dim=-1), unit(j, dim=-1)
+    loss = h.new_zeros(())
     if rec:
-        loss = loss + bce_loss((history * positives).sum(-1), (history * negatives).sum(-1))
-    if hom:                                                                 # eq. 4; triu(1): pairs x < y
-        items = torch.cat([positives, negatives])                           # D_I: (2B, d)
-        loss = loss + beta * (gaussian_potential(history, history, t).triu(1).sum()
+        loss = loss + bce_loss(score(h, i), score(h, j))
+    if hom:                                                                  # eq. 4; triu(1): pairs x < y
+        items = torch.cat([i, j])                                            # D_I: (2B, d)
+        loss = loss + beta * (gaussian_potential(h, h, t).triu(1).sum()
                               + gaussian_potential(items, items, t).triu(1).sum())
-    if het:                                                                 # eq. 5
-        loss = loss + beta * gaussian_potential(history, negatives, t).sum()
+    if het:                                                                  # eq. 5
+        loss = loss + beta * gaussian_potential(h, j, t).sum()
     return loss
 
 
@@ -355,30 +402,30 @@ def infonce_candidates(batch_size, k, device):
 
 
 def batch_loss(model, h, positives, negatives, config):
-    """The configured loss of one batch of triplets: history vectors h (B, d), item ids positives, negatives (B,)."""
-    p, n = model.output_items()(torch.cat([positives, negatives])).chunk(2)  # (B, d) each; one lookup, one gradient
+    """The configured loss of one batch of triplets: h (B, d) history vectors; positives, negatives (B,) item ids."""
+    i, j = model.output_items()(torch.cat([positives, negatives])).chunk(2)  # (B, d) each; one lookup, one gradient
     if config["loss"] == "uniform":
-        return uniformity_loss(h, p, n, config["beta"], config["t"], normalize=config["normalize"],
+        return uniformity_loss(h, i, j, config["beta"], config["t"], normalize=config["normalize"],
                                rec=config["rec"], hom=config["hom"], het=config["het"])
-    positive_scores, negative_scores = (h * p).sum(-1), (h * n).sum(-1)     # eq. 1, raw vectors
-    if config["loss"] == "bce":
-        return bce_loss(positive_scores, negative_scores)
+    if config["loss"] == "bce":                                              # eq. 1 on raw vectors from here on
+        return bce_loss(score(h, i), score(h, j))
     if config["loss"] == "bpr":
-        return bpr_loss(positive_scores, negative_scores)
+        return bpr_loss(score(h, i), score(h, j))
     k = config["infonce_negatives"]
-    if k is None or k >= len(h):                                            # all B negatives of the batch
-        return infonce_loss(positive_scores, h @ n.T, positives[:, None] == negatives[None, :])
-    chosen = infonce_candidates(len(h), k, h.device)                        # (B, K)
-    return infonce_loss(positive_scores, (h[:, None, :] * n[chosen]).sum(-1), positives[:, None] == negatives[chosen])
+    if k is None or k >= len(h):                                             # all B negatives of the batch: (B, B)
+        return infonce_loss(score(h, i), score(h[:, None], j), positives[:, None] == negatives[None, :])
+    chosen = infonce_candidates(len(h), k, h.device)                         # (B, K) batch slots
+    return infonce_loss(score(h, i), score(h[:, None], j[chosen]), positives[:, None] == negatives[chosen])
 
 
-def scores_normalized(config):
-    """The uniformity loss scores (and ranks) with cosines unless its normalization is ablated away."""
+def scores_are_cosines(config):
+    """Whether `score` takes cosines, in training and so in ranking: with the uniformity loss (eq. 3), unless row
+    (g) of Table 2 ablates its normalization."""
     return config["loss"] == "uniform" and config["normalize"]
 
 
 # =============================================================================================================
-# 4. Evaluation (section 5.1; spec §5): rank the target against ALL items, for ALL users
+# 4. Evaluation (section 5.1; spec §5): rank the target against ALL items, for ALL users; Figure 1's statistics
 # =============================================================================================================
 
 def rank_of_targets(scores, targets):
@@ -411,22 +458,17 @@ def evaluation_batches(flat, starts, lengths, max_len, split, batch_size=1024):
     return batches
 
 
-def item_table(model, normalize):
-    table = model.output_items().weight                                     # (N + 1, d)
-    return F.normalize(table, dim=-1) if normalize else table
-
-
 @torch.no_grad()
-def evaluate(model, batches, normalize, mask_seen=False):
-    """HR@5/10/20 and NDCG@5/10/20 over the given batches. One matrix product per batch on the model's device.
-    mask_seen: items of the history score -inf (a target that repeats a history item then cannot be hit)."""
+def evaluate(model, batches, cosine, mask_seen=False):
+    """HR@5/10/20 and NDCG@5/10/20 over the given batches, every item scored by `score` (cosines where training
+    scored cosines): one matrix product per batch on the model's device. mask_seen: items of the history score -inf
+    (a target that repeats a history item then cannot be hit)."""
     was_training = model.training
     model.eval()
-    items = item_table(model, normalize)
+    table = model.output_items().weight                                     # (N + 1, d)
     ranks, all_finite = [], True
     for histories, users, targets in batches:
-        h = model.encode(histories, users=users)                            # (B, d)
-        scores = (F.normalize(h, dim=-1) if normalize else h) @ items.T     # (B, N + 1)
+        scores = score(model.encode(histories, users=users)[:, None], table, cosine)  # (B, N + 1)
         all_finite = all_finite & torch.isfinite(scores[:, 1:].sum(1)).all()  # a row sum is finite iff every score is
         scores[:, 0] = float("-inf")                                        # padding is no item
         if mask_seen:
@@ -438,6 +480,20 @@ def evaluate(model, batches, normalize, mask_seen=False):
     return metrics_from_ranks(torch.cat(ranks))
 
 
+def statistics_sample(flat, starts, lengths, num_items, max_len, size=1000):
+    """A fixed sample (seed 0) for embedding_statistics(): validation histories of `size` users, `size` item ids,
+    and `size` training pairs (history, positive)."""
+    generator = torch.Generator().manual_seed(0)
+    users = torch.randperm(len(lengths), generator=generator)[:size].to(flat.device)
+    histories = gather_histories(flat, *evaluation_examples(starts[users], lengths[users], max_len, "valid"), max_len)
+    items = (torch.randperm(num_items, generator=generator)[:size] + 1).to(flat.device)
+    ends, history_lengths, pair_users = training_examples(starts, lengths, max_len)
+    pairs = torch.randperm(len(ends), generator=generator)[:size].to(flat.device)
+    return {"histories": histories, "users": users, "items": items, "pair_users": pair_users[pairs],
+            "pair_histories": gather_histories(flat, ends[pairs], history_lengths[pairs], max_len),
+            "positives": flat[ends[pairs]]}
+
+
 @torch.no_grad()
 def embedding_statistics(model, sample, bins=40):
     """On the fixed sample of statistics_sample(), in Wang & Isola's terms: the pairwise cosine similarities of
@@ -447,8 +503,8 @@ def embedding_statistics(model, sample, bins=40):
     was_training = model.training
     model.eval()
     result = {}
-    histories = model.encode(sample["histories"], users=sample["users"])   # (S, d)
-    for name, vectors in (("history", histories), ("item", model.output_items()(sample["items"]))):
+    history_vectors = model.encode(sample["histories"], users=sample["users"])  # (S, d)
+    for name, vectors in (("history", history_vectors), ("item", model.output_items()(sample["items"]))):
         unit = F.normalize(vectors, dim=-1)
         upper = torch.triu_indices(len(unit), len(unit), 1, device=unit.device)
         cosines = (unit @ unit.T)[upper[0], upper[1]]
@@ -456,8 +512,8 @@ def embedding_statistics(model, sample, bins=40):
         result[f"{name}_uniformity"] = torch.log(torch.exp(-2 * (2 - 2 * cosines)).mean()).item()
         result[f"{name}_cosine_histogram"] = torch.histc(cosines.float(), bins, -1, 1).long().tolist()
     h = F.normalize(model.encode(sample["pair_histories"], users=sample["pair_users"]), dim=-1)  # (S, d)
-    p = F.normalize(model.output_items()(sample["positives"]), dim=-1)     # (S, d)
-    result["alignment"] = (h - p).square().sum(-1).mean().item()
+    i = F.normalize(model.output_items()(sample["positives"]), dim=-1)     # (S, d)
+    result["alignment"] = (h - i).square().sum(-1).mean().item()
     model.train(was_training)
     return result
 
@@ -473,6 +529,12 @@ def epoch_seed(seed, epoch):
     return (seed * 1_000_003 + epoch) % 2 ** 64
 
 
+# Length groups, a speed path: a batch is a random set of B triplets as always, but inside it the histories are
+# sorted by length and encoded in `length_groups` groups, each padded only to its own longest history. Every loss sums
+# over the batch, so this changes nothing but float rounding and far less padding is computed (docs/measurements.md).
+# The three functions below are all of it.
+
+
 def group_sizes(batch_size, groups):
     """Sizes of `groups` consecutive, near-equal groups of a batch (fewer when the batch is smaller)."""
     groups = min(groups, batch_size)
@@ -480,29 +542,259 @@ def group_sizes(batch_size, groups):
 
 
 def epoch_batches(order, history_lengths, batch_size, groups):
-    """Cut a random order into batches of `batch_size` examples. Inside a batch the examples are sorted by history
-    length and encoded in `groups` groups, each padded only to its own longest history: the batch is the same
-    set of triplets (every loss sums over the batch), but far fewer padding slots are computed (spec §2).
-    Returns [(example ids, group sizes, group widths)] with a single host-device synchronisation."""
+    """Cut a random order into batches of `batch_size` examples, each sorted by history length and cut into `groups`
+    groups. Returns [(example ids, group sizes, group widths)] with a single host-device synchronisation."""
     batches = [b[torch.argsort(history_lengths[b], stable=True)] for b in order.split(batch_size)]
     sizes = [group_sizes(len(b), groups) for b in batches]
     last_of_group = torch.tensor([start + sum(s[:g + 1]) - 1 for start, s in
                                   zip(range(0, len(order), batch_size), sizes) for g in range(len(s))])
-    widths = history_lengths[torch.cat(batches)[last_of_group.to(order.device)]].tolist()
-    widths = iter(widths)
+    widths = iter(history_lengths[torch.cat(batches)[last_of_group.to(order.device)]].tolist())
     return [(b, s, [next(widths) for _ in s]) for b, s in zip(batches, sizes)]
 
 
 def encode_batch(model, flat, ends, history_lengths, sizes, widths, users=None):
-    """History vectors (B, d) of a length-sorted batch, one padded group at a time. The item vectors of all groups
-    come from one lookup: each lookup's gradient is a whole (N + 1, d) table, so one per group would cost more than
-    the groups' own arithmetic on Beauty. (Only Caser reads `users`, and it always runs as one group.)"""
-    groups = zip(ends.split(sizes), history_lengths.split(sizes), widths)
-    histories = [gather_histories(flat, e, n, w) for e, n, w in groups]
+    """History vectors (B, d) of a length-sorted batch, one group at a time, each padded only to its own longest
+    history. A sequence model gets the item vectors of all groups from one lookup, since the gradient of each lookup
+    is a whole (N + 1, d) table (docs/measurements.md); Caser, which reads only its last L items, encodes each group
+    as it is."""
+    histories = [gather_histories(flat, group_ends, group_lengths, width) for group_ends, group_lengths, width
+                 in zip(ends.split(sizes), history_lengths.split(sizes), widths)]  # G groups of (B_g, T_g) item ids
     if len(histories) == 1:
         return model.encode(histories[0], users=users)
-    vectors = model.items(torch.cat([h.flatten() for h in histories])).split([h.numel() for h in histories])
-    return torch.cat([model.encode(h, v.view(*h.shape, -1)) for h, v in zip(histories, vectors)])
+    if not hasattr(model, "sequence_states"):                               # Caser
+        users = [None] * len(sizes) if users is None else users.split(sizes)
+        return torch.cat([model.encode(group, users=u) for group, u in zip(histories, users)])
+    vectors = model.items(torch.cat([group.flatten() for group in histories]))  # (sum of B_g * T_g, d)
+    vectors = vectors.split([group.numel() for group in histories])
+    return torch.cat([last_real_state(model.sequence_states(x.view(*group.shape, -1), group), group)
+                      for group, x in zip(histories, vectors)])
+
+
+def train_epoch(model, optimizer, data, config, epoch, progress=None):
+    """One pass over the training examples in a fresh random order with fresh negatives.
+    Returns a tensor with the loss of every step (no host-device synchronisation inside the loop).
+    progress: a ProgressLine, told of every step."""
+    flat, ends, history_lengths, users, keys, num_items = data
+    device = flat.device
+    torch.manual_seed(epoch_seed(config["seed"], epoch))                    # dropout
+    generator = torch.Generator(device).manual_seed(epoch_seed(config["seed"], epoch))
+    order = torch.randperm(len(ends), device=device, generator=generator)  # (E,)
+    negatives = sample_negatives(users, keys, num_items, generator)         # (E,) item ids, one per example
+    batches = epoch_batches(order, history_lengths, config["batch_size"], config["length_groups"])
+    losses = torch.zeros(len(batches), device=device)
+    for step, (batch, sizes, widths) in enumerate(batches):
+        h = encode_batch(model, flat, ends[batch], history_lengths[batch], sizes, widths, users[batch])  # (B, d)
+        loss = batch_loss(model, h, flat[ends[batch]], negatives[batch], config)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses[step] = loss.detach()
+        if progress is not None:
+            progress.step(step + 1, len(batches))
+    return losses
+
+
+def adam(model, lr, device):
+    """Adam; its fused kernel where torch has one (CPU, CUDA): the same update, one kernel instead of ~10 per tensor."""
+    return torch.optim.Adam(model.parameters(), lr=lr, fused=device.type in ("cpu", "cuda"))
+
+
+def train(config, sequences, run_dir, log=print):
+    """Train on `sequences` (lists of item ids) until validation NDCG@10 has not improved for `patience` epochs (or
+    for `epochs` epochs), then test once with the best state. Writes log.jsonl, checkpoint.pt and metrics.json
+    into run_dir, and resumes from its checkpoint.pt when there is one. The checkpoint holds no random-number
+    state because none is needed: every epoch re-seeds from (seed, epoch)."""
+    device = torch.device(config["device"])
+    flat, starts, lengths, num_items = flatten_sequences(sequences, device)
+    # No history is longer than the longest user's test history (n - 1 items), so max_len is capped there and SASRec's
+    # position table gets only rows that can be read (not 10**9 for --max-len 10**9); the benchmarks' longest histories
+    # (203 to 549 items) never reach a --max-len of 50, so their random draws are as before the cap.
+    max_len = min(config["max_len"], int(lengths.max()) - 1)
+    data = training_data(flat, starts, lengths, num_items, max_len)
+    valid = evaluation_batches(flat, starts, lengths, max_len, "valid")
+    sample = statistics_sample(flat, starts, lengths, num_items, max_len)
+    torch.manual_seed(config["seed"])
+    model = build_model(config["model"], num_items, config["dim"], config["layers"], config["heads"],
+                        config["dropout"], max_len, config["caser_window"], config["caser_activation"],
+                        len(lengths) if config["caser_users"] else 0, config["caser_output_table"]).to(device)
+    optimizer = adam(model, config["lr"], device)
+    cosine = scores_are_cosines(config)
+    checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
+    state, best_model = restore(checkpoint_path, model, optimizer)
+    if state["epoch"]:
+        log(f"resuming {run_dir} after epoch {state['epoch']} (best so far: epoch {state['best_epoch']})")
+    log(f"{config['data']}: {len(lengths):,} users, {num_items:,} items, {len(data.ends):,} training examples; "
+        f"{config['model']} + {config['loss']} on {device}; run folder {run_dir}")
+
+    progress = ProgressLine()                                               # a terminal only: no log file gets it
+    while state["epoch"] < config["epochs"] and state["epoch"] - state["best_epoch"] < config["patience"]:
+        epoch = state["epoch"] + 1
+        started = time.time()
+        progress.start(f"epoch {epoch}")
+        try:
+            losses = train_epoch(model, optimizer, data, config, epoch, progress if progress.enabled else None)
+        finally:
+            progress.clear()
+        bad = (~torch.isfinite(losses)).nonzero()
+        if len(bad):
+            raise TrainingStopped(f"non-finite loss at epoch {epoch}, step {int(bad[0]) + 1}; the run folder keeps "
+                                  f"the checkpoint of epoch {state['epoch']}")
+        train_seconds = time.time() - started
+        metrics = evaluate(model, valid, cosine, config["mask_seen"])
+        row = {"epoch": epoch, "loss": losses.sum().item() / len(data.ends), "train_seconds": round(train_seconds, 2),
+               "eval_seconds": round(time.time() - started - train_seconds, 2),
+               **{f"valid_{k}": v for k, v in metrics.items()},
+               **embedding_statistics(model, sample)}
+        state["history"].append(row)
+        state["epoch"] = epoch
+        if metrics["NDCG@10"] > state["best_ndcg"]:
+            state["best_epoch"], state["best_ndcg"] = epoch, metrics["NDCG@10"]
+            best_model = {k: v.clone() for k, v in model.state_dict().items()}
+        try:
+            save_atomically({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state,
+                             "best_model": best_model}, checkpoint_path)
+        except RunFolderError as err:
+            raise RunFolderError(f"{err}; the run folder keeps the checkpoint of epoch {epoch - 1}") from None
+        save_atomically("".join(json.dumps(r) + "\n" for r in state["history"]), os.path.join(run_dir, "log.jsonl"))
+        log(f"epoch {epoch:3d}  loss {row['loss']:.4f}  valid HR@10 {metrics['HR@10']:.4f} NDCG@10 "
+            f"{metrics['NDCG@10']:.4f}  best epoch {state['best_epoch']}  {train_seconds:.1f}s + "
+            f"{row['eval_seconds']:.1f}s")
+
+    model.load_state_dict(best_model)
+    test = evaluate(model, evaluation_batches(flat, starts, lengths, max_len, "test"), cosine, config["mask_seen"])
+    best_row = state["history"][state["best_epoch"] - 1] if state["best_epoch"] else {}
+    result = {"test": test, "valid": {k[6:]: v for k, v in best_row.items() if k.startswith("valid_")},
+              "best_epoch": state["best_epoch"], "epochs": state["epoch"],
+              "train_seconds": round(sum(r["train_seconds"] for r in state["history"]), 1),
+              "device": str(device), "config": config}
+    save_atomically(json.dumps(result, indent=2) + "\n", os.path.join(run_dir, "metrics.json"))
+    log(f"test (best epoch {state['best_epoch']}): " + "  ".join(f"{k} {v:.4f}" for k, v in test.items()))
+    return result
+
+
+# =============================================================================================================
+# 6. Run folders: configuration, checkpoint and resume; one-line errors; the progress line
+# =============================================================================================================
+
+class ConfigError(ValueError):
+    """A command line the paper's setting cannot use; the message is one line naming the problem."""
+
+
+class RunFolderError(ConfigError):
+    """A run folder that cannot be created or written (full disk, no permission), or whose files are damaged; the
+    message is one line naming the file and the problem, and nothing in the folder is changed."""
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (a non-finite loss); the run folder keeps the last good checkpoint."""
+
+
+def one_line(err, limit=200):
+    """An exception as one short line, for messages that quote it."""
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    text = f"{type(err).__name__}: {text}" if text else type(err).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def read_json(path, what):
+    """A run folder's JSON file (config.json, metrics.json), or a RunFolderError naming it."""
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except (OSError, ValueError) as err:                                    # JSONDecodeError, UnicodeDecodeError
+        raise RunFolderError(f"{path} is damaged or unreadable ({one_line(err)}); {what}") from None
+    if not isinstance(value, dict):
+        raise RunFolderError(f"{path} is damaged (not a JSON object); {what}")
+    return value
+
+
+def save_atomically(obj, path):
+    """Write to a temporary file in the same folder, then rename: a kill at any moment leaves the old or the new.
+    So does a failed write (a full disk, a folder that cannot be written): the partial file is removed, the old one
+    stays, and a RunFolderError says why."""
+    partial = path + ".partial"
+    try:
+        if path.endswith(".pt"):
+            torch.save(obj, partial)
+        else:
+            with open(partial, "w") as f:
+                f.write(obj)
+        os.replace(partial, path)
+        return
+    except (OSError, RuntimeError) as err:           # torch.save reports a full disk as a RuntimeError, no errno
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else one_line(err)
+    try:                                             # (after the except clause, which kept torch's writer open)
+        os.remove(partial)
+    except OSError:
+        pass
+    try:
+        free = f"; {shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free:,} bytes free on its disk"
+    except OSError:
+        free = ""
+    raise RunFolderError(f"cannot write {path} ({reason}){free}")
+
+
+def restore(checkpoint_path, model, optimizer):
+    """Load the last checkpoint into model and optimizer, if any. Returns (early-stopping state, best model)."""
+    if not os.path.exists(checkpoint_path):
+        state = {"epoch": 0, "best_epoch": 0, "best_ndcg": -1.0, "history": []}  # history: the log rows so far
+        return state, {k: v.clone() for k, v in model.state_dict().items()}
+    try:  # map_location: a checkpoint written on any device (a GPU, the CPU) loads onto this run's device
+        checkpoint = torch.load(checkpoint_path, map_location=next(model.parameters()).device, weights_only=False)
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        return checkpoint["state"], checkpoint["best_model"]
+    except Exception as err:  # whatever a truncated, foreign or garbled file raises (zip, pickle, key, shape errors)
+        raise RunFolderError(f"{checkpoint_path} is damaged or not this run's checkpoint ({one_line(err)}); nothing "
+                             f"was changed: remove it to train this run from its start") from None
+
+
+def prepare_run_dir(config, run_dir):
+    """Create the run folder, or check that an existing one holds this same configuration."""
+    saved_path = os.path.join(run_dir, "config.json")
+    if os.path.isfile(saved_path):
+        saved = read_json(saved_path, "choose another --out, or remove the folder to start over")
+        differing = [k for k in config if k not in RUN_ONLY_KEYS and saved.get(k, LATER_KEYS.get(k)) != config[k]]
+        if differing:
+            key = differing[0]
+            raise ConfigError(f"{run_dir} holds a run with --{key.replace('_', '-')} {saved.get(key)}, not "
+                              f"{config[key]}; choose another --out")
+    elif os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise RunFolderError(f"{run_dir} is a file, not a run folder; choose another --out")
+    else:
+        missing = []                                                        # the folders this call creates
+        folder = os.path.abspath(run_dir)
+        while not os.path.exists(folder) and folder != os.path.dirname(folder):
+            missing.append(folder)
+            folder = os.path.dirname(folder)
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+            save_atomically(json.dumps(config, indent=2) + "\n", saved_path)
+        except (OSError, RunFolderError) as err:
+            for folder in missing:                                          # innermost first; only if still empty
+                try:
+                    os.rmdir(folder)
+                except OSError:
+                    pass
+            if isinstance(err, RunFolderError):
+                raise
+            raise RunFolderError(f"cannot create the run folder {run_dir} ({err.strerror or err})") from None
+
+
+def lock_run_dir(run_dir):
+    """An exclusive lock on the run folder for as long as the returned file stays open; the operating system
+    releases it when the process ends, however it ends. (No lock where fcntl does not exist, as on Windows.)"""
+    try:
+        handle = open(os.path.join(run_dir, ".lock"), "w")
+    except OSError as err:
+        raise RunFolderError(f"cannot write in the run folder {run_dir} ({err.strerror or err})") from None
+    if fcntl:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise ConfigError(f"{run_dir} is in use by another running process") from None
+    return handle
 
 
 class ProgressLine:
@@ -540,211 +832,8 @@ class ProgressLine:
             self.width = 0
 
 
-def train_epoch(model, optimizer, data, config, epoch, progress=None):
-    """One pass over the training examples in a fresh random order with fresh negatives.
-    Returns a tensor with the loss of every step (no host-device synchronisation inside the loop).
-    progress: a ProgressLine, told of every step."""
-    flat, ends, history_lengths, users, keys, num_items = data
-    device = flat.device
-    torch.manual_seed(epoch_seed(config["seed"], epoch))                    # dropout
-    generator = torch.Generator(device).manual_seed(epoch_seed(config["seed"], epoch))
-    order = torch.randperm(len(ends), device=device, generator=generator)
-    negatives = sample_negatives(users, keys, num_items, generator)         # one per example, (num_examples,)
-    batches = epoch_batches(order, history_lengths, config["batch_size"], config["length_groups"])
-    losses = torch.zeros(len(batches), device=device)
-    for step, (batch, sizes, widths) in enumerate(batches):
-        history = encode_batch(model, flat, ends[batch], history_lengths[batch], sizes, widths, users[batch])  # (B, d)
-        loss = batch_loss(model, history, flat[ends[batch]], negatives[batch], config)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses[step] = loss.detach()
-        if progress is not None:
-            progress.step(step + 1, len(batches))
-    return losses
-
-
-class ConfigError(ValueError):
-    """A command line the paper's setting cannot use; the message is one line naming the problem."""
-
-
-class RunFolderError(ConfigError):
-    """A run folder that cannot be created or written (full disk, no permission), or whose files are damaged; the
-    message is one line naming the file and the problem, and nothing in the folder is changed."""
-
-
-def one_line(err, limit=200):
-    """An exception as one short line, for messages that quote it."""
-    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
-    text = f"{type(err).__name__}: {text}" if text else type(err).__name__
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def read_json(path, what):
-    """A run folder's JSON file (config.json, metrics.json), or a RunFolderError naming it."""
-    try:
-        with open(path) as f:
-            value = json.load(f)
-    except (OSError, ValueError) as err:                                    # JSONDecodeError, UnicodeDecodeError
-        raise RunFolderError(f"{path} is damaged or unreadable ({one_line(err)}); {what}") from None
-    if not isinstance(value, dict):
-        raise RunFolderError(f"{path} is damaged (not a JSON object); {what}")
-    return value
-
-
-class TrainingStopped(RuntimeError):
-    """Training cannot go on (a non-finite loss); the run folder keeps the last good checkpoint."""
-
-
-def save_atomically(obj, path):
-    """Write to a temporary file in the same folder, then rename: a kill at any moment leaves the old or the new.
-    So does a failed write (a full disk, a folder that cannot be written): the partial file is removed, the old one
-    stays, and a RunFolderError says why."""
-    partial = path + ".partial"
-    try:
-        if path.endswith(".pt"):
-            torch.save(obj, partial)
-        else:
-            with open(partial, "w") as f:
-                f.write(obj)
-        os.replace(partial, path)
-        return
-    except (OSError, RuntimeError) as err:           # torch.save reports a full disk as a RuntimeError, no errno
-        reason = err.strerror if isinstance(err, OSError) and err.strerror else one_line(err)
-    try:                                             # (after the except clause, which kept torch's writer open)
-        os.remove(partial)
-    except OSError:
-        pass
-    try:
-        free = f"; {shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free:,} bytes free on its disk"
-    except OSError:
-        free = ""
-    raise RunFolderError(f"cannot write {path} ({reason}){free}")
-
-
-def training_data(flat, starts, lengths, num_items, max_len):
-    """What every epoch needs: (flat, ends, history_lengths, users, keys, num_items)."""
-    ends, history_lengths, users = training_examples(starts, lengths, max_len)
-    keys = training_item_keys(flat, starts, lengths, num_items)
-    full_users = (torch.bincount(keys // (num_items + 1), minlength=len(lengths)) == num_items).nonzero()
-    if len(full_users):
-        raise DataError(f"user on line {int(full_users[0]) + 1} has every item in training: no negative can be drawn")
-    return flat, ends, history_lengths, users, keys, num_items
-
-
-def statistics_sample(flat, starts, lengths, num_items, max_len, size=1000):
-    """A fixed sample (seed 0) for embedding_statistics(): validation histories of `size` users, `size` item ids,
-    and `size` training pairs (history, positive)."""
-    generator = torch.Generator().manual_seed(0)
-    users = torch.randperm(len(lengths), generator=generator)[:size].to(flat.device)
-    histories = gather_histories(flat, *evaluation_examples(starts[users], lengths[users], max_len, "valid"), max_len)
-    items = (torch.randperm(num_items, generator=generator)[:size] + 1).to(flat.device)
-    ends, history_lengths, pair_users = training_examples(starts, lengths, max_len)
-    pairs = torch.randperm(len(ends), generator=generator)[:size].to(flat.device)
-    return {"histories": histories, "users": users, "items": items, "pair_users": pair_users[pairs],
-            "pair_histories": gather_histories(flat, ends[pairs], history_lengths[pairs], max_len),
-            "positives": flat[ends[pairs]]}
-
-
-def restore(checkpoint_path, model, optimizer):
-    """Load the last checkpoint into model and optimizer, if any. Returns (early-stopping state, best model)."""
-    if not os.path.exists(checkpoint_path):
-        state = {"epoch": 0, "best_epoch": 0, "best_ndcg": -1.0, "history": []}
-        return state, {k: v.clone() for k, v in model.state_dict().items()}
-    try:  # map_location: a checkpoint written on any device (a GPU, the CPU) loads onto this run's device
-        checkpoint = torch.load(checkpoint_path, map_location=next(model.parameters()).device, weights_only=False)
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        return checkpoint["state"], checkpoint["best_model"]
-    except Exception as err:  # whatever a truncated, foreign or garbled file raises (zip, pickle, key, shape errors)
-        raise RunFolderError(f"{checkpoint_path} is damaged or not this run's checkpoint ({one_line(err)}); nothing "
-                             f"was changed: remove it to train this run from its start") from None
-
-
-def adam(model, lr, device):
-    """Adam; its fused kernel where torch has one (CPU, CUDA): the same update, one kernel instead of ~10 per tensor."""
-    return torch.optim.Adam(model.parameters(), lr=lr, fused=device.type in ("cpu", "cuda"))
-
-
-def train(config, sequences, run_dir, log=print):
-    """Train on `sequences` (lists of item ids) until validation NDCG@10 has not improved for `patience` epochs (or
-    for `epochs` epochs), then test once with the best state. Writes log.jsonl, checkpoint.pt and metrics.json
-    into run_dir, and resumes from its checkpoint.pt when there is one. The checkpoint holds no random-number
-    state because none is needed: every epoch re-seeds from (seed, epoch)."""
-    device = torch.device(config["device"])
-    flat, starts, lengths, num_items = load_sequences(sequences, device)
-    # No history is longer than the test history of the longest user (n - 1 items), so nothing needs more than
-    # max_len = min(--max-len, n - 1): every history cut to it is the same, nothing pads beyond the longest history,
-    # and SASRec's position table gets only rows that can be read (--max-len 10**9 would ask for 10**9 rows). Where
-    # --max-len exceeds the longest history this table is smaller than before, so the random draws after it (the
-    # blocks' weights) differ; every run so far used --max-len 50 on the benchmarks, whose longest histories have
-    # 203 to 549 items, and is unchanged.
-    max_len = min(config["max_len"], int(lengths.max()) - 1)
-    data = training_data(flat, starts, lengths, num_items, max_len)
-    valid = evaluation_batches(flat, starts, lengths, max_len, "valid")
-    sample = statistics_sample(flat, starts, lengths, num_items, max_len)
-    torch.manual_seed(config["seed"])
-    model = build_model(config["model"], num_items, config["dim"], config["layers"], config["heads"],
-                        config["dropout"], max_len, config["caser_window"], config["caser_activation"],
-                        len(lengths) if config["caser_users"] else 0, config["caser_output_table"]).to(device)
-    optimizer = adam(model, config["lr"], device)
-    normalize = scores_normalized(config)
-    checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
-    state, best_model = restore(checkpoint_path, model, optimizer)
-    if state["epoch"]:
-        log(f"resuming {run_dir} after epoch {state['epoch']} (best so far: epoch {state['best_epoch']})")
-    log(f"{config['data']}: {len(lengths):,} users, {num_items:,} items, {len(data[1]):,} training examples; "
-        f"{config['model']} + {config['loss']} on {device}; run folder {run_dir}")
-
-    progress = ProgressLine()                                               # a terminal only: no log file gets it
-    while state["epoch"] < config["epochs"] and state["epoch"] - state["best_epoch"] < config["patience"]:
-        epoch = state["epoch"] + 1
-        started = time.time()
-        progress.start(f"epoch {epoch}")
-        try:
-            losses = train_epoch(model, optimizer, data, config, epoch, progress if progress.enabled else None)
-        finally:
-            progress.clear()
-        bad = (~torch.isfinite(losses)).nonzero()
-        if len(bad):
-            raise TrainingStopped(f"non-finite loss at epoch {epoch}, step {int(bad[0]) + 1}; the run folder keeps "
-                                  f"the checkpoint of epoch {state['epoch']}")
-        train_seconds = time.time() - started
-        metrics = evaluate(model, valid, normalize, config["mask_seen"])
-        row = {"epoch": epoch, "loss": losses.sum().item() / len(data[1]), "train_seconds": round(train_seconds, 2),
-               "eval_seconds": round(time.time() - started - train_seconds, 2),
-               **{f"valid_{k}": v for k, v in metrics.items()},
-               **embedding_statistics(model, sample)}
-        state["history"].append(row)
-        state["epoch"] = epoch
-        if metrics["NDCG@10"] > state["best_ndcg"]:
-            state["best_epoch"], state["best_ndcg"] = epoch, metrics["NDCG@10"]
-            best_model = {k: v.clone() for k, v in model.state_dict().items()}
-        try:
-            save_atomically({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state,
-                             "best_model": best_model}, checkpoint_path)
-        except RunFolderError as err:
-            raise RunFolderError(f"{err}; the run folder keeps the checkpoint of epoch {epoch - 1}") from None
-        save_atomically("".join(json.dumps(r) + "\n" for r in state["history"]), os.path.join(run_dir, "log.jsonl"))
-        log(f"epoch {epoch:3d}  loss {row['loss']:.4f}  valid HR@10 {metrics['HR@10']:.4f} NDCG@10 "
-            f"{metrics['NDCG@10']:.4f}  best epoch {state['best_epoch']}  {train_seconds:.1f}s + "
-            f"{row['eval_seconds']:.1f}s")
-
-    model.load_state_dict(best_model)
-    test = evaluate(model, evaluation_batches(flat, starts, lengths, max_len, "test"), normalize,
-                    config["mask_seen"])
-    best_row = state["history"][state["best_epoch"] - 1] if state["best_epoch"] else {}
-    result = {"test": test, "valid": {k[6:]: v for k, v in best_row.items() if k.startswith("valid_")},
-              "best_epoch": state["best_epoch"], "epochs": state["epoch"],
-              "train_seconds": round(sum(r["train_seconds"] for r in state["history"]), 1),
-              "device": str(device), "config": config}
-    save_atomically(json.dumps(result, indent=2) + "\n", os.path.join(run_dir, "metrics.json"))
-    log(f"test (best epoch {state['best_epoch']}): " + "  ".join(f"{k} {v:.4f}" for k, v in test.items()))
-    return result
-
-
 # =============================================================================================================
-# 6. Command line
+# 7. Command line
 # =============================================================================================================
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -906,7 +995,6 @@ def check_config(config):
             raise ConfigError(f"--infonce-negatives must be positive (got {config['infonce_negatives']})")
 
 
-
 def device_memory(device):
     """Bytes of memory of a torch.device: the GPU's own, or the machine's (CPU, and MPS, which shares it); None
     where that cannot be told."""
@@ -921,8 +1009,8 @@ def device_memory(device):
 def memory_estimate(config, sequences):
     """The largest terms of training's memory in bytes, as {what: bytes}: rough (float32; the factors count the
     copies autograd, Adam, the best state and the evaluation keep), only to refuse with one line what could never
-    fit (--dim 10**9, --batch-size 10**12, --layers 10**9) rather than exhaust the machine's memory or hang. SASRec +
-    uniform on Beauty at the paper's settings: about 0.35 GiB (bench.py measured a peak of 388 MiB in all)."""
+    fit (--dim 10**9, --batch-size 10**12, --layers 10**9) rather than exhaust the machine's memory or hang
+    (docs/measurements.md compares it with a measured peak)."""
     d, window, layers = config["dim"], config["caser_window"], config["layers"]
     rows = max(max(s) for s in sequences) + 1                               # ids index the item table
     T = min(config["max_len"], max(len(s) for s in sequences) - 1)          # the widest history (see train)
@@ -1016,54 +1104,6 @@ def configure(argv):
     run_dir = config["resume"] or config["out"] or os.path.join(
         "runs", f"{name}-{config['model']}-{config['loss']}-{configuration_id(config)}")
     return config, run_dir
-
-
-def prepare_run_dir(config, run_dir):
-    """Create the run folder, or check that an existing one holds this same configuration."""
-    saved_path = os.path.join(run_dir, "config.json")
-    if os.path.isfile(saved_path):
-        saved = read_json(saved_path, "choose another --out, or remove the folder to start over")
-        differing = [k for k in config if k not in RUN_ONLY_KEYS and saved.get(k, LATER_KEYS.get(k)) != config[k]]
-        if differing:
-            key = differing[0]
-            raise ConfigError(f"{run_dir} holds a run with --{key.replace('_', '-')} {saved.get(key)}, not "
-                              f"{config[key]}; choose another --out")
-    elif os.path.exists(run_dir) and not os.path.isdir(run_dir):
-        raise RunFolderError(f"{run_dir} is a file, not a run folder; choose another --out")
-    else:
-        missing = []                                                        # the folders this call creates
-        folder = os.path.abspath(run_dir)
-        while not os.path.exists(folder) and folder != os.path.dirname(folder):
-            missing.append(folder)
-            folder = os.path.dirname(folder)
-        try:
-            os.makedirs(run_dir, exist_ok=True)
-            save_atomically(json.dumps(config, indent=2) + "\n", saved_path)
-        except (OSError, RunFolderError) as err:
-            for folder in missing:                                          # innermost first; only if still empty
-                try:
-                    os.rmdir(folder)
-                except OSError:
-                    pass
-            if isinstance(err, RunFolderError):
-                raise
-            raise RunFolderError(f"cannot create the run folder {run_dir} ({err.strerror or err})") from None
-
-
-def lock_run_dir(run_dir):
-    """An exclusive lock on the run folder for as long as the returned file stays open; the operating system
-    releases it when the process ends, however it ends. (No lock where fcntl does not exist, as on Windows.)"""
-    try:
-        handle = open(os.path.join(run_dir, ".lock"), "w")
-    except OSError as err:
-        raise RunFolderError(f"cannot write in the run folder {run_dir} ({err.strerror or err})") from None
-    if fcntl:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
-            raise ConfigError(f"{run_dir} is in use by another running process") from None
-    return handle
 
 
 def main(argv=None):
