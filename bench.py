@@ -6,7 +6,8 @@
   loss   uniformity_loss forward + backward at B = 256, d = 64: batched (torch.cdist) against an obviously-correct
          Python loop over pairs, and against the same sums written with explicit (B, B, d) differences
   train  training throughput of each backbone with each loss on real Beauty (batch 256, max length 50, d 64,
-         2 layers, 2 heads), from `--steps` real batches; seconds per epoch = examples / throughput
+         each backbone at its default depth, 2 heads), from `--steps` real batches; seconds per epoch = examples /
+         throughput
   eval   full-ranking evaluation of every Beauty user, against its bare lower bound: the same matrix product and
          comparison on history vectors already computed and on the device
   memory peak memory of training (SASRec, uniformity loss) and of evaluation
@@ -117,7 +118,7 @@ def train_steps(setup, device, model_name, loss, steps, length_groups):
     """Seconds per training example over `steps` real batches of a random epoch order."""
     flat, _, _, num_items, ends, history_lengths, users, keys = setup
     torch.manual_seed(0)
-    model = U.build_model(model_name, num_items, 64, 2, 2, 0.5, 50, 5).to(device)
+    model = U.build_model(model_name, num_items, 64, U.ORIGINAL_LAYERS[model_name], 2, 0.5, 50, 5).to(device)
     optimizer = U.adam(model, 1e-3, device)
     config = {"loss": loss, "beta": 0.05, "t": 2.0, "normalize": True, "rec": True, "hom": True, "het": True,
               "infonce_negatives": None}
