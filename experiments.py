@@ -475,13 +475,16 @@ def claims():
             scores = {loss: mean_ndcg(f"table1/{d}/{m}/{loss}") for loss in LOSSES}
             paper = {loss: PAPER_TABLE1[m, loss][column][1] for loss in LOSSES if scores[loss] is not None}
             if all(v is not None for v in scores.values()):
-                verdicts.append(max(scores, key=scores.get) == "uniform")
+                verdicts.append((f"{m} on {d}", max(scores, key=scores.get)))
             elif len(paper) > 1:
                 partial.append(f"  - {m} on {d}, losses run so far, by NDCG@10: ours {best_first(scores)}; "
                                f"paper {best_first(paper)}")
-    lines.append(f"- Uniformity loss best (test NDCG@10) per backbone and dataset: holds in {sum(verdicts)} of "
+    held = sum(best == "uniform" for _, best in verdicts)
+    lines.append(f"- Uniformity loss best (test NDCG@10) per backbone and dataset: holds in {held} of "
                  f"{len(verdicts)} complete backbone x dataset groups"
-                 + (" (none complete yet)" if not verdicts else ""))
+                 + (" (none complete yet)" if not verdicts else "")
+                 + "".join(f"; {group}: {'holds' if best == 'uniform' else best + ' is best'}"
+                           for group, best in verdicts))
     lines += partial
     for column, d in enumerate(("beauty", "toys")):
         lines.append(order_against_paper(f"Table 2 on {d}", {row: mean_ndcg(f"table2/{d}/{row}") for row in ABLATIONS},

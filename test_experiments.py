@@ -124,7 +124,7 @@ def test_results_page_shows_ours_beside_the_papers(tmp_path, monkeypatch):
     # Beauty: paper .0821 / .0371; ours mean .0821 (sd .0030) and .0410 (sd .0014), +0% and +11%
     assert "| 0.0821 | 0.0821 ± 0.0030 (+0%) | 0.0371 | 0.0410 ± 0.0014 (+11%) |" in row
     assert row.count("not run") == 6                                          # Toys, Sports, Yelp: HR and NDCG
-    assert "holds in 1 of 1 complete backbone x dataset groups" in page
+    assert "holds in 1 of 1 complete backbone x dataset groups; sasrec on beauty: holds" in page
     assert "| table1/beauty/sasrec/uniform | 2 | 0.001 | 64 | 2 | 2 | 0.05 | 5 / 25 | cpu | 10 min | abc1234 |" in page
     assert "not finished" not in page                                         # no such section without runs
 
