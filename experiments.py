@@ -29,6 +29,7 @@ RESULTS = os.path.join(HERE, "results")
 HYPERPARAMETERS = os.path.join(RESULTS, "hyperparameters.tsv")
 DATASETS = ["beauty", "toys", "sports", "yelp"]
 MODELS = ["gru4rec", "caser", "sasrec"]
+MODEL_NAMES = {"gru4rec": "GRU4Rec", "caser": "Caser", "sasrec": "SASRec"}
 LOSSES = ["bce", "bpr", "infonce", "uniform"]
 ABLATIONS = {  # Table 2: row -> (loss, flags); (a) is Table 1's SASRec + BCE cell, (e) its SASRec + uniform cell
     "a": ("bce", []), "b": ("uniform", ["--no-hom", "--no-het"]), "c": ("uniform", ["--no-het"]),
@@ -666,20 +667,21 @@ def figure1(out_dir=None):
 # Alignment and uniformity (Wang & Isola): the paper's argument in one picture
 # ---------------------------------------------------------------------------------------------------------------
 
-ALIGNMENT_RUNS = [("BCE", "table1/{}/sasrec/bce"), ("BPR", "table1/{}/sasrec/bpr"),
-                  ("InfoNCE", "table1/{}/sasrec/infonce"), ("uniformity loss", "table1/{}/sasrec/uniform"),
-                  ("normalized BCE", "table2/{}/b")]
+ALIGNMENT_RUNS = [("BCE", "table1/{}/{}/bce"), ("BPR", "table1/{}/{}/bpr"), ("InfoNCE", "table1/{}/{}/infonce"),
+                  ("uniformity loss", "table1/{}/{}/uniform"), ("normalized BCE", "table2/{}/b")]  # (b): SASRec
 
 
-def figure_alignment(dataset="toys", out_dir=None):
-    """Per-epoch trajectories of the SASRec runs of one dataset in the alignment-uniformity plane: x the uniformity of
-    history vectors (and, in a second panel, of item vectors), y the alignment of training pairs; each run's best
-    validation epoch marked. Runs whose log predates the alignment statistic are left out. Writes
-    alignment_uniformity_<dataset>.json, and the PNG when matplotlib is installed."""
+def figure_alignment(dataset="toys", model="sasrec", out_dir=None):
+    """Per-epoch trajectories of one backbone's runs on one dataset in the alignment-uniformity plane: x the
+    uniformity of history vectors (and, in a second panel, of item vectors), y the alignment of training pairs; each
+    run's best validation epoch marked. Runs whose log predates the alignment statistic are left out. Writes
+    alignment_uniformity_<dataset>[_<model>].json, and the PNG when matplotlib is installed."""
     out_dir = out_dir or RESULTS
     trajectories = {}
     for label, cell in ALIGNMENT_RUNS:
-        found = figure_run_log(cell.format(dataset))
+        if cell.startswith("table2") and model != "sasrec":
+            continue
+        found = figure_run_log(cell.format(dataset, model))
         rows = [r for r in found[0] if "alignment" in r] if found else []
         if rows:
             best = max(rows, key=lambda r: r["valid_NDCG@10"])["epoch"]
@@ -688,8 +690,8 @@ def figure_alignment(dataset="toys", out_dir=None):
                                    "item_uniformity": [r["item_uniformity"] for r in rows],
                                    "best_epoch": best, "finished": found[1]}
     if not trajectories:
-        sys.exit(f"figure-alignment: no SASRec run on {dataset} has logged the alignment yet")
-    name = os.path.join(out_dir, f"alignment_uniformity_{dataset}")
+        sys.exit(f"figure-alignment: no {model} run on {dataset} has logged the alignment yet")
+    name = os.path.join(out_dir, f"alignment_uniformity_{dataset}" + ("" if model == "sasrec" else f"_{model}"))
     os.makedirs(out_dir, exist_ok=True)
     with open(name + ".json", "w") as f:
         json.dump(trajectories, f, indent=1)
@@ -710,11 +712,12 @@ def figure_alignment(dataset="toys", out_dir=None):
             axis.plot(x[0], y[0], "o", color=line.get_color(), fillstyle="none")
             best = run["epoch"].index(run["best_epoch"])
             axis.plot(x[best], y[best], "*", color=line.get_color(), markersize=12)
-        axis.set(xlabel=f"uniformity of {which} vectors, log E exp(-2 ||x - y||^2) (lower: more uniform)",
-                 ylabel="alignment of training pairs, E ||h - i||^2 (lower: closer)",
-                 title=f"SASRec on {dataset.capitalize()}: {which} vectors")
+        axis.set(xlabel=f"uniformity of {which} vectors: log E exp(-2 ||x - y||^2)",
+                 ylabel="alignment of training pairs: E ||h - i||^2",
+                 title=f"{MODEL_NAMES[model]} on {dataset.capitalize()}: {which} vectors")
     axes[0].legend(fontsize=8)
-    figure.suptitle("Each run's epochs (circle: epoch 1, star: best validation epoch)", fontsize=9)
+    figure.suptitle("Each run's epochs (circle: epoch 1, star: best validation epoch); lower is better on both axes",
+                    fontsize=9)
     figure.tight_layout()
     figure.savefig(name + ".png", dpi=120)
     print(f"wrote {name}.png and .json")
@@ -739,8 +742,9 @@ def main(argv=None):
                                           "about a minute per dataset)")
     commands.add_parser("figure1", help="write results/figure1.png (needs matplotlib) and figure1.json")
     alignment = commands.add_parser("figure-alignment", help="write results/alignment_uniformity_<dataset>.png "
-                                                             "(needs matplotlib) and .json from SASRec's runs")
+                                                             "(needs matplotlib) and .json from one backbone's runs")
     alignment.add_argument("--dataset", default="toys", choices=DATASETS)
+    alignment.add_argument("--model", default="sasrec", choices=MODELS)
     args = parser.parse_args(argv)
     if args.command == "list":
         for seed in range(1, args.seeds + 1):
@@ -756,7 +760,7 @@ def main(argv=None):
         record_all()
         report(unfinished=unfinished_runs())
     elif args.command == "figure-alignment":
-        figure_alignment(args.dataset)
+        figure_alignment(args.dataset, args.model)
     else:
         figure1()
     return 0
