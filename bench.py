@@ -21,7 +21,11 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 
+# torch warns at import when numpy is absent; nothing in this project uses numpy, so the line is noise on every
+# command (and breaks the one-line errors).
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 import torch
 
 import uniform_seqrec as U

@@ -26,6 +26,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from typing import NamedTuple
 
 try:
@@ -33,6 +34,9 @@ try:
 except ImportError:  # Windows
     fcntl = None
 
+# torch warns at import when numpy is absent; nothing in this project uses numpy, so the line is noise on every
+# command (and breaks the one-line errors).
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
