@@ -743,7 +743,7 @@ def main(argv=None):
     commands.add_parser("choose", help="write results/hyperparameters.tsv from the tuning runs")
     commands.add_parser("report", help="write results/RESULTS.md")
     commands.add_parser("baselines", help="write results/baselines.json: popularity and item transitions (CPU, "
-                                          "about a minute per dataset)")
+                                          "40 s to 2.5 min per dataset)")
     commands.add_parser("figure1", help="write results/figure1.png (needs matplotlib) and figure1.json")
     alignment = commands.add_parser("figure-alignment", help="write results/alignment_uniformity_<dataset>.png "
                                                              "(needs matplotlib) and .json from one backbone's runs")
