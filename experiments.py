@@ -616,6 +616,22 @@ def figure_run_log(cell):
     return (log, bool(recorded_runs)) if log is not None else None
 
 
+def write_figure_data(name, data):
+    """Write a figure's numbers to name.json; return matplotlib.pyplot to draw name.png, or None (and say so) when
+    matplotlib is not installed: the numbers are the result, the picture an optional view of them."""
+    os.makedirs(os.path.dirname(name), exist_ok=True)
+    with open(name + ".json", "w") as f:
+        json.dump(data, f, indent=1)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"wrote {name}.json (install matplotlib for the PNG: pip install matplotlib)")
+        return None
+    return plt
+
+
 def figure1(out_dir=None):
     """(a) validation NDCG@10 per epoch of unnormalized BCE (Table 2 (a)) and normalized BCE ((b)), Beauty;
     (b, c) histograms of pairwise cosine similarity of history and item vectors of the normalized run, at its
@@ -638,15 +654,8 @@ def figure1(out_dir=None):
                for when, row in (("early", early), ("late", late))},
             "uniformity_per_epoch": {k: [r["history_uniformity"] for r in v] for k, v in logs.items()},
             "finished": finished}
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "figure1.json"), "w") as f:
-        json.dump(data, f, indent=1)
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"wrote {out_dir}/figure1.json (install matplotlib for the PNG: pip install matplotlib)")
+    plt = write_figure_data(os.path.join(out_dir, "figure1"), data)
+    if plt is None:
         return
     figure, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for label, values in data["validation_ndcg10"].items():
@@ -696,15 +705,8 @@ def figure_alignment(dataset="toys", model="sasrec", out_dir=None):
     if not trajectories:
         sys.exit(f"figure-alignment: no {model} run on {dataset} has logged the alignment yet")
     name = os.path.join(out_dir, f"alignment_uniformity_{dataset}" + ("" if model == "sasrec" else f"_{model}"))
-    os.makedirs(out_dir, exist_ok=True)
-    with open(name + ".json", "w") as f:
-        json.dump(trajectories, f, indent=1)
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"wrote {name}.json (install matplotlib for the PNG: pip install matplotlib)")
+    plt = write_figure_data(name, trajectories)
+    if plt is None:
         return
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for axis, which in ((axes[0], "history"), (axes[1], "item")):
