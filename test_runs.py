@@ -225,6 +225,18 @@ def test_errors_from_a_real_process_have_no_traceback(tmp_path):
         assert result.stderr.startswith("uniform_seqrec.py: error: ")
 
 
+def test_errors_stay_one_line_without_numpy():
+    """numpy is not a dependency, and torch warns at import when it is missing: that warning must not become a
+    second line of every error. The process below cannot import numpy, as on a machine with torch alone."""
+    no_numpy = "import runpy, sys; sys.modules['numpy'] = None; sys.argv = sys.argv[1:]; " \
+               "runpy.run_path(sys.argv[0], run_name='__main__')"
+    for script, args in (("uniform_seqrec.py", ["--model", "bert4rec"]), ("experiments.py", ["bogus"])):
+        result = subprocess.run([sys.executable, "-c", no_numpy, os.path.join(HERE, script), *args],
+                                capture_output=True, text=True, timeout=120, cwd=HERE)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert result.stderr.startswith(f"{script}: error: ")
+
+
 # what text editors and spreadsheets leave behind, where the meaning is clear: the same three users as GOOD
 EDITED_FILES = [
     ("CRLF line endings", GOOD.replace("\n", "\r\n").encode()),
