@@ -21,14 +21,9 @@ import statistics
 import subprocess
 import sys
 import time
-import warnings
 
-# torch warns at import when numpy is absent; nothing in this project uses numpy, so the line is noise on every
-# command (and breaks the one-line errors).
-warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+import uniform_seqrec as U  # before torch: it quiets torch's warning about the absent numpy (not a dependency)
 import torch
-
-import uniform_seqrec as U
 from data_prep import default_data_dir, read_sequences
 
 
