@@ -5,6 +5,7 @@
     python experiments.py report                                                     # results/RESULTS.md
     python experiments.py figure1                                                    # results/figure1*.png
     python experiments.py list tune ...  /  python experiments.py choose             # hyperparameter search
+    python experiments.py repeats --dataset yelp RUN_DIR...                          # NDCG@10 from repeated items
 
 run_all.sh drives these. A cell is one training run of uniform_seqrec.py; its run folder is the default one
 (runs/<data>-<model>-<loss>-<hash of the configuration>), so cells with the same configuration share a run (Table 2
@@ -339,14 +340,21 @@ def transition_scores(histories, transitions, popularity, decay):
     return scores
 
 
-def baseline_metrics(score, flat, starts, lengths, split):
-    """HR and NDCG at 5, 10, 20 of a scoring function of (B, T) histories, ranked like the models."""
-    ranks = []
-    for histories, _, targets in U.evaluation_batches(flat, starts, lengths, 50, split):
-        scores = score(histories)
+def ranks_and_repeats(score, flat, starts, lengths, split, max_len=50):
+    """Every user's target rank under a scoring function of ((B, T) histories, (B,) users), ranked like the models,
+    and whether the target repeats an item of its history (repeat_kinds)."""
+    ranks, kinds = [], []
+    for histories, users, targets in U.evaluation_batches(flat, starts, lengths, max_len, split):
+        scores = score(histories, users)
         scores[:, 0] = float("-inf")                                        # padding is no item
         ranks.append(U.rank_of_targets(scores, targets))
-    return U.metrics_from_ranks(torch.cat(ranks))
+        kinds.append(repeat_kinds(histories, targets))
+    return torch.cat(ranks), torch.cat(kinds)
+
+
+def baseline_metrics(score, flat, starts, lengths, split):
+    """HR and NDCG at 5, 10, 20 of a scoring function of (B, T) histories and (B,) users."""
+    return U.metrics_from_ranks(ranks_and_repeats(score, flat, starts, lengths, split)[0])
 
 
 def dataset_baselines(sequences):
@@ -354,13 +362,13 @@ def dataset_baselines(sequences):
     flat, starts, lengths, num_items = U.flatten_sequences(sequences, "cpu")
     popularity = item_popularity(flat, starts, lengths, num_items)
     transitions = item_transitions(flat, starts, lengths, num_items)
-    by_popularity = lambda histories: popularity.expand(len(histories), -1).clone()
+    by_popularity = lambda histories, _: popularity.expand(len(histories), -1).clone()
     result = {"popularity": {split: baseline_metrics(by_popularity, flat, starts, lengths, split)
                              for split in ("valid", "test")}}
-    valid = {decay: baseline_metrics(lambda h: transition_scores(h, transitions, popularity, decay), flat, starts,
+    valid = {decay: baseline_metrics(lambda h, _: transition_scores(h, transitions, popularity, decay), flat, starts,
                                      lengths, "valid") for decay in DECAYS}
     decay = max(DECAYS, key=lambda d: valid[d]["NDCG@10"])                  # chosen on validation NDCG@10
-    test = baseline_metrics(lambda h: transition_scores(h, transitions, popularity, decay), flat, starts, lengths,
+    test = baseline_metrics(lambda h, _: transition_scores(h, transitions, popularity, decay), flat, starts, lengths,
                             "test")
     result["transitions"] = {"decay": decay, "valid": valid[decay], "test": test,
                              "valid_by_decay": {str(d): v["NDCG@10"] for d, v in valid.items()}}
@@ -388,6 +396,73 @@ def baselines(path=None):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Repeats: how much of a score comes from targets the user already had (Yelp keeps repeated visits; the Amazon
+# files have none)
+# ---------------------------------------------------------------------------------------------------------------
+
+REPEAT_KINDS = ["repeats the history's last item", "repeats an earlier item", "is new to the history"]
+
+
+def repeat_kinds(histories, targets):
+    """(B,) index into REPEAT_KINDS of each target against its (B, T) right-padded history (the T items given)."""
+    last = recent_items(histories, 1)[:, 0]
+    earlier = (histories == targets[:, None]).any(1)
+    return torch.where(last == targets, 0, torch.where(earlier, 1, 2))
+
+
+def ndcg_by_repeat(ranks, kinds, k=10):
+    """Per kind: (share of users, HR@k among them, their part of the overall NDCG@k); the parts add up to NDCG@k."""
+    gains = torch.where(ranks < k, 1.0 / torch.log2(ranks + 2.0), 0.0)
+    parts = []
+    for kind in range(len(REPEAT_KINDS)):
+        mine = kinds == kind
+        hit_rate = (ranks[mine] < k).double().mean().item() if mine.any() else 0.0
+        parts.append((mine.double().mean().item(), hit_rate, gains[mine].sum().item() / len(ranks)))
+    return parts
+
+
+def best_state_scorer(run_dir, num_items, lengths):
+    """The scoring function of a run folder's best validation state, scoring as its evaluation does, and the
+    history length it was trained with (capped as in U.train)."""
+    if not os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
+        raise U.RunFolderError(f"{run_dir} has no checkpoint.pt: not a run folder of uniform_seqrec.py")
+    config = U.read_json(os.path.join(run_dir, "config.json"), "not a run folder of uniform_seqrec.py?")
+    checkpoint = torch.load(os.path.join(run_dir, "checkpoint.pt"), map_location="cpu", weights_only=False)
+    max_len = min(config["max_len"], int(lengths.max()) - 1)
+    model = U.build_model(config["model"], num_items, config["dim"], config["layers"], config["heads"],
+                          config["dropout"], max_len, config["caser_window"], config["caser_activation"],
+                          len(lengths) if config["caser_users"] else 0, config["caser_output_table"])
+    model.load_state_dict(checkpoint["best_model"])
+    model.eval()
+    cosine, table = U.scores_are_cosines(config), model.output_items().weight
+    return torch.no_grad()(lambda h, users: U.score(model.encode(h, users=users)[:, None], table, cosine)), max_len
+
+
+def repeats(dataset, run_dirs):
+    """Print, for the test split of a dataset, how much of each NDCG@10 comes from targets that repeat a history
+    item: the item-transition baseline (its decay from results/baselines.json), the same with the history's last
+    item ranked first, and the best state of each given run folder."""
+    data_path = U.benchmark_path(dataset, U.default_data_dir())
+    if not os.path.isfile(data_path):
+        raise U.DataError(f"{data_path} not found; get it with: python data_prep.py {dataset}")
+    decay = read_baselines().get(dataset, {}).get("transitions", {}).get("decay")
+    if decay is None:
+        raise U.ConfigError(f"{BASELINES} has no {dataset}: run python experiments.py baselines first")
+    flat, starts, lengths, num_items = U.flatten_sequences(U.read_sequences(data_path), "cpu")
+    popularity = item_popularity(flat, starts, lengths, num_items)
+    transitions = item_transitions(flat, starts, lengths, num_items)
+    by_transitions = lambda h, _: transition_scores(h, transitions, popularity, decay)
+    last_first = lambda h, users: by_transitions(h, users).scatter_(1, recent_items(h, 1), float("inf"))
+    scorers = [("item transitions", by_transitions, 50), ("item transitions, last item first", last_first, 50)]
+    scorers += [(run_dir, *best_state_scorer(run_dir, num_items, lengths)) for run_dir in run_dirs]
+    for name, score, max_len in scorers:
+        ranks, kinds = ranks_and_repeats(score, flat, starts, lengths, "test", max_len)
+        print(f"{name}: test NDCG@10 {U.metrics_from_ranks(ranks)['NDCG@10']:.4f}, of which")
+        for kind, (share, hit_rate, part) in zip(REPEAT_KINDS, ndcg_by_repeat(ranks, kinds)):
+            print(f"  {part:.4f} from the {share:.1%} of users whose target {kind} (HR@10 {hit_rate:.3f} among them)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The results page
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -410,12 +485,17 @@ def show(values, paper):
     return f"{mean:.4f}{spread} ({100 * (mean - paper) / paper:+.0f}%)"
 
 
+def read_baselines():
+    """results/baselines.json, or {} before `experiments.py baselines` has run."""
+    if not os.path.isfile(BASELINES):
+        return {}
+    with open(BASELINES) as f:
+        return json.load(f)
+
+
 def baseline_rows(datasets):
     """The two non-neural baselines of results/baselines.json as rows of table_rows()'s shape (no paper value)."""
-    found = {}
-    if os.path.isfile(BASELINES):
-        with open(BASELINES) as f:
-            found = json.load(f)
+    found = read_baselines()
     rows = []
     for key, label in (("popularity", "popularity (no model)"), ("transitions", "item transitions (no model)")):
         fields = [label]
@@ -746,6 +826,10 @@ def main(argv=None):
                                                              "(needs matplotlib) and .json from one backbone's runs")
     alignment.add_argument("--dataset", default="toys", choices=DATASETS)
     alignment.add_argument("--model", default="sasrec", choices=MODELS)
+    repeating = commands.add_parser("repeats", help="print how much of each test NDCG@10 comes from targets that "
+                                                    "repeat a history item: baselines and the given run folders")
+    repeating.add_argument("--dataset", default="yelp", choices=DATASETS)
+    repeating.add_argument("run_dirs", nargs="*")
     args = parser.parse_args(argv)
     if args.command == "list":
         for seed in range(1, args.seeds + 1):
@@ -762,6 +846,12 @@ def main(argv=None):
         report(unfinished=unfinished_runs())
     elif args.command == "figure-alignment":
         figure_alignment(args.dataset, args.model)
+    elif args.command == "repeats":
+        try:
+            repeats(args.dataset, args.run_dirs)
+        except (U.ConfigError, U.DataError) as err:
+            print(f"experiments.py: error: {err}", file=sys.stderr)
+            return 2
     else:
         figure1()
     return 0

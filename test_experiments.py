@@ -10,6 +10,8 @@ import sys
 import pytest
 
 import experiments as E
+import torch
+import uniform_seqrec as U
 from conftest import DATA_DIR, needs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -325,3 +327,43 @@ def test_alignment_figure_keeps_the_runs_that_logged_alignment(tmp_path, monkeyp
     run = data["uniformity loss"]
     assert run["best_epoch"] == 2 and run["alignment"] == [0.9, 0.8, 0.7] and run["item_uniformity"] == [-2, -4, -6]
     assert run["finished"] is True
+
+
+def test_repeat_kinds_and_their_parts_of_ndcg_match_a_loop():
+    g = random.Random(1)
+    histories, targets, ranks = [], [], []
+    for _ in range(300):
+        history = [g.randint(1, 6) for _ in range(g.randint(1, 5))]
+        histories.append(history + [0] * (5 - len(history)))                # right-padded, as evaluation gives them
+        targets.append(g.randint(1, 6))
+        ranks.append(g.choice([0, 1, 3, 9, 10, 40]))
+    kinds = E.repeat_kinds(torch.tensor(histories), torch.tensor(targets))
+    expected = [0 if [i for i in h if i][-1] == t else 1 if t in h else 2 for h, t in zip(histories, targets)]
+    assert kinds.tolist() == expected
+    parts = E.ndcg_by_repeat(torch.tensor(ranks, dtype=torch.float64), kinds)
+    for kind, (share, hit_rate, part) in enumerate(parts):
+        mine = [r for r, k in zip(ranks, expected) if k == kind]
+        assert share == pytest.approx(len(mine) / len(ranks))
+        assert hit_rate == pytest.approx(sum(r < 10 for r in mine) / len(mine))
+        assert part == pytest.approx(sum(1 / math.log2(r + 2) for r in mine if r < 10) / len(ranks))
+    overall = U.metrics_from_ranks(torch.tensor(ranks, dtype=torch.float64))["NDCG@10"]
+    assert sum(part for _, _, part in parts) == pytest.approx(overall)
+
+
+def test_a_run_folders_best_state_ranks_as_its_test_did(tmp_path):
+    """best_state_scorer rebuilds a run's best state from its folder: ranked with ranks_and_repeats, the test
+    metrics are the ones the run recorded (a repeat-heavy file, so every kind of target occurs)."""
+    g = random.Random(2)
+    data = tmp_path / "repeats.txt"
+    data.write_text("".join(f"{u} " + " ".join(str(g.randint(1, 15)) for _ in range(g.randint(5, 9))) + "\n"
+                            for u in range(1, 61)))
+    run = tmp_path / "run"
+    assert U.main(["--data", str(data), "--out", str(run), "--model", "sasrec", "--dim", "16", "--layers", "1",
+                   "--heads", "1", "--device", "cpu", "--epochs", "3", "--loss", "uniform"]) == 0
+    flat, starts, lengths, num_items = U.flatten_sequences(U.read_sequences(str(data)), "cpu")
+    score, max_len = E.best_state_scorer(str(run), num_items, lengths)
+    ranks, kinds = E.ranks_and_repeats(score, flat, starts, lengths, "test", max_len)
+    with open(run / "metrics.json") as f:
+        recorded_test = json.load(f)["test"]
+    assert U.metrics_from_ranks(ranks) == pytest.approx(recorded_test)
+    assert set(kinds.tolist()) == {0, 1, 2}
