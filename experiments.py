@@ -427,12 +427,15 @@ def best_state_scorer(run_dir, num_items, lengths):
     if not os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
         raise U.RunFolderError(f"{run_dir} has no checkpoint.pt: not a run folder of uniform_seqrec.py")
     config = U.read_json(os.path.join(run_dir, "config.json"), "not a run folder of uniform_seqrec.py?")
-    checkpoint = torch.load(os.path.join(run_dir, "checkpoint.pt"), map_location="cpu", weights_only=False)
     max_len = min(config["max_len"], int(lengths.max()) - 1)
     model = U.build_model(config["model"], num_items, config["dim"], config["layers"], config["heads"],
                           config["dropout"], max_len, config["caser_window"], config["caser_activation"],
                           len(lengths) if config["caser_users"] else 0, config["caser_output_table"])
-    model.load_state_dict(checkpoint["best_model"])
+    try:  # whatever a damaged checkpoint, or one trained on other data, raises
+        checkpoint = torch.load(os.path.join(run_dir, "checkpoint.pt"), map_location="cpu", weights_only=False)
+        model.load_state_dict(checkpoint["best_model"])
+    except Exception as err:
+        raise U.RunFolderError(f"{run_dir}/checkpoint.pt does not load onto this data's model ({U.one_line(err)})")
     model.eval()
     cosine, table = U.scores_are_cosines(config), model.output_items().weight
     return torch.no_grad()(lambda h, users: U.score(model.encode(h, users=users)[:, None], table, cosine)), max_len

@@ -367,3 +367,8 @@ def test_a_run_folders_best_state_ranks_as_its_test_did(tmp_path):
         recorded_test = json.load(f)["test"]
     assert U.metrics_from_ranks(ranks) == pytest.approx(recorded_test)
     assert set(kinds.tolist()) == {0, 1, 2}
+    (run / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(U.RunFolderError, match="does not load"):
+        E.best_state_scorer(str(run), num_items, lengths)
+    with pytest.raises(U.RunFolderError, match="no checkpoint.pt"):
+        E.best_state_scorer(str(tmp_path), num_items, lengths)
