@@ -423,14 +423,12 @@ def ndcg_by_repeat(ranks, kinds, k=10):
 
 def best_state_scorer(run_dir, num_items, lengths):
     """The scoring function of a run folder's best validation state, scoring as its evaluation does, and the
-    history length it was trained with (capped as in U.train)."""
+    history length it was trained with."""
     if not os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
         raise U.RunFolderError(f"{run_dir} has no checkpoint.pt: not a run folder of uniform_seqrec.py")
     config = U.read_json(os.path.join(run_dir, "config.json"), "not a run folder of uniform_seqrec.py?")
-    max_len = min(config["max_len"], int(lengths.max()) - 1)
-    model = U.build_model(config["model"], num_items, config["dim"], config["layers"], config["heads"],
-                          config["dropout"], max_len, config["caser_window"], config["caser_activation"],
-                          len(lengths) if config["caser_users"] else 0, config["caser_output_table"])
+    max_len = U.history_limit(config, lengths)
+    model = U.model_of(config, num_items, len(lengths), max_len)
     try:  # whatever a damaged checkpoint, or one trained on other data, raises
         checkpoint = torch.load(os.path.join(run_dir, "checkpoint.pt"), map_location="cpu", weights_only=False)
         model.load_state_dict(checkpoint["best_model"])
@@ -445,9 +443,7 @@ def repeats(dataset, run_dirs):
     """Print, for the test split of a dataset, how much of each NDCG@10 comes from targets that repeat a history
     item: the item-transition baseline (its decay from results/baselines.json), the same with the history's last
     item ranked first, and the best state of each given run folder."""
-    data_path = U.benchmark_path(dataset, U.default_data_dir())
-    if not os.path.isfile(data_path):
-        raise U.DataError(f"{data_path} not found; get it with: python data_prep.py {dataset}")
+    data_path = U.data_path_of({"data": dataset, "data_dir": U.default_data_dir()})
     decay = read_baselines().get(dataset, {}).get("transitions", {}).get("decay")
     if decay is None:
         raise U.ConfigError(f"{BASELINES} has no {dataset}: run python experiments.py baselines first")

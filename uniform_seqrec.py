@@ -603,6 +603,20 @@ def adam(model, lr, device):
     return torch.optim.Adam(model.parameters(), lr=lr, fused=device.type in ("cpu", "cuda"))
 
 
+def history_limit(config, lengths):
+    """The longest history a run reads: --max-len, capped at the longest user's test history (n - 1 items)."""
+    # So SASRec's position table gets only rows that can be read (not 10**9 for --max-len 10**9); the benchmarks'
+    # longest histories (203 to 549 items) never reach a --max-len of 50, so their random draws are as before the cap.
+    return min(config["max_len"], int(lengths.max()) - 1)
+
+
+def model_of(config, num_items, num_users, max_len):
+    """The backbone a run's configuration describes, freshly initialized."""
+    return build_model(config["model"], num_items, config["dim"], config["layers"], config["heads"],
+                       config["dropout"], max_len, config["caser_window"], config["caser_activation"],
+                       num_users if config["caser_users"] else 0, config["caser_output_table"])
+
+
 def train(config, sequences, run_dir, log=print):
     """Train on `sequences` (lists of item ids) until validation NDCG@10 has not improved for `patience` epochs (or
     for `epochs` epochs), then test once with the best state. Writes log.jsonl, checkpoint.pt and metrics.json
@@ -610,17 +624,12 @@ def train(config, sequences, run_dir, log=print):
     state because none is needed: every epoch re-seeds from (seed, epoch)."""
     device = torch.device(config["device"])
     flat, starts, lengths, num_items = flatten_sequences(sequences, device)
-    # No history is longer than the longest user's test history (n - 1 items), so max_len is capped there and SASRec's
-    # position table gets only rows that can be read (not 10**9 for --max-len 10**9); the benchmarks' longest histories
-    # (203 to 549 items) never reach a --max-len of 50, so their random draws are as before the cap.
-    max_len = min(config["max_len"], int(lengths.max()) - 1)
+    max_len = history_limit(config, lengths)
     data = training_data(flat, starts, lengths, num_items, max_len)
     valid = evaluation_batches(flat, starts, lengths, max_len, "valid")
     sample = statistics_sample(flat, starts, lengths, num_items, max_len)
     torch.manual_seed(config["seed"])
-    model = build_model(config["model"], num_items, config["dim"], config["layers"], config["heads"],
-                        config["dropout"], max_len, config["caser_window"], config["caser_activation"],
-                        len(lengths) if config["caser_users"] else 0, config["caser_output_table"]).to(device)
+    model = model_of(config, num_items, len(lengths), max_len).to(device)
     optimizer = adam(model, config["lr"], device)
     cosine = scores_are_cosines(config)
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
