@@ -218,8 +218,15 @@ def run_cell(cell, seed, device):
     """Train one cell (resuming it, or doing nothing when it is finished); `report` records it. A cell that another
     process is training is left to it: exit status 0, so that a job array or a second run_all.sh does not count
     it as a failure."""
+    if cell not in cells("all", DATASETS, MODELS) + cells("tune", DATASETS, MODELS):
+        print(f"experiments.py: error: unknown cell '{cell}' (`experiments.py list all` prints them)", file=sys.stderr)
+        return 2
     arguments = [*cell_arguments(cell, read_hyperparameters()), "--seed", str(seed)]
-    run_dir = U.configure(arguments)[1]
+    try:
+        run_dir = U.configure(arguments)[1]
+    except (U.ConfigError, U.DataError) as err:                            # e.g. the dataset's file is missing
+        print(f"experiments.py: error: {err}", file=sys.stderr)
+        return 2
     if in_use(run_dir):
         print(f"[{time.strftime('%H:%M:%S')}] {cell} seed {seed}: {run_dir} is being trained by another process; "
               f"left to it", flush=True)
