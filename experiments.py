@@ -418,13 +418,14 @@ def repeat_kinds(histories, targets):
 
 
 def ndcg_by_repeat(ranks, kinds, k=10):
-    """Per kind: (share of users, HR@k among them, their part of the overall NDCG@k); the parts add up to NDCG@k."""
+    """Per kind: (share of users, HR@k among them, share ranked first among them, their part of the overall NDCG@k);
+    the parts add up to NDCG@k."""
     gains = torch.where(ranks < k, 1.0 / torch.log2(ranks + 2.0), 0.0)
+    rate = lambda hits: hits.double().mean().item() if len(hits) else 0.0
     parts = []
     for kind in range(len(REPEAT_KINDS)):
         mine = kinds == kind
-        hit_rate = (ranks[mine] < k).double().mean().item() if mine.any() else 0.0
-        parts.append((mine.double().mean().item(), hit_rate, gains[mine].sum().item() / len(ranks)))
+        parts.append((rate(mine), rate(ranks[mine] < k), rate(ranks[mine] == 0), gains[mine].sum().item() / len(ranks)))
     return parts
 
 
@@ -464,8 +465,9 @@ def repeats(dataset, run_dirs):
     for name, score, max_len in scorers:
         ranks, kinds = ranks_and_repeats(score, flat, starts, lengths, "test", max_len)
         print(f"{name}: test NDCG@10 {U.metrics_from_ranks(ranks)['NDCG@10']:.4f}, of which")
-        for kind, (share, hit_rate, part) in zip(REPEAT_KINDS, ndcg_by_repeat(ranks, kinds)):
-            print(f"  {part:.4f} from the {share:.1%} of users whose target {kind} (HR@10 {hit_rate:.3f} among them)")
+        for kind, (share, hit_rate, first, part) in zip(REPEAT_KINDS, ndcg_by_repeat(ranks, kinds)):
+            print(f"  {part:.4f} from the {share:.1%} of users whose target {kind} (HR@10 {hit_rate:.3f}, ranked "
+                  f"first {first:.3f} among them)")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -353,13 +353,14 @@ def test_repeat_kinds_and_their_parts_of_ndcg_match_a_loop():
     expected = [0 if [i for i in h if i][-1] == t else 1 if t in h else 2 for h, t in zip(histories, targets)]
     assert kinds.tolist() == expected
     parts = E.ndcg_by_repeat(torch.tensor(ranks, dtype=torch.float64), kinds)
-    for kind, (share, hit_rate, part) in enumerate(parts):
+    for kind, (share, hit_rate, first, part) in enumerate(parts):
         mine = [r for r, k in zip(ranks, expected) if k == kind]
         assert share == pytest.approx(len(mine) / len(ranks))
         assert hit_rate == pytest.approx(sum(r < 10 for r in mine) / len(mine))
+        assert first == pytest.approx(sum(r == 0 for r in mine) / len(mine))
         assert part == pytest.approx(sum(1 / math.log2(r + 2) for r in mine if r < 10) / len(ranks))
     overall = U.metrics_from_ranks(torch.tensor(ranks, dtype=torch.float64))["NDCG@10"]
-    assert sum(part for _, _, part in parts) == pytest.approx(overall)
+    assert sum(part for *_, part in parts) == pytest.approx(overall)
 
 
 def test_a_run_folders_best_state_ranks_as_its_test_did(tmp_path):
