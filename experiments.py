@@ -219,14 +219,9 @@ def run_cell(cell, seed, device):
     process is training is left to it: exit status 0, so that a job array or a second run_all.sh does not count
     it as a failure."""
     if cell not in cells("all", DATASETS, MODELS) + cells("tune", DATASETS, MODELS):
-        print(f"experiments.py: error: unknown cell '{cell}' (`experiments.py list all` prints them)", file=sys.stderr)
-        return 2
+        raise U.ConfigError(f"unknown cell '{cell}' (`experiments.py list all` prints them)")
     arguments = [*cell_arguments(cell, read_hyperparameters()), "--seed", str(seed)]
-    try:
-        run_dir = U.configure(arguments)[1]
-    except (U.ConfigError, U.DataError) as err:                            # e.g. the dataset's file is missing
-        print(f"experiments.py: error: {err}", file=sys.stderr)
-        return 2
+    run_dir = U.configure(arguments)[1]                                     # a ConfigError if its data file is missing
     if in_use(run_dir):
         print(f"[{time.strftime('%H:%M:%S')}] {cell} seed {seed}: {run_dir} is being trained by another process; "
               f"left to it", flush=True)
@@ -839,6 +834,15 @@ def main(argv=None):
     repeating.add_argument("--dataset", default="yelp", choices=DATASETS)
     repeating.add_argument("run_dirs", nargs="*")
     args = parser.parse_args(argv)
+    try:
+        return command(args)
+    except (U.ConfigError, U.DataError) as err:                            # bad input: one line, never a traceback
+        print(f"experiments.py: error: {err}", file=sys.stderr)
+        return 2
+
+
+def command(args):
+    """Carry out one parsed command line; its exit status."""
     if args.command == "list":
         for seed in range(1, args.seeds + 1):
             for cell in unique_runs(cells(args.what, args.datasets.split(","), args.models.split(",")), seed):
@@ -855,11 +859,7 @@ def main(argv=None):
     elif args.command == "figure-alignment":
         figure_alignment(args.dataset, args.model)
     elif args.command == "repeats":
-        try:
-            repeats(args.dataset, args.run_dirs)
-        except (U.ConfigError, U.DataError) as err:
-            print(f"experiments.py: error: {err}", file=sys.stderr)
-            return 2
+        repeats(args.dataset, args.run_dirs)
     else:
         figure1()
     return 0

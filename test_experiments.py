@@ -293,10 +293,10 @@ def test_an_unknown_cell_or_a_missing_data_file_is_one_line(tmp_path, monkeypatc
     monkeypatch.setenv("UNIFORM_SEQREC_DATA", str(tmp_path))                # no data files there
     monkeypatch.setattr(E.U, "main", lambda argv: pytest.fail("trained a cell that cannot run"))
     for cell in ["bogus", "table1/beauty/sasrec", "table1/nope/sasrec/uniform", "table2/beauty/z"]:
-        assert E.run_cell(cell, 1, None) == 2
+        assert E.main(["run", cell]) == 2
         assert capsys.readouterr().err == f"experiments.py: error: unknown cell '{cell}' (`experiments.py list " \
                                           f"all` prints them)\n"
-    assert E.run_cell("table1/beauty/sasrec/bce", 1, None) == 2
+    assert E.main(["run", "table1/beauty/sasrec/bce"]) == 2
     error = capsys.readouterr().err
     assert error.startswith("experiments.py: error: ") and "Beauty.txt not found" in error and error.count("\n") == 1
 
