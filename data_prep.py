@@ -12,14 +12,18 @@ and reject exactly the same files. Standard library only (numpy is not even need
 """
 import argparse
 import codecs
+import datetime
 import gzip
 import hashlib
 import json
+import math
 import os
+import re
 import statistics
 import sys
 import tempfile
 import urllib.request
+import zlib
 from collections import Counter
 
 # name on the command line -> (file name, SHA-256 of the published file, raw dump it is rebuilt from)
@@ -240,29 +244,126 @@ def download(name, data_dir, base_url=DOWNLOAD_URL, log=print):
 # Rebuilding from the raw review dumps (docs/datasets.md sections 3-4)
 # ---------------------------------------------------------------------------------------------------------------
 
+AMAZON_FIELDS = ("reviewerID", "asin", "unixReviewTime")  # what a rebuild reads of a record ("overall" optional)
+YELP_FIELDS = ("user_id", "business_id", "date", "stars")
+YELP_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2}")
+
+
 def read_amazon_reviews(path):
-    """(user, item, time) per review of an Amazon 2014 `reviews_<Category>_5.json.gz`, in file order."""
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                review = json.loads(line)
-                if float(review.get("overall", 1.0)) > 0:
-                    yield review["reviewerID"], review["asin"], int(review["unixReviewTime"])
+    """(user, item, time) per review of an Amazon 2014 `reviews_<Category>_5.json.gz`, in file order.
+
+    A record that is not as documented (not a JSON object, a field missing, null or of another type) is a
+    DataError naming the file and the line: a rebuild from it would be wrong, or fail later less clearly."""
+    for number, text in raw_lines(path):
+        try:
+            review = json_record(text, AMAZON_FIELDS)
+            user, item = text_field(review, "reviewerID", AMAZON_FIELDS), text_field(review, "asin", AMAZON_FIELDS)
+            time = time_field(review, "unixReviewTime", AMAZON_FIELDS)
+            rating = rating_field(review, "overall", AMAZON_FIELDS) if "overall" in review else 1.0
+        except DataError as err:
+            raise DataError(f"{path} line {number}: {err}") from None
+        if rating > 0:
+            yield user, item, time
 
 
 def read_yelp_reviews(path):
     """(user, business, time) per 2019 review of `yelp_academic_dataset_review.json`, in file order.
 
-    The window and the timestamp (the digits of `date` as one integer) are S3-Rec's; repeats are kept.
+    The window and the timestamp (the digits of `date` as one integer) are S3-Rec's; repeats are kept. Every
+    record is checked, in the window or not, as in read_amazon_reviews; `date` must be `YYYY-MM-DD hh:mm:ss`,
+    since the window is a string comparison and the timestamp its digits (a date without time would sort wrong).
     """
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                review = json.loads(line)
-                date = review["date"]
-                if YELP_FIRST <= date <= YELP_LAST and float(review["stars"]) > 0:
-                    yield review["user_id"], review["business_id"], int("".join(c for c in date if c.isdigit()))
+    for number, text in raw_lines(path):
+        try:
+            review = json_record(text, YELP_FIELDS)
+            user, business = text_field(review, "user_id", YELP_FIELDS), text_field(review, "business_id", YELP_FIELDS)
+            date, stars = date_field(review, "date", YELP_FIELDS), rating_field(review, "stars", YELP_FIELDS)
+        except DataError as err:
+            raise DataError(f"{path} line {number}: {err}") from None
+        if YELP_FIRST <= date <= YELP_LAST and stars > 0:
+            yield user, business, int("".join(c for c in date if c.isdigit()))
+
+
+def raw_lines(path):
+    """(line number, text) of each non-blank line of a raw dump, gzip-compressed or not.
+
+    Compression is told by the first two bytes, not the name: the dumps circulate both ways. Decoding line by line
+    lets a byte that is not UTF-8 be reported with its line."""
+    with open(path, "rb") as f:
+        compressed = f.read(2) == b"\x1f\x8b"
+    number = 0
+    try:
+        with (gzip.open if compressed else open)(path, "rb") as f:
+            for number, line in enumerate(f, start=1):
+                try:
+                    text = line.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise DataError(f"{path} line {number}: byte 0x{line[err.start]:02x} at column {err.start + 1} "
+                                    f"is not UTF-8 text") from None
+                if text.strip():
+                    yield number, text
+    except (EOFError, zlib.error, gzip.BadGzipFile) as err:
+        raise DataError(f"{path}: the compressed data ends early or is damaged after line {number} ({err}); "
+                        f"an incomplete download?") from None
+
+
+def json_shown(value):
+    """A field's value as the JSON text it was, shortened: null, true, "soon", 1.5."""
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def json_record(text, fields):
+    try:
+        record = json.loads(text)
+    except ValueError as err:
+        raise DataError(f"not JSON ({err.msg} at column {err.colno})") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{json_shown(record)} is not a review record (a JSON object with {', '.join(fields)})")
+    return record
+
+
+def present(record, key, fields):
+    if key not in record:
+        raise DataError(f"the record has no {key} (a JSON object with {', '.join(fields)})")
+    return record[key]
+
+
+def text_field(record, key, fields):
+    """An id: a non-empty string (a null or a number would silently become a user "None" or mix with "7")."""
+    value = present(record, key, fields)
+    if not isinstance(value, str) or not value:
+        raise DataError(f"{key} is {json_shown(value)}, not a non-empty string")
+    return value
+
+
+def time_field(record, key, fields):
+    """A time in seconds: an integer, or a string of digits as S3-Rec's int() reads; never a fraction or a bool."""
+    value = present(record, key, fields)
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise DataError(f"{key} is {json_shown(value)}, not a whole number of seconds")
+    return value
+
+
+def rating_field(record, key, fields):
+    """A rating: a finite JSON number (NaN would silently fail the rating filter and drop the review)."""
+    value = present(record, key, fields)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise DataError(f"{key} is {json_shown(value)}, not a number")
+    return value
+
+
+def date_field(record, key, fields):
+    value = present(record, key, fields)
+    try:
+        if not isinstance(value, str) or not YELP_DATE.fullmatch(value):
+            raise ValueError
+        datetime.datetime.strptime(value, "%Y-%m-%d %H:%M:%S")              # a real date: no month 13
+    except ValueError:
+        raise DataError(f"{key} is {json_shown(value)}, not a date and time YYYY-MM-DD hh:mm:ss") from None
+    return value
 
 
 def build_sequences(reviews, k=K_CORE):
@@ -300,9 +401,9 @@ def rebuild(name, raw_path, data_dir, log=print):
         raise DataError(f"no such raw file: {raw_path}")
     reader = read_yelp_reviews if name == "yelp" else read_amazon_reviews
     try:
-        sequences = build_sequences(reader(raw_path))
-    except (ValueError, KeyError, EOFError, OSError) as err:
-        raise DataError(f"{raw_path} is not a readable {name} review dump ({type(err).__name__}: {err})") from None
+        sequences = build_sequences(reader(raw_path))                      # a bad record is a DataError already
+    except OSError as err:
+        raise DataError(f"cannot read {raw_path} ({err.strerror or err})") from None
     file_name, expected_sha, _ = BENCHMARKS[name]
     target = os.path.join(data_dir, file_name)
     write_sequences(sequences, target)

@@ -110,9 +110,103 @@ def test_k_core_matches_a_one_at_a_time_removal():
 def test_rebuild_rejects_a_file_that_is_not_a_review_dump(tmp_path):
     raw = tmp_path / "reviews_Beauty_5.json.gz"
     raw.write_bytes(b"not gzip")
-    with pytest.raises(D.DataError, match="not a readable beauty review dump"):
+    with pytest.raises(D.DataError, match=r"reviews_Beauty_5.json.gz line 1: not JSON \(Expecting value at column 1\)$"):
         D.rebuild("beauty", str(raw), str(tmp_path))
     assert not (tmp_path / "Beauty.txt").exists()
+
+
+AMAZON_OK = json.dumps({"reviewerID": "u1", "asin": "a1", "unixReviewTime": 1, "overall": 5.0})
+YELP_OK = json.dumps({"user_id": "u1", "business_id": "b1", "stars": 4.0, "date": "2019-05-01 10:00:00"})
+
+
+def amazon_line(**changes):
+    """An Amazon record with fields changed (a value of ... removes the field)."""
+    record = {"reviewerID": "u1", "asin": "a1", "unixReviewTime": 1, "overall": 5.0, **changes}
+    return json.dumps({k: v for k, v in record.items() if v is not ...})
+
+
+def yelp_line(**changes):
+    record = {"user_id": "u1", "business_id": "b1", "stars": 4.0, "date": "2019-05-01 10:00:00", **changes}
+    return json.dumps({k: v for k, v in record.items() if v is not ...})
+
+
+@pytest.mark.parametrize("name, line, problem", [
+    ("beauty", "[1, 2]", "[1, 2] is not a review record (a JSON object with reviewerID, asin, unixReviewTime)"),
+    ("beauty", "3", "3 is not a review record"),
+    ("beauty", "null", "null is not a review record"),
+    ("beauty", '"text"', '"text" is not a review record'),
+    ("beauty", "{bad", "not JSON"),
+    ("beauty", AMAZON_OK + " x", "not JSON"),
+    ("beauty", amazon_line(reviewerID=...), "the record has no reviewerID (a JSON object with reviewerID, asin"),
+    ("beauty", amazon_line(asin=...), "the record has no asin"),
+    ("beauty", amazon_line(unixReviewTime=...), "the record has no unixReviewTime"),
+    ("beauty", amazon_line(reviewerID=None), "reviewerID is null, not a non-empty string"),
+    ("beauty", amazon_line(reviewerID=7), "reviewerID is 7, not a non-empty string"),
+    ("beauty", amazon_line(reviewerID=""), 'reviewerID is "", not a non-empty string'),
+    ("beauty", amazon_line(asin=None), "asin is null, not a non-empty string"),
+    ("beauty", amazon_line(asin={}), "asin is {}, not a non-empty string"),
+    ("beauty", amazon_line(unixReviewTime=None), "unixReviewTime is null, not a whole number"),
+    ("beauty", amazon_line(unixReviewTime="soon"), 'unixReviewTime is "soon", not a whole number'),
+    ("beauty", amazon_line(unixReviewTime=1.5), "unixReviewTime is 1.5, not a whole number"),
+    ("beauty", amazon_line(unixReviewTime=True), "unixReviewTime is true, not a whole number"),
+    ("beauty", amazon_line(unixReviewTime=[1]), "unixReviewTime is [1], not a whole number"),
+    ("beauty", amazon_line(overall=None), "overall is null, not a number"),
+    ("beauty", amazon_line(overall="great"), 'overall is "great", not a number'),
+    ("beauty", AMAZON_OK.replace("5.0", "NaN"), "overall is NaN, not a number"),
+    ("yelp", "[1]", "[1] is not a review record (a JSON object with user_id, business_id, date, stars)"),
+    ("yelp", "null", "null is not a review record"),
+    ("yelp", "5", "5 is not a review record"),
+    ("yelp", yelp_line(user_id=...), "the record has no user_id"),
+    ("yelp", yelp_line(business_id=...), "the record has no business_id"),
+    ("yelp", yelp_line(date=...), "the record has no date"),
+    ("yelp", yelp_line(stars=...), "the record has no stars"),
+    ("yelp", yelp_line(user_id=None), "user_id is null, not a non-empty string"),
+    ("yelp", yelp_line(business_id=None), "business_id is null, not a non-empty string"),
+    ("yelp", yelp_line(business_id=3), "business_id is 3, not a non-empty string"),
+    ("yelp", yelp_line(date=None), "date is null, not a date and time YYYY-MM-DD hh:mm:ss"),
+    ("yelp", yelp_line(date=20190501), "date is 20190501, not a date and time"),
+    ("yelp", yelp_line(date="yesterday"), 'date is "yesterday", not a date and time'),
+    ("yelp", yelp_line(date="2019-05-01"), 'date is "2019-05-01", not a date and time'),
+    ("yelp", yelp_line(date="2019-13-01 00:00:00"), 'date is "2019-13-01 00:00:00", not a date and time'),
+    ("yelp", yelp_line(date="2019-5-1 1:00:00"), 'date is "2019-5-1 1:00:00", not a date and time'),
+    ("yelp", yelp_line(stars=None), "stars is null, not a number"),
+    ("yelp", yelp_line(stars="4"), 'stars is "4", not a number'),
+])
+def test_a_bad_raw_record_is_one_line_naming_file_line_and_problem(tmp_path, capsys, name, line, problem):
+    """Each once ended in a traceback or, worse, in a rebuilt file (null ids became a user "None")."""
+    good = AMAZON_OK if name == "beauty" else YELP_OK
+    raw = tmp_path / ("reviews_Beauty_5.json.gz" if name == "beauty" else "review.json")
+    content = (good + "\n\n" + line + "\n" + good + "\n").encode()  # the bad record is line 3 (blank lines count)
+    raw.write_bytes(gzip.compress(content) if name == "beauty" else content)
+    code = D.main([name, "--from-raw", str(raw), "--data-dir", str(tmp_path / "data")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"data_prep.py: error: {raw} line 3: ") and err.count("\n") == 1
+    assert problem in err
+    assert not (tmp_path / "data").exists()
+
+
+def test_a_raw_dump_that_is_not_utf8_or_ends_early_is_one_line(tmp_path, capsys):
+    raw = tmp_path / "reviews_Beauty_5.json.gz"
+    raw.write_bytes(gzip.compress((AMAZON_OK + "\n").encode() + b'{"reviewerID": "u\xff"}\n'))
+    assert D.main(["beauty", "--from-raw", str(raw), "--data-dir", str(tmp_path)]) == 2
+    assert f"{raw} line 2: byte 0xff at column 18 is not UTF-8 text" in capsys.readouterr().err
+    raw.write_bytes(gzip.compress(((AMAZON_OK + "\n") * 50).encode())[:-30])
+    assert D.main(["beauty", "--from-raw", str(raw), "--data-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{raw}: the compressed data ends early" in err and "incomplete download" in err
+
+
+def test_compression_is_told_by_the_content_not_the_name(tmp_path):
+    """A plain reviews_*.json (the uncompressed form of the dump) and a gzipped Yelp file both read."""
+    plain, packed = tmp_path / "reviews_Beauty_5.json", tmp_path / "review.json.gz"
+    write_amazon(plain.with_suffix(".gz"), AMAZON)
+    plain.write_bytes(gzip.decompress(plain.with_suffix(".gz").read_bytes()))
+    write_yelp(tmp_path / "y.json", YELP)
+    packed.write_bytes(gzip.compress((tmp_path / "y.json").read_bytes()))
+    assert D.build_sequences(D.read_amazon_reviews(str(plain))) == [
+        [int(i) for i in line.split()[1:]] for line in AMAZON_EXPECTED.splitlines()]
+    assert D.build_sequences(D.read_yelp_reviews(str(packed))) == [
+        [int(i) for i in line.split()[1:]] for line in YELP_EXPECTED.splitlines()]
 
 
 # ----------------------------------------------------------------------------------------------------------------
