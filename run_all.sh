@@ -2,10 +2,16 @@
 # Reproduce the paper on one GPU: every cell of Tables 1-3 and Figure 1, then results/RESULTS.md.
 #
 #   ./run_all.sh                 everything (Table 1: 48 cells, Table 2: 14, Table 3: 10, Figure 1), one seed
-#   ./run_all.sh table2          one table (table1, table2, table3, figure1), or `tune` for the hyperparameter search
+#   ./run_all.sh WHAT            one part: table1, table2, table3, figure1, infonce, caser-none, all (the default),
+#                                or `tune` for the hyperparameter search
+#   ./run_all.sh -h | --help     this help
 #   JOBS=6 ./run_all.sh          cells run at once on the one GPU (default 4)
-#   SEEDS=3 ./run_all.sh         seeds 1..3 of every cell; RESULTS.md then shows mean ± sd
-#   DATASETS=beauty MODELS=sasrec ./run_all.sh table1      narrowed
+#   SEEDS=3 ./run_all.sh         seeds 1..3 of every cell (1 to 20: the report reads those); RESULTS.md then shows
+#                                mean ± sd
+#   DATASETS=beauty MODELS=sasrec ./run_all.sh table1      narrowed: comma-separated, of beauty,toys,sports,yelp
+#                                                           and gru4rec,caser,sasrec
+#   DEVICE=cuda:1 ./run_all.sh   the device every cell trains on (default: uniform_seqrec.py's choice)
+#   OMP_NUM_THREADS=N            CPU threads per cell (default: the CPUs shared among the JOBS)
 #   SLURM_ARRAY_TASK_ID=N ./run_all.sh table1                only the N-th cell of that list (a Slurm array task;
 #                                                            see the README), no report
 #
@@ -14,12 +20,40 @@
 # results/hyperparameters.tsv, the per-cell settings every table reads.
 set -euo pipefail
 cd "$(dirname "$0")"
-what=${1:-all}
-JOBS=${JOBS:-4}
-SEEDS=${SEEDS:-1}
-DATASETS=${DATASETS:-beauty,toys,sports,yelp}
-MODELS=${MODELS:-gru4rec,caser,sasrec}
-DEVICE=${DEVICE:-}
+
+die() { echo "run_all.sh: error: $*" >&2; exit 2; }
+positive() {  # NAME VALUE: VALUE is a whole number >= 1, written plainly (bash reads 08 as a bad octal number)
+  [[ $2 =~ ^[1-9][0-9]*$ ]] || die "$1 must be a positive whole number, not ${2@Q}"
+}
+names() {  # NAME VALUE KNOWN: VALUE is a comma-separated, non-empty list of names from KNOWN
+  local rest=$2, item
+  [ -n "$2" ] || die "$1 is empty (a comma-separated list of $3)"
+  while [ -n "$rest" ]; do
+    item=${rest%%,*}; rest=${rest#*,}
+    [[ ,$3, == *,"$item",* ]] || die "$1: unknown name ${item@Q} in ${2@Q} (known: $3)"
+  done
+}
+
+# Bad input stops here, before anything runs or is written. JOBS, SEEDS, DATASETS or MODELS set but empty is bad
+# input, not the default: `DATASETS=$X` with an empty X must not run every dataset. DEVICE, OMP_NUM_THREADS and
+# SLURM_ARRAY_TASK_ID empty mean unset, as for their other readers.
+case ${1-all} in
+  -h|--help) sed -n '2,/^set -euo/{/^set -euo/d; s/^# \{0,1\}//; p}' "${0##*/}"; exit 0 ;;  # the header
+  table1|table2|table3|figure1|infonce|caser-none|tune|all) what=${1-all} ;;
+  *) die "unknown argument ${1@Q} (one of table1 table2 table3 figure1 infonce caser-none tune all; see --help)" ;;
+esac
+[ $# -le 1 ] || die "one argument at most, got $# ($*)"
+JOBS=${JOBS-4} SEEDS=${SEEDS-1} DEVICE=${DEVICE-}
+DATASETS=${DATASETS-beauty,toys,sports,yelp} MODELS=${MODELS-gru4rec,caser,sasrec}
+positive JOBS "$JOBS"
+positive SEEDS "$SEEDS"
+[ "${#SEEDS}" -le 2 ] && [ "$SEEDS" -le 20 ] || die "SEEDS must be at most 20 (the report reads seeds 1-20), not $SEEDS"
+names DATASETS "$DATASETS" beauty,toys,sports,yelp
+names MODELS "$MODELS" gru4rec,caser,sasrec
+[ -z "${SLURM_ARRAY_TASK_ID:-}" ] || positive SLURM_ARRAY_TASK_ID "$SLURM_ARRAY_TASK_ID"
+# OpenMP would ignore garbage with a warning per process; its rarely used lists ("4,2") are refused too.
+if [ -n "${OMP_NUM_THREADS:-}" ]; then positive OMP_NUM_THREADS "$OMP_NUM_THREADS"; else unset OMP_NUM_THREADS; fi
+
 # Each job gets its share of the CPU threads (data stays on the GPU; the CPU only launches kernels).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 ))}
 mkdir -p runs/logs

@@ -1,0 +1,86 @@
+"""Tests of run_all.sh's input checks and exit status, each on a copy of it in tmp_path with a stand-in `python`
+that records its calls and trains nothing (one test lets the real experiments.py list the cells)."""
+import os
+import shutil
+import subprocess
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CELLS = ["table1/toys/sasrec/bce", "table1/toys/sasrec/bpr", "table1/toys/sasrec/uniform"]
+# The stand-in: each call appends "ARGS OMP=..." to calls.txt; `list` prints CELLS (or runs the real experiments.py
+# when REAL_PYTHON is set); `run` of the bpr cell fails with exit 2 when the file `fail` exists, as does any run
+# with --device nosuch (uniform_seqrec.py refuses an unknown device so).
+STAND_IN = f"""#!/bin/sh
+echo "$* OMP=${{OMP_NUM_THREADS-unset}}" >> calls.txt
+case "$2" in
+  list) if [ -n "${{REAL_PYTHON:-}}" ]; then exec "$REAL_PYTHON" "$@"; fi
+        if [ -f list-fails ]; then echo "experiments.py list: error: bad" >&2; exit 2; fi
+        printf "%s 1\\n" {" ".join(CELLS)} ;;
+  run) case " $* " in *" --device nosuch "*) echo "uniform_seqrec.py: error: bad device" >&2; exit 2;; esac
+       if [ "$3" = {CELLS[1]} ] && [ -f fail ]; then echo "crashed" >&2; exit 2; fi
+       echo "trained $3" ;;
+  *) echo "wrote $2" ;;
+esac
+"""
+
+
+@pytest.fixture
+def run_all(tmp_path):
+    """Run a copy of run_all.sh in tmp_path: run_all(*args, **environment) -> the finished process."""
+    shutil.copy(os.path.join(HERE, "run_all.sh"), tmp_path)
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "python").write_text(STAND_IN)
+    (tmp_path / "bin" / "python").chmod(0o755)
+    base = {k: v for k, v in os.environ.items() if k not in ("JOBS", "SEEDS", "DATASETS", "MODELS", "DEVICE",
+                                                                "SLURM_ARRAY_TASK_ID", "OMP_NUM_THREADS")}
+    base["PATH"] = f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}"
+
+    def run(*args, **environment):
+        return subprocess.run(["bash", str(tmp_path / "run_all.sh"), *args], cwd=tmp_path,
+                              env={**base, **environment}, capture_output=True, text=True, timeout=60)
+    return run
+
+
+def calls(tmp_path):
+    path = tmp_path / "calls.txt"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def assert_refused(done, tmp_path, *words):
+    """Bad input: exit 2, one line on stderr naming the problem, nothing run or written."""
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("run_all.sh: error: "), done.stderr
+    assert all(word in done.stderr for word in words), done.stderr
+    assert not any(" run " in call or "report" in call for call in calls(tmp_path)), calls(tmp_path)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("flag", ["-h", "--help"])
+def test_help_prints_the_usage_and_runs_nothing(run_all, tmp_path, flag):
+    done = run_all(flag)
+    assert done.returncode == 0 and done.stderr == ""
+    for word in ["./run_all.sh WHAT", "table1", "caser-none", "JOBS=", "SEEDS=", "DATASETS=", "DEVICE=",
+                 "SLURM_ARRAY_TASK_ID="]:
+        assert word in done.stdout, word
+    assert "set -euo" not in done.stdout and not done.stdout.startswith("#")
+    assert calls(tmp_path) == [] and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("args", [["nosuch"], [""], ["--bogus"], ["table1", "table2"]])
+def test_an_unknown_or_extra_argument_is_one_line_and_runs_nothing(run_all, tmp_path, args):
+    assert_refused(run_all(*args), tmp_path, "argument")
+    assert calls(tmp_path) == []
+
+
+@pytest.mark.parametrize("name, value", [
+    *[("JOBS", v) for v in ["0", "-1", "abc", "", "1.5", "08", " 2"]],
+    *[("SEEDS", v) for v in ["0", "-1", "", "x", "2.0", "21", "100000000000000000000"]],
+    *[("DATASETS", v) for v in ["nosuch", "", ",", "beauty,,toys", "beauty,", "beauty, toys", "Beauty", "beauty\ntoys"]],
+    *[("MODELS", v) for v in ["nosuch", "", "sasrec,", "gru4rec;caser"]],
+    *[("SLURM_ARRAY_TASK_ID", v) for v in ["0", "abc", "-1", "1.5", "01"]],
+    *[("OMP_NUM_THREADS", v) for v in ["abc", "0", "-2", "1.5"]],
+])
+def test_a_bad_variable_is_one_line_naming_it_and_runs_nothing(run_all, tmp_path, name, value):
+    assert_refused(run_all("table1", **{name: value}), tmp_path, name)
+    assert calls(tmp_path) == []                                             # refused before even listing
