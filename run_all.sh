@@ -5,7 +5,7 @@
 #   ./run_all.sh WHAT            one part: table1, table2, table3, figure1, infonce, caser-none, all (the default),
 #                                or `tune` for the hyperparameter search
 #   ./run_all.sh -h | --help     this help
-#   JOBS=6 ./run_all.sh          cells run at once on the one GPU (default 4)
+#   JOBS=6 ./run_all.sh          cells run at once on the one GPU (default 4; more than there are cells is capped)
 #   SEEDS=3 ./run_all.sh         seeds 1..3 of every cell (1 to 20: the report reads those); RESULTS.md then shows
 #                                mean ± sd
 #   DATASETS=beauty MODELS=sasrec ./run_all.sh table1      narrowed: comma-separated, of beauty,toys,sports,yelp
@@ -18,6 +18,8 @@
 # Resumable: a finished cell is skipped, an interrupted one resumes from its last epoch; just run it again.
 # Logs: runs/logs/<cell>-seed<seed>.log. `tune` ends with `python experiments.py choose`, which rewrites
 # results/hyperparameters.tsv, the per-cell settings every table reads.
+# Exit status: 0 when every cell succeeded, 1 when some failed (the report still records the others), 2 for bad
+# input (one line on stderr, nothing run).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -54,39 +56,57 @@ names MODELS "$MODELS" gru4rec,caser,sasrec
 # OpenMP would ignore garbage with a warning per process; its rarely used lists ("4,2") are refused too.
 if [ -n "${OMP_NUM_THREADS:-}" ]; then positive OMP_NUM_THREADS "$OMP_NUM_THREADS"; else unset OMP_NUM_THREADS; fi
 
+# The list (one "cell seed" a line); experiments.py's own one-line error stops the script here (set -e).
+list=$(python experiments.py list "$what" --datasets "$DATASETS" --models "$MODELS" --seeds "$SEEDS")
+[ -n "$list" ] || die "nothing to run: the list of '$what' is empty with DATASETS=$DATASETS MODELS=$MODELS" \
+                      "(\`python experiments.py list all\` prints every cell)"
+count=$(wc -l <<< "$list")
+if [ "${#JOBS}" -gt 9 ] || [ "$JOBS" -gt "$count" ]; then JOBS=$count; fi  # xargs refuses a -P over 2^31
 # Each job gets its share of the CPU threads (data stays on the GPU; the CPU only launches kernels).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 ))}
 mkdir -p runs/logs
 
 run_cell() {  # cell seed; returns the cell's exit status (experiments.py: 0 also when another process has it)
-  local log="runs/logs/$(echo "$1" | tr '/,=' '_.-')-seed$2.log"
-  if python experiments.py run "$1" --seed "$2" ${DEVICE:+--device "$DEVICE"} >> "$log" 2>&1; then
+  local log status=0
+  log="runs/logs/$(echo "$1" | tr '/,=' '_.-')-seed$2.log"
+  python experiments.py run "$1" --seed "$2" ${DEVICE:+--device "$DEVICE"} >> "$log" 2>&1 || status=$?
+  if [ "$status" = 0 ]; then
     echo "done    $1 seed $2"
   else
-    echo "FAILED  $1 seed $2 (see $log)"
-    return 1
+    echo "FAILED  $1 seed $2 (exit $status, see $log)"
+    echo "$1 seed $2" >> "${FAILURES:-/dev/null}"
   fi
+  return "$status"
 }
 export -f run_cell
 export DEVICE
 
 if [ -n "${SLURM_ARRAY_TASK_ID:-}" ]; then  # one array task: the cell on line SLURM_ARRAY_TASK_ID of the list
-  cell=$(python experiments.py list "$what" --datasets "$DATASETS" --models "$MODELS" --seeds "$SEEDS" |
-         sed -n "${SLURM_ARRAY_TASK_ID}p")
+  cell=$(sed -n "${SLURM_ARRAY_TASK_ID}p" <<< "$list")
   if [ -z "$cell" ]; then
-    echo "task $SLURM_ARRAY_TASK_ID: the list of '$what' is shorter; nothing to do"
+    echo "task $SLURM_ARRAY_TASK_ID: the list of '$what' is shorter; nothing to do (it has $count cells)"
     exit 0
   fi
-  run_cell $cell
-  exit
+  run_cell $cell || exit  # ($cell is "cell seed": two arguments) the task's exit status is the cell's
+  exit 0
 fi
 
-python experiments.py list "$what" --datasets "$DATASETS" --models "$MODELS" --seeds "$SEEDS" |
-  xargs -P "$JOBS" -L 1 bash -c 'run_cell "$0" "$1" || true'
+# Every cell is tried even when some fail (`|| true`: xargs would stop at a cell's exit 255); the failures are
+# counted from the file run_cell appends to, after the report, so that the finished cells are recorded all the same.
+export FAILURES
+FAILURES=$(mktemp)
+trap 'rm -f "$FAILURES"' EXIT
+xargs -P "$JOBS" -L 1 bash -c 'run_cell "$0" "$1" || true' <<< "$list"
 
 if [ "$what" = tune ]; then
   python experiments.py choose
 else
   python experiments.py report
-  if [ "$what" = figure1 ] || [ "$what" = all ]; then python experiments.py figure1 || true; fi
+  if [ "$what" = figure1 ] || [ "$what" = all ]; then python experiments.py figure1 || true; fi  # matplotlib: optional
 fi
+failed=$(wc -l < "$FAILURES")
+if [ "$failed" -gt 0 ]; then
+  echo "run_all.sh: $failed of $count cells FAILED (their FAILED lines above name their logs)" >&2
+  exit 1
+fi
+echo "all $count cells done"

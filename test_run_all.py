@@ -3,6 +3,7 @@ that records its calls and trains nothing (one test lets the real experiments.py
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -61,7 +62,7 @@ def test_help_prints_the_usage_and_runs_nothing(run_all, tmp_path, flag):
     done = run_all(flag)
     assert done.returncode == 0 and done.stderr == ""
     for word in ["./run_all.sh WHAT", "table1", "caser-none", "JOBS=", "SEEDS=", "DATASETS=", "DEVICE=",
-                 "SLURM_ARRAY_TASK_ID="]:
+                 "SLURM_ARRAY_TASK_ID=", "Exit status"]:
         assert word in done.stdout, word
     assert "set -euo" not in done.stdout and not done.stdout.startswith("#")
     assert calls(tmp_path) == [] and not (tmp_path / "runs").exists()
@@ -84,3 +85,75 @@ def test_an_unknown_or_extra_argument_is_one_line_and_runs_nothing(run_all, tmp_
 def test_a_bad_variable_is_one_line_naming_it_and_runs_nothing(run_all, tmp_path, name, value):
     assert_refused(run_all("table1", **{name: value}), tmp_path, name)
     assert calls(tmp_path) == []                                             # refused before even listing
+
+
+def test_a_failing_list_stops_before_any_cell_or_the_report(run_all, tmp_path):
+    (tmp_path / "list-fails").touch()
+    done = run_all("table1")
+    assert done.returncode == 2 and done.stderr == "experiments.py list: error: bad\n"
+    assert [call.split()[1] for call in calls(tmp_path)] == ["list"]
+
+
+def test_failed_cells_fail_the_run_after_every_cell_and_the_report(run_all, tmp_path):
+    (tmp_path / "fail").touch()
+    done = run_all("table1", JOBS="2")
+    assert done.returncode == 1, done.stderr
+    assert sorted(done.stdout.splitlines()[:3]) == [
+        f"FAILED  {CELLS[1]} seed 1 (exit 2, see runs/logs/table1_toys_sasrec_bpr-seed1.log)",
+        f"done    {CELLS[0]} seed 1", f"done    {CELLS[2]} seed 1"]
+    assert done.stderr == "run_all.sh: 1 of 3 cells FAILED (their FAILED lines above name their logs)\n"
+    assert [call.split()[1] for call in calls(tmp_path)] == ["list", "run", "run", "run", "report"]
+    (tmp_path / "fail").unlink()
+    done = run_all("table1")
+    assert done.returncode == 0 and done.stdout.splitlines()[-1] == "all 3 cells done" and done.stderr == ""
+
+
+def test_a_slurm_task_exits_with_its_cells_status(run_all, tmp_path):
+    (tmp_path / "fail").touch()
+    assert run_all("table1", SLURM_ARRAY_TASK_ID="2").returncode == 2           # the cell's own status
+    assert run_all("table1", SLURM_ARRAY_TASK_ID="1").returncode == 0
+    past = run_all("table1", SLURM_ARRAY_TASK_ID="99999999999999999999")        # past the end: nothing to do
+    assert past.returncode == 0 and "is shorter; nothing to do (it has 3 cells)" in past.stdout
+    assert not any("report" in call for call in calls(tmp_path))
+    everything = run_all("table1", SLURM_ARRAY_TASK_ID="")                       # empty: not an array task
+    assert everything.returncode == 1 and "report" in calls(tmp_path)[-1]
+
+
+def test_the_device_goes_to_every_cell_and_a_refused_one_counts_as_failed(run_all, tmp_path):
+    done = run_all("table1", DEVICE="nosuch")
+    assert done.returncode == 1 and "3 of 3 cells FAILED" in done.stderr
+    runs = [call for call in calls(tmp_path) if " run " in call]
+    assert len(runs) == 3 and all("--device nosuch" in call for call in runs)
+    assert run_all("table1", DEVICE="nosuch", SLURM_ARRAY_TASK_ID="1").returncode == 2
+    (tmp_path / "calls.txt").unlink()
+    assert run_all("table1", DEVICE="").returncode == 0                          # empty: uniform_seqrec.py's choice
+    assert not any("--device" in call for call in calls(tmp_path))
+
+
+def test_jobs_past_the_cells_are_capped_and_share_the_threads(run_all, tmp_path):
+    done = run_all("table1", JOBS="99999999999999999999")
+    assert done.returncode == 0, done.stderr
+    threads = max(1, len(os.sched_getaffinity(0)) // 3)                      # nproc's CPUs shared by the 3 cells
+    runs = [call for call in calls(tmp_path) if " run " in call]
+    assert len(runs) == 3 and all(call.endswith(f"OMP={threads}") for call in runs), runs
+
+
+def test_an_empty_omp_num_threads_means_unset(run_all, tmp_path):
+    assert run_all("table1", OMP_NUM_THREADS="", JOBS="1").returncode == 0
+    listing, *runs = calls(tmp_path)[:4]
+    assert listing.endswith("OMP=unset")                                     # OpenMP warns about an empty one
+    assert all(call.endswith(f"OMP={len(os.sched_getaffinity(0))}") for call in runs), runs
+    (tmp_path / "calls.txt").unlink()
+    assert run_all("table1", OMP_NUM_THREADS="3").returncode == 0
+    assert all(call.endswith("OMP=3") for call in calls(tmp_path))
+
+
+@pytest.mark.parametrize("what, environment", [("table2", {"MODELS": "gru4rec"}), ("table3", {"DATASETS": "sports"}),
+                                               ("figure1", {"DATASETS": "toys", "MODELS": "sasrec"})])
+def test_a_narrowing_that_selects_nothing_is_one_line(run_all, tmp_path, what, environment):
+    """With the real experiments.py list: an empty list says which narrowing emptied it, and runs nothing."""
+    for name in ["experiments.py", "uniform_seqrec.py", "data_prep.py"]:
+        shutil.copy(os.path.join(HERE, name), tmp_path)
+    done = run_all(what, REAL_PYTHON=sys.executable, **environment)
+    assert_refused(done, tmp_path, "nothing to run", f"'{what}' is empty",  # no report: RESULTS.md untouched
+                   *[f"{name}={value}" for name, value in environment.items()])
