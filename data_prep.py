@@ -4,6 +4,8 @@
     python data_prep.py all                    the four of them
     python data_prep.py beauty --from-raw reviews_Beauty_5.json.gz
     python data_prep.py yelp --from-raw yelp_academic_dataset_review.json
+                                               a rebuild is named Beauty.txt etc. only when it matches the
+                                               published checksum, else Beauty.rebuilt.txt (--data PATH trains on it)
     python data_prep.py --stats data/Beauty.txt
 
 The files are the S3-Rec ones (docs/datasets.md): 5-core, chronological, ids from 1 (0 is padding).
@@ -203,6 +205,42 @@ def sha256_of(path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Landing files in the data folder: a verified file is never replaced by anything else, and nothing is half-written
+# ---------------------------------------------------------------------------------------------------------------
+
+def rebuilt_path(name, data_dir):
+    """Where a rebuild that differs from the published file lands: beside it, e.g. Beauty.rebuilt.txt, so that the
+    benchmark's own name always means the published file (the trainer's --data beauty and users take it so)."""
+    stem, extension = os.path.splitext(BENCHMARKS[name][0])
+    return os.path.join(data_dir, f"{stem}.rebuilt{extension}")
+
+
+def verified_present(target, expected_sha):
+    """True when `target` is present with the published checksum, False when absent; DataError when something else
+    is there: it may be someone's own file, and replacing it would lose it."""
+    if not os.path.lexists(target):
+        return False
+    if os.path.isfile(target) and sha256_of(target) == expected_sha:
+        return True
+    what = "is present but is not the published file (its SHA-256 differs)" if os.path.isfile(target) else \
+        "is present but is not a file"
+    raise DataError(f"{target} {what}; nothing was replaced: move it away (or train on it with --data {target}) "
+                    f"and run again")
+
+
+def new_partial(data_dir, file_name):
+    """A new hidden `.<file_name>.<random>.part` in `data_dir` open for writing, and its path; renamed over the real
+    name only once complete and checked, so an interruption never leaves a half-written file under that name."""
+    handle, partial = tempfile.mkstemp(prefix=f".{file_name}.", suffix=".part", dir=data_dir)
+    return os.fdopen(handle, "wb"), partial
+
+
+def remove_partial(partial):
+    if os.path.exists(partial):
+        os.remove(partial)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Downloading the published files
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -210,14 +248,14 @@ def download(name, data_dir, base_url=DOWNLOAD_URL, log=print):
     """Fetch one benchmark file, check its SHA-256, and only then move it into place. Returns its path."""
     file_name, expected_sha, _ = BENCHMARKS[name]
     target = os.path.join(data_dir, file_name)
-    if os.path.isfile(target) and sha256_of(target) == expected_sha:
+    if verified_present(target, expected_sha):
         log(f"{target}: present, checksum ok")
         return target
     os.makedirs(data_dir, exist_ok=True)
     url = base_url.rstrip("/") + "/" + file_name
-    handle, partial = tempfile.mkstemp(prefix=f".{file_name}.", suffix=".part", dir=data_dir)
+    out, partial = new_partial(data_dir, file_name)
     try:
-        with os.fdopen(handle, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
+        with out, urllib.request.urlopen(url, timeout=60) as response:
             total = int(response.headers.get("Content-Length") or 0)
             received = 0
             for block in iter(lambda: response.read(1 << 16), b""):
@@ -234,8 +272,7 @@ def download(name, data_dir, base_url=DOWNLOAD_URL, log=print):
     except OSError as err:  # URLError and HTTPError are OSErrors
         raise DataError(f"download of {url} failed ({getattr(err, 'reason', err)}); nothing was written") from None
     finally:
-        if os.path.exists(partial):
-            os.remove(partial)
+        remove_partial(partial)
     log(f"{target}: downloaded, checksum ok")
     return target
 
@@ -384,33 +421,54 @@ def build_sequences(reviews, k=K_CORE):
     return [[new_id.setdefault(i, len(new_id) + 1) for i in s] for s in sequences]
 
 
-def write_sequences(sequences, path):
-    """Write `uid iid ...` lines, uid = line number, LF endings, final newline; atomically."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, partial = tempfile.mkstemp(prefix=".rebuild.", suffix=".part", dir=directory)
-    with os.fdopen(handle, "w", newline="\n") as f:
-        for user, items in enumerate(sequences, start=1):
-            f.write(" ".join(map(str, [user, *items])) + "\n")
-    os.replace(partial, path)
+def write_sequences(sequences, out):
+    """Write `uid iid ...` lines to binary file `out`: uid = line number, LF endings, final newline."""
+    for user, items in enumerate(sequences, start=1):
+        out.write((" ".join(map(str, [user, *items])) + "\n").encode("ascii"))
 
 
 def rebuild(name, raw_path, data_dir, log=print):
-    """Rebuild a benchmark file from its raw dump; report whether it matches the published checksum."""
+    """Rebuild a benchmark file from its raw dump; True when it matches the published checksum.
+
+    One that matches lands as the benchmark's file (e.g. Beauty.txt); one that differs lands beside it as
+    rebuilt_path() says (replacing an earlier rebuild there), never under the benchmark's name, and the log line
+    says how to train on it. A dump that leaves no user, or a file present under the benchmark's name that is not
+    the published one, is a DataError, and nothing is written.
+    """
     if not os.path.isfile(raw_path):
         raise DataError(f"no such raw file: {raw_path}")
     reader = read_yelp_reviews if name == "yelp" else read_amazon_reviews
     try:
-        sequences = build_sequences(reader(raw_path))                      # a bad record is a DataError already
+        reviews = list(reader(raw_path))                                   # a bad record is a DataError already
     except OSError as err:
         raise DataError(f"cannot read {raw_path} ({err.strerror or err})") from None
+    if not reviews:
+        raise DataError(f"{raw_path} holds no reviews{' from 2019' if name == 'yelp' else ''}; nothing was written")
+    sequences = build_sequences(reviews)
+    if not sequences:
+        raise DataError(f"{raw_path}: no user is left after the {K_CORE}-core ({len(reviews)} reviews); "
+                        f"nothing was written")
     file_name, expected_sha, _ = BENCHMARKS[name]
     target = os.path.join(data_dir, file_name)
-    write_sequences(sequences, target)
-    matches = sha256_of(target) == expected_sha
-    log(f"{target}: rebuilt, {len(sequences)} users; "
-        + ("matches the published checksum" if matches else "DIFFERS from the published checksum"))
-    return matches
+    os.makedirs(data_dir, exist_ok=True)
+    out, partial = new_partial(data_dir, file_name)
+    try:
+        with out:
+            write_sequences(sequences, out)
+        if sha256_of(partial) != expected_sha:
+            landed = rebuilt_path(name, data_dir)
+            os.replace(partial, landed)
+            log(f"{landed}: rebuilt, {len(sequences)} users; DIFFERS from the published checksum, so it is not named "
+                f"{file_name}; train on it with --data {landed}")
+            return False
+        if verified_present(target, expected_sha):
+            log(f"{target}: rebuilt, {len(sequences)} users; matches the published checksum, as does the file present")
+        else:
+            os.replace(partial, target)
+            log(f"{target}: rebuilt, {len(sequences)} users; matches the published checksum")
+        return True
+    finally:
+        remove_partial(partial)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Tests of data_prep.py: rebuilding from raw dumps (expected files worked out by hand), downloading with
 checksum verification (from a local file:// URL), and the statistics of the four published files."""
 import gzip
+import hashlib
 import json
 import os
 import shutil
@@ -71,7 +72,7 @@ def test_amazon_rebuild_ties_sort_and_cascading_k_core(tmp_path, capsys):
     raw = tmp_path / "reviews_Beauty_5.json.gz"
     write_amazon(raw, AMAZON)
     matches = D.rebuild("beauty", str(raw), str(tmp_path / "data"))
-    assert (tmp_path / "data" / "Beauty.txt").read_bytes() == AMAZON_EXPECTED.encode()
+    assert (tmp_path / "data" / "Beauty.rebuilt.txt").read_bytes() == AMAZON_EXPECTED.encode()
     assert matches is False and "DIFFERS from the published checksum" in capsys.readouterr().out
 
 
@@ -79,7 +80,85 @@ def test_yelp_rebuild_window_repeats_and_ties(tmp_path):
     raw = tmp_path / "yelp_academic_dataset_review.json"
     write_yelp(raw, YELP)
     D.rebuild("yelp", str(raw), str(tmp_path))
-    assert (tmp_path / "Yelp.txt").read_bytes() == YELP_EXPECTED.encode()
+    assert (tmp_path / "Yelp.rebuilt.txt").read_bytes() == YELP_EXPECTED.encode()
+
+
+def publish(monkeypatch, name, content):
+    """Make `content` the published file of benchmark `name` (its checksum), as if it had been downloaded."""
+    file_name, _, raw = D.BENCHMARKS[name]
+    monkeypatch.setitem(D.BENCHMARKS, name, (file_name, hashlib.sha256(content.encode()).hexdigest(), raw))
+
+
+VERIFIED = "1 1 2 3 4 5\n2 1 2 3 4 5\n"
+
+
+@pytest.mark.parametrize("verified_present", [True, False])
+def test_a_rebuild_that_differs_never_takes_the_benchmark_name(tmp_path, capsys, monkeypatch, verified_present):
+    """It once replaced a verified Beauty.txt (Yelp.txt, which cannot be downloaded again, was lost so); with no file
+    present it would pass for the published file with the trainer and with users."""
+    publish(monkeypatch, "beauty", VERIFIED)
+    data = tmp_path / "data"
+    if verified_present:
+        data.mkdir()
+        (data / "Beauty.txt").write_text(VERIFIED)
+    raw = tmp_path / "reviews_Beauty_5.json.gz"
+    write_amazon(raw, AMAZON)
+    assert D.main(["beauty", "--from-raw", str(raw), "--data-dir", str(data)]) == 1
+    rebuilt = data / "Beauty.rebuilt.txt"
+    assert rebuilt.read_bytes() == AMAZON_EXPECTED.encode()
+    assert sorted(os.listdir(data)) == (["Beauty.rebuilt.txt", "Beauty.txt"] if verified_present else
+                                        ["Beauty.rebuilt.txt"])
+    if verified_present:
+        assert (data / "Beauty.txt").read_text() == VERIFIED
+    out = capsys.readouterr().out
+    assert f"{rebuilt}: rebuilt, 5 users; DIFFERS from the published checksum, so it is not named Beauty.txt" in out
+    assert f"train on it with --data {rebuilt}" in out
+
+
+def test_a_rebuild_that_matches_lands_as_the_benchmark_file(tmp_path, capsys, monkeypatch):
+    publish(monkeypatch, "beauty", AMAZON_EXPECTED)
+    raw, data = tmp_path / "reviews_Beauty_5.json.gz", tmp_path / "data"
+    write_amazon(raw, AMAZON)
+    assert D.main(["beauty", "--from-raw", str(raw), "--data-dir", str(data)]) == 0
+    assert os.listdir(data) == ["Beauty.txt"] and (data / "Beauty.txt").read_text() == AMAZON_EXPECTED
+    assert f"{data / 'Beauty.txt'}: rebuilt, 5 users; matches the published checksum" in capsys.readouterr().out
+    assert D.main(["beauty", "--from-raw", str(raw), "--data-dir", str(data)]) == 0  # again: nothing changes
+    assert os.listdir(data) == ["Beauty.txt"] and "as does the file present" in capsys.readouterr().out
+
+
+def test_a_file_present_that_is_not_the_published_one_is_never_replaced(tmp_path, capsys, monkeypatch):
+    """Someone's own Beauty.txt (an older rebuild, an edit) is theirs: neither a matching rebuild nor a download
+    replaces it silently; the line says what to do."""
+    publish(monkeypatch, "beauty", AMAZON_EXPECTED)
+    raw, data = tmp_path / "reviews_Beauty_5.json.gz", tmp_path / "data"
+    write_amazon(raw, AMAZON)
+    data.mkdir()
+    (data / "Beauty.txt").write_text(VERIFIED)
+    (tmp_path / "mirror").mkdir()
+    (tmp_path / "mirror" / "Beauty.txt").write_text(AMAZON_EXPECTED)
+    for command in (["--from-raw", str(raw)], ["--url", (tmp_path / "mirror").as_uri()]):
+        assert D.main(["beauty", *command, "--data-dir", str(data)]) == 2
+        err = capsys.readouterr().err
+        assert err == (f"data_prep.py: error: {data / 'Beauty.txt'} is present but is not the published file "
+                       f"(its SHA-256 differs); nothing was replaced: move it away (or train on it with --data "
+                       f"{data / 'Beauty.txt'}) and run again\n")
+        assert os.listdir(data) == ["Beauty.txt"] and (data / "Beauty.txt").read_text() == VERIFIED
+
+
+@pytest.mark.parametrize("records, problem", [
+    ([], " holds no reviews; nothing was written"),
+    ([("u1", "a", 1), ("u1", "b", 2)], ": no user is left after the 5-core (2 reviews); nothing was written"),
+])
+def test_a_dump_that_gives_no_users_writes_nothing(tmp_path, capsys, monkeypatch, records, problem):
+    """An empty but valid dump once left a 0-byte Beauty.txt in place of the verified one."""
+    publish(monkeypatch, "beauty", VERIFIED)
+    raw, data = tmp_path / "reviews_Beauty_5.json.gz", tmp_path / "data"
+    write_amazon(raw, records)
+    data.mkdir()
+    (data / "Beauty.txt").write_text(VERIFIED)
+    assert D.main(["beauty", "--from-raw", str(raw), "--data-dir", str(data)]) == 2
+    assert capsys.readouterr().err == f"data_prep.py: error: {raw}{problem}\n"
+    assert os.listdir(data) == ["Beauty.txt"] and (data / "Beauty.txt").read_text() == VERIFIED
 
 
 def test_k_core_matches_a_one_at_a_time_removal():
