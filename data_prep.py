@@ -21,9 +21,9 @@ import json
 import math
 import os
 import re
+import secrets
 import statistics
 import sys
-import tempfile
 import urllib.request
 import zlib
 from collections import Counter
@@ -228,10 +228,34 @@ def verified_present(target, expected_sha):
                     f"and run again")
 
 
+def check_data_dir(data_dir):
+    """DataError when `data_dir` cannot be the data folder: an empty name, or a file. Creates nothing, so that a
+    rebuild can check before it spends minutes reading a dump."""
+    if not data_dir:
+        raise DataError("the data folder's name is empty (--data-dir '')")
+    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise DataError(f"the data folder {data_dir} is a file, not a folder")
+
+
+def make_data_dir(data_dir):
+    check_data_dir(data_dir)
+    try:
+        os.makedirs(data_dir, exist_ok=True)
+    except OSError as err:
+        raise DataError(f"cannot make the data folder {data_dir} ({err.strerror or err})") from None
+
+
 def new_partial(data_dir, file_name):
     """A new hidden `.<file_name>.<random>.part` in `data_dir` open for writing, and its path; renamed over the real
-    name only once complete and checked, so an interruption never leaves a half-written file under that name."""
-    handle, partial = tempfile.mkstemp(prefix=f".{file_name}.", suffix=".part", dir=data_dir)
+    name only once complete and checked, so an interruption never leaves a half-written file under that name.
+
+    Created as open() creates files (0666 less the umask, usually 0644): tempfile.mkstemp's 0600 made the data
+    files unreadable to anyone else sharing the folder."""
+    partial = os.path.join(data_dir, f".{file_name}.{secrets.token_hex(8)}.part")
+    try:
+        handle = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    except OSError as err:
+        raise DataError(f"cannot write into the data folder {data_dir} ({err.strerror or err})") from None
     return os.fdopen(handle, "wb"), partial
 
 
@@ -248,10 +272,11 @@ def download(name, data_dir, base_url=DOWNLOAD_URL, log=print):
     """Fetch one benchmark file, check its SHA-256, and only then move it into place. Returns its path."""
     file_name, expected_sha, _ = BENCHMARKS[name]
     target = os.path.join(data_dir, file_name)
+    check_data_dir(data_dir)
     if verified_present(target, expected_sha):
         log(f"{target}: present, checksum ok")
         return target
-    os.makedirs(data_dir, exist_ok=True)
+    make_data_dir(data_dir)
     url = base_url.rstrip("/") + "/" + file_name
     out, partial = new_partial(data_dir, file_name)
     try:
@@ -437,6 +462,7 @@ def rebuild(name, raw_path, data_dir, log=print):
     """
     if not os.path.isfile(raw_path):
         raise DataError(f"no such raw file: {raw_path}")
+    check_data_dir(data_dir)
     reader = read_yelp_reviews if name == "yelp" else read_amazon_reviews
     try:
         reviews = list(reader(raw_path))                                   # a bad record is a DataError already
@@ -450,7 +476,7 @@ def rebuild(name, raw_path, data_dir, log=print):
                         f"nothing was written")
     file_name, expected_sha, _ = BENCHMARKS[name]
     target = os.path.join(data_dir, file_name)
-    os.makedirs(data_dir, exist_ok=True)
+    make_data_dir(data_dir)
     out, partial = new_partial(data_dir, file_name)
     try:
         with out:

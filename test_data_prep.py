@@ -288,6 +288,62 @@ def test_compression_is_told_by_the_content_not_the_name(tmp_path):
         [int(i) for i in line.split()[1:]] for line in YELP_EXPECTED.splitlines()]
 
 
+@pytest.fixture
+def sources(tmp_path, monkeypatch):
+    """A mirror folder holding a 'published' Beauty.txt and a raw dump that rebuilds it; no real data needed."""
+    publish(monkeypatch, "beauty", AMAZON_EXPECTED)
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    (mirror / "Beauty.txt").write_text(AMAZON_EXPECTED)
+    write_amazon(tmp_path / "reviews_Beauty_5.json.gz", AMAZON)
+    return {"--url": mirror.as_uri(), "--from-raw": str(tmp_path / "reviews_Beauty_5.json.gz")}
+
+
+@pytest.mark.parametrize("flag", ["--url", "--from-raw"])
+@pytest.mark.parametrize("case", ["a file", "under a file", "empty", "variable names a file", "read-only"])
+def test_a_data_folder_that_cannot_be_used_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch, sources,
+                                                                         flag, case):
+    """Each ended in a traceback (FileExistsError, NotADirectoryError, FileNotFoundError: '', PermissionError)."""
+    (tmp_path / "file").write_text("mine\n")
+    folder = {"a file": tmp_path / "file", "under a file": tmp_path / "file" / "sub", "empty": "",
+              "variable names a file": tmp_path / "file", "read-only": tmp_path / "read-only"}[case]
+    expected = {"a file": f"the data folder {folder} is a file, not a folder",
+                "under a file": f"cannot make the data folder {folder} (Not a directory)",
+                "empty": "the data folder's name is empty (--data-dir '')",
+                "variable names a file": f"the data folder {folder} is a file, not a folder",
+                "read-only": f"cannot write into the data folder {folder} (Permission denied)"}[case]
+    if case == "read-only":
+        if os.geteuid() == 0:
+            pytest.skip("root writes into a read-only folder")
+        folder.mkdir()
+        folder.chmod(0o555)
+    if case == "variable names a file":
+        monkeypatch.setenv(D.DATA_DIR_VARIABLE, str(folder))
+        command = ["beauty", flag, sources[flag]]
+    else:
+        command = ["beauty", flag, sources[flag], "--data-dir", str(folder)]
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    try:
+        assert D.main(command) == 2
+    finally:
+        if case == "read-only":
+            folder.chmod(0o755)
+    assert capsys.readouterr().err == f"data_prep.py: error: {expected}\n"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before and (tmp_path / "file").read_text() == "mine\n"
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+@pytest.mark.parametrize("flag", ["--url", "--from-raw"])
+def test_written_files_get_the_permissions_the_umask_gives(tmp_path, sources, flag, umask, mode):
+    """Downloads and rebuilds were 0600 whatever the umask (tempfile.mkstemp), unreadable to a group's trainer."""
+    old = os.umask(umask)
+    try:
+        assert D.main(["beauty", flag, sources[flag], "--data-dir", str(tmp_path / "data")]) == 0
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "data" / "Beauty.txt").st_mode & 0o777 == mode
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Downloading, against a local file:// URL
 # ----------------------------------------------------------------------------------------------------------------
