@@ -17,6 +17,7 @@ import codecs
 import datetime
 import gzip
 import hashlib
+import http.client
 import json
 import math
 import os
@@ -24,6 +25,8 @@ import re
 import secrets
 import statistics
 import sys
+import urllib.error
+import urllib.parse
 import urllib.request
 import zlib
 from collections import Counter
@@ -269,37 +272,124 @@ def remove_partial(partial):
 # ---------------------------------------------------------------------------------------------------------------
 
 def download(name, data_dir, base_url=DOWNLOAD_URL, log=print):
-    """Fetch one benchmark file, check its SHA-256, and only then move it into place. Returns its path."""
+    """Fetch one benchmark file, check its SHA-256, and only then move it into place. Returns its path.
+
+    `base_url` is an http(s) URL or a local folder holding the files (a path or a file:// URL)."""
     file_name, expected_sha, _ = BENCHMARKS[name]
     target = os.path.join(data_dir, file_name)
     check_data_dir(data_dir)
+    kind, where = source_of(base_url)
     if verified_present(target, expected_sha):
         log(f"{target}: present, checksum ok")
         return target
+    if kind == "folder" and not os.path.isdir(where):
+        raise DataError(f"--url {base_url}: no such folder (give an http(s):// URL, or a local folder holding the "
+                        f"files)")
     make_data_dir(data_dir)
-    url = base_url.rstrip("/") + "/" + file_name
     out, partial = new_partial(data_dir, file_name)
     try:
-        with out, urllib.request.urlopen(url, timeout=60) as response:
-            total = int(response.headers.get("Content-Length") or 0)
-            received = 0
-            for block in iter(lambda: response.read(1 << 16), b""):
-                out.write(block)
-                received += len(block)
-                shown = f"{received / 1024:,.0f} of {total / 1024:,.0f} KiB" if total else f"{received / 1024:,.0f} KiB"
-                print(f"\r{file_name}: {shown}", end="", file=sys.stderr, flush=True)
-        print(file=sys.stderr)
+        try:
+            with out:
+                source = (copy_file if kind == "folder" else copy_url)(where, file_name, out, data_dir)
+        except OSError as err:                                               # closing writes the last buffered block
+            raise write_error(data_dir, err) from None
         actual_sha = sha256_of(partial)
         if actual_sha != expected_sha:
-            raise DataError(f"{url}: checksum mismatch (got {actual_sha[:16]}..., expected {expected_sha[:16]}...); "
+            raise DataError(f"{source}: checksum mismatch (got {actual_sha[:16]}..., expected {expected_sha[:16]}...); "
                             f"nothing was written")
         os.replace(partial, target)
-    except OSError as err:  # URLError and HTTPError are OSErrors
-        raise DataError(f"download of {url} failed ({getattr(err, 'reason', err)}); nothing was written") from None
     finally:
         remove_partial(partial)
     log(f"{target}: downloaded, checksum ok")
     return target
+
+
+def source_of(base_url):
+    """('web', URL) for an http(s) URL; ('folder', path) for a local folder, given as a path or a file:// URL (the
+    remedy on a machine without network); DataError for anything else: an empty URL, another scheme, a bad port."""
+    if not base_url.strip():
+        raise DataError("--url is empty; give an http(s):// URL, or a local folder holding the files")
+    if any(ord(c) < 32 or ord(c) == 127 for c in base_url):                  # a newline would split the error line
+        raise DataError(f"--url {base_url!r} contains a control character")
+    if os.path.isdir(base_url):
+        return "folder", base_url                                           # even one whose name looks like a URL
+    try:
+        parts = urllib.parse.urlsplit(base_url)
+        parts.port                                                          # a bad port is a ValueError only here
+    except ValueError as err:
+        raise DataError(f"--url {base_url} is not a valid URL ({err})") from None
+    scheme = parts.scheme.lower()
+    if scheme in ("http", "https"):
+        if not parts.hostname:
+            raise DataError(f"--url {base_url} names no host")
+        return "web", base_url
+    if scheme == "file":
+        if parts.netloc not in ("", "localhost"):
+            raise DataError(f"--url {base_url}: a file:// URL names a folder on this machine (file:///path/to/folder)")
+        return "folder", urllib.request.url2pathname(parts.path)
+    if len(scheme) > 1:                                                     # one letter is a Windows drive, C:\\data
+        raise DataError(f"--url {base_url}: unsupported scheme {scheme}:// (use http://, https://, file:// or a folder)")
+    return "folder", base_url
+
+
+def copy_file(folder, file_name, out, data_dir):
+    path = os.path.join(folder, file_name)
+    try:
+        with open(path, "rb") as f:
+            copy_blocks(f.read, out, file_name, os.fstat(f.fileno()).st_size, data_dir)
+    except OSError as err:
+        raise DataError(f"cannot read {path} ({err.strerror or err}); nothing was written") from None
+    return path
+
+
+def copy_url(base_url, file_name, out, data_dir):
+    url = base_url.rstrip("/") + "/" + file_name
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            length = response.headers.get("Content-Length", "").strip()    # garbage there is no length
+            total = int(length) if length.isdecimal() else 0
+            received = copy_blocks(response.read, out, file_name, total, data_dir)
+    except (OSError, http.client.HTTPException) as err:                     # URLError, HTTPError, timeouts
+        raise DataError(f"download of {url} failed ({failure_reason(err)}); nothing was written") from None
+    if received < total:                                                    # read() just ends when the server hangs up
+        raise DataError(f"download of {url} failed (the connection closed after {received:,} of {total:,} bytes); "
+                        f"nothing was written")
+    return url
+
+
+def failure_reason(err):
+    """A failed download in words: 'HTTP 503 Service Unavailable', 'Connection refused', 'IncompleteRead(...)'."""
+    if isinstance(err, urllib.error.HTTPError):
+        return f"HTTP {err.code} {err.reason}"
+    if isinstance(err, http.client.HTTPException):
+        return f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+    reason = getattr(err, "reason", None) or err                            # URLError wraps the socket's error
+    return getattr(reason, "strerror", None) or str(reason)
+
+
+def copy_blocks(read, out, label, total, data_dir):
+    """Copy read(64 KiB) blocks into `out` until b""; returns the bytes copied. A failed write is a DataError here, so that an OSError out of
+    this function is one of reading (the network, the source folder). Progress goes to stderr on a terminal only,
+    where \\r redraws one line; in a log or a test it would be noise before the one error line."""
+    received, show = 0, sys.stderr.isatty()
+    try:
+        for block in iter(lambda: read(1 << 16), b""):
+            try:
+                out.write(block)
+            except OSError as err:
+                raise write_error(data_dir, err) from None
+            received += len(block)
+            if show:
+                done = f"{received / 1024:,.0f} of {total / 1024:,.0f} KiB" if total else f"{received / 1024:,.0f} KiB"
+                print(f"\r{label}: {done}", end="", file=sys.stderr, flush=True)
+    finally:
+        if show and received:
+            print(file=sys.stderr)
+    return received
+
+
+def write_error(data_dir, err):
+    return DataError(f"cannot write into the data folder {data_dir} ({err.strerror or err}); nothing was written")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -479,8 +569,11 @@ def rebuild(name, raw_path, data_dir, log=print):
     make_data_dir(data_dir)
     out, partial = new_partial(data_dir, file_name)
     try:
-        with out:
-            write_sequences(sequences, out)
+        try:
+            with out:
+                write_sequences(sequences, out)
+        except OSError as err:
+            raise write_error(data_dir, err) from None
         if sha256_of(partial) != expected_sha:
             landed = rebuilt_path(name, data_dir)
             os.replace(partial, landed)
@@ -521,7 +614,9 @@ def build_parser():
     parser.add_argument("--from-raw", metavar="RAW_FILE",
                         help="rebuild from a raw dump (reviews_<Category>_5.json.gz, or the Yelp review JSON)")
     parser.add_argument("--stats", metavar="FILE", help="print statistics of a data file and check its format")
-    parser.add_argument("--url", default=DOWNLOAD_URL, help=f"base URL of the published files (default {DOWNLOAD_URL})")
+    parser.add_argument("--url", default=DOWNLOAD_URL, metavar="URL_OR_FOLDER",
+                        help=f"where the published files are: an http(s):// base URL (default {DOWNLOAD_URL}), or, "
+                             f"on a machine without network, a local folder holding them, as a path or a file:// URL")
     return parser
 
 

@@ -2,9 +2,12 @@
 checksum verification (from a local file:// URL), and the statistics of the four published files."""
 import gzip
 import hashlib
+import http.server
 import json
 import os
 import shutil
+import threading
+import types
 
 import pytest
 
@@ -345,7 +348,7 @@ def test_written_files_get_the_permissions_the_umask_gives(tmp_path, sources, fl
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Downloading, against a local file:// URL
+# Downloading, from a local folder (file:// URL or path) and from a local HTTP server
 # ----------------------------------------------------------------------------------------------------------------
 
 @pytest.fixture
@@ -378,12 +381,116 @@ def test_corrupt_download_is_rejected_and_leaves_nothing(server, tmp_path):
     assert os.listdir(data_dir) == []
 
 
-def test_failed_download_says_so_in_one_line_and_leaves_nothing(tmp_path, capsys):
+@pytest.fixture
+def web():
+    """A local HTTP server: `web.routes` maps a path to (status, headers, body), others get 404; `web.requests`
+    lists the paths asked for, `web.url` is its base URL."""
+    state = types.SimpleNamespace(routes={}, requests=[])
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            state.requests.append(self.path)
+            status, headers, body = state.routes.get(self.path, (404, {}, b"not here"))
+            self.send_response(status)
+            for key, value in {"Content-Length": str(len(body)), **headers}.items():
+                self.send_header(key, value)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    state.url = f"http://127.0.0.1:{server.server_address[1]}/"
+    yield state
+    server.shutdown()
+    server.server_close()
+
+
+def test_failed_download_says_so_in_one_line_and_leaves_nothing(tmp_path, capsys, web):
     data_dir = tmp_path / "data"
-    code = D.main(["toys", "--data-dir", str(data_dir), "--url", (tmp_path / "missing").as_uri()])
+    code = D.main(["toys", "--data-dir", str(data_dir), "--url", web.url])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "download of" in err and "nothing was written" in err
     assert os.listdir(data_dir) == []
+
+
+@pytest.mark.parametrize("url, problem", [
+    ("", "--url is empty; give an http(s):// URL, or a local folder holding the files"),
+    ("   ", "--url is empty; give an http(s):// URL, or a local folder holding the files"),
+    ("garbage", "--url garbage: no such folder (give an http(s):// URL, or a local folder holding the files)"),
+    ("gopher://example.org/", "--url gopher://example.org/: unsupported scheme gopher:// (use http://, https://, "
+                              "file:// or a folder)"),
+    ("http://127.0.0.1:notaport/", "--url http://127.0.0.1:notaport/ is not a valid URL (Port could not be cast"),
+    ("http://127.0.0.1:99999/", "--url http://127.0.0.1:99999/ is not a valid URL (Port out of range 0-65535)"),
+    ("http://[::1/", "--url http://[::1/ is not a valid URL (Invalid IPv6 URL)"),
+    ("http:///x/", "--url http:///x/ names no host"),
+    ("http://127.0.0.1:9/\nx", "--url 'http://127.0.0.1:9/\\nx' contains a control character"),
+    ("file://elsewhere/data", "--url file://elsewhere/data: a file:// URL names a folder on this machine "
+                              "(file:///path/to/folder)"),
+])
+def test_a_malformed_url_is_one_line_and_leaves_nothing(tmp_path, capsys, url, problem):
+    """Garbage, an empty URL, a bad port or IPv6 address once ended in a traceback (ValueError, InvalidURL)."""
+    code = D.main(["beauty", "--data-dir", str(tmp_path / "data"), "--url", url])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"data_prep.py: error: {problem}") and err.count("\n") == 1
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("form", ["path", "relative path", "file:// URL"])
+def test_a_local_folder_as_url_works_without_network(tmp_path, monkeypatch, sources, form):
+    """The remedy for a machine without network: the files copied from elsewhere into any folder."""
+    mirror = tmp_path / "mirror"
+    monkeypatch.chdir(tmp_path)
+    url = {"path": str(mirror), "relative path": "mirror", "file:// URL": mirror.as_uri()}[form]
+    assert D.main(["beauty", "--data-dir", str(tmp_path / "data"), "--url", url]) == 0
+    assert os.listdir(tmp_path / "data") == ["Beauty.txt"]
+    assert (tmp_path / "data" / "Beauty.txt").read_text() == AMAZON_EXPECTED
+
+
+def test_a_local_folder_without_the_file_is_one_line(tmp_path, capsys, sources):
+    (tmp_path / "mirror" / "Beauty.txt").unlink()
+    assert D.main(["beauty", "--data-dir", str(tmp_path / "data"), "--url", str(tmp_path / "mirror")]) == 2
+    assert capsys.readouterr().err == (f"data_prep.py: error: cannot read {tmp_path / 'mirror' / 'Beauty.txt'} "
+                                       f"(No such file or directory); nothing was written\n")
+    assert os.listdir(tmp_path / "data") == []
+
+
+@pytest.mark.parametrize("headers, body, outcome", [
+    ({}, AMAZON_EXPECTED.encode(), 0),
+    ({"Content-Length": "about a megabyte"}, AMAZON_EXPECTED.encode(), 0),        # garbage: read to the end
+    ({"Content-Length": "1000"}, AMAZON_EXPECTED.encode()[:10], "(the connection closed after 10 of 1,000 bytes)"),
+])
+def test_an_http_server_that_misbehaves_is_one_line_or_works(tmp_path, capsys, sources, web, headers, body, outcome):
+    """A garbage Content-Length ended in a ValueError traceback; a dropped connection was called a checksum mismatch.
+    Progress is drawn on a terminal only: stderr stays empty here."""
+    web.routes["/Beauty.txt"] = (200, headers, body)
+    code = D.main(["beauty", "--data-dir", str(tmp_path / "data"), "--url", web.url])
+    err = capsys.readouterr().err
+    if outcome == 0:
+        assert code == 0 and (tmp_path / "data" / "Beauty.txt").read_text() == AMAZON_EXPECTED and err == ""
+    else:
+        assert code == 2 and err.count("\n") == 1 and outcome in err and "nothing was written" in err
+        assert os.listdir(tmp_path / "data") == []
+
+
+def test_a_disk_that_fills_up_is_one_line_and_leaves_nothing(tmp_path, capsys, sources, monkeypatch):
+    class Full:
+        def write(self, block):
+            raise OSError(28, "No space left on device")
+    real_new_partial = D.new_partial
+
+    def new_partial(data_dir, file_name):
+        out, partial = real_new_partial(data_dir, file_name)
+        out.write = Full().write
+        return out, partial
+    monkeypatch.setattr(D, "new_partial", new_partial)
+    for flag in ("--url", "--from-raw"):
+        assert D.main(["beauty", flag, sources[flag], "--data-dir", str(tmp_path / "data")]) == 2
+        assert capsys.readouterr().err == (f"data_prep.py: error: cannot write into the data folder {tmp_path / 'data'}"
+                                           f" (No space left on device); nothing was written\n")
+        assert os.listdir(tmp_path / "data") == []
 
 
 def test_missing_benchmark_names_the_command_that_gets_it(tmp_path, capsys):
