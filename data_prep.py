@@ -271,10 +271,57 @@ def remove_partial(partial):
 # Downloading the published files
 # ---------------------------------------------------------------------------------------------------------------
 
-def download(name, data_dir, base_url=DOWNLOAD_URL, log=print):
-    """Fetch one benchmark file, check its SHA-256, and only then move it into place. Returns its path.
+class DownloadFailed(DataError):
+    """The network or the server failed (not the file): the remedy is to get the file some other way."""
 
-    `base_url` is an http(s) URL or a local folder holding the files (a path or a file:// URL)."""
+
+def download(name, data_dir, base_url=DOWNLOAD_URL, log=print):
+    """Get benchmark `name` (beauty, toys, sports, yelp) into folder `data_dir` as `python data_prep.py NAME` does, and
+    return its path. Other modules call this for a missing benchmark (uniform_seqrec.py for --data beauty).
+
+    A file present with the published SHA-256 is kept as it is (no fetch). Otherwise the file is fetched from
+    `base_url`, an http(s) URL or a local folder holding the files (a path or a file:// URL), checked, and only then
+    renamed into place: nothing is half-written, and a file present that is not the published one is never replaced.
+    `log` gets one line saying what happened. Raises DataError with a one-line message; DownloadFailed when the
+    network failed, its message naming the remedy: copy the file into `data_dir`, or
+    `python data_prep.py NAME --data-dir DIR --url FOLDER` with a local folder holding it.
+    """
+    if name not in BENCHMARKS:
+        raise DataError(f"unknown benchmark '{name}': not one of {', '.join(BENCHMARKS)}")
+    try:
+        return fetch(name, data_dir, base_url, log)
+    except DownloadFailed as err:
+        raise DownloadFailed(f"{err}; {offline_remedy([name], data_dir)}") from None
+
+
+def download_all(data_dir, base_url=DOWNLOAD_URL, log=print):
+    """`python data_prep.py all`: fetch each of the four, trying every one even when one fails (`log` says how each
+    went), then a DataError naming those not obtained and, when the network failed, the remedy."""
+    check_data_dir(data_dir)
+    source_of(base_url)                                                     # a bad --url once, not four times
+    failed = []
+    for name in BENCHMARKS:
+        try:
+            fetch(name, data_dir, base_url, log)
+        except DataError as err:
+            log(f"{BENCHMARKS[name][0]}: not obtained: {err}")
+            failed.append((name, err))
+    if failed:
+        offline = [name for name, err in failed if isinstance(err, DownloadFailed)]
+        raise DataError(f"could not get {', '.join(BENCHMARKS[name][0] for name, _ in failed)} (the first: "
+                        f"{failed[0][1]})" + (f"; {offline_remedy(offline, data_dir)}" if offline else ""))
+
+
+def offline_remedy(names, data_dir):
+    """What to do when benchmarks `names` cannot be downloaded: copy them in by hand, or --url a local copy."""
+    folder, files = os.path.abspath(data_dir), ", ".join(BENCHMARKS[name][0] for name in names)
+    command, them = (names[0], "it") if len(names) == 1 else ("all", "them")
+    return (f"without network, copy {files} into {folder}, or run: python data_prep.py {command} --data-dir {folder} "
+            f"--url FOLDER (a local folder or mirror holding {them})")
+
+
+def fetch(name, data_dir, base_url, log):
+    """download() without the remedy in its message."""
     file_name, expected_sha, _ = BENCHMARKS[name]
     target = os.path.join(data_dir, file_name)
     check_data_dir(data_dir)
@@ -350,9 +397,9 @@ def copy_url(base_url, file_name, out, data_dir):
             total = int(length) if length.isdecimal() else 0
             received = copy_blocks(response.read, out, file_name, total, data_dir)
     except (OSError, http.client.HTTPException) as err:                     # URLError, HTTPError, timeouts
-        raise DataError(f"download of {url} failed ({failure_reason(err)}); nothing was written") from None
+        raise DownloadFailed(f"download of {url} failed ({failure_reason(err)}); nothing was written") from None
     if received < total:                                                    # read() just ends when the server hangs up
-        raise DataError(f"download of {url} failed (the connection closed after {received:,} of {total:,} bytes); "
+        raise DownloadFailed(f"download of {url} failed (the connection closed after {received:,} of {total:,} bytes); "
                         f"nothing was written")
     return url
 
@@ -641,9 +688,10 @@ def main(argv=None):
             if args.dataset == "all":
                 parser.error("--from-raw rebuilds one dataset at a time")
             return 0 if rebuild(args.dataset, args.from_raw, args.data_dir) else 1
+        elif args.dataset == "all":
+            download_all(args.data_dir, args.url)
         else:
-            for name in BENCHMARKS if args.dataset == "all" else [args.dataset]:
-                download(name, args.data_dir, args.url)
+            download(args.dataset, args.data_dir, args.url)
     except DataError as err:
         print(f"data_prep.py: error: {err}", file=sys.stderr)
         return 2

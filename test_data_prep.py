@@ -408,12 +408,60 @@ def web():
     server.server_close()
 
 
-def test_failed_download_says_so_in_one_line_and_leaves_nothing(tmp_path, capsys, web):
+def test_failed_download_says_so_in_one_line_names_the_remedy_and_leaves_nothing(tmp_path, capsys, web):
+    web.routes["/Toys_and_Games.txt"] = (503, {}, b"busy")
     data_dir = tmp_path / "data"
     code = D.main(["toys", "--data-dir", str(data_dir), "--url", web.url])
     err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and "download of" in err and "nothing was written" in err
+    assert code == 2 and err == (
+        f"data_prep.py: error: download of {web.url}Toys_and_Games.txt failed (HTTP 503 Service Unavailable); "
+        f"nothing was written; without network, copy Toys_and_Games.txt into {data_dir}, or run: python "
+        f"data_prep.py toys --data-dir {data_dir} --url FOLDER (a local folder or mirror holding it)\n")
     assert os.listdir(data_dir) == []
+
+
+def test_download_is_the_function_other_modules_call_for_a_missing_benchmark(tmp_path, sources, web, monkeypatch):
+    """uniform_seqrec.py calls download() when --data names a benchmark that is not there: same checks, same
+    one-line DataError, whose message (shown by the caller) names the remedy when there is no network."""
+    data_dir = tmp_path / "data"
+    with pytest.raises(D.DownloadFailed) as failure:
+        D.download("beauty", str(data_dir), web.url, log=lambda _: None)
+    assert isinstance(failure.value, D.DataError) and "\n" not in str(failure.value)
+    assert str(failure.value).endswith(f"; without network, copy Beauty.txt into {data_dir}, or run: python "
+                                       f"data_prep.py beauty --data-dir {data_dir} --url FOLDER (a local folder or "
+                                       f"mirror holding it)")
+    monkeypatch.chdir(tmp_path)
+    messages = []
+    assert D.download("beauty", "data", sources["--url"], log=messages.append) == os.path.join("data", "Beauty.txt")
+    assert messages == [f"{os.path.join('data', 'Beauty.txt')}: downloaded, checksum ok"]
+    with pytest.raises(D.DataError, match="^unknown benchmark 'Beauty': not one of beauty, toys, sports, yelp$"):
+        D.download("Beauty", "data")
+
+
+@pytest.mark.parametrize("present", [False, True])
+@pytest.mark.parametrize("network", ["HTTP 503", "connection refused"])
+def test_all_tries_every_file_then_names_the_remedy(tmp_path, capsys, monkeypatch, web, network, present):
+    """It stopped at the first failure, naming only it."""
+    for path in ("/Beauty.txt", "/Toys_and_Games.txt", "/Sports_and_Outdoors.txt", "/Yelp.txt"):
+        web.routes[path] = (503, {}, b"busy")
+    url = web.url if network == "HTTP 503" else "http://127.0.0.1:9/"              # the discard port: nobody there
+    data_dir = tmp_path / "data"
+    if present:
+        publish(monkeypatch, "beauty", VERIFIED)
+        data_dir.mkdir()
+        (data_dir / "Beauty.txt").write_text(VERIFIED)
+    assert D.main(["all", "--data-dir", str(data_dir), "--url", url]) == 2
+    out, err = capsys.readouterr()
+    files = ["Beauty.txt", "Toys_and_Games.txt", "Sports_and_Outdoors.txt", "Yelp.txt"][present:]
+    assert [line.split(":")[0] for line in out.splitlines() if "not obtained" in line] == files
+    if network == "HTTP 503":
+        assert web.requests == ["/" + f for f in files]
+    reason = "HTTP 503 Service Unavailable" if network == "HTTP 503" else "Connection refused"
+    assert err == (f"data_prep.py: error: could not get {', '.join(files)} (the first: download of {url}{files[0]} "
+                   f"failed ({reason}); nothing was written); without network, copy {', '.join(files)} into "
+                   f"{data_dir}, or run: python data_prep.py all --data-dir {data_dir} --url FOLDER (a local folder or "
+                   f"mirror holding them)\n")
+    assert os.listdir(data_dir) == (["Beauty.txt"] if present else [])
 
 
 @pytest.mark.parametrize("url, problem", [
