@@ -23,6 +23,7 @@ import math
 import os
 import re
 import secrets
+import signal
 import statistics
 import sys
 import urllib.error
@@ -597,6 +598,8 @@ def rebuild(name, raw_path, data_dir, log=print):
     says how to train on it. A dump that leaves no user, or a file present under the benchmark's name that is not
     the published one, is a DataError, and nothing is written.
     """
+    if os.path.isdir(raw_path):
+        raise DataError(f"{raw_path} is a folder, not a raw review dump")
     if not os.path.isfile(raw_path):
         raise DataError(f"no such raw file: {raw_path}")
     check_data_dir(data_dir)
@@ -661,7 +664,7 @@ def build_parser():
     parser.add_argument("--from-raw", metavar="RAW_FILE",
                         help="rebuild from a raw dump (reviews_<Category>_5.json.gz, or the Yelp review JSON)")
     parser.add_argument("--stats", metavar="FILE", help="print statistics of a data file and check its format")
-    parser.add_argument("--url", default=DOWNLOAD_URL, metavar="URL_OR_FOLDER",
+    parser.add_argument("--url", metavar="URL_OR_FOLDER",                 # None: not given (meaningless with --from-raw)
                         help=f"where the published files are: an http(s):// base URL (default {DOWNLOAD_URL}), or, "
                              f"on a machine without network, a local folder holding them, as a path or a file:// URL")
     return parser
@@ -680,23 +683,35 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if args.stats:
+        if args.stats is not None:
+            if not args.stats:
+                parser.error("--stats needs a file name")
+            if args.dataset or args.from_raw is not None or args.url is not None:
+                parser.error("--stats FILE inspects a file; give it without a dataset, --from-raw or --url")
             print_stats(args.stats)
         elif args.dataset is None:
             parser.error("name a dataset (beauty, toys, sports, yelp, all) or give --stats FILE")
-        elif args.from_raw:
+        elif args.from_raw is not None:                                     # '' too: it once meant "download"
+            if not args.from_raw:
+                parser.error("--from-raw needs a file name")
             if args.dataset == "all":
                 parser.error("--from-raw rebuilds one dataset at a time")
+            if args.url is not None:
+                parser.error("--url is where downloads come from, --from-raw rebuilds from a dump: give one of them")
             return 0 if rebuild(args.dataset, args.from_raw, args.data_dir) else 1
         elif args.dataset == "all":
-            download_all(args.data_dir, args.url)
+            download_all(args.data_dir, DOWNLOAD_URL if args.url is None else args.url)
         else:
-            download(args.dataset, args.data_dir, args.url)
+            download(args.dataset, args.data_dir, DOWNLOAD_URL if args.url is None else args.url)
     except DataError as err:
         print(f"data_prep.py: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:                                               # each writer removed its partial file
+        print("data_prep.py: interrupted; no file was left half-written", file=sys.stderr)
+        return 130
     return 0
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, signal.default_int_handler)              # `kill`: clean up as for Ctrl-C
     sys.exit(main())

@@ -6,7 +6,11 @@ import http.server
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import threading
+import time
 import types
 
 import pytest
@@ -383,13 +387,16 @@ def test_corrupt_download_is_rejected_and_leaves_nothing(server, tmp_path):
 
 @pytest.fixture
 def web():
-    """A local HTTP server: `web.routes` maps a path to (status, headers, body), others get 404; `web.requests`
+    """A local HTTP server: `web.routes` maps a path to (status, headers, body) or to a function of the request
+    handler, others get 404; `web.requests`
     lists the paths asked for, `web.url` is its base URL."""
     state = types.SimpleNamespace(routes={}, requests=[])
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
             state.requests.append(self.path)
+            if callable(state.routes.get(self.path)):
+                return state.routes[self.path](self)
             status, headers, body = state.routes.get(self.path, (404, {}, b"not here"))
             self.send_response(status)
             for key, value in {"Content-Length": str(len(body)), **headers}.items():
@@ -401,7 +408,7 @@ def web():
             pass
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     state.url = f"http://127.0.0.1:{server.server_address[1]}/"
     yield state
     server.shutdown()
@@ -546,6 +553,67 @@ def test_missing_benchmark_names_the_command_that_gets_it(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
     assert f"get it with: python data_prep.py sports --data-dir {tmp_path}" in err
+
+
+@pytest.mark.parametrize("flag", ["--url", "--from-raw"])
+def test_an_interruption_leaves_nothing_half_written_and_no_traceback(tmp_path, capsys, sources, monkeypatch, flag):
+    """Ctrl-C between writing and renaming: the partial file goes, the line says so (a traceback before)."""
+    def interrupted(path):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(D, "sha256_of", interrupted)
+    assert D.main(["beauty", flag, sources[flag], "--data-dir", str(tmp_path / "data")]) == 130
+    assert capsys.readouterr().err == "data_prep.py: interrupted; no file was left half-written\n"
+    assert os.listdir(tmp_path / "data") == []
+
+
+def test_a_terminated_download_leaves_nothing_half_written(tmp_path, web):
+    """SIGTERM (a job scheduler, `kill`) mid-download: it once killed the process and left the .part file behind."""
+    def stall(handler):
+        handler.send_response(200)
+        handler.send_header("Content-Length", "1000000")
+        handler.end_headers()
+        handler.wfile.write(b"1 1 2 3\n" * 1000)
+        handler.wfile.flush()
+        time.sleep(5)
+    web.routes["/Beauty.txt"] = stall
+    data_dir = tmp_path / "data"
+    process = subprocess.Popen([sys.executable, D.__file__, "beauty", "--data-dir", str(data_dir), "--url", web.url],
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 10
+    while not (data_dir.is_dir() and os.listdir(data_dir)) and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.2)                                                     # into the stalled read
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=10)
+    assert process.returncode == 130 and err == "data_prep.py: interrupted; no file was left half-written\n"
+    assert os.listdir(data_dir) == []
+
+
+STATS_ALONE = "--stats FILE inspects a file; give it without a dataset, --from-raw or --url (see --help)"
+
+
+@pytest.mark.parametrize("command, problem", [
+    (["beauty", "--from-raw", ""], "--from-raw needs a file name (see --help)"),
+    (["beauty", "--from-raw", "<folder>"], "<folder> is a folder, not a raw review dump"),
+    (["--stats", ""], "--stats needs a file name (see --help)"),
+    (["beauty", "--stats", "<file>"], STATS_ALONE),
+    (["--stats", "<file>", "--from-raw", "<file>"], STATS_ALONE),
+    (["--stats", "<file>", "--url", "<folder>"], STATS_ALONE),
+    (["beauty", "--from-raw", "<file>", "--url", "<folder>"],
+     "--url is where downloads come from, --from-raw rebuilds from a dump: give one of them (see --help)"),
+])
+def test_contradictory_or_empty_options_are_one_line(tmp_path, capsys, command, problem):
+    """--from-raw '' downloaded instead, a dataset or --from-raw beside --stats was ignored, --url beside --from-raw
+    too, and a folder as the dump was 'no such raw file'."""
+    (tmp_path / "small.txt").write_text("1 1 2 3\n")
+    names = {"<folder>": str(tmp_path), "<file>": str(tmp_path / "small.txt")}
+    try:
+        code = D.main([names.get(word, word) for word in command] + ["--data-dir", str(tmp_path / "data")])
+    except SystemExit as exit:                                              # argparse's error() exits
+        code = exit.code
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and err == f"data_prep.py: error: {problem.replace('<folder>', str(tmp_path))}\n"
+    assert not (tmp_path / "data").exists()
 
 
 # ----------------------------------------------------------------------------------------------------------------
