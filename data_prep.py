@@ -263,6 +263,14 @@ def new_partial(data_dir, file_name):
     return os.fdopen(handle, "wb"), partial
 
 
+def land(partial, path):
+    """Rename the complete, checked `partial` to `path` in one step (readers see the old file or the new one)."""
+    try:
+        os.replace(partial, path)
+    except OSError as err:                                                  # e.g. a folder of that name
+        raise DataError(f"cannot write {path} ({err.strerror or err}); nothing was written") from None
+
+
 def remove_partial(partial):
     if os.path.exists(partial):
         os.remove(partial)
@@ -345,7 +353,7 @@ def fetch(name, data_dir, base_url, log):
         if actual_sha != expected_sha:
             raise DataError(f"{source}: checksum mismatch (got {actual_sha[:16]}..., expected {expected_sha[:16]}...); "
                             f"nothing was written")
-        os.replace(partial, target)
+        land(partial, target)
     finally:
         remove_partial(partial)
     log(f"{target}: downloaded, checksum ok")
@@ -376,7 +384,8 @@ def source_of(base_url):
             raise DataError(f"--url {base_url}: a file:// URL names a folder on this machine (file:///path/to/folder)")
         return "folder", urllib.request.url2pathname(parts.path)
     if len(scheme) > 1:                                                     # one letter is a Windows drive, C:\\data
-        raise DataError(f"--url {base_url}: unsupported scheme {scheme}:// (use http://, https://, file:// or a folder)")
+        raise DataError(f"--url {base_url}: unsupported scheme {scheme}:// (use http://, https://, file:// or a "
+                        f"folder)")
     return "folder", base_url
 
 
@@ -400,8 +409,8 @@ def copy_url(base_url, file_name, out, data_dir):
     except (OSError, http.client.HTTPException) as err:                     # URLError, HTTPError, timeouts
         raise DownloadFailed(f"download of {url} failed ({failure_reason(err)}); nothing was written") from None
     if received < total:                                                    # read() just ends when the server hangs up
-        raise DownloadFailed(f"download of {url} failed (the connection closed after {received:,} of {total:,} bytes); "
-                        f"nothing was written")
+        raise DownloadFailed(f"download of {url} failed (the connection closed after {received:,} of {total:,} "
+                             f"bytes); nothing was written")
     return url
 
 
@@ -416,9 +425,10 @@ def failure_reason(err):
 
 
 def copy_blocks(read, out, label, total, data_dir):
-    """Copy read(64 KiB) blocks into `out` until b""; returns the bytes copied. A failed write is a DataError here, so that an OSError out of
-    this function is one of reading (the network, the source folder). Progress goes to stderr on a terminal only,
-    where \\r redraws one line; in a log or a test it would be noise before the one error line."""
+    """Copy read(64 KiB) blocks into `out` until b""; returns the bytes copied. A failed write is a DataError here,
+    so that an OSError out of this function is one of reading (the network, the source folder). Progress goes to
+    stderr on a terminal only, where \\r redraws one line; in a log or a test it would be noise before the one error
+    line."""
     received, show = 0, sys.stderr.isatty()
     try:
         for block in iter(lambda: read(1 << 16), b""):
@@ -626,14 +636,14 @@ def rebuild(name, raw_path, data_dir, log=print):
             raise write_error(data_dir, err) from None
         if sha256_of(partial) != expected_sha:
             landed = rebuilt_path(name, data_dir)
-            os.replace(partial, landed)
+            land(partial, landed)
             log(f"{landed}: rebuilt, {len(sequences)} users; DIFFERS from the published checksum, so it is not named "
                 f"{file_name}; train on it with --data {landed}")
             return False
         if verified_present(target, expected_sha):
             log(f"{target}: rebuilt, {len(sequences)} users; matches the published checksum, as does the file present")
         else:
-            os.replace(partial, target)
+            land(partial, target)
             log(f"{target}: rebuilt, {len(sequences)} users; matches the published checksum")
         return True
     finally:
@@ -664,7 +674,7 @@ def build_parser():
     parser.add_argument("--from-raw", metavar="RAW_FILE",
                         help="rebuild from a raw dump (reviews_<Category>_5.json.gz, or the Yelp review JSON)")
     parser.add_argument("--stats", metavar="FILE", help="print statistics of a data file and check its format")
-    parser.add_argument("--url", metavar="URL_OR_FOLDER",                 # None: not given (meaningless with --from-raw)
+    parser.add_argument("--url", metavar="URL_OR_FOLDER",                 # None: not given (an error with --from-raw)
                         help=f"where the published files are: an http(s):// base URL (default {DOWNLOAD_URL}), or, "
                              f"on a machine without network, a local folder holding them, as a path or a file:// URL")
     return parser

@@ -152,6 +152,16 @@ def test_a_file_present_that_is_not_the_published_one_is_never_replaced(tmp_path
         assert os.listdir(data) == ["Beauty.txt"] and (data / "Beauty.txt").read_text() == VERIFIED
 
 
+def test_a_folder_where_the_rebuild_lands_is_one_line(tmp_path, capsys):
+    raw, data = tmp_path / "reviews_Beauty_5.json.gz", tmp_path / "data"
+    write_amazon(raw, AMAZON)
+    (data / "Beauty.rebuilt.txt").mkdir(parents=True)
+    assert D.main(["beauty", "--from-raw", str(raw), "--data-dir", str(data)]) == 2
+    assert capsys.readouterr().err == (f"data_prep.py: error: cannot write {data / 'Beauty.rebuilt.txt'} (Is a "
+                                       f"directory); nothing was written\n")
+    assert os.listdir(data) == ["Beauty.rebuilt.txt"] and os.listdir(data / "Beauty.rebuilt.txt") == []
+
+
 @pytest.mark.parametrize("records, problem", [
     ([], " holds no reviews; nothing was written"),
     ([("u1", "a", 1), ("u1", "b", 2)], ": no user is left after the 5-core (2 reviews); nothing was written"),
@@ -196,7 +206,7 @@ def test_k_core_matches_a_one_at_a_time_removal():
 def test_rebuild_rejects_a_file_that_is_not_a_review_dump(tmp_path):
     raw = tmp_path / "reviews_Beauty_5.json.gz"
     raw.write_bytes(b"not gzip")
-    with pytest.raises(D.DataError, match=r"reviews_Beauty_5.json.gz line 1: not JSON \(Expecting value at column 1\)$"):
+    with pytest.raises(D.DataError, match=r"_5.json.gz line 1: not JSON \(Expecting value at column 1\)$"):
         D.rebuild("beauty", str(raw), str(tmp_path))
     assert not (tmp_path / "Beauty.txt").exists()
 
