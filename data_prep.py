@@ -693,32 +693,42 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if args.stats is not None:
-            if not args.stats:
-                parser.error("--stats needs a file name")
-            if args.dataset or args.from_raw is not None or args.url is not None:
-                parser.error("--stats FILE inspects a file; give it without a dataset, --from-raw or --url")
-            print_stats(args.stats)
-        elif args.dataset is None:
-            parser.error("name a dataset (beauty, toys, sports, yelp, all) or give --stats FILE")
-        elif args.from_raw is not None:                                     # '' too: it once meant "download"
-            if not args.from_raw:
-                parser.error("--from-raw needs a file name")
-            if args.dataset == "all":
-                parser.error("--from-raw rebuilds one dataset at a time")
-            if args.url is not None:
-                parser.error("--url is where downloads come from, --from-raw rebuilds from a dump: give one of them")
-            return 0 if rebuild(args.dataset, args.from_raw, args.data_dir) else 1
-        elif args.dataset == "all":
-            download_all(args.data_dir, DOWNLOAD_URL if args.url is None else args.url)
-        else:
-            download(args.dataset, args.data_dir, DOWNLOAD_URL if args.url is None else args.url)
+        code = run(parser, args)
+        sys.stdout.flush()                                                  # a closed pipe shows here, not at exit
     except DataError as err:
         print(f"data_prep.py: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:                                               # each writer removed its partial file
         print("data_prep.py: interrupted; no file was left half-written", file=sys.stderr)
         return 130
+    except BrokenPipeError:                                                 # `--stats FILE | head` stopped reading
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())      # so that the exit's flush is quiet
+        return 1
+    return code
+
+
+def run(parser, args):
+    """The command the options name; its exit status."""
+    if args.stats is not None:
+        if not args.stats:
+            parser.error("--stats needs a file name")
+        if args.dataset or args.from_raw is not None or args.url is not None:
+            parser.error("--stats FILE inspects a file; give it without a dataset, --from-raw or --url")
+        print_stats(args.stats)
+    elif args.dataset is None:
+        parser.error("name a dataset (beauty, toys, sports, yelp, all) or give --stats FILE")
+    elif args.from_raw is not None:                                         # '' too: it once meant "download"
+        if not args.from_raw:
+            parser.error("--from-raw needs a file name")
+        if args.dataset == "all":
+            parser.error("--from-raw rebuilds one dataset at a time")
+        if args.url is not None:
+            parser.error("--url is where downloads come from, --from-raw rebuilds from a dump: give one of them")
+        return 0 if rebuild(args.dataset, args.from_raw, args.data_dir) else 1
+    elif args.dataset == "all":
+        download_all(args.data_dir, DOWNLOAD_URL if args.url is None else args.url)
+    else:
+        download(args.dataset, args.data_dir, DOWNLOAD_URL if args.url is None else args.url)
     return 0
 
 

@@ -599,6 +599,19 @@ def test_a_terminated_download_leaves_nothing_half_written(tmp_path, web):
     assert os.listdir(data_dir) == []
 
 
+def test_output_into_a_closed_pipe_is_no_traceback(tmp_path):
+    """`python data_prep.py --stats FILE | head -3`: a BrokenPipeError traceback once followed the three lines."""
+    (tmp_path / "small.txt").write_text("1 1 2 3\n")
+    reader, writer = os.pipe()
+    os.close(reader)                                                    # nobody reads: every write is EPIPE
+    try:
+        done = subprocess.run([sys.executable, D.__file__, "--stats", str(tmp_path / "small.txt")], stdout=writer,
+                              stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(writer)
+    assert done.returncode == 1 and done.stderr == ""
+
+
 STATS_ALONE = "--stats FILE inspects a file; give it without a dataset, --from-raw or --url (see --help)"
 
 
