@@ -1,7 +1,8 @@
 """Get, verify and rebuild the paper's four benchmark files (one line per user: `user item item ...`).
 
     python data_prep.py beauty                 download Beauty.txt into the data folder, SHA-256 checked
-    python data_prep.py all                    the four of them
+    python data_prep.py all                    the four of them (each tried; then what failed, and the remedy)
+    python data_prep.py all --url /mnt/copy    without network: from a local folder holding them (or file:// URL)
     python data_prep.py beauty --from-raw reviews_Beauty_5.json.gz
     python data_prep.py yelp --from-raw yelp_academic_dataset_review.json
                                                a rebuild is named Beauty.txt etc. only when it matches the
