@@ -21,9 +21,13 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 
-import uniform_seqrec as U  # before torch: it quiets torch's warning about the absent numpy (not a dependency)
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # before torch: see uniform_seqrec.py
 import torch
+
+import runs as R
+import uniform_seqrec as U
 from data_prep import default_data_dir, read_sequences
 
 
@@ -106,6 +110,16 @@ def bench_dropout(device, rows):
 # 2. Training throughput on real Beauty
 # ---------------------------------------------------------------------------------------------------------------
 
+PAPER_MODEL = {"dim": 64, "heads": 2, "dropout": 0.5, "caser_window": 5, "caser_activation": "relu",
+               "caser_users": False, "caser_output_table": False}  # what the backbones read, at the paper's settings
+
+
+def paper_model(name, num_items, device):
+    """A freshly initialized backbone at the paper's settings and its original's depth, on `device`."""
+    config = {**PAPER_MODEL, "model": name, "layers": R.ORIGINAL_LAYERS[name]}
+    return U.build_model(config, num_items, 0, 50).to(device)
+
+
 def training_setup(path, device):
     flat, starts, lengths, num_items = U.flatten_sequences(read_sequences(path), device)
     ends, history_lengths, users = U.training_examples(starts, lengths, 50)
@@ -117,7 +131,7 @@ def train_steps(setup, device, model_name, loss, steps, length_groups):
     """Seconds per training example over `steps` real batches of a random epoch order."""
     flat, _, _, num_items, ends, history_lengths, users, keys = setup
     torch.manual_seed(0)
-    model = U.build_model(model_name, num_items, 64, U.ORIGINAL_LAYERS[model_name], 2, 0.5, 50, 5).to(device)
+    model = paper_model(model_name, num_items, device)
     optimizer = U.adam(model, 1e-3, device)
     config = {"loss": loss, "beta": 0.05, "t": 2.0, "normalize": True, "rec": True, "hom": True, "het": True,
               "infonce_negatives": None}
@@ -164,7 +178,7 @@ def bench_progress(path, device, rows, pairs=4, users=3000):
     config = {"seed": 1, "batch_size": 256, "length_groups": 8, "loss": "uniform", "beta": 0.05, "t": 2.0,
               "normalize": True, "rec": True, "hom": True, "het": True}
     torch.manual_seed(0)
-    model = U.build_model("sasrec", num_items, 64, 2, 2, 0.5, 50, 5).to(device)
+    model = paper_model("sasrec", num_items, device)
     optimizer = U.adam(model, 1e-3, device)
     leader, follower = os.openpty()                                        # a terminal, so the line is written
     os.set_blocking(leader, False)
@@ -174,12 +188,13 @@ def bench_progress(path, device, rows, pairs=4, users=3000):
     def epoch(interval):
         progress = None
         if interval is not None:
-            progress = U.ProgressLine(terminal, interval)
+            progress = R.ProgressLine(terminal, interval)
             assert progress.enabled
             progress.start("epoch")
         synchronize(device)
         started = time.perf_counter()
-        U.train_epoch(model, optimizer, data, config, next(epochs), progress)
+        U.train_epoch(model, optimizer, data, config, next(epochs),
+                      progress and (lambda done, total: done and progress.step(done, total)))
         synchronize(device)
         seconds = time.perf_counter() - started
         if progress:
@@ -192,7 +207,7 @@ def bench_progress(path, device, rows, pairs=4, users=3000):
         return seconds
 
     epoch(None)                                                            # warm-up
-    steps = -(-len(data.ends) // 256)
+    steps = -(-len(data.target_at) // 256)
     for interval, label in ((1.0, "updated at most once a second (as in training)"), (0.0, "updated every step")):
         without, with_line = [], []
         for pair in range(pairs):
@@ -215,7 +230,7 @@ def bench_progress(path, device, rows, pairs=4, users=3000):
 def bench_eval(setup, device, rows):
     flat, starts, lengths, num_items, *_ = setup
     torch.manual_seed(0)
-    model = U.build_model("sasrec", num_items, 64, 2, 2, 0.5, 50, 5).to(device).eval()
+    model = paper_model("sasrec", num_items, device).eval()
     batches = U.evaluation_batches(flat, starts, lengths, 50, "test")
     full = timed(lambda: U.evaluate(model, batches, cosine=True), device, repeats=3)
     with torch.no_grad():
@@ -266,7 +281,7 @@ def memory_probe(what, path, device, steps):
         train_steps(setup, device, "sasrec", "uniform", steps, 8)
     else:
         flat, starts, lengths, num_items, *_ = setup
-        model = U.build_model("sasrec", num_items, 64, 2, 2, 0.5, 50, 5).to(device)
+        model = paper_model("sasrec", num_items, device)
         U.evaluate(model, U.evaluation_batches(flat, starts, lengths, 50, "test"), cosine=True)
     print(f"{peak_megabytes(device):.0f} {before:.0f}")
 
@@ -290,7 +305,7 @@ def main():
     parser.add_argument("--sections", default="loss,train,eval,memory")
     parser.add_argument("--memory-probe", choices=["train", "eval"], help=argparse.SUPPRESS)
     args = parser.parse_args()
-    device = torch.device(U.resolve_device(args.device))
+    device = torch.device(R.resolve_device(args.device))
     path = os.path.join(args.data_dir, "Beauty.txt")
     if args.memory_probe:
         return memory_probe(args.memory_probe, path, device, args.steps)

@@ -38,3 +38,11 @@ def beauty_slice(request, tmp_path_factory):
     with open(BEAUTY) as f:
         path.write_text("".join(itertools.islice(f, request.module.BEAUTY_SLICE_USERS)))
     return str(path)
+
+
+def backbone(name, num_items, num_users=0, max_len=20, **settings):
+    """uniform_seqrec.build_model from a configuration that holds only what the backbones read (small by default)."""
+    import uniform_seqrec
+    config = {"model": name, "dim": 16, "layers": 2, "heads": 2, "dropout": 0.5, "caser_window": 4,
+              "caser_activation": "relu", "caser_users": num_users > 0, "caser_output_table": False, **settings}
+    return uniform_seqrec.build_model(config, num_items, num_users, max_len)

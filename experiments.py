@@ -20,9 +20,13 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 
-import uniform_seqrec as U  # before torch: it quiets torch's warning about the absent numpy (not a dependency)
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # before torch: see uniform_seqrec.py
 import torch
+
+import runs as R
+import uniform_seqrec as U
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -149,8 +153,8 @@ def cells(what, datasets, models):
 def run_folder(cell, seed, hyperparameters):
     """The default run folder uniform_seqrec.py gives a cell, or None when its data file is missing."""
     try:
-        return U.configure([*cell_arguments(cell, hyperparameters), "--seed", str(seed)])[1]
-    except (U.ConfigError, U.DataError):
+        return R.configure([*cell_arguments(cell, hyperparameters), "--seed", str(seed)])[1]
+    except (R.ConfigError, R.DataError):
         return None
 
 
@@ -208,9 +212,9 @@ def in_use(run_dir):
     if not os.path.isfile(os.path.join(run_dir, ".lock")):
         return False
     try:
-        U.lock_run_dir(run_dir).close()
+        R.lock_run_dir(run_dir).close()
         return False
-    except U.ConfigError:
+    except R.ConfigError:
         return True
 
 
@@ -219,9 +223,9 @@ def run_cell(cell, seed, device):
     process is training is left to it: exit status 0, so that a job array or a second run_all.sh does not count
     it as a failure."""
     if cell not in cells("all", DATASETS, MODELS) + cells("tune", DATASETS, MODELS):
-        raise U.ConfigError(f"unknown cell '{cell}' (`experiments.py list all` prints them)")
+        raise R.ConfigError(f"unknown cell '{cell}' (`experiments.py list all` prints them)")
     arguments = [*cell_arguments(cell, read_hyperparameters()), "--seed", str(seed)]
-    run_dir = U.configure(arguments)[1]                                     # a ConfigError if its data file is missing
+    run_dir = R.configure(arguments)[1]                                     # a ConfigError if its data file is missing
     if in_use(run_dir):
         print(f"[{time.strftime('%H:%M:%S')}] {cell} seed {seed}: {run_dir} is being trained by another process; "
               f"left to it", flush=True)
@@ -233,7 +237,7 @@ def run_cell(cell, seed, device):
             f.write(git_commit() + "\n")
     started = time.time()
     print(f"[{time.strftime('%H:%M:%S')}] {cell} seed {seed}: {' '.join(arguments)}", flush=True)
-    code = U.main([*arguments, *(["--device", device] if device else [])])
+    code = R.main([*arguments, *(["--device", device] if device else [])])
     if code == 2 and in_use(run_dir):                                       # another process took it meanwhile
         code = 0
     print(f"[{time.strftime('%H:%M:%S')}] {cell} seed {seed}: exit {code} after {time.time() - started:.0f}s",
@@ -381,12 +385,12 @@ def baselines(path=None):
     """Write results/baselines.json for every dataset whose file is present (seconds each, CPU)."""
     found = {}
     for dataset in DATASETS:
-        data_path = U.benchmark_path(dataset, U.default_data_dir())
+        data_path = R.benchmark_path(dataset, R.default_data_dir())
         if not os.path.isfile(data_path):
             print(f"  {dataset}: {data_path} not found, skipped (python data_prep.py {dataset})")
             continue
         started = time.time()
-        found[dataset] = dataset_baselines(U.read_sequences(data_path))
+        found[dataset] = dataset_baselines(R.read_sequences(data_path))
         found[dataset]["seconds"] = round(time.time() - started, 1)
         print(f"  {dataset}: popularity test NDCG@10 {found[dataset]['popularity']['test']['NDCG@10']:.4f}, "
               f"item transitions {found[dataset]['transitions']['test']['NDCG@10']:.4f} "
@@ -428,15 +432,15 @@ def best_state_scorer(run_dir, num_items, lengths):
     """The scoring function of a run folder's best validation state, scoring as its evaluation does, and the
     history length it was trained with."""
     if not os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
-        raise U.RunFolderError(f"{run_dir} has no checkpoint.pt: not a run folder of uniform_seqrec.py")
-    config = U.read_json(os.path.join(run_dir, "config.json"), "not a run folder of uniform_seqrec.py?")
+        raise R.RunFolderError(f"{run_dir} has no checkpoint.pt: not a run folder of uniform_seqrec.py")
+    config = R.read_json(os.path.join(run_dir, "config.json"), "not a run folder of uniform_seqrec.py?")
     max_len = U.history_limit(config, lengths)
-    model = U.model_of(config, num_items, len(lengths), max_len)
+    model = U.build_model(config, num_items, len(lengths), max_len)
     try:  # whatever a damaged checkpoint, or one trained on other data, raises
         checkpoint = torch.load(os.path.join(run_dir, "checkpoint.pt"), map_location="cpu", weights_only=False)
         model.load_state_dict(checkpoint["best_model"])
     except Exception as err:
-        raise U.RunFolderError(f"{run_dir}/checkpoint.pt does not load onto this data's model ({U.one_line(err)})")
+        raise R.RunFolderError(f"{run_dir}/checkpoint.pt does not load onto this data's model ({R.one_line(err)})")
     model.eval()
     cosine, table = U.scores_are_cosines(config), model.output_items().weight
     return torch.no_grad()(lambda h, users: U.score(model.encode(h, users=users)[:, None], table, cosine)), max_len
@@ -446,11 +450,11 @@ def repeats(dataset, run_dirs):
     """Print, for the test split of a dataset, how much of each NDCG@10 comes from targets that repeat a history
     item: the item-transition baseline (its decay from results/baselines.json), the same with the history's last
     item ranked first, and the best state of each given run folder."""
-    data_path = U.data_path_of({"data": dataset, "data_dir": U.default_data_dir()})
+    data_path = R.data_path_of({"data": dataset, "data_dir": R.default_data_dir()})
     decay = read_baselines().get(dataset, {}).get("transitions", {}).get("decay")
     if decay is None:
-        raise U.ConfigError(f"{BASELINES} has no {dataset}: run python experiments.py baselines first")
-    flat, starts, lengths, num_items = U.flatten_sequences(U.read_sequences(data_path), "cpu")
+        raise R.ConfigError(f"{BASELINES} has no {dataset}: run python experiments.py baselines first")
+    flat, starts, lengths, num_items = U.flatten_sequences(R.read_sequences(data_path), "cpu")
     popularity = item_popularity(flat, starts, lengths, num_items)
     transitions = item_transitions(flat, starts, lengths, num_items)
     by_transitions = lambda h, _: transition_scores(h, transitions, popularity, decay)
@@ -808,7 +812,7 @@ def figure_alignment(dataset="toys", model="sasrec", out_dir=None):
 
 
 def main(argv=None):
-    parser = U.OneLineErrorParser(prog="experiments.py", description=__doc__.split("\n")[0])
+    parser = R.OneLineErrorParser(prog="experiments.py", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     listing = commands.add_parser("list", help="print cell ids, one per line (seeds as a second field)")
     listing.add_argument("what", choices=["table1", "table2", "table3", "figure1", "infonce", "caser-none", "tune",
@@ -836,7 +840,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         return command(args)
-    except (U.ConfigError, U.DataError) as err:                            # bad input: one line, never a traceback
+    except (R.ConfigError, R.DataError) as err:                            # bad input: one line, never a traceback
         print(f"experiments.py: error: {err}", file=sys.stderr)
         return 2
 

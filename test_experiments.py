@@ -11,6 +11,7 @@ import pytest
 
 import experiments as E
 import torch
+import runs as R
 import uniform_seqrec as U
 from conftest import DATA_DIR, needs
 
@@ -98,7 +99,7 @@ def test_choose_keeps_the_best_validation_point_and_says_how_many_ran(tmp_path, 
 @needs("beauty")
 def test_cells_sharing_a_configuration_train_once(monkeypatch):
     monkeypatch.setenv("UNIFORM_SEQREC_DATA", DATA_DIR)
-    monkeypatch.setattr(E.U, "default_data_dir", lambda: DATA_DIR)
+    monkeypatch.setattr(E.R, "default_data_dir", lambda: DATA_DIR)
     monkeypatch.setattr(E, "read_hyperparameters", lambda path=None: {})
     kept = E.unique_runs(["table1/beauty/sasrec/uniform", "table2/beauty/e", "table3/beauty/0.05",
                           "table3/beauty/0.1", "table2/beauty/a", "table1/beauty/sasrec/bce"], seed=1)
@@ -291,7 +292,7 @@ def test_a_slurm_array_task_runs_only_its_line_of_the_list(tmp_path):
 
 def test_an_unknown_cell_or_a_missing_data_file_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("UNIFORM_SEQREC_DATA", str(tmp_path))                # no data files there
-    monkeypatch.setattr(E.U, "main", lambda argv: pytest.fail("trained a cell that cannot run"))
+    monkeypatch.setattr(E.R, "main", lambda argv: pytest.fail("trained a cell that cannot run"))
     for cell in ["bogus", "table1/beauty/sasrec", "table1/nope/sasrec/uniform", "table2/beauty/z"]:
         assert E.main(["run", cell]) == 2
         assert capsys.readouterr().err == f"experiments.py: error: unknown cell '{cell}' (`experiments.py list " \
@@ -314,7 +315,7 @@ def test_a_cell_another_process_is_training_is_left_to_it(tmp_path, monkeypatch,
                              os.path.join(run_dir, ".lock")], stdout=subprocess.PIPE, text=True)
     try:
         assert held.stdout.readline() == "locked\n"
-        monkeypatch.setattr(E.U, "main", lambda argv: pytest.fail("trained a folder another process holds"))
+        monkeypatch.setattr(E.R, "main", lambda argv: pytest.fail("trained a folder another process holds"))
         assert E.run_cell("table1/beauty/sasrec/bpr", 1, None) == 0
         assert "is being trained by another process; left to it" in capsys.readouterr().out
     finally:
@@ -371,9 +372,9 @@ def test_a_run_folders_best_state_ranks_as_its_test_did(tmp_path):
     data.write_text("".join(f"{u} " + " ".join(str(g.randint(1, 15)) for _ in range(g.randint(5, 9))) + "\n"
                             for u in range(1, 61)))
     run = tmp_path / "run"
-    assert U.main(["--data", str(data), "--out", str(run), "--model", "sasrec", "--dim", "16", "--layers", "1",
+    assert R.main(["--data", str(data), "--out", str(run), "--model", "sasrec", "--dim", "16", "--layers", "1",
                    "--heads", "1", "--device", "cpu", "--epochs", "3", "--loss", "uniform"]) == 0
-    flat, starts, lengths, num_items = U.flatten_sequences(U.read_sequences(str(data)), "cpu")
+    flat, starts, lengths, num_items = U.flatten_sequences(R.read_sequences(str(data)), "cpu")
     score, max_len = E.best_state_scorer(str(run), num_items, lengths)
     ranks, kinds = E.ranks_and_repeats(score, flat, starts, lengths, "test", max_len)
     with open(run / "metrics.json") as f:
@@ -381,7 +382,7 @@ def test_a_run_folders_best_state_ranks_as_its_test_did(tmp_path):
     assert U.metrics_from_ranks(ranks) == pytest.approx(recorded_test)
     assert set(kinds.tolist()) == {0, 1, 2}
     (run / "checkpoint.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(U.RunFolderError, match="does not load"):
+    with pytest.raises(R.RunFolderError, match="does not load"):
         E.best_state_scorer(str(run), num_items, lengths)
-    with pytest.raises(U.RunFolderError, match="no checkpoint.pt"):
+    with pytest.raises(R.RunFolderError, match="no checkpoint.pt"):
         E.best_state_scorer(str(tmp_path), num_items, lengths)

@@ -11,7 +11,9 @@ import time
 import pytest
 import torch
 
+import runs as R
 import uniform_seqrec as U
+from conftest import backbone
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BEAUTY_SLICE_USERS = 1500  # the conftest.py fixture beauty_slice
@@ -67,7 +69,7 @@ BAD_FILES = [
 def test_bad_data_file_is_one_line_error(tmp_path, capsys, content, expected):
     path = tmp_path / "data.txt"
     path.write_bytes(content.encode("latin-1"))
-    code = U.main(["--data", str(path), "--out", str(tmp_path / "run"), *SMALL])
+    code = R.main(["--data", str(path), "--out", str(tmp_path / "run"), *SMALL])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and expected in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()                                     # nothing created for a bad file
@@ -126,7 +128,7 @@ BAD_FLAGS = [
 def exit_code_of_main(args):
     """main() returns its exit code; argparse exits by itself (SystemExit) for flags it rejects."""
     try:
-        return U.main(args)
+        return R.main(args)
     except SystemExit as exit:
         return exit.code
 
@@ -174,8 +176,8 @@ def test_a_batch_beyond_the_machines_memory_is_one_line(tmp_path, capsys, monkey
     path = tmp_path / "data.txt"
     path.write_text("".join(f"{u} " + " ".join(str(1 + (u * 7 + k * 13) % 500) for k in range(13)) + "\n"
                             for u in range(1, 2001)))                           # 2,000 users x 10 examples
-    monkeypatch.setattr(U, "device_memory", lambda device: 16 * 2 ** 30)
-    code = U.main(["--data", str(path), "--out", str(tmp_path / "run"), *SMALL, "--batch-size", str(10 ** 12)])
+    monkeypatch.setattr(R, "device_memory", lambda device: 16 * 2 ** 30)
+    code = R.main(["--data", str(path), "--out", str(tmp_path / "run"), *SMALL, "--batch-size", str(10 ** 12)])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "more than the 16.0 GiB of cpu" in err
     assert "most of it for one batch (20,000 triplets, histories of up to 12 items; --batch-size 1000000000000" in err
@@ -195,7 +197,7 @@ def test_a_history_length_far_beyond_any_history_trains_as_the_longest(tmp_path)
     data, metrics = small_data(tmp_path), {}
     for max_len in (str(10 ** 9), "12"):
         out = tmp_path / max_len
-        assert U.main(["--data", data, "--out", str(out), *SMALL, "--epochs", "2", "--max-len", max_len]) == 0
+        assert R.main(["--data", data, "--out", str(out), *SMALL, "--epochs", "2", "--max-len", max_len]) == 0
         metrics[max_len] = json.loads((out / "metrics.json").read_text())["test"]
     assert metrics[str(10 ** 9)] == metrics["12"]
 
@@ -206,13 +208,13 @@ def test_a_seed_anywhere_in_torchs_range_trains_as_torch_takes_it(tmp_path):
     data, metrics = small_data(tmp_path), {}
     for seed in ("-1", str(2 ** 64 - 1)):
         out = tmp_path / seed
-        assert U.main(["--data", data, "--out", str(out), *SMALL, "--epochs", "2", "--seed", seed]) == 0
+        assert R.main(["--data", data, "--out", str(out), *SMALL, "--epochs", "2", "--seed", seed]) == 0
         metrics[seed] = json.loads((out / "metrics.json").read_text())["test"]
     assert metrics["-1"] == metrics[str(2 ** 64 - 1)]
 
 
 def test_a_folder_instead_of_a_file(tmp_path, capsys):
-    assert U.main(["--data", str(tmp_path), *SMALL]) == 2
+    assert R.main(["--data", str(tmp_path), *SMALL]) == 2
     assert "is a folder, not a data file" in capsys.readouterr().err
 
 
@@ -258,19 +260,19 @@ EDITED_FILES = [
 def test_what_editors_leave_behind_is_accepted(tmp_path, content):
     path = tmp_path / "data.txt"
     path.write_bytes(content)
-    assert U.read_sequences(str(path)) == [[1, 2, 3, 4], [2, 3, 4, 5], [3, 4, 5, 1, 2]]
+    assert R.read_sequences(str(path)) == [[1, 2, 3, 4], [2, 3, 4, 5], [3, 4, 5, 1, 2]]
 
 
 def test_resume_of_a_folder_with_another_configuration_is_refused(tmp_path, capsys, beauty_slice):
     run = tmp_path / "run"
-    assert U.main(["--data", beauty_slice, "--epochs", "1", "--out", str(run), *SMALL]) == 0
+    assert R.main(["--data", beauty_slice, "--epochs", "1", "--out", str(run), *SMALL]) == 0
     capsys.readouterr()
-    assert U.main(["--resume", str(run), "--lr", "5e-4"]) == 2
+    assert R.main(["--resume", str(run), "--lr", "5e-4"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "that run has --lr 0.001, this command asks for 0.0005" in err
-    assert U.main(["--data", beauty_slice, "--epochs", "1", "--out", str(run), *SMALL, "--dim", "32"]) == 2
+    assert R.main(["--data", beauty_slice, "--epochs", "1", "--out", str(run), *SMALL, "--dim", "32"]) == 2
     assert "holds a run with --dim 16, not 32; choose another --out" in capsys.readouterr().err
-    assert U.main(["--resume", str(tmp_path)]) == 2
+    assert R.main(["--resume", str(tmp_path)]) == 2
     assert "no config.json there" in capsys.readouterr().err
 
 
@@ -292,9 +294,9 @@ def folder_state(folder):
 def test_a_run_folder_that_cannot_be_created_is_one_line_and_leaves_nothing(tmp_path, capsys):
     data = small_data(tmp_path)
     (tmp_path / "afile").write_text("keep me")
-    code = U.main(["--data", data, "--out", str(tmp_path / "afile" / "run"), *SMALL])
+    code = R.main(["--data", data, "--out", str(tmp_path / "afile" / "run"), *SMALL])
     one_line_error(capsys, code, f"cannot create the run folder {tmp_path / 'afile' / 'run'} (Not a directory)")
-    code = U.main(["--data", data, "--out", str(tmp_path / "afile"), *SMALL])
+    code = R.main(["--data", data, "--out", str(tmp_path / "afile"), *SMALL])
     one_line_error(capsys, code, f"{tmp_path / 'afile'} is a file, not a run folder; choose another --out")
     assert sorted(os.listdir(tmp_path)) == ["afile", "small.txt"] and (tmp_path / "afile").read_text() == "keep me"
 
@@ -308,7 +310,7 @@ def test_a_full_disk_at_the_start_leaves_no_folder(tmp_path, capsys, monkeypatch
         return real_replace(source, target)
 
     monkeypatch.setattr(os, "replace", full)
-    code = U.main(["--data", small_data(tmp_path), "--out", str(tmp_path / "runs" / "run"), *SMALL])
+    code = R.main(["--data", small_data(tmp_path), "--out", str(tmp_path / "runs" / "run"), *SMALL])
     one_line_error(capsys, code, f"cannot write {tmp_path / 'runs' / 'run' / 'config.json'} (No space left on device)")
     assert sorted(os.listdir(tmp_path)) == ["small.txt"]                       # both folders it made are gone
 
@@ -329,13 +331,13 @@ def test_a_full_disk_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatc
     monkeypatch.setattr(torch, "save", save)
     run = tmp_path / "run"
     args = ["--data", small_data(tmp_path), "--out", str(run), *SMALL, "--epochs", "3"]
-    code = U.main(args)
+    code = R.main(args)
     err = one_line_error(capsys, code, f"cannot write {run / 'checkpoint.pt'} (No space left on device)")
     assert err.rstrip().endswith("the run folder keeps the checkpoint of epoch 1")
     assert sorted(os.listdir(run)) == [".lock", "checkpoint.pt", "config.json", "log.jsonl"]  # no .partial
     assert real_load(run / "checkpoint.pt")["state"]["epoch"] == 1
     monkeypatch.setattr(torch, "save", real_save)
-    assert U.main(args) == 0
+    assert R.main(args) == 0
     assert "resuming" in capsys.readouterr().out and (run / "metrics.json").is_file()
 
 
@@ -348,7 +350,7 @@ def finished_run(tmp_path, capsys):
     """A finished one-epoch run on small data: (run folder, its command line)."""
     run = tmp_path / "run"
     args = ["--data", small_data(tmp_path), "--out", str(run), *SMALL, "--epochs", "1"]
-    assert U.main(args) == 0
+    assert R.main(args) == 0
     capsys.readouterr()
     return run, args
 
@@ -372,7 +374,7 @@ def test_a_damaged_checkpoint_is_one_line_and_the_folder_is_kept(finished_run, c
     (run / "checkpoint.pt").write_bytes(damage((run / "checkpoint.pt").read_bytes()))
     before = folder_state(run)
     for command in (args, ["--resume", str(run)]):
-        one_line_error(capsys, U.main(command), f"{run / 'checkpoint.pt'} is damaged or not this run's checkpoint (")
+        one_line_error(capsys, R.main(command), f"{run / 'checkpoint.pt'} is damaged or not this run's checkpoint (")
         assert folder_state(run) == before
 
 
@@ -383,7 +385,7 @@ def test_a_checkpoint_of_another_model_is_one_line(finished_run, capsys):
     checkpoint["model"]["items.weight"] = checkpoint["model"]["items.weight"][:5]   # another data file's table
     torch.save(checkpoint, run / "checkpoint.pt")
     before = folder_state(run)
-    err = one_line_error(capsys, U.main(args), "is damaged or not this run's checkpoint (RuntimeError: Error(s) in "
+    err = one_line_error(capsys, R.main(args), "is damaged or not this run's checkpoint (RuntimeError: Error(s) in "
                                                "loading state_dict for SASRec: size mismatch for items.weight")
     assert "remove it to train this run from its start" in err and folder_state(run) == before
 
@@ -392,14 +394,14 @@ def test_damaged_json_files_of_a_run_folder_are_one_line(finished_run, capsys):
     run, args = finished_run
     metrics = (run / "metrics.json").read_text()
     (run / "metrics.json").write_text(metrics[:20])
-    one_line_error(capsys, U.main(args), f"{run / 'metrics.json'} is damaged or unreadable (JSONDecodeError")
+    one_line_error(capsys, R.main(args), f"{run / 'metrics.json'} is damaged or unreadable (JSONDecodeError")
     (run / "metrics.json").write_text("[]")
-    one_line_error(capsys, U.main(args), f"{run / 'metrics.json'} is damaged (not a JSON object)")
+    one_line_error(capsys, R.main(args), f"{run / 'metrics.json'} is damaged (not a JSON object)")
     (run / "metrics.json").write_text(metrics)
     (run / "config.json").write_text((run / "config.json").read_text()[:20])
     before = folder_state(run)
-    one_line_error(capsys, U.main(args), f"{run / 'config.json'} is damaged or unreadable (JSONDecodeError")
-    one_line_error(capsys, U.main(["--resume", str(run)]), "this folder cannot be resumed")
+    one_line_error(capsys, R.main(args), f"{run / 'config.json'} is damaged or unreadable (JSONDecodeError")
+    one_line_error(capsys, R.main(["--resume", str(run)]), "this folder cannot be resumed")
     assert folder_state(run) == before
 
 
@@ -418,7 +420,7 @@ def test_a_checkpoint_written_on_a_gpu_resumes_on_the_cpu(finished_run, capsys, 
     if not torch.cuda.is_available():                                          # it really names a GPU
         with pytest.raises(RuntimeError, match="CUDA"):
             torch.load(run / "checkpoint.pt", weights_only=False)
-    assert U.main(args) == 0                                                   # loads it, tests the best state
+    assert R.main(args) == 0                                                   # loads it, tests the best state
     assert json.loads((run / "metrics.json").read_text())["test"] == result
 
 
@@ -429,7 +431,7 @@ def test_a_checkpoint_written_on_a_gpu_resumes_on_the_cpu(finished_run, capsys, 
 def test_non_finite_loss_stops_naming_epoch_and_step_and_keeps_the_last_good_checkpoint(
         tmp_path, capsys, monkeypatch, beauty_slice):
     real_loss, calls = U.batch_loss, []
-    examples = sum(len(s) - 3 for s in U.read_sequences(beauty_slice))
+    examples = sum(len(s) - 3 for s in R.read_sequences(beauty_slice))
     steps_per_epoch = -(-examples // 256)
 
     def poisoned(*args):
@@ -439,7 +441,7 @@ def test_non_finite_loss_stops_naming_epoch_and_step_and_keeps_the_last_good_che
 
     monkeypatch.setattr(U, "batch_loss", poisoned)
     run = tmp_path / "run"
-    code = U.main(["--data", beauty_slice, "--epochs", "4", "--out", str(run), *SMALL])
+    code = R.main(["--data", beauty_slice, "--epochs", "4", "--out", str(run), *SMALL])
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1
     assert "non-finite loss at epoch 2, step 3; the run folder keeps the checkpoint of epoch 1" in err
@@ -501,19 +503,19 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path, beauty_slice):
 def test_a_run_folder_in_use_by_another_process_is_refused(tmp_path, capsys, beauty_slice):
     run = tmp_path / "run"
     args = ["--data", beauty_slice, "--epochs", "1", "--out", str(run), *SMALL]
-    config, run_dir = U.configure(args)
-    U.prepare_run_dir(config, run_dir)
+    config, run_dir = R.configure(args)
+    R.prepare_run_dir(config, run_dir)
     holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'w'); "
                                "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)",
                                str(run / ".lock")], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        assert U.main(args) == 2
+        assert R.main(args) == 2
         assert "is in use by another running process" in capsys.readouterr().err
     finally:
         holder.kill()
         holder.wait()
-    assert U.main(args) == 0                                                    # the lock dies with its process
+    assert R.main(args) == 0                                                    # the lock dies with its process
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -526,19 +528,19 @@ class Terminal(io.StringIO):
 
 
 def test_progress_is_one_updating_terminal_line_at_most_once_an_interval(tmp_path):
-    sequences = U.read_sequences(small_data(tmp_path, users=200))
-    config, _ = U.configure(["--data", str(tmp_path / "small.txt"), *SMALL, "--batch-size", "16"])
+    sequences = R.read_sequences(small_data(tmp_path, users=200))
+    config, _ = R.configure(["--data", str(tmp_path / "small.txt"), *SMALL, "--batch-size", "16"])
     flat, starts, lengths, num_items = U.flatten_sequences(sequences, "cpu")
     data = U.training_data(flat, starts, lengths, num_items, 50)
-    model = U.build_model("sasrec", num_items, 16, 1, 1, 0.5, 50, 5)
+    model = backbone("sasrec", num_items, max_len=50, layers=1, heads=1)
     optimizer = U.adam(model, 1e-3, torch.device("cpu"))
-    steps = -(-len(data.ends) // 16)
+    steps = -(-len(data.target_at) // 16)
     screen = Terminal()
-    progress = U.ProgressLine(screen, interval=1.0)
+    progress = R.ProgressLine(screen, interval=1.0)
     ticks = iter(range(10 ** 6))
     progress.clock = lambda: next(ticks) / 4                                   # a clock that ticks 0.25 s a reading
     progress.start("epoch 1")
-    U.train_epoch(model, optimizer, data, config, 1, progress)
+    U.train_epoch(model, optimizer, data, config, 1, lambda done, total: done and progress.step(done, total))
     updates = screen.getvalue().split("\r")[1:]
     assert len(updates) == steps // 4 and steps > 40                           # once a second, not once a step
     assert updates[0] == f"epoch 1: 4/{steps} steps, 0:{round((steps - 4) / 4):02d} left"  # 1 s for 4 steps
@@ -549,11 +551,11 @@ def test_progress_is_one_updating_terminal_line_at_most_once_an_interval(tmp_pat
 
 
 def test_no_progress_where_the_output_is_not_a_terminal(tmp_path, capsys, monkeypatch):
-    init = U.ProgressLine.__init__
-    monkeypatch.setattr(U.ProgressLine, "__init__", lambda self, stream=None, interval=1.0: init(
+    init = R.ProgressLine.__init__
+    monkeypatch.setattr(R.ProgressLine, "__init__", lambda self, stream=None, interval=1.0: init(
         self, stream, interval=0.0))                                           # would update every step
     run = tmp_path / "run"
-    assert U.main(["--data", small_data(tmp_path, users=200), "--out", str(run), *SMALL, "--epochs", "2",
+    assert R.main(["--data", small_data(tmp_path, users=200), "--out", str(run), *SMALL, "--epochs", "2",
                    "--batch-size", "16"]) == 0
     captured = capsys.readouterr()                                             # pytest's capture: not a terminal
     assert captured.err == "" and "steps" not in captured.out and "\r" not in captured.out

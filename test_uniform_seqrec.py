@@ -3,19 +3,23 @@ backbones, training that learns, and the command line on a slice of a real bench
 
     python -m pytest -q      (the benchmark files in ./data, or in $UNIFORM_SEQREC_DATA)
 """
+import glob
 import inspect
 import itertools
 import json
 import math
+import os
 
 import pytest
 import torch
 
+import runs as R
 import uniform_seqrec as U
-from conftest import BEAUTY, needs
+from conftest import BEAUTY, backbone, needs
 from data_prep import read_sequences
 
 BEAUTY_SLICE_USERS = 600  # the conftest.py fixture beauty_slice
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def vectors(rows, dim=6, seed=0):
@@ -329,7 +333,7 @@ def test_flattened_sequences_and_training_data_hold_what_they_say():
     data = U.training_data(flat, starts, lengths, num_items, 50)
     ends, history_lengths, users = U.training_examples(starts, lengths, 50)
     assert data.flat is flat and data.num_items == num_items
-    assert torch.equal(data.ends, ends) and torch.equal(data.history_lengths, history_lengths)
+    assert torch.equal(data.target_at, ends) and torch.equal(data.history_lengths, history_lengths)
     assert torch.equal(data.users, users)
     assert torch.equal(data.keys, U.training_item_keys(flat, starts, lengths, num_items))
 
@@ -401,7 +405,7 @@ def test_epoch_batches_keep_every_example_once_and_groups_sorted():
 
 def make_model(name, num_items=50):
     torch.manual_seed(0)
-    return U.build_model(name, num_items, dim=16, layers=2, heads=2, dropout=0.5, max_len=20, caser_window=4).eval()
+    return backbone(name, num_items).eval()
 
 
 @pytest.mark.parametrize("name", ["gru4rec", "caser", "sasrec"])
@@ -473,7 +477,7 @@ def test_sasrec_history_vector_depends_on_order_and_content():
 
 
 def test_sasrec_input_is_item_times_sqrt_d_plus_position():
-    model = U.build_model("sasrec", 50, dim=16, layers=0, heads=2, dropout=0.5, max_len=20, caser_window=4).eval()
+    model = backbone("sasrec", 50, layers=0).eval()
     with torch.no_grad():
         h = model.encode(torch.tensor([[7, 3, 0]]))                          # no blocks: the final LayerNorm only
         expected = model.final_norm(model.items.weight[3] * 4.0 + model.positions.weight[0])  # sqrt(16) = 4
@@ -503,8 +507,8 @@ def test_caser_reads_only_its_last_window():
 
 def caser_variant(activation="relu", num_users=0, output_table=False, num_items=50):
     torch.manual_seed(0)
-    return U.build_model("caser", num_items, dim=16, layers=1, heads=2, dropout=0.5, max_len=20, caser_window=4,
-                         caser_activation=activation, num_users=num_users, caser_output_table=output_table).eval()
+    return backbone("caser", num_items, num_users, layers=1, caser_activation=activation,
+                    caser_output_table=output_table).eval()
 
 
 def test_caser_switches_change_what_they_say():
@@ -599,7 +603,7 @@ def test_dropout_drops_at_rate_p_keeps_the_mean_and_is_off_in_eval():
                                                               ["bce", "bpr", "infonce", "uniform"])))
 def test_every_backbone_and_loss_learns(name, loss):
     torch.manual_seed(0)
-    model = U.build_model(name, 40, dim=16, layers=1, heads=2, dropout=0.0, max_len=10, caser_window=3)
+    model = backbone(name, 40, max_len=10, layers=1, dropout=0.0, caser_window=3)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     config = {"loss": loss, "beta": 0.05, "t": 2.0, "normalize": True, "rec": True, "hom": True, "het": True,
               "infonce_negatives": None}
@@ -624,7 +628,7 @@ def test_command_line_trains_and_reports_on_real_data(beauty_slice, tmp_path, ca
     out = tmp_path / "run"
     args = ["--data", beauty_slice, "--model", "sasrec", "--loss", "uniform", "--epochs", "3", "--dim", "16",
             "--out", str(out), "--device", "cpu", "--lr", "1e-3"]
-    assert U.main(args) == 0
+    assert R.main(args) == 0
     printed = capsys.readouterr().out
     assert "epoch   3" in printed and "test (best epoch" in printed
     metrics = json.loads((out / "metrics.json").read_text())
@@ -636,7 +640,7 @@ def test_command_line_trains_and_reports_on_real_data(beauty_slice, tmp_path, ca
     assert json.loads((out / "config.json").read_text())["loss"] == "uniform"
     assert (out / "checkpoint.pt").is_file()
     # running the same command again finds the finished run instead of training again
-    assert U.main(args) == 0
+    assert R.main(args) == 0
     assert "is finished" in capsys.readouterr().out
 
 
@@ -651,7 +655,7 @@ def test_real_beauty_split_sizes():
 
 def configured(tmp_path, *args):
     (tmp_path / "Beauty.txt").touch()                                        # configure() checks only that it exists
-    return U.configure(["--data", "beauty", "--data-dir", str(tmp_path), *args])
+    return R.configure(["--data", "beauty", "--data-dir", str(tmp_path), *args])
 
 
 def test_flags_added_later_leave_earlier_run_folders_where_they_were(tmp_path):
@@ -684,6 +688,49 @@ def test_each_backbone_defaults_to_its_originals_depth(tmp_path):
 ])
 def test_flags_of_one_backbone_or_loss_are_refused_elsewhere(tmp_path, capsys, args, expected):
     (tmp_path / "Beauty.txt").write_text("1 1 2 3\n")
-    code = U.main(["--data", "beauty", "--data-dir", str(tmp_path), "--out", str(tmp_path / "run"), *args])
+    code = R.main(["--data", "beauty", "--data-dir", str(tmp_path), "--out", str(tmp_path / "run"), *args])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and expected in err and not (tmp_path / "run").exists()
+
+
+@needs("beauty")
+def test_same_seed_same_numbers_as_before_the_method_and_the_runner_were_split(tmp_path):
+    """test_seeded_numbers.json was written by the code before uniform_seqrec.py was split in two (its "made_by"
+    says how): the same configurations must still give the same run folders, losses and metrics."""
+    with open(os.path.join(HERE, "test_seeded_numbers.json")) as f:
+        fixture = json.load(f)
+    before = fixture["runs"]
+    path = tmp_path / "slice.txt"
+    with open(BEAUTY) as f:
+        path.write_text("".join(itertools.islice(f, 300)))
+    sequences = read_sequences(str(path))
+    flat, starts, lengths, num_items = U.flatten_sequences(sequences, "cpu")
+    for name, expected in before.items():
+        model_name, loss = name.split("/")
+        config, run_dir = R.configure(["--data", str(path), "--model", model_name, "--loss", loss, "--dim", "16",
+                                       "--heads", "1", "--seed", "1", "--device", "cpu", "--batch-size", "64",
+                                       "--lr", "1e-3"])
+        named_as_then = R.configuration_id({**config, "data": fixture["data"]})  # --data was that path
+        assert expected["run_folder"].endswith(named_as_then) and run_dir.endswith(R.configuration_id(config)), name
+        max_len = U.history_limit(config, lengths)
+        data = U.training_data(flat, starts, lengths, num_items, max_len)
+        torch.manual_seed(config["seed"])
+        model = U.build_model(config, num_items, len(lengths), max_len)
+        optimizer = U.adam(model, config["lr"], torch.device("cpu"))
+        losses = [sum(U.train_epoch(model, optimizer, data, config, epoch).tolist()) for epoch in (1, 2)]
+        assert losses == pytest.approx(expected["epoch_losses"], rel=1e-6), name
+        for split in ("valid", "test"):
+            both = U.evaluate_protocols(model, U.evaluation_batches(flat, starts, lengths, max_len, split),
+                                        U.scores_are_cosines(config))
+            assert both["all_items"] == pytest.approx(expected[split], abs=1e-9), (name, split)
+            assert both["history_excluded"] == pytest.approx(expected[split + "_masked"], abs=1e-9), (name, split)
+
+
+def test_every_recorded_cell_keeps_its_run_folder_name(tmp_path):
+    """The configuration hash of every run recorded in results/cells/ is still the one its folder was named by."""
+    records = glob.glob(os.path.join(HERE, "results", "cells", "*.json"))
+    assert len(records) >= 40
+    for path in records:
+        with open(path) as f:
+            record = json.load(f)
+        assert record["run_dir"].endswith(R.configuration_id(record["config"])), path

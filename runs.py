@@ -1,0 +1,564 @@
+"""Running the method of uniform_seqrec.py: the command line and its checks, run folders, checkpoints and resume.
+
+    python uniform_seqrec.py --model sasrec --loss uniform --data beauty
+
+uniform_seqrec.py holds the paper; this file holds what a run needs around it:
+  1. One-line errors   bad input is refused with one line naming the problem, never a traceback
+  2. Run folders       RunFolder (what train() saves and resumes from), atomic writes, the lock, the progress line
+  3. Command line      the parser, the checks of its values, the device, the memory estimate, the run folder's name
+  4. main
+
+A run folder holds config.json (the resolved configuration), log.jsonl (one line per epoch), checkpoint.pt (model,
+optimizer, early-stopping state and best state, written atomically after every epoch) and metrics.json (the result).
+Its default name is runs/<data>-<model>-<loss>-<hash of the configuration>.
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import warnings
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # before torch's import: see uniform_seqrec.py
+import torch
+
+import uniform_seqrec as U
+from data_prep import BENCHMARKS, DataError, OneLineErrorParser, benchmark_path, default_data_dir, read_sequences
+
+
+# =============================================================================================================
+# 1. One-line errors
+# =============================================================================================================
+
+class ConfigError(ValueError):
+    """A command line the paper's setting cannot use; the message is one line naming the problem."""
+
+
+class RunFolderError(ConfigError):
+    """A run folder that cannot be created or written (full disk, no permission), or whose files are damaged; the
+    message is one line naming the file and the problem, and nothing in the folder is changed."""
+
+
+def one_line(err, limit=200):
+    """An exception as one short line, for messages that quote it."""
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    text = f"{type(err).__name__}: {text}" if text else type(err).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def read_json(path, what):
+    """A run folder's JSON file (config.json, metrics.json), or a RunFolderError naming it."""
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except (OSError, ValueError) as err:                                    # JSONDecodeError, UnicodeDecodeError
+        raise RunFolderError(f"{path} is damaged or unreadable ({one_line(err)}); {what}") from None
+    if not isinstance(value, dict):
+        raise RunFolderError(f"{path} is damaged (not a JSON object); {what}")
+    return value
+
+
+def save_atomically(obj, path):
+    """Write to a temporary file in the same folder, then rename: a kill at any moment leaves the old or the new.
+    So does a failed write (a full disk, a folder that cannot be written): the partial file is removed, the old one
+    stays, and a RunFolderError says why."""
+    partial = path + ".partial"
+    try:
+        if path.endswith(".pt"):
+            torch.save(obj, partial)
+        else:
+            with open(partial, "w") as f:
+                f.write(obj)
+        os.replace(partial, path)
+        return
+    except (OSError, RuntimeError) as err:           # torch.save reports a full disk as a RuntimeError, no errno
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else one_line(err)
+    try:                                             # (after the except clause, which kept torch's writer open)
+        os.remove(partial)
+    except OSError:
+        pass
+    try:
+        free = f"; {shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free:,} bytes free on its disk"
+    except OSError:
+        free = ""
+    raise RunFolderError(f"cannot write {path} ({reason}){free}")
+
+
+# =============================================================================================================
+# 2. Run folders: what train() saves and resumes from; atomic writes, the lock, the progress line
+# =============================================================================================================
+
+class RunFolder:
+    """The `run` of uniform_seqrec.train() kept in a folder: the checkpoint after every epoch, the log beside it,
+    and what the user sees (each line through `log`, the progress line on a terminal)."""
+
+    def __init__(self, path, log=print, progress=None):
+        self.path, self.print = path, log
+        self.progress = ProgressLine() if progress is None else progress
+        self.saved_epoch = 0                                                # the epoch checkpoint.pt holds
+
+    def __str__(self):
+        return f"run folder {self.path}"
+
+    def file(self, name):
+        return os.path.join(self.path, name)
+
+    def resume(self, model, optimizer):
+        state, best_model = restore(self.file("checkpoint.pt"), model, optimizer)
+        self.saved_epoch = state["epoch"]
+        if state["epoch"]:
+            self.log(f"resuming {self.path} after epoch {state['epoch']} (best so far: epoch {state['best_epoch']})")
+        return state, best_model
+
+    def save(self, model, optimizer, state, best_model):
+        try:
+            save_atomically({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state,
+                             "best_model": best_model}, self.file("checkpoint.pt"))
+        except RunFolderError as err:
+            raise RunFolderError(f"{err}; the run folder keeps the checkpoint of epoch {self.saved_epoch}") from None
+        self.saved_epoch = state["epoch"]
+        save_atomically("".join(json.dumps(r) + "\n" for r in state["history"]), self.file("log.jsonl"))
+
+    def log(self, line):
+        self.progress.clear()
+        self.print(line)
+
+    def step(self, epoch, done, total):
+        if done == 0:
+            self.progress.start(f"epoch {epoch}")
+        elif done == total:
+            self.progress.clear()
+        elif self.progress.enabled:
+            self.progress.step(done, total)
+
+    def finish(self, result, config):
+        """Write metrics.json: the result of train(), with the device and the configuration."""
+        result = {**result, "device": config["device"], "config": config}
+        save_atomically(json.dumps(result, indent=2) + "\n", self.file("metrics.json"))
+        self.log(f"test (best epoch {result['best_epoch']}): " +
+                 "  ".join(f"{k} {v:.4f}" for k, v in result["test"].items()))
+
+
+def restore(checkpoint_path, model, optimizer):
+    """Load the last checkpoint into model and optimizer, if any. Returns (early-stopping state, best model)."""
+    if not os.path.exists(checkpoint_path):
+        state = {"epoch": 0, "best_epoch": 0, "best_ndcg": -1.0, "history": []}  # history: the log rows so far
+        return state, {k: v.clone() for k, v in model.state_dict().items()}
+    try:  # map_location: a checkpoint written on any device (a GPU, the CPU) loads onto this run's device
+        checkpoint = torch.load(checkpoint_path, map_location=next(model.parameters()).device, weights_only=False)
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        return checkpoint["state"], checkpoint["best_model"]
+    except Exception as err:  # whatever a truncated, foreign or garbled file raises (zip, pickle, key, shape errors)
+        raise RunFolderError(f"{checkpoint_path} is damaged or not this run's checkpoint ({one_line(err)}); nothing "
+                             f"was changed: remove it to train this run from its start") from None
+
+
+def prepare_run_dir(config, run_dir):
+    """Create the run folder, or check that an existing one holds this same configuration."""
+    saved_path = os.path.join(run_dir, "config.json")
+    if os.path.isfile(saved_path):
+        saved = read_json(saved_path, "choose another --out, or remove the folder to start over")
+        differing = [k for k in config if k not in RUN_ONLY_KEYS and saved.get(k, LATER_KEYS.get(k)) != config[k]]
+        if differing:
+            key = differing[0]
+            raise ConfigError(f"{run_dir} holds a run with --{key.replace('_', '-')} {saved.get(key)}, not "
+                              f"{config[key]}; choose another --out")
+    elif os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise RunFolderError(f"{run_dir} is a file, not a run folder; choose another --out")
+    else:
+        missing = []                                                        # the folders this call creates
+        folder = os.path.abspath(run_dir)
+        while not os.path.exists(folder) and folder != os.path.dirname(folder):
+            missing.append(folder)
+            folder = os.path.dirname(folder)
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+            save_atomically(json.dumps(config, indent=2) + "\n", saved_path)
+        except (OSError, RunFolderError) as err:
+            for folder in missing:                                          # innermost first; only if still empty
+                try:
+                    os.rmdir(folder)
+                except OSError:
+                    pass
+            if isinstance(err, RunFolderError):
+                raise
+            raise RunFolderError(f"cannot create the run folder {run_dir} ({err.strerror or err})") from None
+
+
+def lock_run_dir(run_dir):
+    """An exclusive lock on the run folder for as long as the returned file stays open; the operating system
+    releases it when the process ends, however it ends. (No lock where fcntl does not exist, as on Windows.)"""
+    try:
+        handle = open(os.path.join(run_dir, ".lock"), "w")
+    except OSError as err:
+        raise RunFolderError(f"cannot write in the run folder {run_dir} ({err.strerror or err})") from None
+    if fcntl:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise ConfigError(f"{run_dir} is in use by another running process") from None
+    return handle
+
+
+class ProgressLine:
+    """`epoch 3: 412/695 steps, 0:12 left` on one terminal line that rewrites itself (carriage return) at most once
+    every `interval` seconds, on `stream` (stderr) only when it is a terminal: log files and pipes get nothing.
+    `step(done, total)` reads only the clock, never a tensor, so it adds no host-device synchronisation (on a GPU the
+    count is of steps queued, a few ahead of those finished)."""
+
+    def __init__(self, stream=None, interval=1.0):
+        self.stream = sys.stderr if stream is None else stream
+        self.enabled = bool(getattr(self.stream, "isatty", None)) and self.stream.isatty()
+        self.interval, self.width, self.label, self.clock = interval, 0, "", time.monotonic
+
+    def start(self, label):
+        self.label, self.started = label, self.clock()
+        self.next_update = self.started + self.interval
+
+    def step(self, done, total):
+        now = self.clock()
+        if now >= self.next_update:
+            self.next_update = now + self.interval
+            left = round((now - self.started) / done * (total - done))
+            self.show(f"{self.label}: {done:,}/{total:,} steps, {left // 60}:{left % 60:02d} left")
+
+    def show(self, text):
+        if self.enabled:
+            self.stream.write("\r" + text.ljust(self.width))
+            self.stream.flush()
+            self.width = len(text)
+
+    def clear(self):
+        if self.enabled and self.width:
+            self.stream.write("\r" + " " * self.width + "\r")
+            self.stream.flush()
+            self.width = 0
+
+
+# =============================================================================================================
+# 3. Command line
+# =============================================================================================================
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows '(default: X)' only for flags that take a value and have a default (not for --no-hom and the like)."""
+
+    def _get_help_string(self, action):
+        if action.nargs == 0 or action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser():
+    parser = OneLineErrorParser(
+        prog="uniform_seqrec.py",
+        formatter_class=DefaultsHelpFormatter,
+        description="Train a sequential recommender (GRU4Rec, Caser, SASRec) with BCE, BPR, InfoNCE or the "
+                    "paper's uniformity loss, early-stopped on validation NDCG@10, and report test HR/NDCG@5/10/20 "
+                    "ranking every item for every user.",
+        epilog="Ablations of the paper's Table 2 (with --loss uniform): (b) --no-hom --no-het, (c) --no-het, "
+               "(d) --no-hom, (e) nothing, (f) --no-rec, (g) --no-normalize; row (a) is --loss bce. "
+               "A run writes config.json, log.jsonl, checkpoint.pt and metrics.json into its run folder; running "
+               "the same command again resumes it.")
+    what = parser.add_argument_group("what to train")
+    what.add_argument("--model", choices=["gru4rec", "caser", "sasrec"], default="sasrec", help="backbone")
+    what.add_argument("--loss", choices=["bce", "bpr", "infonce", "uniform"], default="uniform",
+                      help="training objective; 'uniform' is the paper's eq. 6")
+    what.add_argument("--data", default="beauty",
+                      help=f"benchmark ({', '.join(BENCHMARKS)}) or the path of a one-line-per-user file")
+    what.add_argument("--data-dir", default=default_data_dir(),
+                      help="folder holding the benchmark files (environment variable UNIFORM_SEQREC_DATA)")
+    model = parser.add_argument_group("model (paper appendix B grid: dim 32/64/128, layers and heads 1/2/3)")
+    model.add_argument("--dim", type=int, default=64, help="embedding size d")
+    model.add_argument("--layers", type=int,
+                       help="SASRec blocks / GRU4Rec GRU layers (default: the original's, 2 for SASRec, 1 for "
+                            "GRU4Rec)")
+    model.add_argument("--heads", type=int, default=2, help="SASRec attention heads (must divide --dim)")
+    model.add_argument("--dropout", type=float, default=0.5, help="dropout rate")
+    model.add_argument("--max-len", type=int, default=50, help="histories keep their last MAX_LEN items")
+    model.add_argument("--caser-window", type=int, default=5, help="Caser: the last L items it convolves")
+    model.add_argument("--caser-activation", choices=["relu", "none"], default="relu",
+                       help="Caser: activation of its fully connected layer (the original's ReLU, or none)")
+    model.add_argument("--caser-users", action="store_true", default=False,
+                       help="Caser: add the original's user embedding (joined by a second layer, as RecBole does)")
+    model.add_argument("--caser-output-table", action="store_true", default=False,
+                       help="Caser: score items with a table of their own, as the original does, not the input table")
+    loss = parser.add_argument_group("uniformity loss (eq. 6) and its ablations (Table 2)")
+    loss.add_argument("--beta", type=float, default=0.05, help="weight beta1 = beta2 of L_hom and L_het")
+    loss.add_argument("--t", type=float, default=2.0, help="Gaussian potential exp(-t ||x - y||^2)")
+    loss.add_argument("--no-normalize", dest="normalize", action="store_false", default=True,
+                      help="score and regularise raw vectors (row g)")
+    loss.add_argument("--no-rec", dest="rec", action="store_false", default=True, help="drop L_rec (row f)")
+    loss.add_argument("--no-hom", dest="hom", action="store_false", default=True, help="drop L_hom")
+    loss.add_argument("--no-het", dest="het", action="store_false", default=True, help="drop L_het")
+    loss.add_argument("--infonce-negatives", type=int, metavar="K",
+                      help="InfoNCE: each history's own negative and the next K-1 of the batch; 1 makes InfoNCE "
+                           "equal to BPR (default: all the batch's negatives)")
+    fit = parser.add_argument_group("training")
+    fit.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate (grid: 1e-4, 2e-4, 3e-4)")
+    fit.add_argument("--batch-size", type=int, default=256, help="triplets per batch")
+    fit.add_argument("--epochs", type=int, default=300, help="at most this many epochs")
+    fit.add_argument("--patience", type=int, default=20, help="stop after this many epochs without a better "
+                                                              "validation NDCG@10")
+    fit.add_argument("--length-groups", type=int,
+                     help="encode each batch in this many length-sorted groups, each padded only to its own "
+                          "longest history; speed only (default 8, and 1 for Caser, which reads only its last "
+                          "L items)")
+    fit.add_argument("--seed", type=int, default=42, help="every random draw follows from it")
+    fit.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
+    evaluation = parser.add_argument_group("evaluation")
+    evaluation.add_argument("--mask-seen", action="store_true", default=False,
+                            help="never recommend items of the user's history (S3-Rec style; off in the paper "
+                                 "reproduction, so that repeated Yelp targets stay reachable)")
+    runs = parser.add_argument_group("run folder")
+    runs.add_argument("--out", help="run folder (default: runs/<data>-<model>-<loss>-<hash of the configuration>)")
+    runs.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR with its saved configuration")
+    return parser
+
+
+# keys of the configuration that do not change the result, so may differ when a run is resumed
+RUN_ONLY_KEYS = ("device", "data_dir", "data_path", "out", "resume")
+# Keys added after runs had been recorded, with the value that every earlier run had without saying so. At that value
+# a key stays out of the configuration's hash, so the run folders of earlier configurations keep their names.
+LATER_KEYS = {"infonce_negatives": None, "caser_activation": "none", "caser_users": False,
+              "caser_output_table": False}
+# The number of layers of each backbone's original (Kang & McAuley: 2 blocks; Hidasi et al.: 1 GRU layer). Caser
+# has no such depth; its value is only recorded.
+ORIGINAL_LAYERS = {"sasrec": 2, "gru4rec": 1, "caser": 1}
+
+
+SEE_DEVICES = ("see which there are with: python -c \"import torch; print(torch.cuda.device_count(), 'CUDA', "
+               "torch.backends.mps.is_available(), 'MPS')\"")
+
+
+def resolve_device(name):
+    """'auto' -> cuda, then mps, then cpu; any other name must be a device torch knows and this machine has."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device '{name}' is not a device name torch knows (auto, cpu, cuda, cuda:N, "
+                          f"mps)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            built = "" if torch.version.cuda else f", and this torch ({torch.__version__}) is built without CUDA"
+            raise ConfigError(f"--device {name}: CUDA is not available on this machine{built}; {SEE_DEVICES}")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}; "
+                              f"{SEE_DEVICES}")
+    elif device.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ConfigError(f"--device {name}: MPS (Apple silicon) is not available on this machine; {SEE_DEVICES}")
+    elif device.type != "cpu":
+        backend = getattr(torch, device.type, None)
+        if not (hasattr(backend, "is_available") and backend.is_available()):
+            raise ConfigError(f"--device {name}: there is no {device.type} device to train on here (auto, cpu, cuda, "
+                              f"cuda:N, mps); {SEE_DEVICES}")
+    return name
+
+
+MAX_INT = 2 ** 63 - 1  # torch's int64
+
+
+def check_config(config):
+    """One-line errors for values the paper's setting cannot use. (Values that fit these checks but not the
+    machine's memory are refused by check_memory, which needs the data.)"""
+    for key in ("lr", "batch_size", "max_len", "dim", "patience", "epochs", "caser_window", "layers", "heads",
+                "length_groups"):
+        if not config[key] > 0:
+            raise ConfigError(f"--{key.replace('_', '-')} must be positive (got {config[key]})")
+        if key != "lr" and config[key] > MAX_INT:
+            raise ConfigError(f"--{key.replace('_', '-')} {config[key]} is too large (integers go up to 2**63 - 1)")
+    if math.isinf(config["lr"]):
+        raise ConfigError(f"--lr must be finite (got {config['lr']})")
+    if not -2 ** 63 <= config["seed"] < 2 ** 64:
+        raise ConfigError(f"--seed must be from -2**63 to 2**64 - 1, the seeds torch takes (got {config['seed']})")
+    for key in ("beta", "t"):
+        if not config[key] >= 0 or math.isinf(config[key]):
+            raise ConfigError(f"--{key} must be a finite number >= 0 (got {config[key]})")
+    if not 0 <= config["dropout"] < 1:
+        raise ConfigError(f"--dropout must be in [0, 1) (got {config['dropout']})")
+    if config["model"] == "sasrec" and config["dim"] % config["heads"]:
+        raise ConfigError(f"--heads {config['heads']} does not divide --dim {config['dim']}")
+    ablated = [flag for flag, key in (("--no-normalize", "normalize"), ("--no-rec", "rec"), ("--no-hom", "hom"),
+                                      ("--no-het", "het")) if not config[key]]
+    if ablated and config["loss"] != "uniform":
+        raise ConfigError(f"{ablated[0]} only applies to --loss uniform")
+    if not (config["rec"] or config["hom"] or config["het"]):
+        raise ConfigError("--no-rec, --no-hom and --no-het together leave no loss to train")
+    if config["infonce_negatives"] is not None:
+        if config["loss"] != "infonce":
+            raise ConfigError("--infonce-negatives only applies to --loss infonce")
+        if not config["infonce_negatives"] > 0:
+            raise ConfigError(f"--infonce-negatives must be positive (got {config['infonce_negatives']})")
+
+
+def device_memory(device):
+    """Bytes of memory of a torch.device: the GPU's own, or the machine's (CPU, and MPS, which shares it); None
+    where that cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):                            # no sysconf on Windows
+        return None
+
+
+def memory_estimate(config, sequences):
+    """The largest terms of training's memory in bytes, as {what: bytes}: rough (float32; the factors count the
+    copies autograd, Adam, the best state and the evaluation keep), only to refuse with one line what could never
+    fit (--dim 10**9, --batch-size 10**12, --layers 10**9) rather than exhaust the machine's memory or hang
+    (docs/measurements.md compares it with a measured peak)."""
+    d, window, layers = config["dim"], config["caser_window"], config["layers"]
+    rows = max(max(s) for s in sequences) + 1                               # ids index the item table
+    T = min(config["max_len"], max(len(s) for s in sequences) - 1)          # the widest history (see train)
+    B = min(config["batch_size"], sum(len(s) - 3 for s in sequences))       # one batch: at most every example
+    if config["model"] == "sasrec":
+        weights, activations = T * d + layers * 6 * d * d, layers * B * T * (20 * d + 4 * config["heads"] * T)
+        flags = f"--layers {layers}, --dim {d}"
+    elif config["model"] == "gru4rec":
+        weights, activations, flags = layers * 6 * d * d, layers * B * T * 10 * d, f"--layers {layers}, --dim {d}"
+    else:
+        weights = 8 * window * (window + 1) * d + (4 * d + 16 * window) * d   # horizontal filters of heights 1..L
+        activations, flags = B * (4 * window * d + 16 * window * window), f"--caser-window {window}, --dim {d}"
+    pairs = {"uniform": 40 * B * B, "infonce": 10 * B * B}.get(config["loss"], 0)  # (2B)^2 and B^2 potentials
+    return {f"the item table ({rows:,} rows, one per id up to the largest, x --dim {d})": 4 * 6 * rows * d,
+            f"the model's weights ({flags})": 4 * 6 * weights,
+            f"one batch ({B:,} triplets, histories of up to {T} items; --batch-size {config['batch_size']}, {flags})":
+                4 * (activations + pairs),
+            f"evaluation (1,024 users x {rows:,} scores)": 12 * 1024 * rows}
+
+
+def check_memory(config, sequences):
+    """One line, before any folder exists, when training could never fit the device's memory."""
+    available = device_memory(torch.device(config["device"]))
+    terms = memory_estimate(config, sequences)
+    if available and sum(terms.values()) > available:
+        biggest, gib = max(terms, key=terms.get), sum(terms.values()) / 2 ** 30
+        table, _, _, scores = terms                                        # the terms that grow with the ids
+        largest, distinct = max(max(s) for s in sequences), len({i for s in sequences for i in s})
+        sparse = ""
+        if biggest in (table, scores) and largest > 2 * distinct:
+            sparse = f" (item ids run up to {largest:,} for {distinct:,} items: number them 1..{distinct:,})"
+        raise ConfigError(f"training would need about {gib:,.{1 if gib < 100 else 0}f} GiB, more than the "
+                          f"{available / 2 ** 30:,.1f} GiB of {config['device']}; most of it for {biggest}{sparse}")
+
+
+def data_path_of(config):
+    """--data is a benchmark name (looked up in --data-dir) or a path."""
+    if config["data"] in BENCHMARKS:
+        path = benchmark_path(config["data"], config["data_dir"])
+        if not os.path.isfile(path):
+            raise DataError(f"{path} not found; get it with: python data_prep.py {config['data']} "
+                            f"--data-dir {config['data_dir']}")
+        return path
+    if os.path.exists(config["data"]):
+        return config["data"]
+    if os.sep in config["data"] or "." in config["data"]:
+        raise DataError(f"no such data file: {config['data']}")
+    raise ConfigError(f"unknown dataset '{config['data']}': not one of {', '.join(BENCHMARKS)} and no such file")
+
+
+def configuration_id(config):
+    """Short hash of everything that changes the result: equal configurations share a default run folder."""
+    kept = {k: v for k, v in sorted(config.items())
+            if k not in RUN_ONLY_KEYS and not (k in LATER_KEYS and v == LATER_KEYS[k])}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def configure(argv):
+    """Parse the command line into the resolved configuration and its run folder."""
+    config = vars(build_parser().parse_args(argv))
+    typed_only = build_parser()
+    typed_only.set_defaults(**dict.fromkeys(config))                        # a typed flag never parses to None
+    given = {k: v for k, v in vars(typed_only.parse_args(argv)).items() if v is not None}
+    if config["resume"]:
+        saved_path = os.path.join(config["resume"], "config.json")
+        if not os.path.isfile(saved_path):
+            raise ConfigError(f"--resume {config['resume']}: no config.json there, not a run folder")
+        saved = {**LATER_KEYS, **read_json(saved_path, "this folder cannot be resumed")}
+        for key, value in given.items():
+            if key not in RUN_ONLY_KEYS and saved.get(key) != value:
+                raise ConfigError(f"--resume {config['resume']}: that run has --{key.replace('_', '-')} "
+                                  f"{saved.get(key)}, this command asks for {value}")
+        config = {**saved, **{k: v for k, v in given.items() if k in RUN_ONLY_KEYS},
+                  "resume": config["resume"]}
+        config.setdefault("data_dir", default_data_dir())
+    if config["length_groups"] is None:
+        config["length_groups"] = 1 if config["model"] == "caser" else 8
+    if config["layers"] is None:
+        config["layers"] = ORIGINAL_LAYERS[config["model"]]
+    if config["model"] != "caser":
+        typed = [key for key in ("caser_activation", "caser_users", "caser_output_table") if key in given]
+        if typed:
+            raise ConfigError(f"--{typed[0].replace('_', '-')} only applies to --model caser")
+        config["caser_activation"] = LATER_KEYS["caser_activation"]         # no Caser, no activation of its
+    if config["infonce_negatives"] is not None and config["infonce_negatives"] >= config["batch_size"]:
+        config["infonce_negatives"] = None                                  # the whole batch: the default's run
+    check_config(config)
+    config["data_path"] = data_path_of(config)
+    config["device"] = resolve_device(config["device"])
+    name = config["data"] if config["data"] in BENCHMARKS else os.path.splitext(os.path.basename(config["data"]))[0]
+    run_dir = config["resume"] or config["out"] or os.path.join(
+        "runs", f"{name}-{config['model']}-{config['loss']}-{configuration_id(config)}")
+    return config, run_dir
+
+
+# =============================================================================================================
+# 4. main
+# =============================================================================================================
+
+def main(argv=None):
+    run = None
+    try:
+        config, run_dir = configure(argv)
+        sequences = read_sequences(config["data_path"])                     # bad data fails before any folder exists
+        check_memory(config, sequences)
+        prepare_run_dir(config, run_dir)
+        lock = lock_run_dir(run_dir)                                        # noqa: F841 - held until main returns
+        metrics_path = os.path.join(run_dir, "metrics.json")
+        if os.path.isfile(metrics_path):
+            test = read_json(metrics_path, "remove it to test the run's best state again").get("test")
+            if not isinstance(test, dict):
+                raise RunFolderError(f"{metrics_path} has no test results; remove it to test the run's best state "
+                                     f"again")
+            print(f"{run_dir} is finished: test " + "  ".join(f"{k} {v:.4f}" for k, v in test.items()))
+            return 0
+        run = RunFolder(run_dir, log=lambda line: print(line, flush=True))
+        run.finish(U.train(config, sequences, run), config)
+    except (DataError, ConfigError) as err:
+        print(f"uniform_seqrec.py: error: {err}", file=sys.stderr)
+        return 2
+    except U.TrainingStopped as err:
+        print(f"uniform_seqrec.py: stopped: {err}; the run folder keeps the checkpoint of epoch {run.saved_epoch}",
+              file=sys.stderr)
+        return 1
+    except FloatingPointError as err:
+        print(f"uniform_seqrec.py: stopped: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        if run is not None:
+            run.progress.clear()
+        print("\ninterrupted; the run folder keeps the last finished epoch (run the same command to resume)",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
