@@ -190,21 +190,65 @@ def read_log(run_dir):
         return [json.loads(line) for line in f if line.strip()]
 
 
+def run_data(cell, seed, config):
+    """The data fingerprint of a cell's run, checked against the file the cell reads now (a ConfigError when they
+    differ: a run on other data is never reported as the cell's)."""
+    current = R.configure([*cell_arguments(cell, read_hyperparameters()), "--seed", str(seed)])[0]
+    current["data_fingerprint"] = R.data_fingerprint(current["data_path"])
+    R.check_same_data(current, config, f"the run of {cell} seed {seed}")
+    return current["data_fingerprint"], current["data_path"]
+
+
+def write_record(cell, seed, entry):
+    path = record_path(cell, seed)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    R.save_atomically(json.dumps(entry, indent=2) + "\n", path)
+
+
 def record(cell, seed, run_dir):
-    """Write the cell's JSON from its finished run folder."""
-    with open(os.path.join(run_dir, "metrics.json")) as f:
-        metrics = json.load(f)
+    """Write the cell's JSON from its finished run folder: its metrics under both protocols, the best state's
+    validation metrics, the data file's fingerprint, and how often its top item is one of the user's own."""
+    metrics = R.read_json(os.path.join(run_dir, "metrics.json"), "remove it to test the run's best state again")
+    config = metrics["config"]
+    fingerprint, data_path = run_data(cell, seed, config)
     log = read_log(run_dir)
     commit_file = os.path.join(run_dir, "commit.txt")
     commit = open(commit_file).read().strip() if os.path.isfile(commit_file) else git_commit()
-    entry = {"cell": cell, "seed": seed, "test": metrics["test"], "valid": metrics["valid"],
+    ranked = rescore(run_dir, R.read_sequences(data_path))
+    ranked["protocols"] = metrics.get("protocols") or ranked["protocols"]  # as ranked on the training device
+    entry = {"cell": cell, "seed": seed, "test": metrics["test"], "valid": metrics["valid"], **ranked,
              "best_epoch": metrics["best_epoch"], "epochs": metrics["epochs"], "device": metrics["device"],
              "wall_seconds": round(sum(r["train_seconds"] + r["eval_seconds"] for r in log), 1),
-             "commit": commit, "run_dir": os.path.relpath(run_dir, HERE), "config": metrics["config"]}
-    os.makedirs(os.path.dirname(record_path(cell, seed)), exist_ok=True)
-    with open(record_path(cell, seed), "w") as f:
-        json.dump(entry, f, indent=2)
-        f.write("\n")
+             "commit": commit, "run_dir": os.path.relpath(run_dir, HERE),
+             "config": {**config, "data_fingerprint": fingerprint}}
+    write_record(cell, seed, entry)
+
+
+def rescore_recorded(cells_given=()):
+    """Add both protocols (and the top-item share) to the record of every recorded cell whose run folder is still
+    here, changing nothing else; print the cells whose folder is gone. A re-ranking whose all-items test metrics
+    differ from the record's is refused (it would not be the recorded run)."""
+    gone = []
+    for path in sorted(glob.glob(os.path.join(RESULTS, "cells", "*.json"))):
+        entry = R.read_json(path, "restore it from git")
+        if cells_given and entry["cell"] not in cells_given:
+            continue
+        run_dir = os.path.join(HERE, entry["run_dir"])
+        if not os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
+            gone.append(f"{entry['cell']} seed {entry['seed']}")
+            continue
+        folder_config = R.read_json(os.path.join(run_dir, "config.json"), "not a run folder of uniform_seqrec.py?")
+        fingerprint, data_path = run_data(entry["cell"], entry["seed"], folder_config)
+        ranked = rescore(run_dir, R.read_sequences(data_path))
+        again = ranked["protocols"]["all_items"]["test"]
+        if max(abs(again[k] - entry["test"][k]) for k in entry["test"]) > 2e-4:  # a few users (a GPU run's rounding)
+            raise R.RunFolderError(f"{run_dir} ranks differently from {path}: not the recorded run")
+        write_record(entry["cell"], entry["seed"], {**entry, **ranked,
+                                                     "config": {**entry["config"], "data_fingerprint": fingerprint}})
+        print(f"rescored {entry['cell']} seed {entry['seed']}: history excluded, test NDCG@10 "
+              f"{ranked['protocols']['history_excluded']['test']['NDCG@10']:.4f}")
+    if gone:
+        print(f"{len(gone)} recorded cells have no run folder here, so one protocol only: {', '.join(gone)}")
 
 
 def in_use(run_dir):
@@ -252,7 +296,10 @@ def record_all(max_seed=20):
         for seed in range(1, max_seed + 1):
             run_dir = run_folder(cell, seed, hyperparameters)
             if run_dir and os.path.isfile(os.path.join(run_dir, "metrics.json")):
-                record(cell, seed, run_dir)
+                try:
+                    record(cell, seed, run_dir)
+                except R.ConfigError as err:                                 # one cell's run, not the whole page
+                    print(f"not recorded: {cell} seed {seed}: {err}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -346,38 +393,50 @@ def transition_scores(histories, transitions, popularity, decay):
     return scores
 
 
-def ranks_and_repeats(score, flat, starts, lengths, split, max_len=50):
-    """Every user's target rank under a scoring function of ((B, T) histories, (B,) users), ranked like the models,
-    and whether the target repeats an item of its history (repeat_kinds)."""
+def ranks_and_repeats(score, flat, starts, lengths, split, max_len=50, mask_seen=False):
+    """Every user's target rank under a scoring function of ((B, T) histories, (B,) users), ranked like the models
+    (mask_seen: the history's items excluded), and whether the target repeats an item of its history
+    (repeat_kinds)."""
     ranks, kinds = [], []
     for histories, users, targets in U.evaluation_batches(flat, starts, lengths, max_len, split):
         scores = score(histories, users)
         scores[:, 0] = float("-inf")                                        # padding is no item
+        if mask_seen:
+            scores.scatter_(1, histories, float("-inf"))
         ranks.append(U.rank_of_targets(scores, targets))
         kinds.append(repeat_kinds(histories, targets))
     return torch.cat(ranks), torch.cat(kinds)
 
 
-def baseline_metrics(score, flat, starts, lengths, split):
+def baseline_metrics(score, flat, starts, lengths, split, mask_seen=False):
     """HR and NDCG at 5, 10, 20 of a scoring function of (B, T) histories and (B,) users."""
-    return U.metrics_from_ranks(ranks_and_repeats(score, flat, starts, lengths, split)[0])
+    return U.metrics_from_ranks(ranks_and_repeats(score, flat, starts, lengths, split, mask_seen=mask_seen)[0])
 
 
 def dataset_baselines(sequences):
-    """{'popularity': {valid, test}, 'transitions': {decay, valid, test, valid_by_decay}} for one dataset."""
+    """{'popularity': {valid, test}, 'transitions': {decay, valid, test, valid_by_decay}} for one dataset, every item
+    ranked; each also under "history_excluded" (the same keys, the history's items excluded; the decay chosen on
+    that protocol's validation)."""
     flat, starts, lengths, num_items = U.flatten_sequences(sequences, "cpu")
     popularity = item_popularity(flat, starts, lengths, num_items)
     transitions = item_transitions(flat, starts, lengths, num_items)
     by_popularity = lambda histories, _: popularity.expand(len(histories), -1).clone()
-    result = {"popularity": {split: baseline_metrics(by_popularity, flat, starts, lengths, split)
-                             for split in ("valid", "test")}}
-    valid = {decay: baseline_metrics(lambda h, _: transition_scores(h, transitions, popularity, decay), flat, starts,
-                                     lengths, "valid") for decay in DECAYS}
-    decay = max(DECAYS, key=lambda d: valid[d]["NDCG@10"])                  # chosen on validation NDCG@10
-    test = baseline_metrics(lambda h, _: transition_scores(h, transitions, popularity, decay), flat, starts, lengths,
-                            "test")
-    result["transitions"] = {"decay": decay, "valid": valid[decay], "test": test,
-                             "valid_by_decay": {str(d): v["NDCG@10"] for d, v in valid.items()}}
+    by_transitions = lambda decay: lambda h, _: transition_scores(h, transitions, popularity, decay)
+    result = {"popularity": {}, "transitions": {}}
+    for protocol, mask_seen in U.PROTOCOLS.items():
+        popular = {split: baseline_metrics(by_popularity, flat, starts, lengths, split, mask_seen)
+                   for split in ("valid", "test")}
+        valid = {decay: baseline_metrics(by_transitions(decay), flat, starts, lengths, "valid", mask_seen)
+                 for decay in DECAYS}
+        decay = max(DECAYS, key=lambda d: valid[d]["NDCG@10"])              # chosen on validation NDCG@10
+        transitions_result = {"decay": decay, "valid": valid[decay],
+                              "test": baseline_metrics(by_transitions(decay), flat, starts, lengths, "test", mask_seen),
+                              "valid_by_decay": {str(d): v["NDCG@10"] for d, v in valid.items()}}
+        if protocol == "all_items":
+            result["popularity"].update(popular)
+            result["transitions"].update(transitions_result)
+        else:
+            result["popularity"][protocol], result["transitions"][protocol] = popular, transitions_result
     return result
 
 
@@ -419,6 +478,7 @@ def repeat_kinds(histories, targets):
 def ndcg_by_repeat(ranks, kinds, k=10):
     """Per kind: (share of users, HR@k among them, share ranked first among them, their part of the overall NDCG@k);
     the parts add up to NDCG@k."""
+    ranks = ranks.double()
     gains = torch.where(ranks < k, 1.0 / torch.log2(ranks + 2.0), 0.0)
     rate = lambda hits: hits.double().mean().item() if len(hits) else 0.0
     parts = []
@@ -428,8 +488,8 @@ def ndcg_by_repeat(ranks, kinds, k=10):
     return parts
 
 
-def best_state_scorer(run_dir, num_items, lengths):
-    """The scoring function of a run folder's best validation state, scoring as its evaluation does, and the
+def best_state(run_dir, num_items, lengths):
+    """A run folder's model at its best validation state (on the CPU, in eval mode), its configuration, and the
     history length it was trained with."""
     if not os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
         raise R.RunFolderError(f"{run_dir} has no checkpoint.pt: not a run folder of uniform_seqrec.py")
@@ -441,9 +501,34 @@ def best_state_scorer(run_dir, num_items, lengths):
         model.load_state_dict(checkpoint["best_model"])
     except Exception as err:
         raise R.RunFolderError(f"{run_dir}/checkpoint.pt does not load onto this data's model ({R.one_line(err)})")
-    model.eval()
+    return model.eval(), config, max_len
+
+
+def best_state_scorer(run_dir, num_items, lengths):
+    """The scoring function of a run folder's best validation state, scoring as its evaluation does, and the
+    history length it was trained with."""
+    model, config, max_len = best_state(run_dir, num_items, lengths)
     cosine, table = U.scores_are_cosines(config), model.output_items().weight
     return torch.no_grad()(lambda h, users: U.score(model.encode(h, users=users)[:, None], table, cosine)), max_len
+
+
+def rescore(run_dir, sequences):
+    """What a later analysis needs of a run folder's best state, ranked again: {"protocols": {protocol: {"test",
+    "valid"}}, as train() returns them, "top_item_in_history": {split: the share of users whose top-ranked item,
+    every item ranked, is an item of their own history}}."""
+    flat, starts, lengths, num_items = U.flatten_sequences(sequences, "cpu")
+    model, config, max_len = best_state(run_dir, num_items, lengths)
+    cosine, table = U.scores_are_cosines(config), model.output_items().weight
+    protocols, top_seen = {name: {} for name in U.PROTOCOLS}, {}
+    for split in ("test", "valid"):
+        batches = U.evaluation_batches(flat, starts, lengths, max_len, split)
+        for name, metrics in U.evaluate_protocols(model, batches, cosine).items():
+            protocols[name][split] = metrics
+        with torch.no_grad():
+            seen = [(histories == U.score(model.encode(histories, users=users)[:, None], table, cosine)[:, 1:]
+                     .argmax(1, keepdim=True) + 1).any(1) for histories, users, _ in batches]
+        top_seen[split] = torch.cat(seen).double().mean().item()
+    return {"protocols": protocols, "top_item_in_history": top_seen}
 
 
 def repeats(dataset, run_dirs):
@@ -473,13 +558,26 @@ def repeats(dataset, run_dirs):
 # The results page
 # ---------------------------------------------------------------------------------------------------------------
 
-def recorded(cell):
-    """The test (HR@10, NDCG@10) of every recorded seed of a cell."""
+PROTOCOL_TITLES = {"all_items": "every item ranked", "history_excluded": "the history's items excluded"}
+
+
+def recorded_test(entry, protocol="all_items"):
+    """A record's test metrics under a protocol (uniform_seqrec.PROTOCOLS), or None when it was ranked one way only
+    (records from before both were kept rank every item: `test`)."""
+    found = entry.get("protocols", {}).get(protocol, {}).get("test")
+    if found is None and protocol == ("history_excluded" if entry["config"].get("mask_seen") else "all_items"):
+        found = entry["test"]
+    return found
+
+
+def recorded(cell, protocol="all_items"):
+    """The test (HR@10, NDCG@10) of every recorded seed of a cell under a protocol (seeds ranked one way only are
+    left out of the other)."""
     found = []
     for path in sorted(glob.glob(record_path(cell, "*"))):
-        with open(path) as f:
-            test = json.load(f)["test"]
-        found.append((test["HR@10"], test["NDCG@10"]))
+        test = recorded_test(R.read_json(path, "restore it from git"), protocol)
+        if test is not None:
+            found.append((test["HR@10"], test["NDCG@10"]))
     return found
 
 
@@ -500,30 +598,32 @@ def read_baselines():
         return json.load(f)
 
 
-def baseline_rows(datasets):
+def baseline_rows(datasets, protocol="all_items"):
     """The two non-neural baselines of results/baselines.json as rows of table_rows()'s shape (no paper value)."""
     found = read_baselines()
     rows = []
     for key, label in (("popularity", "popularity (no model)"), ("transitions", "item transitions (no model)")):
         fields = [label]
         for dataset in datasets:
-            test = found.get(dataset, {}).get(key, {}).get("test")
+            baseline = found.get(dataset, {}).get(key, {})
+            test = (baseline if protocol == "all_items" else baseline.get(protocol, {})).get("test")
             fields += ["-", f"{test['HR@10']:.4f}" if test else "not run", "-",
                        f"{test['NDCG@10']:.4f}" if test else "not run"]
         rows.append("| " + " | ".join(fields) + " |")
     return rows
 
 
-def table_rows(row_cells, paper_rows, columns):
+def table_rows(row_cells, paper_rows, columns, protocol="all_items"):
     """Markdown rows: label, then for each column 'paper HR | ours HR | paper NDCG | ours NDCG'."""
     rows = []
     for label, cell_of_column in row_cells:
         fields = [label]
         for column, cell in enumerate(cell_of_column):
-            runs = recorded(cell) if cell else []
+            runs = recorded(cell, protocol) if cell else []
             paper_hr, paper_ndcg = paper_rows[label][column]
-            fields += [f"{paper_hr:.4f}", show([r[0] for r in runs], paper_hr),
-                       f"{paper_ndcg:.4f}", show([r[1] for r in runs], paper_ndcg)]
+            one_way = not runs and cell and recorded(cell, "all_items")     # its folder was gone: ranked one way
+            fields += [f"{paper_hr:.4f}", "ranked one way" if one_way else show([r[0] for r in runs], paper_hr),
+                       f"{paper_ndcg:.4f}", "ranked one way" if one_way else show([r[1] for r in runs], paper_ndcg)]
         rows.append("| " + " | ".join(fields) + " |")
     header = "| | " + " | ".join(f"{c} HR@10 paper | ours | NDCG@10 paper | ours" for c in columns) + " |"
     return [header, "|" + "---|" * (1 + 4 * len(columns)), *rows]
@@ -549,11 +649,11 @@ def order_against_paper(label, ours, paper, names, peak=None):
     return f"- {label}, {done}, by NDCG@10: ours {best_first(ours) or '-'}; paper {best_first(paper) or '-'}"
 
 
-def claims():
+def claims(protocol="all_items"):
     """Which of the paper's claims hold on the cells run so far (partial groups are compared on what has run)."""
     lines = []
     def mean_ndcg(cell):
-        runs = recorded(cell)
+        runs = recorded(cell, protocol)
         return statistics.mean(r[1] for r in runs) if runs else None
 
     verdicts, partial = [], []
@@ -615,6 +715,60 @@ def beyond_the_paper():
             ""]
 
 
+def paper_cells():
+    """(table, dataset, model, cell id, the paper's (HR@10, NDCG@10)) of every cell of Tables 1-3 (cells that share a
+    run are listed once per table, as the tables show them)."""
+    found = [("table1", d, m, f"table1/{d}/{m}/{loss}", PAPER_TABLE1[m, loss][c])
+             for c, d in enumerate(DATASETS) for m in MODELS for loss in LOSSES]
+    found += [("table2", d, "sasrec", f"table2/{d}/{row}", PAPER_TABLE2[row][c])
+              for c, d in enumerate(("beauty", "toys")) for row in ABLATIONS if row not in "ae"]
+    found += [("table3", d, "sasrec", f"table3/{d}/{b}", PAPER_TABLE3[b][c])
+              for c, d in enumerate(("beauty", "toys")) for b in BETAS if b != "0.05"]
+    return found
+
+
+def protocol_evidence():
+    """Markdown: for each dataset and protocol, how the cells ranked both ways land against the paper (within 10% and
+    25%, median absolute difference, per metric), and each cell's NDCG@10 / HR@10 beside the paper's. Only cells
+    with both protocols recorded count, so that the two protocols are compared on the same cells. (Table 2's rows
+    (a) and (e) and Table 3's 0.05 are Table 1 cells and count once.)"""
+    both = [(table, d, m, cell, paper, [recorded(cell, p) for p in U.PROTOCOLS])
+            for table, d, m, cell, paper in paper_cells()]
+    both = [(table, d, m, cell, paper, [statistics.mean(r[i] for r in runs) for runs in per_protocol for i in (0, 1)])
+            for table, d, m, cell, paper, per_protocol in both if all(per_protocol)]
+    lines = ["| dataset | cells | protocol | HR@10 within 10% / 25% | median abs. diff. | NDCG@10 within 10% / 25% | "
+             "median abs. diff. |", "|---|---|---|---|---|---|---|"]
+    for d in DATASETS:
+        mine = [row for row in both if row[1] == d]
+        for index, protocol in enumerate(U.PROTOCOLS):
+            fields = []
+            for metric in (0, 1):
+                off = [abs(row[5][2 * index + metric] / row[4][metric] - 1) for row in mine]
+                fields.append(f"{sum(o <= 0.10 for o in off)} / {sum(o <= 0.25 for o in off)}" if off else "-")
+                fields.append(f"{100 * statistics.median(off):.0f}%" if off else "-")
+            lines.append(f"| {d} | {len(mine)} | {PROTOCOL_TITLES[protocol]} | " + " | ".join(fields) + " |")
+    lines += ["", "NDCG@10 / HR@10 of each cell ranked both ways (where inside the top 10 the targets sit):", "",
+              "| cell | paper | every item ranked | history excluded | paper NDCG@10 | ours, every item | ours, "
+              "history excluded |", "|---|---|---|---|---|---|---|"]
+    for table, d, m, cell, paper, (hr, ndcg, hr_masked, ndcg_masked) in both:
+        lines.append(f"| {cell} | {paper[1] / paper[0]:.3f} | {ndcg / hr:.3f} | {ndcg_masked / hr_masked:.3f} | "
+                     f"{paper[1]:.4f} | {ndcg:.4f} ({100 * (ndcg / paper[1] - 1):+.0f}%) | {ndcg_masked:.4f} "
+                     f"({100 * (ndcg_masked / paper[1] - 1):+.0f}%) |")
+    if not both:
+        lines.append("| (no cell has both protocols recorded yet) | | | | | | |")
+    return lines
+
+
+def ranked_one_way():
+    """'cell seed N' of every record that holds one protocol only (its run folder was gone before both were kept)."""
+    found = []
+    for path in sorted(glob.glob(os.path.join(RESULTS, "cells", "*.json"))):
+        entry = R.read_json(path, "restore it from git")
+        if "protocols" not in entry:
+            found.append(f"{entry['cell']} seed {entry['seed']}")
+    return found
+
+
 def unfinished_runs(max_seed=20):
     """(cell, seed, epochs done, best epoch, its validation NDCG@10) of every run started but not finished."""
     found, hyperparameters = [], read_hyperparameters()
@@ -628,21 +782,47 @@ def unfinished_runs(max_seed=20):
     return found
 
 
-def report(path=None, unfinished=()):
-    path = path or os.path.join(RESULTS, "RESULTS.md")
+UNFINISHED_TITLE = "## Runs started but not finished (not in the tables above)"
+
+
+def tables(protocol):
+    """The markdown of Tables 1-3 under one protocol, with the baselines ranked the same way."""
     datasets_title = ["Beauty", "Toys", "Sports", "Yelp"]
     pairs = [(m, loss) for m in MODELS for loss in LOSSES]
+    title = PROTOCOL_TITLES[protocol]
     table1 = table_rows([(f"{m} {loss}", [f"table1/{d}/{m}/{loss}" for d in DATASETS]) for m, loss in pairs],
-                        {f"{m} {loss}": PAPER_TABLE1[m, loss] for m, loss in pairs}, datasets_title)
-    table1 += baseline_rows(DATASETS)
+                        {f"{m} {loss}": PAPER_TABLE1[m, loss] for m, loss in pairs}, datasets_title, protocol)
     table2 = table_rows([(row, [f"table2/{d}/{row}" for d in ("beauty", "toys")]) for row in ABLATIONS],
-                        PAPER_TABLE2, ["Beauty", "Toys"]) + baseline_rows(["beauty", "toys"])
+                        PAPER_TABLE2, ["Beauty", "Toys"], protocol)
     table3 = table_rows([(beta, [f"table3/{d}/{beta}" for d in ("beauty", "toys")]) for beta in BETAS],
-                        PAPER_TABLE3, ["Beauty", "Toys"]) + baseline_rows(["beauty", "toys"])
-    entries = []
-    for p in sorted(glob.glob(os.path.join(RESULTS, "cells", "*.json"))):
-        with open(p) as f:
-            entries.append(json.load(f))
+                        PAPER_TABLE3, ["Beauty", "Toys"], protocol)
+    return [f"## Table 1: backbones x losses ({title})", "", *table1, *baseline_rows(DATASETS, protocol), "",
+            f"## Table 2: ablation of the loss (SASRec; rows as in the paper; {title})", "",
+            "(a) BCE; (b) normalized BCE; (c) + L_hom; (d) + L_het; (e) the full loss; (f) no L_rec; "
+            "(g) no normalization.", "", *table2, *baseline_rows(["beauty", "toys"], protocol), "",
+            f"## Table 3: beta (SASRec; {title})", "", *table3, *baseline_rows(["beauty", "toys"], protocol), ""]
+
+
+def unfinished_section(unfinished, previous_page):
+    """The page's list of runs in progress: from the local run folders, or, where there are none (a fresh clone),
+    the list the committed page had, unchanged."""
+    if not os.path.isdir(os.path.join(HERE, "runs")) and os.path.isfile(previous_page):
+        with open(previous_page) as f:
+            old = f.read()
+        return old[old.index(UNFINISHED_TITLE):].rstrip("\n").split("\n") + [""] if UNFINISHED_TITLE in old else []
+    if not unfinished:
+        return []
+    return [UNFINISHED_TITLE, "",
+            "Validation numbers only, so far; `python experiments.py run CELL --seed SEED` (or `./run_all.sh`) "
+            "resumes each from its last finished epoch.", "",
+            "| cell | seed | epochs done | best epoch so far | its validation NDCG@10 |", "|---|---|---|---|---|",
+            *(f"| {c} | {s} | {n} | {b} | {v:.4f} |" for c, s, n, b, v in unfinished), ""]
+
+
+def report(path=None, unfinished=()):
+    path = path or os.path.join(RESULTS, "RESULTS.md")
+    entries = [R.read_json(p, "restore it from git")
+               for p in sorted(glob.glob(os.path.join(RESULTS, "cells", "*.json")))]
     runs = ["| cell | seed | lr | dim | layers | heads | beta | best epoch / epochs | device | wall | commit |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in entries:
@@ -650,35 +830,35 @@ def report(path=None, unfinished=()):
         runs.append(f"| {e['cell']} | {e['seed']} | {c['lr']:g} | {c['dim']} | {c['layers']} | {c['heads']} | "
                     f"{c['beta']:g} | {e['best_epoch']} / {e['epochs']} | {e['device']} | "
                     f"{e['wall_seconds'] / 60:.0f} min | {e['commit']} |")
+    one_way = ranked_one_way()
     text = "\n".join([
         "# Results beside the paper's",
         "",
         "Generated by `python experiments.py report` from `results/cells/*.json`; do not edit by hand.",
-        "Each cell: test HR@10 and NDCG@10, ranking every item for every user (no masking of seen items),",
-        "with the relative difference to the paper in brackets; mean ± sd where several seeds ran.",
+        "Each cell: test HR@10 and NDCG@10 for every user, with the relative difference to the paper in brackets;",
+        "mean ± sd where several seeds ran. Every table comes twice, once per ranking protocol (the paper does",
+        "not say which it used): every item ranked, and the items of the user's history excluded first (as the",
+        "S3-Rec code these data files come from does; a target that repeats a history item then cannot be hit).",
         "\"not run\" marks a cell with no finished run; the command that fills it is in the README.",
         "The rows marked \"no model\" are two baselines on the same protocol (`python experiments.py baselines`):",
         "item popularity, and first-order item transitions (how often each item followed the user's last three",
         "items in the training parts, weighted decay^k, decay chosen on validation; popularity breaks ties).",
         "",
-        "## What holds so far",
-        "", *claims(), "",
-        "## Table 1: backbones x losses", "", *table1, "",
-        "## Table 2: ablation of the loss (SASRec; rows as in the paper)", "",
-        "(a) BCE; (b) normalized BCE; (c) + L_hom; (d) + L_het; (e) the full loss; (f) no L_rec; (g) no normalization.",
-        "", *table2, "",
-        "## Table 3: beta (SASRec)", "", *table3, "",
+        *(f"## What holds so far ({PROTOCOL_TITLES[p]})\n\n" + "\n".join(claims(p)) + "\n" for p in U.PROTOCOLS),
+        "## Which protocol: the cells ranked both ways against the paper", "",
+        "Only cells with both protocols recorded; Table 2 (a), (e) and Table 3's 0.05 are Table 1 cells and count",
+        "once. docs/results.md reads these numbers.", "",
+        *protocol_evidence(), "",
+        *tables("all_items"),
+        *tables("history_excluded"),
+        *(["Ranked one way only (every item ranked; their run folders were gone before both protocols were kept): "
+           + ", ".join(one_way) + ".", ""] if one_way else []),
         *beyond_the_paper(),
         "## Runs behind the cells", "", *runs, "",
-        *(["## Runs started but not finished (not in the tables above)", "",
-            "Validation numbers only, so far; `python experiments.py run CELL --seed SEED` (or `./run_all.sh`) "
-            "resumes each from its last finished epoch.", "",
-            "| cell | seed | epochs done | best epoch so far | its validation NDCG@10 |", "|---|---|---|---|---|",
-            *(f"| {c} | {s} | {n} | {b} | {v:.4f} |" for c, s, n, b, v in unfinished), ""] if unfinished else []),
+        *unfinished_section(unfinished, path),
     ])
     os.makedirs(RESULTS, exist_ok=True)
-    with open(path, "w") as f:
-        f.write(text)
+    R.save_atomically(text, path)
     print(f"wrote {path}")
 
 
@@ -825,7 +1005,10 @@ def main(argv=None):
     running.add_argument("--seed", type=int, default=1)
     running.add_argument("--device", default=None)
     commands.add_parser("choose", help="write results/hyperparameters.tsv from the tuning runs")
-    commands.add_parser("report", help="write results/RESULTS.md")
+    commands.add_parser("report", help="record every finished run of a cell, then write results/RESULTS.md")
+    rescoring = commands.add_parser("rescore", help="add both ranking protocols to the records of the given cells "
+                                                    "(default: all) whose run folders are still here")
+    rescoring.add_argument("cells", nargs="*")
     commands.add_parser("baselines", help="write results/baselines.json: popularity and item transitions (CPU, "
                                           "40 s to 2.5 min per dataset)")
     commands.add_parser("figure1", help="write results/figure1.png (needs matplotlib) and figure1.json")
@@ -857,6 +1040,8 @@ def command(args):
         choose()
     elif args.command == "baselines":
         baselines()
+    elif args.command == "rescore":
+        rescore_recorded(args.cells)
     elif args.command == "report":
         record_all()
         report(unfinished=unfinished_runs())

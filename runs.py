@@ -13,6 +13,7 @@ optimizer, early-stopping state and best state, written atomically after every e
 Its default name is runs/<data>-<model>-<loss>-<hash of the configuration>.
 """
 import argparse
+import glob
 import hashlib
 import json
 import math
@@ -31,7 +32,8 @@ warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # befor
 import torch
 
 import uniform_seqrec as U
-from data_prep import BENCHMARKS, DataError, OneLineErrorParser, benchmark_path, default_data_dir, read_sequences
+from data_prep import (BENCHMARKS, DataError, OneLineErrorParser, benchmark_path, default_data_dir, download,
+                       read_sequences, sha256_of)
 
 
 # =============================================================================================================
@@ -114,7 +116,13 @@ class RunFolder:
     def resume(self, model, optimizer):
         state, best_model = restore(self.file("checkpoint.pt"), model, optimizer)
         self.saved_epoch = state["epoch"]
+        for name in ("checkpoint.pt.partial", "log.jsonl.partial", "metrics.json.partial"):  # a kill mid-write
+            if os.path.exists(self.file(name)):
+                os.remove(self.file(name))
         if state["epoch"]:
+            # log.jsonl is written after the checkpoint, so a kill between the two leaves it an epoch short; the
+            # checkpoint holds every row
+            self.write_log(state["history"])
             self.log(f"resuming {self.path} after epoch {state['epoch']} (best so far: epoch {state['best_epoch']})")
         return state, best_model
 
@@ -125,7 +133,10 @@ class RunFolder:
         except RunFolderError as err:
             raise RunFolderError(f"{err}; the run folder keeps the checkpoint of epoch {self.saved_epoch}") from None
         self.saved_epoch = state["epoch"]
-        save_atomically("".join(json.dumps(r) + "\n" for r in state["history"]), self.file("log.jsonl"))
+        self.write_log(state["history"])
+
+    def write_log(self, history):
+        save_atomically("".join(json.dumps(row) + "\n" for row in history), self.file("log.jsonl"))
 
     def log(self, line):
         self.progress.clear()
@@ -140,11 +151,16 @@ class RunFolder:
             self.progress.step(done, total)
 
     def finish(self, result, config):
-        """Write metrics.json: the result of train(), with the device and the configuration."""
+        """Write metrics.json: the result of train(), with the device and the configuration (which holds the data
+        file's fingerprint)."""
         result = {**result, "device": config["device"], "config": config}
         save_atomically(json.dumps(result, indent=2) + "\n", self.file("metrics.json"))
         self.log(f"test (best epoch {result['best_epoch']}): " +
                  "  ".join(f"{k} {v:.4f}" for k, v in result["test"].items()))
+        other = "all_items" if config["mask_seen"] else "history_excluded"
+        self.log(f"  ({'every item ranked' if config['mask_seen'] else 'the history excluded'}: " +
+                 "  ".join(f"{k} {v:.4f}" for k, v in result["protocols"][other]["test"].items()) + ")")
+        self.log(f"its result: {self.file('metrics.json')}")
 
 
 def restore(checkpoint_path, model, optimizer):
@@ -162,16 +178,29 @@ def restore(checkpoint_path, model, optimizer):
                              f"was changed: remove it to train this run from its start") from None
 
 
-def prepare_run_dir(config, run_dir):
-    """Create the run folder, or check that an existing one holds this same configuration."""
+def prepare_run_dir(config, run_dir, log=print):
+    """Create the run folder, or check that an existing one holds this same configuration, trained on the same data.
+    A run asked for more epochs or patience than its folder has is extended: the folder's config.json takes the
+    larger values (and `config` too; a run is never shortened)."""
     saved_path = os.path.join(run_dir, "config.json")
+    config["data_fingerprint"] = data_fingerprint(config["data_path"])
     if os.path.isfile(saved_path):
         saved = read_json(saved_path, "choose another --out, or remove the folder to start over")
-        differing = [k for k in config if k not in RUN_ONLY_KEYS and saved.get(k, LATER_KEYS.get(k)) != config[k]]
+        differing = [k for k in config if k not in RUN_ONLY_KEYS + EXTENDABLE_KEYS
+                     and saved.get(k, LATER_KEYS.get(k)) != config[k]]
         if differing:
             key = differing[0]
             raise ConfigError(f"{run_dir} holds a run with --{key.replace('_', '-')} {saved.get(key)}, not "
                               f"{config[key]}; choose another --out")
+        check_same_data(config, saved, run_dir)
+        limits = {k: saved[k] for k in EXTENDABLE_KEYS if isinstance(saved.get(k), int) and saved[k] > config[k]}
+        config.update(limits)                                               # never shortened
+        if any(saved.get(k) != config[k] for k in EXTENDABLE_KEYS + ("data_fingerprint",)):
+            if any(saved.get(k) != config[k] for k in EXTENDABLE_KEYS):
+                log(f"extending {run_dir} to " + ", ".join(f"--{k} {config[k]} (was {saved.get(k)})"
+                                                          for k in EXTENDABLE_KEYS if saved.get(k) != config[k]))
+            save_atomically(json.dumps({**saved, **{k: config[k] for k in EXTENDABLE_KEYS + ("data_fingerprint",)}},
+                                       indent=2) + "\n", saved_path)
     elif os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise RunFolderError(f"{run_dir} is a file, not a run folder; choose another --out")
     else:
@@ -326,7 +355,9 @@ def build_parser():
 
 
 # keys of the configuration that do not change the result, so may differ when a run is resumed
-RUN_ONLY_KEYS = ("device", "data_dir", "data_path", "out", "resume")
+RUN_ONLY_KEYS = ("device", "data_dir", "data_path", "data_fingerprint", "out", "resume")
+# keys a run can be extended in: asked for more, a run continues from its checkpoint in its own folder
+EXTENDABLE_KEYS = ("epochs", "patience")
 # Keys added after runs had been recorded, with the value that every earlier run had without saying so. At that value
 # a key stays out of the configuration's hash, so the run folders of earlier configurations keep their names.
 LATER_KEYS = {"infonce_negatives": None, "caser_activation": "none", "caser_users": False,
@@ -459,10 +490,55 @@ def check_memory(config, sequences):
                           f"{available / 2 ** 30:,.1f} GiB of {config['device']}; most of it for {biggest}{sparse}")
 
 
-def data_path_of(config):
-    """--data is a benchmark name (looked up in --data-dir) or a path."""
+def data_fingerprint(path):
+    """Size and SHA-256 of a data file: what a run folder records of the data it was trained on."""
+    try:
+        return {"bytes": os.path.getsize(path), "sha256": sha256_of(path)}
+    except OSError as err:
+        raise DataError(f"cannot read {path} ({err.strerror or err})") from None
+
+
+def check_same_data(config, saved, run_dir):
+    """One line when the run in run_dir was trained on other data than config's data file. A folder from before
+    runs recorded their data is accepted when the file is the published benchmark it names."""
+    current, recorded = config["data_fingerprint"], saved.get("data_fingerprint")
+    if recorded is None:
+        if current["sha256"] != BENCHMARKS.get(config["data"], ("", ""))[1]:
+            raise ConfigError(f"{run_dir} does not record the data it was trained on, and {config['data_path']} is "
+                              f"not the published {config['data']} file it could be checked against; choose another "
+                              f"--out")
+    elif recorded != current:
+        raise ConfigError(f"{run_dir} was trained on other data than {config['data_path']} ({recorded.get('bytes')} "
+                          f"bytes, SHA-256 {str(recorded.get('sha256'))[:12]}..., against {current['bytes']} bytes, "
+                          f"{current['sha256'][:12]}...); choose another --out, or give it the file it was trained on")
+
+
+def extended_folder(config, run_dir):
+    """The folder of a run of this same configuration started with fewer epochs or less patience, which the run
+    continues in (so that asking for more extends a run instead of starting over); run_dir when there is none."""
+    if os.path.exists(run_dir):
+        return run_dir
+    same = lambda saved: all(saved.get(k, LATER_KEYS.get(k)) == v for k, v in config.items()
+                             if k not in RUN_ONLY_KEYS + EXTENDABLE_KEYS)
+    for path in sorted(glob.glob(os.path.join(os.path.dirname(run_dir), "*", "config.json"))):
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+        except (OSError, ValueError):
+            continue                                                        # not ours to judge here
+        if isinstance(saved, dict) and same(saved) and all(
+                isinstance(saved.get(k), int) and saved[k] <= config[k] for k in EXTENDABLE_KEYS):
+            return os.path.dirname(path)
+    return run_dir
+
+
+def data_path_of(config, fetch=False):
+    """--data is a benchmark name (looked up in --data-dir) or a path. fetch: a missing benchmark is downloaded as
+    `python data_prep.py NAME` does it (checksum-verified, nothing half-written), saying so in one line."""
     if config["data"] in BENCHMARKS:
         path = benchmark_path(config["data"], config["data_dir"])
+        if not os.path.isfile(path) and fetch:
+            return download(config["data"], config["data_dir"], log=lambda line: print(line, flush=True))
         if not os.path.isfile(path):
             raise DataError(f"{path} not found; get it with: python data_prep.py {config['data']} "
                             f"--data-dir {config['data_dir']}")
@@ -481,8 +557,9 @@ def configuration_id(config):
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:8]
 
 
-def configure(argv):
-    """Parse the command line into the resolved configuration and its run folder."""
+def configure(argv, fetch=False):
+    """Parse the command line into the resolved configuration and its run folder; fetch: download a missing
+    benchmark (data_path_of)."""
     config = vars(build_parser().parse_args(argv))
     typed_only = build_parser()
     typed_only.set_defaults(**dict.fromkeys(config))                        # a typed flag never parses to None
@@ -493,10 +570,10 @@ def configure(argv):
             raise ConfigError(f"--resume {config['resume']}: no config.json there, not a run folder")
         saved = {**LATER_KEYS, **read_json(saved_path, "this folder cannot be resumed")}
         for key, value in given.items():
-            if key not in RUN_ONLY_KEYS and saved.get(key) != value:
+            if key not in RUN_ONLY_KEYS + EXTENDABLE_KEYS and saved.get(key) != value:
                 raise ConfigError(f"--resume {config['resume']}: that run has --{key.replace('_', '-')} "
                                   f"{saved.get(key)}, this command asks for {value}")
-        config = {**saved, **{k: v for k, v in given.items() if k in RUN_ONLY_KEYS},
+        config = {**saved, **{k: v for k, v in given.items() if k in RUN_ONLY_KEYS + EXTENDABLE_KEYS},
                   "resume": config["resume"]}
         config.setdefault("data_dir", default_data_dir())
     if config["length_groups"] is None:
@@ -511,7 +588,13 @@ def configure(argv):
     if config["infonce_negatives"] is not None and config["infonce_negatives"] >= config["batch_size"]:
         config["infonce_negatives"] = None                                  # the whole batch: the default's run
     check_config(config)
-    config["data_path"] = data_path_of(config)
+    try:
+        config["data_path"] = os.path.abspath(data_path_of(config, fetch))
+    except (DataError, ConfigError):
+        started_with = config.get("data_path") if config["resume"] and "data_dir" not in given else None
+        if not (isinstance(started_with, str) and os.path.isabs(started_with) and os.path.isfile(started_with)):
+            raise
+        config["data_path"] = started_with                # --resume from another working directory: the same file
     config["device"] = resolve_device(config["device"])
     name = config["data"] if config["data"] in BENCHMARKS else os.path.splitext(os.path.basename(config["data"]))[0]
     run_dir = config["resume"] or config["out"] or os.path.join(
@@ -526,19 +609,25 @@ def configure(argv):
 def main(argv=None):
     run = None
     try:
-        config, run_dir = configure(argv)
+        config, run_dir = configure(argv, fetch=True)
+        if not (config["out"] or config["resume"]):
+            run_dir = extended_folder(config, run_dir)
         sequences = read_sequences(config["data_path"])                     # bad data fails before any folder exists
         check_memory(config, sequences)
         prepare_run_dir(config, run_dir)
         lock = lock_run_dir(run_dir)                                        # noqa: F841 - held until main returns
         metrics_path = os.path.join(run_dir, "metrics.json")
         if os.path.isfile(metrics_path):
-            test = read_json(metrics_path, "remove it to test the run's best state again").get("test")
-            if not isinstance(test, dict):
+            finished = read_json(metrics_path, "remove it to test the run's best state again")
+            test, done, best = finished.get("test"), finished.get("epochs"), finished.get("best_epoch")
+            if not (isinstance(test, dict) and isinstance(done, int) and isinstance(best, int)):
                 raise RunFolderError(f"{metrics_path} has no test results; remove it to test the run's best state "
                                      f"again")
-            print(f"{run_dir} is finished: test " + "  ".join(f"{k} {v:.4f}" for k, v in test.items()))
-            return 0
+            if done >= config["epochs"] or done - best >= config["patience"]:
+                print(f"{run_dir} is finished: test " + "  ".join(f"{k} {v:.4f}" for k, v in test.items()))
+                print(f"its result: {metrics_path}")
+                return 0
+            os.remove(metrics_path)                                         # extended: a new result will replace it
         run = RunFolder(run_dir, log=lambda line: print(line, flush=True))
         run.finish(U.train(config, sequences, run), config)
     except (DataError, ConfigError) as err:

@@ -16,7 +16,6 @@ import types
 import pytest
 
 import data_prep as D
-import uniform_seqrec as U
 from conftest import DATA_DIR, missing, needs
 
 
@@ -558,11 +557,15 @@ def test_a_disk_that_fills_up_is_one_line_and_leaves_nothing(tmp_path, capsys, s
         assert os.listdir(tmp_path / "data") == []
 
 
-def test_missing_benchmark_names_the_command_that_gets_it(tmp_path, capsys):
-    code = U.main(["--data", "sports", "--data-dir", str(tmp_path)])
+def test_missing_benchmark_names_the_command_that_gets_it(tmp_path, capsys, monkeypatch):
+    """The trainer fetches a missing benchmark (runs.py); without network it names the command that gets it."""
+    import runs
+    monkeypatch.setattr(runs, "download", lambda name, data_dir, log: D.download(name, data_dir, "http://127.0.0.1:9/",
+                                                                               log))
+    code = runs.main(["--data", "sports", "--data-dir", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
-    assert f"get it with: python data_prep.py sports --data-dir {tmp_path}" in err
+    assert f"python data_prep.py sports --data-dir {tmp_path}" in err
 
 
 @pytest.mark.parametrize("flag", ["--url", "--from-raw"])

@@ -14,6 +14,7 @@ import torch
 import runs as R
 import uniform_seqrec as U
 from conftest import DATA_DIR, needs
+from data_prep import sha256_of
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -386,3 +387,102 @@ def test_a_run_folders_best_state_ranks_as_its_test_did(tmp_path):
         E.best_state_scorer(str(run), num_items, lengths)
     with pytest.raises(R.RunFolderError, match="no checkpoint.pt"):
         E.best_state_scorer(str(tmp_path), num_items, lengths)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Both ranking protocols in every record; a run on other data is never recorded as a cell
+# ----------------------------------------------------------------------------------------------------------------
+
+TINY = ["--epochs", "2", "--dim", "8", "--layers", "1", "--heads", "1"]
+
+
+@pytest.fixture
+def tiny_cell(tmp_path, monkeypatch):
+    """A trained run of table1/beauty/sasrec/uniform on a small repeat-heavy file named Beauty.txt (2 epochs),
+    with results/ in tmp_path. Returns (run folder, data file)."""
+    g = random.Random(3)
+    data = tmp_path / "data" / "Beauty.txt"
+    data.parent.mkdir()
+    data.write_text("".join(f"{u} " + " ".join(str(g.randint(1, 25)) for _ in range(g.randint(5, 9))) + "\n"
+                            for u in range(1, 81)))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("UNIFORM_SEQREC_DATA", str(data.parent))
+    monkeypatch.setattr(E, "RESULTS", str(tmp_path / "results"))
+    monkeypatch.setattr(E, "HERE", str(tmp_path))
+    monkeypatch.setattr(E, "read_hyperparameters", lambda path=None: {("beauty", "sasrec", "uniform"): TINY})
+    monkeypatch.setattr(E, "cells", lambda what, datasets, models: ["table1/beauty/sasrec/uniform"])
+    assert E.run_cell("table1/beauty/sasrec/uniform", 1, "cpu") == 0
+    return tmp_path / E.run_folder("table1/beauty/sasrec/uniform", 1, E.read_hyperparameters()), data
+
+
+def test_a_record_holds_both_protocols_and_its_data(tiny_cell):
+    run_dir, data = tiny_cell
+    E.record_all(max_seed=1)
+    entry = json.loads(open(E.record_path("table1/beauty/sasrec/uniform", 1)).read())
+    flat, starts, lengths, num_items = U.flatten_sequences(R.read_sequences(str(data)), "cpu")
+    model, config, max_len = E.best_state(str(run_dir), num_items, lengths)
+    for split in ("test", "valid"):
+        batches = U.evaluation_batches(flat, starts, lengths, max_len, split)
+        for protocol, mask_seen in U.PROTOCOLS.items():
+            assert entry["protocols"][protocol][split] == pytest.approx(U.evaluate(model, batches, True, mask_seen))
+    assert entry["protocols"]["all_items"]["test"] == entry["test"]
+    assert entry["protocols"]["history_excluded"]["test"] != entry["test"]          # repeats: masking matters
+    assert entry["config"]["data_fingerprint"] == {"bytes": data.stat().st_size, "sha256": sha256_of(str(data))}
+    assert 0 <= entry["top_item_in_history"]["test"] <= 1
+
+
+def test_a_run_trained_on_other_data_is_not_recorded_nor_reported_finished(tiny_cell, capsys):
+    run_dir, data = tiny_cell
+    data.write_text(data.read_text() + "81 1 2 3 4 5\n")                           # the file changed since
+    E.record_all(max_seed=1)
+    assert not os.path.exists(E.record_path("table1/beauty/sasrec/uniform", 1))
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not recorded: table1/beauty/sasrec/uniform seed 1" in err
+    assert "trained on other data" in err
+    code = R.main([*E.cell_arguments("table1/beauty/sasrec/uniform", E.read_hyperparameters()), "--seed", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "was trained on other data" in err
+
+
+def test_rescore_adds_both_protocols_and_changes_nothing_else(tiny_cell, capsys):
+    run_dir, _ = tiny_cell
+    E.record_all(max_seed=1)
+    path = E.record_path("table1/beauty/sasrec/uniform", 1)
+    full = json.loads(open(path).read())
+    legacy = {k: v for k, v in full.items() if k not in ("protocols", "top_item_in_history")}
+    legacy["config"] = {k: v for k, v in full["config"].items() if k != "data_fingerprint"}
+    legacy["commit"] = "0000000"                                                 # something only the record has
+    open(path, "w").write(json.dumps(legacy))
+    gone = {**legacy, "cell": "table1/beauty/caser/bce", "run_dir": "runs/no-such-folder"}
+    open(E.record_path("table1/beauty/caser/bce", 1), "w").write(json.dumps(gone))
+    E.rescore_recorded()
+    assert json.loads(open(path).read()) == {**full, "commit": "0000000"}
+    assert "table1/beauty/caser/bce seed 1" in capsys.readouterr().out
+    assert E.ranked_one_way() == ["table1/beauty/caser/bce seed 1"]
+
+
+def test_the_results_page_shows_both_protocols(tiny_cell, tmp_path):
+    E.record_all(max_seed=1)
+    write_cell(str(tmp_path / "results"), "table1/beauty/caser/bce", 1, 0.03, 0.015)  # ranked one way only
+    E.report(str(tmp_path / "RESULTS.md"))
+    page = (tmp_path / "RESULTS.md").read_text()
+    entry = json.loads(open(E.record_path("table1/beauty/sasrec/uniform", 1)).read())
+    masked = entry["protocols"]["history_excluded"]["test"]["NDCG@10"]
+    first, second = page.index("## Table 1: backbones x losses (every item ranked)"), page.index(
+        "## Table 1: backbones x losses (the history's items excluded)")
+    assert f"{entry['test']['NDCG@10']:.4f}" in page[first:second] and f"{masked:.4f}" in page[second:]
+    caser_row = next(line for line in page[second:].splitlines() if line.startswith("| caser bce |"))
+    assert "ranked one way" in caser_row and "table1/beauty/caser/bce seed 1" in page
+    assert "| beauty | 1 | every item ranked |" in page                         # the evidence counts the one cell
+
+
+def test_a_fresh_clone_keeps_the_pages_runs_in_progress(tmp_path, monkeypatch):
+    monkeypatch.setattr(E, "HERE", str(tmp_path))                                # no runs/ folder here
+    monkeypatch.setattr(E, "RESULTS", str(tmp_path / "results"))
+    page = tmp_path / "RESULTS.md"
+    page.write_text(f"# old page\n\n{E.UNFINISHED_TITLE}\n\n| cell | seed |\n| table2/toys/c | 1 |\n")
+    E.report(str(page))
+    assert page.read_text().endswith(f"{E.UNFINISHED_TITLE}\n\n| cell | seed |\n| table2/toys/c | 1 |\n")
+    (tmp_path / "runs").mkdir()                                                  # local runs: the list is theirs
+    E.report(str(page))
+    assert E.UNFINISHED_TITLE not in page.read_text()

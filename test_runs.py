@@ -13,7 +13,7 @@ import torch
 
 import runs as R
 import uniform_seqrec as U
-from conftest import backbone
+from conftest import BEAUTY as BEAUTY_PATH, DATA_DIR, backbone, needs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BEAUTY_SLICE_USERS = 1500  # the conftest.py fixture beauty_slice
@@ -483,7 +483,7 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path, beauty_slice):
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    epochs_done = len((run / "log.jsonl").read_text().splitlines())
+    epochs_done = torch.load(run / "checkpoint.pt", weights_only=False)["state"]["epoch"]  # the log may be a line short
     assert process.returncode == -signal.SIGKILL and 1 <= epochs_done < 8 and not (run / "metrics.json").exists()
 
     resumed = run_cli("--resume", str(run))
@@ -498,6 +498,38 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path, beauty_slice):
     # re-running the original command (same folder) also finds it finished, not retrained
     again = run_cli(*args, "--out", str(run))
     assert again.returncode == 0 and "is finished" in again.stdout
+
+
+def test_a_kill_between_the_checkpoint_and_the_log_leaves_a_complete_log_after_resume(tmp_path, monkeypatch,
+                                                                                    beauty_slice):
+    """A SIGKILL after checkpoint.pt's rename and before log.jsonl's in the last epoch (simulated: the log's write of
+    epoch 3 never happens, a stale .partial stays): resuming completes the log from the checkpoint, though no epoch
+    is left to train, and removes the .partial."""
+    args = ["--data", beauty_slice, "--epochs", "3", "--seed", "3", *SMALL]
+    assert R.main([*args, "--out", str(tmp_path / "whole")]) == 0
+    run = tmp_path / "killed"
+    real_save = R.save_atomically
+
+    class Killed(BaseException):
+        pass
+
+    def save(obj, path):
+        if path.endswith("log.jsonl") and obj.count("\n") == 3:
+            open(path + ".partial", "w").write(obj[:10])
+            raise Killed
+        real_save(obj, path)
+    monkeypatch.setattr(R, "save_atomically", save)
+    with pytest.raises(Killed):
+        R.main([*args, "--out", str(run)])
+    monkeypatch.setattr(R, "save_atomically", real_save)
+    assert len((run / "log.jsonl").read_text().splitlines()) == 2 and (run / "log.jsonl.partial").exists()
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["state"]["epoch"] == 3
+    assert R.main([*args, "--out", str(run)]) == 0
+    strip = lambda path: [{k: v for k, v in json.loads(r).items() if not k.endswith("seconds")}
+                          for r in path.read_text().splitlines()]
+    assert strip(run / "log.jsonl") == strip(tmp_path / "whole" / "log.jsonl") and len(strip(run / "log.jsonl")) == 3
+    assert not (run / "log.jsonl.partial").exists()
+    assert final_metrics(run) == final_metrics(tmp_path / "whole")
 
 
 def test_a_run_folder_in_use_by_another_process_is_refused(tmp_path, capsys, beauty_slice):
@@ -561,3 +593,90 @@ def test_no_progress_where_the_output_is_not_a_terminal(tmp_path, capsys, monkey
     assert captured.err == "" and "steps" not in captured.out and "\r" not in captured.out
     assert "steps" not in (run / "log.jsonl").read_text()
 
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A run knows its data, can be extended, resumes from anywhere; a missing benchmark is fetched
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_a_run_folder_refuses_other_data_with_one_line(tmp_path, capsys):
+    data = small_data(tmp_path)
+    args = ["--data", data, "--out", str(tmp_path / "run"), *SMALL, "--epochs", "1"]
+    assert R.main(args) == 0
+    result = (tmp_path / "run" / "metrics.json").read_text()
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["data_fingerprint"] == {"bytes": os.path.getsize(data), "sha256": R.sha256_of(data)}
+    with open(data, "a") as f:
+        f.write("99 1 2 3 4 5\n")                                                # edited since
+    capsys.readouterr()
+    for more in ([], ["--epochs", "2"]):                                         # reporting it, resuming it
+        assert R.main([*args, *more]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "was trained on other data" in err
+    assert (tmp_path / "run" / "metrics.json").read_text() == result             # nothing changed
+
+
+@needs("beauty")
+def test_a_folder_from_before_fingerprints_is_accepted_only_for_the_published_file(tmp_path):
+    config, _ = R.configure(["--data", "beauty", "--data-dir", DATA_DIR, "--device", "cpu"])
+    run = str(tmp_path / "run")
+    R.prepare_run_dir(dict(config), run)
+    saved = json.loads(open(os.path.join(run, "config.json")).read())
+    legacy = {k: v for k, v in saved.items() if k != "data_fingerprint"}
+    open(os.path.join(run, "config.json"), "w").write(json.dumps(legacy))
+    R.prepare_run_dir(dict(config), run)                                         # the published Beauty.txt: accepted
+    assert json.loads(open(os.path.join(run, "config.json")).read())["data_fingerprint"] == saved["data_fingerprint"]
+    open(os.path.join(run, "config.json"), "w").write(json.dumps(legacy))
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "Beauty.txt").write_text("".join(open(BEAUTY_PATH).readlines()[:-1]))  # one user less
+    edited, _ = R.configure(["--data", "beauty", "--data-dir", str(other), "--device", "cpu"])
+    with pytest.raises(R.ConfigError, match="does not record the data it was trained on"):
+        R.prepare_run_dir(edited, run)
+
+
+def test_asking_for_more_epochs_or_patience_extends_the_run_in_its_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    data = small_data(tmp_path)
+    base = ["--data", data, *SMALL, "--patience", "1", "--seed", "5"]
+    assert R.main([*base, "--epochs", "2"]) == 0
+    folder = R.configure([*base, "--epochs", "2"])[1]
+    assert R.main([*base, "--epochs", "4", "--patience", "3"]) == 0
+    out = capsys.readouterr().out
+    assert f"extending {folder} to --epochs 4 (was 2), --patience 3 (was 1)" in out
+    assert os.listdir(tmp_path / "runs") == [os.path.basename(folder)]           # no second folder
+    assert f"resuming {folder} after epoch 2" in out
+    assert R.main([*base, "--epochs", "4", "--patience", "3", "--out", str(tmp_path / "straight")]) == 0
+    assert final_metrics(tmp_path / folder) == final_metrics(tmp_path / "straight")
+    assert R.main([*base, "--epochs", "2"]) == 0                                  # never shortened: finished
+    assert "is finished" in capsys.readouterr().out
+
+
+def test_resume_works_from_another_working_directory(tmp_path, monkeypatch, capsys):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    small_data(tmp_path / "a")
+    assert R.main(["--data", "small.txt", "--out", "run", *SMALL, "--epochs", "1"]) == 0
+    monkeypatch.chdir(tmp_path / "b")
+    capsys.readouterr()
+    assert R.main(["--resume", str(tmp_path / "a" / "run"), "--epochs", "2"]) == 0
+    assert "resuming" in capsys.readouterr().out
+    assert json.loads((tmp_path / "a" / "run" / "metrics.json").read_text())["epochs"] == 2
+
+
+@needs("beauty")
+def test_a_missing_benchmark_is_fetched_and_without_network_the_remedy_is_named(tmp_path, monkeypatch, capsys):
+    real_download = R.download
+    monkeypatch.setattr(R, "download", lambda name, data_dir, log: real_download(name, data_dir, DATA_DIR, log))
+    empty = tmp_path / "data"
+    config, _ = R.configure(["--data", "beauty", "--data-dir", str(empty), "--device", "cpu"], fetch=True)
+    assert config["data_path"] == str(empty / "Beauty.txt") and R.sha256_of(config["data_path"]) == R.BENCHMARKS[
+        "beauty"][1]
+    assert capsys.readouterr().out.count("\n") == 1                               # said so in one line
+    monkeypatch.setattr(R, "download", lambda name, data_dir, log: real_download(name, data_dir,
+                                                                                  "http://127.0.0.1:9/", log))
+    code = R.main(["--data", "beauty", "--data-dir", str(tmp_path / "none"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "without network, copy Beauty.txt into" in err
+    assert not (tmp_path / "none" / "Beauty.txt").exists()

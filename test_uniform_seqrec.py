@@ -630,7 +630,8 @@ def test_command_line_trains_and_reports_on_real_data(beauty_slice, tmp_path, ca
             "--out", str(out), "--device", "cpu", "--lr", "1e-3"]
     assert R.main(args) == 0
     printed = capsys.readouterr().out
-    assert "epoch   3" in printed and "test (best epoch" in printed
+    assert "epoch   3" in printed and "test (best epoch" in printed and "(the history excluded: HR@5" in printed
+    assert printed.splitlines()[-1] == f"its result: {out / 'metrics.json'}"          # the last line says where
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["test"]) == {f"{m}@{k}" for m in ("HR", "NDCG") for k in (5, 10, 20)}
     assert 0 <= metrics["test"]["NDCG@10"] <= metrics["test"]["HR@10"] <= metrics["test"]["HR@20"] <= 1
