@@ -474,6 +474,10 @@ def test_the_results_page_shows_both_protocols(tiny_cell, tmp_path):
     caser_row = next(line for line in page[second:].splitlines() if line.startswith("| caser bce |"))
     assert "ranked one way" in caser_row and "table1/beauty/caser/bce seed 1" in page
     assert "| beauty | 1 | every item ranked |" in page                         # the evidence counts the one cell
+    ratio = entry["test"]["NDCG@10"] / entry["test"]["HR@10"]
+    masked_ratio = masked / entry["protocols"]["history_excluded"]["test"]["HR@10"]
+    assert f"| table1/beauty/sasrec/uniform | {0.0371 / 0.0821:.3f} | {ratio:.3f} | {masked_ratio:.3f} |" in page
+    assert f"| table1/beauty/caser/bce | {0.0172 / 0.0348:.3f} | 0.500 | ranked one way |" in page
 
 
 def test_a_fresh_clone_keeps_the_pages_runs_in_progress(tmp_path, monkeypatch):
