@@ -2,6 +2,7 @@
 
     python bench.py                    # all sections, on the default device (cuda, then mps, then cpu)
     python bench.py --device cpu --steps 40 --sections loss,train,eval
+    python bench.py --device cuda --sections train --length-groups 1   # against --length-groups 8 (the default)
 
   loss   uniformity_loss forward + backward at B = 256, d = 64: batched (torch.cdist) against an obviously-correct
          Python loop over pairs, and against the same sums written with explicit (B, B, d) differences
@@ -10,13 +11,18 @@
          throughput
   eval   full-ranking evaluation of every Beauty user, against its bare lower bound: the same matrix product and
          comparison on history vectors already computed and on the device
-  memory peak memory of training (SASRec, uniformity loss) and of evaluation
+  memory peak memory of training (SASRec, uniformity loss) and of evaluation: on CUDA what torch allocated at most;
+         on MPS what Metal's driver holds after the work (MPS has no peak; its allocator keeps what it took, so
+         about the peak); on the CPU the process's peak resident set
   progress  (only when named) train_epoch with the progress line, drawn on a pseudo-terminal, against without it
 
 Timings are medians of repeated runs where a section is cheap enough to repeat; ratios are measured side by side.
+Every section runs under the settings a training run sets on the device (runs.device_settings: on CUDA no TF32,
+cuDNN's deterministic algorithms, no cuDNN benchmarking), so that it times what trains.
 """
 import argparse
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -32,8 +38,11 @@ from data_prep import default_data_dir, read_sequences
 
 
 def synchronize(device):
+    """Wait for the device's queued work (CUDA and MPS run asynchronously; the CPU has nothing to wait for)."""
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def timed(function, device, repeats=5, warmup=1):
@@ -156,14 +165,18 @@ def train_steps(setup, device, model_name, loss, steps, length_groups):
     return (time.perf_counter() - started) / (256 * steps)
 
 
-def bench_train(setup, device, steps, rows):
+def bench_train(setup, device, steps, rows, length_groups=None):
+    """length_groups: every backbone's (None: training's defaults, 8 and 1 for Caser, and one more row of SASRec +
+    uniform with 1)."""
     examples = len(setup[4])
     for model_name in ("sasrec", "gru4rec", "caser"):
-        groups = 1 if model_name == "caser" else 8
+        groups = length_groups or (1 if model_name == "caser" else 8)
         for loss in ("bce", "bpr", "infonce", "uniform"):
             per_example = train_steps(setup, device, model_name, loss, steps, groups)
             rows.append(("train", f"{model_name} + {loss} (length groups {groups})",
                          f"{1 / per_example:,.0f} samples/s", f"{per_example * examples:.1f} s/epoch"))
+    if length_groups:
+        return
     per_example = train_steps(setup, device, "sasrec", "uniform", steps, 1)
     rows.append(("train", "sasrec + uniform, whole batch padded to its longest (length groups 1)",
                  f"{1 / per_example:,.0f} samples/s", f"{per_example * examples:.1f} s/epoch"))
@@ -257,44 +270,70 @@ def bench_eval(setup, device, rows):
 # ---------------------------------------------------------------------------------------------------------------
 
 def reset_peak(device):
-    """Start a new peak: CUDA's allocator statistics, or Linux's peak resident set size of this process."""
+    """Start a new peak: CUDA's allocator statistics, or Linux's peak resident set size of this process (MPS has no
+    peak to reset)."""
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    elif os.path.exists("/proc/self/clear_refs"):
+        torch.cuda.reset_peak_memory_stats(device)
+    elif device.type != "mps" and os.path.exists("/proc/self/clear_refs"):
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
 
 
 def peak_megabytes(device):
+    """MiB: on CUDA the most torch allocated on the device since reset_peak; on MPS what Metal's driver holds for
+    this process now (torch.mps has no peak); on the CPU the process's peak resident set (Linux's VmHWM, else
+    getrusage's ru_maxrss)."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2 ** 20
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    if device.type == "mps":
+        return torch.mps.driver_allocated_memory() / 2 ** 20
+    if os.path.exists("/proc/self/status"):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+    import resource
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss                # bytes on macOS, KiB elsewhere
+    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 1024
 
 
-def memory_probe(what, path, device, steps):
+def memory_probe(what, path, device, steps, length_groups=None):
     """Run in a fresh process (a process's peak cannot be lowered once the loss section has grown it)."""
     setup = training_setup(path, device)
+    synchronize(device)
     before = peak_megabytes(device) if device.type != "cuda" else 0.0
     reset_peak(device)
     if what == "train":
-        train_steps(setup, device, "sasrec", "uniform", steps, 8)
+        train_steps(setup, device, "sasrec", "uniform", steps, length_groups or 8)
     else:
         flat, starts, lengths, num_items, *_ = setup
         model = paper_model("sasrec", num_items, device)
         U.evaluate(model, U.evaluation_batches(flat, starts, lengths, 50, "test"), cosine=True)
+    synchronize(device)
     print(f"{peak_megabytes(device):.0f} {before:.0f}")
 
 
+MEMORY_MEASURE = {"cuda": "the most allocated by torch on the device",
+                  "mps": "held by Metal's driver after the work, about its peak"}
+
+
 def bench_memory(args, device, rows):
-    what = "allocated by torch" if device.type == "cuda" else "peak resident set of a fresh process"
+    what = MEMORY_MEASURE.get(device.type, "peak resident set of a fresh process")
+    groups = ["--length-groups", str(args.length_groups)] if args.length_groups else []
     for probe, label in (("train", "training sasrec + uniform"), ("eval", "evaluation of every user")):
         result = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-probe", probe, "--device",
-                                 str(device), "--data-dir", args.data_dir, "--steps", str(min(args.steps, 20))],
-                                capture_output=True, text=True, check=True)
+                                 str(device), "--data-dir", args.data_dir, "--steps", str(min(args.steps, 20)),
+                                 *groups], capture_output=True, text=True, check=True)
         peak, before = result.stdout.split()
-        extra = f"{before} MiB after loading torch and the data" if device.type != "cuda" else ""
+        extra = {"cuda": "", "mps": f"{before} MiB after loading the data"}.get(
+            device.type, f"{before} MiB after loading torch and the data")
         rows.append(("memory", f"{label} ({what})", f"{int(peak):,} MiB", extra))
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "mps":
+        return f"Apple MPS, macOS {platform.mac_ver()[0]}"
+    return f"{os.cpu_count()} CPU cores"
 
 
 def main():
@@ -303,12 +342,16 @@ def main():
     parser.add_argument("--data-dir", default=default_data_dir())
     parser.add_argument("--steps", type=int, default=40, help="timed training batches per backbone and loss")
     parser.add_argument("--sections", default="loss,train,eval,memory")
+    parser.add_argument("--length-groups", type=int,
+                        help="train every backbone with this many length groups (default: training's, 8 and 1 for "
+                             "Caser); on a GPU, compare 1 against 8")
     parser.add_argument("--memory-probe", choices=["train", "eval"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device(R.resolve_device(args.device))
+    R.device_settings(device)                                              # as a training run sets them
     path = os.path.join(args.data_dir, "Beauty.txt")
     if args.memory_probe:
-        return memory_probe(args.memory_probe, path, device, args.steps)
+        return memory_probe(args.memory_probe, path, device, args.steps, args.length_groups)
     sections = args.sections.split(",")
     setup = training_setup(path, device)
     rows = []
@@ -316,15 +359,14 @@ def main():
         bench_loss(device, rows)
         bench_dropout(device, rows)
     if "train" in sections:
-        bench_train(setup, device, args.steps, rows)
+        bench_train(setup, device, args.steps, rows, args.length_groups)
     if "eval" in sections:
         bench_eval(setup, device, rows)
     if "memory" in sections:
         bench_memory(args, device, rows)
     if "progress" in sections:
         bench_progress(path, device, rows)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()} CPU cores"
-    print(f"device: {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"device: {device} ({device_name(device)}), torch {torch.__version__}, {torch.get_num_threads()} threads")
     print("| section | what | time | ratio |\n|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")

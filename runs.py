@@ -9,7 +9,8 @@ uniform_seqrec.py holds the paper; this file holds what a run needs around it:
   4. main
 
 A run folder holds config.json (the resolved configuration), log.jsonl (one line per epoch), checkpoint.pt (model,
-optimizer, early-stopping state and best state, written atomically after every epoch) and metrics.json (the result).
+optimizer, early-stopping state and best state, the device it was written on, written atomically after every epoch)
+and metrics.json (the result, and the device and settings that trained it).
 Its default name is runs/<data>-<model>-<loss>-<hash of the configuration>.
 """
 import argparse
@@ -18,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import platform
 import shutil
 import sys
 import time
@@ -114,8 +116,13 @@ class RunFolder:
         return os.path.join(self.path, name)
 
     def resume(self, model, optimizer):
-        state, best_model = restore(self.file("checkpoint.pt"), model, optimizer)
+        """restore() the checkpoint, if any. One that was written on another kind of device than this run's (a GPU's
+        checkpoint resumed on the CPU) gets a line saying so and an entry in the run's resumed_on (metrics.json):
+        the random streams of the epochs from there on are another device's, so the run's numbers are neither
+        device's uninterrupted ones. (A checkpoint from before checkpoints named their device says nothing.)"""
+        state, best_model, recorded = restore(self.file("checkpoint.pt"), model, optimizer)
         self.saved_epoch = state["epoch"]
+        self.resumed_on = list(recorded.get("resumed_on", []))              # [{after_epoch, from, to}]
         for name in ("checkpoint.pt.partial", "log.jsonl.partial", "metrics.json.partial"):  # a kill mid-write
             if os.path.exists(self.file(name)):
                 os.remove(self.file(name))
@@ -124,12 +131,19 @@ class RunFolder:
             # checkpoint holds every row
             self.write_log(state["history"])
             self.log(f"resuming {self.path} after epoch {state['epoch']} (best so far: epoch {state['best_epoch']})")
+            written_on, here = recorded.get("device"), str(next(model.parameters()).device)
+            if isinstance(written_on, str) and torch.device(written_on).type != torch.device(here).type:
+                self.resumed_on.append({"after_epoch": state["epoch"], "from": written_on, "to": here})
+                self.log(f"its checkpoint was written on {written_on}, and this run continues on {here}: the random "
+                         f"streams (order, negatives, dropout) differ from epoch {state['epoch'] + 1} on, so its "
+                         f"numbers will be neither device's uninterrupted ones (recorded in metrics.json, resumed_on)")
         return state, best_model
 
     def save(self, model, optimizer, state, best_model):
         try:
             save_atomically({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state,
-                             "best_model": best_model}, self.file("checkpoint.pt"))
+                             "best_model": best_model, "device": str(next(model.parameters()).device),
+                             "resumed_on": self.resumed_on}, self.file("checkpoint.pt"))
         except RunFolderError as err:
             raise RunFolderError(f"{err}; the run folder keeps the checkpoint of epoch {self.saved_epoch}") from None
         self.saved_epoch = state["epoch"]
@@ -150,10 +164,12 @@ class RunFolder:
         elif self.progress.enabled:
             self.progress.step(done, total)
 
-    def finish(self, result, config):
-        """Write metrics.json: the result of train(), with the device and the configuration (which holds the data
-        file's fingerprint)."""
-        result = {**result, "device": config["device"], "config": config}
+    def finish(self, result, config, device_settings=None):
+        """Write metrics.json: the result of train(), with the device, what device_settings() set on it, the
+        resumes on another device (resumed_on; empty when every epoch ran on one kind) and the configuration (which
+        holds the data file's fingerprint)."""
+        result = {**result, "device": config["device"], "device_settings": device_settings,
+                  "resumed_on": self.resumed_on, "config": config}
         save_atomically(json.dumps(result, indent=2) + "\n", self.file("metrics.json"))
         self.log(f"test (best epoch {result['best_epoch']}): " +
                  "  ".join(f"{k} {v:.4f}" for k, v in result["test"].items()))
@@ -164,15 +180,37 @@ class RunFolder:
 
 
 def restore(checkpoint_path, model, optimizer):
-    """Load the last checkpoint into model and optimizer, if any. Returns (early-stopping state, best model)."""
+    """Load the last checkpoint into model and optimizer, if any. Returns (early-stopping state, best model, what
+    the checkpoint records of its devices: {"device": where it was written, "resumed_on": [...]}, empty when there
+    is no checkpoint or it is from before checkpoints recorded them).
+
+    The optimizer keeps the implementation this device's adam() chose (fused, foreach): load_state_dict would put
+    back the saved param_groups' flags, another device's choice (MPS without a fused Adam, say, resumed on CUDA),
+    and Adam's step counts go where that choice keeps them (fused: on the device; otherwise on the host)."""
     if not os.path.exists(checkpoint_path):
         state = {"epoch": 0, "best_epoch": 0, "best_ndcg": -1.0, "history": []}  # history: the log rows so far
-        return state, {k: v.clone() for k, v in model.state_dict().items()}
+        return state, {k: v.clone() for k, v in model.state_dict().items()}, {}
+    chosen = [{k: group[k] for k in ("fused", "foreach", "capturable") if k in group} for group in
+              optimizer.param_groups]
     try:  # map_location: a checkpoint written on any device (a GPU, the CPU) loads onto this run's device
         checkpoint = torch.load(checkpoint_path, map_location=next(model.parameters()).device, weights_only=False)
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-        return checkpoint["state"], checkpoint["best_model"]
+        for group, choice in zip(optimizer.param_groups, chosen):
+            group.update(choice)
+            on_device = group.get("fused") or group.get("capturable")
+            for p in group["params"]:
+                step = optimizer.state.get(p, {}).get("step")
+                if isinstance(step, torch.Tensor):
+                    optimizer.state[p]["step"] = step.to(p.device if on_device else "cpu",
+                                                         torch.float32 if on_device else torch.get_default_dtype())
+        recorded = {}
+        if isinstance(checkpoint.get("device"), str):
+            torch.device(checkpoint["device"])                              # a name torch knows, or "damaged"
+            recorded["device"] = checkpoint["device"]
+        if isinstance(checkpoint.get("resumed_on"), list):
+            recorded["resumed_on"] = checkpoint["resumed_on"]
+        return checkpoint["state"], checkpoint["best_model"], recorded
     except Exception as err:  # whatever a truncated, foreign or garbled file raises (zip, pickle, key, shape errors)
         raise RunFolderError(f"{checkpoint_path} is damaged or not this run's checkpoint ({one_line(err)}); nothing "
                              f"was changed: remove it to train this run from its start") from None
@@ -403,6 +441,52 @@ def resolve_device(name):
     return name
 
 
+def device_settings(device):
+    """Set what "same command, same seed, same numbers" needs on `device`, and return what trains the run, for its
+    metrics.json. Called once, before training; importing this file sets nothing.
+
+    The CPU needs nothing: its kernels repeat given the same threads (recorded). CUDA's defaults do not repeat, so
+    on CUDA: no TF32 (cuDNN allows it by default for Caser's convolutions and the GRU; off for matrix products, and
+    kept off), cuDNN's deterministic algorithms and no benchmarking (which picks algorithms by timing them), cuBLAS
+    with a fixed workspace (CUBLAS_WORKSPACE_CONFIG, unless already set; cuBLAS reads it at its first use, after
+    this), and torch.use_deterministic_algorithms, which picks the deterministic version of an op where torch has
+    one (index_put with accumulation, scatter) and warns, naming the op, where it has none (warn_only: it would
+    otherwise stop the run). One such warning is silenced: histc's, whose atomic additions add 1.0 to counts far
+    below 2**24, exact in any order. MPS has no TF32 and no such switches: nothing is set. What this does not
+    promise: the CPU's numbers on a GPU (other random generators, other kernels); the same numbers on another GPU
+    model or another CUDA, cuDNN or torch version; or a run that resumes on another device than the one its
+    checkpoint was written on (see RunFolder.resume)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        with warnings.catch_warnings():                                     # a torch that deprecates the flags
+            warnings.simplefilter("ignore")
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        warnings.filterwarnings("ignore", message=r"\S*histc\S* does not have a deterministic implementation")
+    settings = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                "float32_matmul_precision": torch.get_float32_matmul_precision()}
+    if device.type == "cuda":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            settings.update({"cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+                             "cuda_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32})
+        settings.update({
+            "name": torch.cuda.get_device_name(device) if torch.cuda.is_available() else None,
+            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
+            "cudnn_deterministic": torch.backends.cudnn.deterministic,
+            "cudnn_benchmark": torch.backends.cudnn.benchmark,
+            "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+            "deterministic_warn_only": torch.is_deterministic_algorithms_warn_only_enabled(),
+            "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG")})
+    elif device.type == "mps":
+        settings["macos"] = platform.mac_ver()[0] or None
+    return settings
+
+
 MAX_INT = 2 ** 63 - 1  # torch's int64
 
 
@@ -440,14 +524,26 @@ def check_config(config):
 
 
 def device_memory(device):
-    """Bytes of memory of a torch.device: the GPU's own, or the machine's (CPU, and MPS, which shares it); None
-    where that cannot be told."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
+    """Bytes of memory a run on a torch.device can count on: a CUDA GPU's free memory (torch.cuda.mem_get_info:
+    what other processes hold is not there to take), the most Metal recommends for MPS
+    (torch.mps.recommended_max_memory, where this torch has it), or the machine's memory (CPU, and MPS in a torch
+    without it; MPS shares the machine's memory); None where that cannot be told (a device that fails to answer
+    fails again, with one line, when training starts)."""
+    try:
+        if device.type == "cuda":
+            return torch.cuda.mem_get_info(device)[0]
+        if device.type == "mps" and hasattr(torch.mps, "recommended_max_memory"):
+            return torch.mps.recommended_max_memory()
+    except RuntimeError:
+        return None
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):                            # no sysconf on Windows
         return None
+
+
+# What device_memory's number is, in check_memory's line: "more than the 7.5 GiB free on cuda"
+MEMORY_WORDS = {"cuda": "free on", "mps": "that Metal recommends at most for"}
 
 
 def memory_estimate(config, sequences):
@@ -486,8 +582,10 @@ def check_memory(config, sequences):
         sparse = ""
         if biggest in (table, scores) and largest > 2 * distinct:
             sparse = f" (item ids run up to {largest:,} for {distinct:,} items: number them 1..{distinct:,})"
+        words = MEMORY_WORDS.get(torch.device(config["device"]).type, "of")
         raise ConfigError(f"training would need about {gib:,.{1 if gib < 100 else 0}f} GiB, more than the "
-                          f"{available / 2 ** 30:,.1f} GiB of {config['device']}; most of it for {biggest}{sparse}")
+                          f"{available / 2 ** 30:,.1f} GiB {words} {config['device']}; most of it for {biggest}"
+                          f"{sparse}")
 
 
 def data_fingerprint(path):
@@ -606,6 +704,19 @@ def configure(argv, fetch=False):
 # 4. main
 # =============================================================================================================
 
+def device_failure(err, device):
+    """One line for an error torch raised while training on `device`: out of memory (CUDA, MPS, the CPU's
+    allocator), an op this torch lacks for MPS (NotImplementedError, a RuntimeError), a CUDA or MPS error, and the
+    remedy where there is one."""
+    text = one_line(err, limit=300)
+    if isinstance(err, getattr(torch, "OutOfMemoryError", ())) or "out of memory" in text.lower():
+        return f"{device} ran out of memory ({text}); a smaller --batch-size or --dim needs less (another run)"
+    if isinstance(err, NotImplementedError) and "MPS" in text:
+        return (f"{device} cannot run an op of this torch ({text}); PYTORCH_ENABLE_MPS_FALLBACK=1 runs it on the "
+                f"CPU instead, or train with --device cpu")
+    return f"{device} failed ({text})"
+
+
 def main(argv=None):
     run = None
     try:
@@ -628,8 +739,9 @@ def main(argv=None):
                 print(f"its result: {metrics_path}")
                 return 0
             os.remove(metrics_path)                                         # extended: a new result will replace it
+        settings = device_settings(config["device"])                        # once, before training
         run = RunFolder(run_dir, log=lambda line: print(line, flush=True))
-        run.finish(U.train(config, sequences, run), config)
+        run.finish(U.train(config, sequences, run), config, settings)
     except (DataError, ConfigError) as err:
         print(f"uniform_seqrec.py: error: {err}", file=sys.stderr)
         return 2
@@ -639,6 +751,13 @@ def main(argv=None):
         return 1
     except FloatingPointError as err:
         print(f"uniform_seqrec.py: stopped: {err}", file=sys.stderr)
+        return 1
+    except RuntimeError as err:                  # torch's own, from the device, once training has started
+        if run is None:
+            raise
+        run.progress.clear()
+        print(f"uniform_seqrec.py: stopped: {device_failure(err, config['device'])}; the run folder keeps the "
+              f"checkpoint of epoch {run.saved_epoch}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         if run is not None:

@@ -635,8 +635,15 @@ def train_epoch(model, optimizer, data, config, epoch, progress=None):
 
 
 def adam(model, lr, device):
-    """Adam; its fused kernel where torch has one (CPU, CUDA): the same update, one kernel instead of ~10 per tensor."""
-    return torch.optim.Adam(model.parameters(), lr=lr, fused=device.type in ("cpu", "cuda"))
+    """Adam; its fused kernel where torch has one: the same update, one kernel instead of ~10 per tensor. CPU and
+    CUDA have it (torch >= 2.4); MPS in the torch releases that list it, and elsewhere torch's default (foreach)."""
+    parameters = list(model.parameters())
+    if device.type == "mps":
+        try:
+            return torch.optim.Adam(parameters, lr=lr, fused=True)
+        except RuntimeError:                                                 # "fused=True requires ... devices"
+            return torch.optim.Adam(parameters, lr=lr)
+    return torch.optim.Adam(parameters, lr=lr, fused=device.type in ("cpu", "cuda"))
 
 
 def history_limit(config, lengths):
