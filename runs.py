@@ -739,8 +739,8 @@ def main(argv=None):
                 print(f"its result: {metrics_path}")
                 return 0
             os.remove(metrics_path)                                         # extended: a new result will replace it
-        settings = device_settings(config["device"])                        # once, before training
         run = RunFolder(run_dir, log=lambda line: print(line, flush=True))
+        settings = device_settings(config["device"])                        # once, before training
         run.finish(U.train(config, sequences, run), config, settings)
     except (DataError, ConfigError) as err:
         print(f"uniform_seqrec.py: error: {err}", file=sys.stderr)
@@ -756,8 +756,9 @@ def main(argv=None):
         if run is None:
             raise
         run.progress.clear()
-        print(f"uniform_seqrec.py: stopped: {device_failure(err, config['device'])}; the run folder keeps the "
-              f"checkpoint of epoch {run.saved_epoch}", file=sys.stderr)
+        kept = (f"the run folder keeps the checkpoint of epoch {run.saved_epoch}" if run.saved_epoch
+                else "no epoch had finished")
+        print(f"uniform_seqrec.py: stopped: {device_failure(err, config['device'])}; {kept}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         if run is not None:

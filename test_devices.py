@@ -246,6 +246,18 @@ def test_a_device_error_during_a_run_is_one_line_and_keeps_the_last_checkpoint(t
     assert R.main(args) == 0 and "resuming" in capsys.readouterr().out
 
 
+def test_a_device_that_fails_as_its_settings_are_read_is_one_line(tmp_path, capsys, monkeypatch):
+    def fails(device):
+        raise RuntimeError("CUDA error: no CUDA-capable device is detected")
+
+    monkeypatch.setattr(R, "device_settings", fails)
+    assert R.main(["--data", small_data(tmp_path), "--out", str(tmp_path / "run"), *SMALL]) == 1
+    err = capsys.readouterr().err
+    assert err == ("uniform_seqrec.py: stopped: cpu failed (RuntimeError: CUDA error: no CUDA-capable device is "
+                   "detected); no epoch had finished\n")
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
 def test_a_runtime_error_before_training_is_not_taken_for_the_devices(tmp_path, monkeypatch):
     """Only errors once training has started are the device's: one before is a bug, and keeps its traceback."""
     def bug(*args):
