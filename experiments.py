@@ -14,6 +14,7 @@ results/cells/<cell id>-seed<seed>.json with its metrics, configuration, seed, c
 """
 import glob
 import json
+import math
 import os
 import signal
 import statistics
@@ -78,17 +79,52 @@ PAPER_TABLE3 = {"0.1": [(.0785, .0358), (.0854, .0389)], "0.05": [(.0821, .0371)
 # Cells: id -> command-line arguments of uniform_seqrec.py
 # ---------------------------------------------------------------------------------------------------------------
 
-def read_hyperparameters(path=HYPERPARAMETERS):
-    """(dataset, model, loss) -> flags, from the committed table; a missing row means the CLI defaults."""
-    chosen = {}
+MAX_SEED = 20  # the results page reads seeds 1..MAX_SEED
+
+
+def hyperparameter_row(fields):
+    """The flags of one row of results/hyperparameters.tsv, or a ValueError saying what is wrong with it."""
+    if len(fields) != 8:
+        raise ValueError(f"{len(fields)} fields, not the 8 of the header (dataset model loss lr dim layers heads "
+                         f"beta)")
+    dataset, model, loss, lr, dim, layers, heads, beta = fields
+    for value, known in ((dataset, DATASETS), (model, MODELS), (loss, LOSSES)):
+        if value not in known:
+            raise ValueError(f"'{value}' is not one of {', '.join(known)}")
+    for name, value in (("dim", dim), ("layers", layers), ("heads", heads)):
+        if not (value.isdigit() and int(value) > 0):
+            raise ValueError(f"{name} '{value}' is not a positive whole number")
+    for name, value, smallest in (("lr", lr, 0.0), ("beta", beta, 0.0)):
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError(f"{name} '{value}' is not a number") from None
+        if not (math.isfinite(number) and (number > smallest or name == "beta" and number == 0)):
+            raise ValueError(f"{name} {value} is out of range")
+    return ["--lr", lr, "--dim", dim, "--layers", layers, "--heads", heads,
+            *(["--beta", beta] if loss == "uniform" else [])]
+
+
+def read_hyperparameters(path=None):
+    """(dataset, model, loss) -> flags, from the committed table; a missing row means the CLI defaults. A row that
+    is not as the header says is a one-line ConfigError naming its line."""
+    path, chosen = path or HYPERPARAMETERS, {}
     if os.path.isfile(path):
-        with open(path) as f:
-            for line in f:
-                fields = line.split("#")[0].split()
-                if fields and fields[0] != "dataset":
-                    dataset, model, loss, lr, dim, layers, heads, beta = fields[:8]
-                    chosen[dataset, model, loss] = ["--lr", lr, "--dim", dim, "--layers", layers, "--heads", heads,
-                                                    *(["--beta", beta] if loss == "uniform" else [])]
+        try:
+            with open(path, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            raise R.ConfigError(f"{path} cannot be read ({R.one_line(err)})") from None
+        for number, line in enumerate(lines, 1):
+            fields = line.split("#")[0].split()
+            if fields and fields[0] != "dataset":
+                try:
+                    flags = hyperparameter_row(fields)
+                except ValueError as err:
+                    raise R.ConfigError(f"{path} line {number}: {err}") from None
+                if tuple(fields[:3]) in chosen:
+                    raise R.ConfigError(f"{path} line {number}: a second row for {' '.join(fields[:3])}")
+                chosen[tuple(fields[:3])] = flags
     return chosen
 
 
@@ -181,13 +217,61 @@ def record_path(cell, seed):
     return os.path.join(RESULTS, "cells", f"{cell.replace('/', '__')}-seed{seed}.json")
 
 
+LOG_KEYS = {"epoch": int, "valid_NDCG@10": float}                    # what every reader of a row needs of it
+
+
 def read_log(run_dir):
-    """The per-epoch records of a run folder's log.jsonl, or None when it has none."""
+    """The per-epoch records of a run folder's log.jsonl, or None when it has none; a RunFolderError naming the
+    line when one is not such a record."""
     path = run_dir and os.path.join(run_dir, "log.jsonl")
     if not path or not os.path.isfile(path):
         return None
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    rows = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    row = json.loads(line)
+                    if not (isinstance(row, dict) and all(isinstance(row.get(k), (int, float) if kind is float else
+                                                                     kind) for k, kind in LOG_KEYS.items())):
+                        raise ValueError(f"line {number} is not an epoch's record ({', '.join(LOG_KEYS)})")
+                    rows.append(row)
+    except (OSError, ValueError) as err:                                    # JSONDecodeError, UnicodeDecodeError
+        raise R.RunFolderError(f"{path} is damaged ({R.one_line(err)}); resuming the run rewrites it") from None
+    return rows
+
+
+RECORD_KEYS = {"cell": str, "seed": int, "test": dict, "valid": dict, "best_epoch": int, "epochs": int,
+               "device": str, "wall_seconds": (int, float), "commit": str, "run_dir": str, "config": dict}
+
+
+def read_record(path):
+    """A cell's record in results/cells/, or a one-line RunFolderError naming the file and what is wrong."""
+    entry = R.read_json(path, f"restore it from git (git checkout -- {os.path.relpath(path, HERE)})")
+    wrong = [k for k, kind in RECORD_KEYS.items() if not isinstance(entry.get(k), kind)]
+    wrong += [f"test {k}" for k in ("HR@10", "NDCG@10") if not isinstance(entry.get("test", {}).get(k), (int, float))]
+    wrong += [f"config {k}" for k in ("lr", "dim", "layers", "heads", "beta")
+              if not isinstance(entry.get("config", {}).get(k), (int, float))]
+    if wrong:
+        raise R.RunFolderError(f"{path} is damaged (no valid {wrong[0]}); restore it from git (git checkout -- "
+                               f"{os.path.relpath(path, HERE)})")
+    return entry
+
+
+METRICS_KEYS = {"test": dict, "valid": dict, "best_epoch": int, "epochs": int, "device": str, "config": dict}
+
+
+def read_metrics(run_dir):
+    """A finished run folder's metrics.json, or a one-line RunFolderError naming what is wrong with it."""
+    path = os.path.join(run_dir, "metrics.json")
+    metrics = R.read_json(path, "remove it to test the run's best state again")
+    wrong = [k for k, kind in METRICS_KEYS.items() if not isinstance(metrics.get(k), kind)]
+    wrong += [f"{split} NDCG@10" for split in ("test", "valid")
+              if not isinstance(metrics.get(split, {}).get("NDCG@10"), (int, float))]
+    if wrong:
+        raise R.RunFolderError(f"{path} is damaged (no valid {wrong[0]}); remove it to test the run's best state "
+                               f"again (python uniform_seqrec.py --resume {run_dir})")
+    return metrics
 
 
 def run_data(cell, seed, config):
@@ -199,6 +283,14 @@ def run_data(cell, seed, config):
     return current["data_fingerprint"], current["data_path"]
 
 
+def wall_seconds(run_dir, log):
+    """The seconds a run's epochs took, trained and evaluated, from its log."""
+    seconds = [r.get("train_seconds") for r in log or []] + [r.get("eval_seconds") for r in log or []]
+    if not log or not all(isinstance(t, (int, float)) for t in seconds):
+        raise R.RunFolderError(f"{run_dir}/log.jsonl lacks the epochs' times; resuming the run rewrites it")
+    return round(sum(seconds), 1)
+
+
 def write_record(cell, seed, entry):
     path = record_path(cell, seed)
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -208,7 +300,7 @@ def write_record(cell, seed, entry):
 def record(cell, seed, run_dir):
     """Write the cell's JSON from its finished run folder: its metrics under both protocols, the best state's
     validation metrics, the data file's fingerprint, and how often its top item is one of the user's own."""
-    metrics = R.read_json(os.path.join(run_dir, "metrics.json"), "remove it to test the run's best state again")
+    metrics = read_metrics(run_dir)
     config = metrics["config"]
     fingerprint, data_path = run_data(cell, seed, config)
     log = read_log(run_dir)
@@ -218,8 +310,7 @@ def record(cell, seed, run_dir):
     ranked["protocols"] = metrics.get("protocols") or ranked["protocols"]  # as ranked on the training device
     entry = {"cell": cell, "seed": seed, "test": metrics["test"], "valid": metrics["valid"], **ranked,
              "best_epoch": metrics["best_epoch"], "epochs": metrics["epochs"], "device": metrics["device"],
-             "wall_seconds": round(sum(r["train_seconds"] + r["eval_seconds"] for r in log), 1),
-             "commit": commit, "run_dir": os.path.relpath(run_dir, HERE),
+             "wall_seconds": wall_seconds(run_dir, log), "commit": commit, "run_dir": os.path.relpath(run_dir, HERE),
              "config": {**config, "data_fingerprint": fingerprint}}
     write_record(cell, seed, entry)
 
@@ -230,7 +321,7 @@ def rescore_recorded(cells_given=()):
     differ from the record's is refused (it would not be the recorded run)."""
     gone = []
     for path in sorted(glob.glob(os.path.join(RESULTS, "cells", "*.json"))):
-        entry = R.read_json(path, "restore it from git")
+        entry = read_record(path)
         if cells_given and entry["cell"] not in cells_given:
             continue
         run_dir = os.path.join(HERE, entry["run_dir"])
@@ -289,9 +380,10 @@ def run_cell(cell, seed, device):
     return code
 
 
-def record_all(max_seed=20):
-    """Record every cell of every table whose run has finished, for seeds 1..max_seed."""
-    hyperparameters = read_hyperparameters()
+def record_all(max_seed=MAX_SEED):
+    """Record every cell of every table whose run has finished, for seeds 1..max_seed. Returns how many could not
+    be recorded (each said so in one line)."""
+    hyperparameters, failed = read_hyperparameters(), 0
     for cell in cells("all", DATASETS, MODELS):
         for seed in range(1, max_seed + 1):
             run_dir = run_folder(cell, seed, hyperparameters)
@@ -300,6 +392,8 @@ def record_all(max_seed=20):
                     record(cell, seed, run_dir)
                 except R.ConfigError as err:                                 # one cell's run, not the whole page
                     print(f"not recorded: {cell} seed {seed}: {err}", file=sys.stderr)
+                    failed += 1
+    return failed
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -316,8 +410,7 @@ def choose():
         run_dir = run_folder(cell, 1, {})
         if not run_dir or not os.path.isfile(os.path.join(run_dir, "metrics.json")):
             continue
-        with open(os.path.join(run_dir, "metrics.json")) as f:
-            metrics = json.load(f)
+        metrics = read_metrics(run_dir)
         finished[key] = finished.get(key, 0) + 1
         if key not in best or metrics["valid"]["NDCG@10"] > best[key][1]:
             best[key] = (metrics["config"], metrics["valid"]["NDCG@10"])
@@ -575,7 +668,7 @@ def recorded(cell, protocol="all_items"):
     left out of the other)."""
     found = []
     for path in sorted(glob.glob(record_path(cell, "*"))):
-        test = recorded_test(R.read_json(path, "restore it from git"), protocol)
+        test = recorded_test(read_record(path), protocol)
         if test is not None:
             found.append((test["HR@10"], test["NDCG@10"]))
     return found
@@ -594,8 +687,7 @@ def read_baselines():
     """results/baselines.json, or {} before `experiments.py baselines` has run."""
     if not os.path.isfile(BASELINES):
         return {}
-    with open(BASELINES) as f:
-        return json.load(f)
+    return R.read_json(BASELINES, "run python experiments.py baselines to write it again")
 
 
 def baseline_rows(datasets, protocol="all_items"):
@@ -773,13 +865,13 @@ def ranked_one_way():
     """'cell seed N' of every record that holds one protocol only (its run folder was gone before both were kept)."""
     found = []
     for path in sorted(glob.glob(os.path.join(RESULTS, "cells", "*.json"))):
-        entry = R.read_json(path, "restore it from git")
+        entry = read_record(path)
         if "protocols" not in entry:
             found.append(f"{entry['cell']} seed {entry['seed']}")
     return found
 
 
-def unfinished_runs(max_seed=20):
+def unfinished_runs(max_seed=MAX_SEED):
     """(cell, seed, epochs done, best epoch, its validation NDCG@10) of every run started but not finished."""
     found, hyperparameters = [], read_hyperparameters()
     for cell in unique_runs(cells("all", DATASETS, MODELS), 1):
@@ -831,8 +923,7 @@ def unfinished_section(unfinished, previous_page):
 
 def report(path=None, unfinished=()):
     path = path or os.path.join(RESULTS, "RESULTS.md")
-    entries = [R.read_json(p, "restore it from git")
-               for p in sorted(glob.glob(os.path.join(RESULTS, "cells", "*.json")))]
+    entries = [read_record(p) for p in sorted(glob.glob(os.path.join(RESULTS, "cells", "*.json")))]
     runs = ["| cell | seed | lr | dim | layers | heads | beta | best epoch / epochs | device | wall | commit |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in entries:
@@ -880,8 +971,7 @@ def figure_run_log(cell):
     """(per-epoch log, finished?) of a cell's seed-1 run: its recorded run, else its run folder so far, else None."""
     recorded_runs = sorted(glob.glob(record_path(cell, "*")))[:1]
     if recorded_runs:
-        with open(recorded_runs[0]) as f:
-            run_dir = os.path.join(HERE, json.load(f)["run_dir"])
+        run_dir = os.path.join(HERE, read_record(recorded_runs[0])["run_dir"])
     else:
         run_dir = run_folder(cell, 1, read_hyperparameters())
     log = read_log(run_dir)
@@ -1040,9 +1130,17 @@ def main(argv=None):
 
 def command(args):
     """Carry out one parsed command line; its exit status."""
+    for name in ("seed", "seeds"):
+        if getattr(args, name, 1) is not None and not 1 <= getattr(args, name, 1) <= MAX_SEED:
+            raise R.ConfigError(f"--{name} must be from 1 to {MAX_SEED}, the seeds the results page reads "
+                                f"(got {getattr(args, name)})")
     if args.command == "list":
+        datasets, models = args.datasets.split(","), args.models.split(",")
+        for value, known in [(d, DATASETS) for d in datasets] + [(m, MODELS) for m in models]:
+            if value not in known:
+                raise R.ConfigError(f"'{value}' is not one of {', '.join(known)}")
         for seed in range(1, args.seeds + 1):
-            for cell in unique_runs(cells(args.what, args.datasets.split(","), args.models.split(",")), seed):
+            for cell in unique_runs(cells(args.what, datasets, models), seed):
                 print(cell, seed)
     elif args.command == "run":
         return run_cell(args.cell, args.seed, args.device)
@@ -1053,8 +1151,9 @@ def command(args):
     elif args.command == "rescore":
         rescore_recorded(args.cells)
     elif args.command == "report":
-        record_all()
+        failed = record_all()
         report(unfinished=unfinished_runs())
+        return 2 if failed else 0
     elif args.command == "figure-alignment":
         figure_alignment(args.dataset, args.model)
     elif args.command == "repeats":

@@ -85,7 +85,9 @@ def test_choose_keeps_the_best_validation_point_and_says_how_many_ran(tmp_path, 
         folders[cell].mkdir()
         config = {"lr": float(values["lr"]), "dim": int(values["dim"]), "layers": int(values["layers"]),
                   "heads": int(values["layers"]), "beta": 0.05}
-        (folders[cell] / "metrics.json").write_text(json.dumps({"config": config, "valid": {"NDCG@10": ndcg}}))
+        (folders[cell] / "metrics.json").write_text(json.dumps({"config": config, "valid": {"NDCG@10": ndcg},
+                                                                "test": {"NDCG@10": ndcg}, "best_epoch": 3,
+                                                                "epochs": 23, "device": "cpu"}))
     monkeypatch.setattr(E, "run_folder", lambda cell, seed, hyperparameters: str(folders.get(cell, tmp_path / "no")))
     monkeypatch.setattr(E, "HYPERPARAMETERS", str(tmp_path / "h.tsv"))
     E.choose()
@@ -113,7 +115,8 @@ def write_cell(results, cell, seed, hr, ndcg):
     config = {"lr": 1e-3, "dim": 64, "layers": 2, "heads": 2, "beta": 0.05}
     with open(path, "w") as f:
         json.dump({"cell": cell, "seed": seed, "test": {"HR@10": hr, "NDCG@10": ndcg}, "valid": {}, "best_epoch": 5,
-                   "epochs": 25, "device": "cpu", "wall_seconds": 600, "commit": "abc1234", "config": config}, f)
+                   "epochs": 25, "device": "cpu", "wall_seconds": 600, "commit": "abc1234", "config": config,
+                   "run_dir": "runs/gone"}, f)
 
 
 def test_results_page_shows_ours_beside_the_papers(tmp_path, monkeypatch):
@@ -490,3 +493,103 @@ def test_a_fresh_clone_keeps_the_pages_runs_in_progress(tmp_path, monkeypatch):
     (tmp_path / "runs").mkdir()                                                  # local runs: the list is theirs
     E.report(str(page))
     assert E.UNFINISHED_TITLE not in page.read_text()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Every file and argument experiments.py reads: wrong contents are one line and exit 2, never a traceback
+# ----------------------------------------------------------------------------------------------------------------
+
+HEADER = "dataset\tmodel\tloss\tlr\tdim\tlayers\theads\tbeta\n"
+
+
+@pytest.mark.parametrize("row, expected", [
+    ("beauty sasrec bce 1e-3 64 2 2", "7 fields, not the 8"),
+    ("beauty sasrec bce 1e-3 64 2 2 0.05 9", "9 fields, not the 8"),
+    ("Beauty sasrec bce 1e-3 64 2 2 0.05", "'Beauty' is not one of beauty"),
+    ("beauty bert4rec bce 1e-3 64 2 2 0.05", "'bert4rec' is not one of gru4rec"),
+    ("beauty sasrec ce 1e-3 64 2 2 0.05", "'ce' is not one of bce"),
+    ("beauty sasrec bce fast 64 2 2 0.05", "lr 'fast' is not a number"),
+    ("beauty sasrec bce 0 64 2 2 0.05", "lr 0 is out of range"),
+    ("beauty sasrec bce nan 64 2 2 0.05", "lr nan is out of range"),
+    ("beauty sasrec bce 1e-3 6.4 2 2 0.05", "dim '6.4' is not a positive whole number"),
+    ("beauty sasrec bce 1e-3 64 0 2 0.05", "layers '0' is not a positive whole number"),
+    ("beauty sasrec bce 1e-3 64 2 -2 0.05", "heads '-2' is not a positive whole number"),
+    ("beauty sasrec uniform 1e-3 64 2 2 -1", "beta -1 is out of range"),
+    ("beauty sasrec bce 1e-3 64 2 2 0.05\nbeauty sasrec bce 1e-4 64 2 2 0.05", "line 4: a second row for beauty"),
+])
+def test_a_malformed_hyperparameter_row_is_one_line_naming_its_line(tmp_path, monkeypatch, capsys, row, expected):
+    table = tmp_path / "h.tsv"
+    table.write_text("# comment\n" + HEADER + row + "\n")
+    monkeypatch.setattr(E, "HYPERPARAMETERS", str(table))
+    assert E.main(["run", "table1/beauty/sasrec/bce"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"experiments.py: error: {table} line ") and expected in err
+
+
+def test_the_committed_hyperparameter_table_reads():
+    assert len(E.read_hyperparameters()) == 48
+
+
+@pytest.mark.parametrize("damage, expected", [
+    (lambda e: "not json", "is damaged or unreadable"),
+    (lambda e: [e], "is damaged (not a JSON object)"),
+    (lambda e: {k: v for k, v in e.items() if k != "test"}, "no valid test"),
+    (lambda e: {**e, "test": {"HR@10": "high"}}, "no valid test HR@10"),
+    (lambda e: {**e, "seed": "1"}, "no valid seed"),
+    (lambda e: {**e, "config": {**e["config"], "lr": None}}, "no valid config lr"),
+])
+def test_a_damaged_record_is_one_line_naming_it(tmp_path, monkeypatch, capsys, damage, expected):
+    monkeypatch.setattr(E, "RESULTS", str(tmp_path))
+    monkeypatch.setattr(E, "HERE", str(tmp_path))
+    write_cell(str(tmp_path), "table1/beauty/sasrec/bce", 1, 0.04, 0.02)
+    path = tmp_path / "cells" / "table1__beauty__sasrec__bce-seed1.json"
+    damaged = damage(json.loads(path.read_text()))
+    path.write_text(damaged if isinstance(damaged, str) else json.dumps(damaged))
+    monkeypatch.setattr(E, "record_all", lambda: 0)
+    assert E.main(["report"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(path) in err and expected in err and "restore it from git" in err
+
+
+@pytest.mark.parametrize("contents, expected", [
+    ("not json\n", "is damaged"),
+    ('{"epoch": 1}\n', "line 1 is not an epoch's record"),
+    ('{"epoch": 1, "valid_NDCG@10": 0.1}\n[1]\n', "line 2 is not an epoch's record"),
+])
+def test_a_damaged_log_is_one_line(tmp_path, monkeypatch, capsys, contents, expected):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "log.jsonl").write_text(contents)
+    monkeypatch.setattr(E, "run_folder", lambda cell, seed, hyperparameters: str(run))
+    monkeypatch.setattr(E, "record_all", lambda: 0)
+    monkeypatch.setattr(E, "RESULTS", str(tmp_path))
+    assert E.main(["report"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "log.jsonl" in err and expected in err
+
+
+@pytest.mark.parametrize("metrics, expected", [
+    ("{", "is damaged or unreadable"), ("{}", "no valid test"),
+    (json.dumps({"test": {}, "valid": {}, "best_epoch": 1, "epochs": 2, "device": "cpu", "config": {}}),
+     "no valid test NDCG@10"),
+])
+def test_a_damaged_metrics_file_is_one_line(tiny_cell, monkeypatch, capsys, metrics, expected):
+    run_dir, _ = tiny_cell
+    (run_dir / "metrics.json").write_text(metrics)
+    assert E.main(["report"]) == 2                                              # the page is written all the same
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("not recorded: table1/beauty/sasrec/uniform seed 1: ")
+    assert "metrics.json is damaged" in err and expected in err
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["run", "table1/beauty/sasrec/bce", "--seed", "0"], "--seed must be from 1 to 20"),
+    (["run", "table1/beauty/sasrec/bce", "--seed", "21"], "--seed must be from 1 to 20"),
+    (["list", "table1", "--seeds", "-1"], "--seeds must be from 1 to 20"),
+    (["list", "table1", "--datasets", "beauty,nope"], "'nope' is not one of beauty"),
+    (["list", "table1", "--models", ""], "'' is not one of gru4rec"),
+])
+def test_an_argument_out_of_range_is_one_line(capsys, argv, expected):
+    assert E.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and expected in err
