@@ -23,6 +23,9 @@ import sys
 import time
 import warnings
 
+if __name__ == "__main__":  # started as a program: Ctrl-C while torch loads is one line (main takes over after)
+    signal.signal(signal.SIGINT, lambda *_: (print("experiments.py: interrupted while starting; nothing was "
+                                                   "changed", file=sys.stderr), sys.exit(130)))
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # before torch: see uniform_seqrec.py
 import torch
 
@@ -1121,11 +1124,16 @@ def main(argv=None):
     repeating.add_argument("--dataset", default="yelp", choices=DATASETS)
     repeating.add_argument("run_dirs", nargs="*")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGINT, signal.default_int_handler)               # Ctrl-C is KeyboardInterrupt again
     try:
         return command(args)
     except (R.ConfigError, R.DataError) as err:                            # bad input: one line, never a traceback
         print(f"experiments.py: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\nexperiments.py: interrupted (a training keeps its last finished epoch; run the same command to "
+              "resume)", file=sys.stderr)
+        return 130
 
 
 def command(args):

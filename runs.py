@@ -21,6 +21,7 @@ import math
 import os
 import platform
 import shutil
+import signal
 import sys
 import time
 import warnings
@@ -648,6 +649,28 @@ def data_path_of(config, fetch=False):
     raise ConfigError(f"unknown dataset '{config['data']}': not one of {', '.join(BENCHMARKS)} and no such file")
 
 
+def check_saved_config(saved, path):
+    """A run folder's config.json holds every setting of the command line, each of the type (and among the
+    choices) the command line would have given it: else a one-line ConfigError naming the key."""
+    for action in build_parser()._actions:
+        key = action.dest
+        if key in RUN_ONLY_KEYS + ("help",):
+            continue
+        value = saved.get(key, ...)
+        if key in ("layers", "length_groups", "infonce_negatives") and value is None:
+            continue                                                        # resolved later, or "the whole batch"
+        if action.nargs == 0:
+            kind = bool
+        else:
+            kind = {int: int, float: (int, float)}.get(action.type, str)
+        fits = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+        if not fits or (action.choices and value not in action.choices):
+            what = "is missing" if value is ... else f"is {value!r}, not " + (
+                f"one of {', '.join(action.choices)}" if action.choices and fits else
+                {bool: "true or false", int: "a whole number", str: "text"}.get(kind, "a number"))
+            raise ConfigError(f"{path}: '{key}' {what}; this folder cannot be resumed (remove it to start over)")
+
+
 def configuration_id(config):
     """Short hash of everything that changes the result: equal configurations share a default run folder."""
     kept = {k: v for k, v in sorted(config.items())
@@ -667,6 +690,7 @@ def configure(argv, fetch=False):
         if not os.path.isfile(saved_path):
             raise ConfigError(f"--resume {config['resume']}: no config.json there, not a run folder")
         saved = {**LATER_KEYS, **read_json(saved_path, "this folder cannot be resumed")}
+        check_saved_config(saved, saved_path)
         for key, value in given.items():
             if key not in RUN_ONLY_KEYS + EXTENDABLE_KEYS and saved.get(key) != value:
                 raise ConfigError(f"--resume {config['resume']}: that run has --{key.replace('_', '-')} "
@@ -718,6 +742,7 @@ def device_failure(err, device):
 
 
 def main(argv=None):
+    signal.signal(signal.SIGINT, signal.default_int_handler)               # Ctrl-C is KeyboardInterrupt again
     run = None
     try:
         config, run_dir = configure(argv, fetch=True)

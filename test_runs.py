@@ -680,3 +680,51 @@ def test_a_missing_benchmark_is_fetched_and_without_network_the_remedy_is_named(
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "without network, copy Beauty.txt into" in err
     assert not (tmp_path / "none" / "Beauty.txt").exists()
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda c: {**c, "model": "bert4rec"}, "'model' is 'bert4rec', not one of gru4rec, caser, sasrec"),
+    (lambda c: {**c, "loss": "ce"}, "'loss' is 'ce', not one of bce"),
+    (lambda c: {**c, "lr": "fast"}, "'lr' is 'fast', not a number"),
+    (lambda c: {**c, "dim": 6.5}, "'dim' is 6.5, not a whole number"),
+    (lambda c: {**c, "normalize": 1}, "'normalize' is 1, not true or false"),
+    (lambda c: {k: v for k, v in c.items() if k != "seed"}, "'seed' is missing"),
+    (lambda c: {**c, "dropout": 1.5}, "--dropout must be in [0, 1) (got 1.5)"),
+])
+def test_a_run_folders_config_with_wrong_types_or_names_is_one_line(tmp_path, capsys, edit, expected):
+    """Today's config.json of a run, edited: resuming it is refused with one line (it trained SASRec for an unknown
+    model before)."""
+    run = tmp_path / "run"
+    assert R.main(["--data", small_data(tmp_path), "--out", str(run), *SMALL, "--epochs", "1"]) == 0
+    path = run / "config.json"
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    capsys.readouterr()
+    assert R.main(["--resume", str(run), "--epochs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and expected in err
+
+
+def test_a_data_file_without_a_training_example_is_one_line(tmp_path, capsys):
+    path = tmp_path / "three.txt"
+    path.write_text("1 1 2 3\n2 4 5 6\n")                                    # 3 items each: none to train on
+    assert R.main(["--data", str(path), "--out", str(tmp_path / "run"), *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "there is no training example" in err
+
+
+def test_ctrl_c_while_the_program_starts_is_one_line(tmp_path):
+    """SIGINT while torch is being imported (a stand-in torch that waits, so the moment is certain)."""
+    fake = tmp_path / "torch"
+    fake.mkdir()
+    (fake / "__init__.py").write_text(f"import pathlib, time\npathlib.Path({str(tmp_path / 'importing')!r}).touch()\n"
+                                      "time.sleep(60)\n")
+    for script in ("uniform_seqrec.py", "experiments.py"):
+        (tmp_path / "importing").unlink(missing_ok=True)
+        process = subprocess.Popen([sys.executable, os.path.join(HERE, script), "--help"], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+        deadline = time.time() + 60
+        while not (tmp_path / "importing").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+        assert process.returncode == 130 and err == f"{script}: interrupted while starting; nothing was changed\n"

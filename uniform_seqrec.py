@@ -17,6 +17,12 @@ first read: the length groups of section 5 and the `Dropout` of section 2. At im
 things, but for one warnings filter (below). The score and loss functions of section 3 need nothing but
 `import torch`.
 """
+import signal
+import sys
+
+if __name__ == "__main__":  # started as a program: Ctrl-C while torch loads is one line (runs.main takes over after)
+    signal.signal(signal.SIGINT, lambda *_: (print("uniform_seqrec.py: interrupted while starting; nothing was "
+                                                   "changed", file=sys.stderr), sys.exit(130)))
 import time
 import warnings
 from typing import NamedTuple
@@ -124,6 +130,9 @@ def training_data(flat, starts, lengths, num_items, max_len):
     full_users = (torch.bincount(keys // (num_items + 1), minlength=len(lengths)) == num_items).nonzero()
     if len(full_users):
         raise DataError(f"user on line {int(full_users[0]) + 1} has every item in training: no negative can be drawn")
+    if not len(target_at):
+        raise DataError("no user has more than 3 items, so there is no training example (the last two items of each "
+                        "user are held out, and the first has no history)")
     return TrainingData(flat, target_at, history_lengths, users, keys, num_items)
 
 
@@ -714,7 +723,5 @@ def train(config, sequences, run):
 
 
 if __name__ == "__main__":
-    import sys
-
     import runs                                                             # the command line and the run folders
     sys.exit(runs.main())
