@@ -48,6 +48,8 @@ BETAS = ["0.1", "0.05", "0.01", "0.005", "0.001"]  # Table 3
 # Beyond the paper, on Beauty: InfoNCE with K negatives per history (1 is BPR, and the batch's 256 is Table 1's
 # InfoNCE cell), and Caser without the ReLU on its last layer (the variant that beats the paper's Caser).
 INFONCE_NEGATIVES = ["4", "16"]
+# What a first-time user gets: the README's own command (every default: lr 3e-4, seed 42), and the same with BCE.
+README_LOSSES = ["uniform", "bce"]
 # The tuning grid: a stated subset of the paper's appendix B grid (lr x dim x layers = heads), beta fixed at 0.05
 # (Table 3 studies beta on its own). 12 runs per SASRec / GRU4Rec cell, 6 per Caser cell.
 TUNE_LR, TUNE_DIM, TUNE_LAYERS = ["1e-4", "2e-4", "3e-4"], ["64", "128"], ["1", "2"]
@@ -155,12 +157,20 @@ def cell_arguments(cell, hyperparameters):
         return [*cell_arguments(f"table1/{dataset}/sasrec/infonce", hyperparameters), "--infonce-negatives", rest[0]]
     if table == "caser-none":
         return [*cell_arguments(f"table1/{dataset}/caser/{rest[0]}", hyperparameters), "--caser-activation", "none"]
+    if table == "readme":                                                   # the README's command, as written
+        return ["--data", dataset, "--model", "sasrec", "--loss", rest[0]]
     if table == "tune":
         model, loss, _ = rest
         values = tuning_point(cell)
         return ["--data", dataset, "--model", model, "--loss", loss, "--lr", values["lr"], "--dim", values["dim"],
                 "--layers", values["layers"], "--heads", values["layers"]]
     raise ValueError(f"unknown cell {cell}")
+
+
+def seed_arguments(cell, seed):
+    """The --seed flag of a cell's run; none for seed 1 of a readme cell, which is the README's command exactly as a
+    first-time user types it (its default seed, 42)."""
+    return [] if cell.startswith("readme/") and seed == 1 else ["--seed", str(seed)]
 
 
 def cells(what, datasets, models):
@@ -179,6 +189,8 @@ def cells(what, datasets, models):
         found += [f"infonce/beauty/{k}" for k in INFONCE_NEGATIVES]
     if what in ("caser-none", "all") and "beauty" in datasets and "caser" in models:
         found += [f"caser-none/beauty/{loss}" for loss in LOSSES]
+    if what in ("readme", "all") and "beauty" in datasets and "sasrec" in models:
+        found += [f"readme/beauty/{loss}" for loss in README_LOSSES]
     if what == "tune":
         for d in datasets:
             for m in models:
@@ -192,7 +204,7 @@ def cells(what, datasets, models):
 def run_folder(cell, seed, hyperparameters):
     """The default run folder uniform_seqrec.py gives a cell, or None when its data file is missing."""
     try:
-        return R.configure([*cell_arguments(cell, hyperparameters), "--seed", str(seed)])[1]
+        return R.configure([*cell_arguments(cell, hyperparameters), *seed_arguments(cell, seed)])[1]
     except (R.ConfigError, R.DataError):
         return None
 
@@ -280,7 +292,7 @@ def read_metrics(run_dir):
 def run_data(cell, seed, config):
     """The data fingerprint of a cell's run, checked against the file the cell reads now (a ConfigError when they
     differ: a run on other data is never reported as the cell's)."""
-    current = R.configure([*cell_arguments(cell, read_hyperparameters()), "--seed", str(seed)])[0]
+    current = R.configure([*cell_arguments(cell, read_hyperparameters()), *seed_arguments(cell, seed)])[0]
     current["data_fingerprint"] = R.data_fingerprint(current["data_path"])
     R.check_same_data(current, config, f"the run of {cell} seed {seed}")
     return current["data_fingerprint"], current["data_path"]
@@ -362,7 +374,7 @@ def run_cell(cell, seed, device):
     it as a failure."""
     if cell not in cells("all", DATASETS, MODELS) + cells("tune", DATASETS, MODELS):
         raise R.ConfigError(f"unknown cell '{cell}' (`experiments.py list all` prints them)")
-    arguments = [*cell_arguments(cell, read_hyperparameters()), "--seed", str(seed)]
+    arguments = [*cell_arguments(cell, read_hyperparameters()), *seed_arguments(cell, seed)]
     run_dir = R.configure(arguments)[1]                                     # a ConfigError if its data file is missing
     if in_use(run_dir):
         print(f"[{time.strftime('%H:%M:%S')}] {cell} seed {seed}: {run_dir} is being trained by another process; "
@@ -794,6 +806,18 @@ def beyond_the_paper():
                  ("256, the whole batch (Table 1's InfoNCE)", "table1/beauty/sasrec/infonce"),
                  ("the uniformity loss, for comparison", "table1/beauty/sasrec/uniform")]
     caser = [(loss, f"table1/beauty/caser/{loss}", f"caser-none/beauty/{loss}") for loss in LOSSES]
+
+    def first_run(loss):
+        """The README's command's row: its result both ways beside the lr 1e-3 cell's."""
+        path = record_path(f"readme/beauty/{loss}", 1)
+        entry = read_record(path) if os.path.isfile(path) else None
+        masked = entry and recorded_test(entry, "history_excluded")
+        both = (f"{entry['test']['HR@10']:.4f} | {entry['test']['NDCG@10']:.4f} | "
+                + (f"{masked['HR@10']:.4f} | {masked['NDCG@10']:.4f}" if masked else "- | -")
+                + f" | {entry['best_epoch']} / {entry['epochs']} | {entry['wall_seconds'] / 60:.0f} min"
+                if entry else "not run | not run | not run | not run | | ")
+        paper = PAPER_TABLE1["sasrec", loss][0]
+        return f"| {loss} | {paper[0]:.4f} / {paper[1]:.4f} | {both} | {test_of(f'table1/beauty/sasrec/{loss}')} |"
     return ["## Beyond the paper: how many negatives InfoNCE sees (SASRec, Beauty)", "",
             "Each history's own negative and the next K - 1 of its (randomly ordered) batch; the paper does not say "
             "what its InfoNCE saw (its SASRec + InfoNCE: HR@10 0.0588, NDCG@10 0.0261).", "",
@@ -807,6 +831,14 @@ def beyond_the_paper():
             *(f"| {loss} | {PAPER_TABLE1['caser', loss][0][0]:.4f} | {test_of(relu).split(' | ')[0]} | "
               f"{test_of(none).split(' | ')[0]} | {PAPER_TABLE1['caser', loss][0][1]:.4f} | "
               f"{test_of(relu).split(' | ')[1]} | {test_of(none).split(' | ')[1]} |" for loss, relu, none in caser),
+            "",
+            "## What a first-time user gets: the README's own command (SASRec, Beauty)", "",
+            "`python uniform_seqrec.py --model sasrec --loss uniform --data beauty` exactly as written (every default: "
+            "lr 3e-4, inside the paper's grid; seed 42), and the same with `--loss bce`; beside them the lr 1e-3 cells "
+            "of Table 1 (every item ranked).", "",
+            "| loss | paper HR@10 / NDCG@10 | HR@10 | NDCG@10 | history excluded: HR@10 | NDCG@10 | best epoch / "
+            "epochs | wall | lr 1e-3 cell: HR@10 | NDCG@10 |", "|---|---|---|---|---|---|---|---|---|---|",
+            *(first_run(loss) for loss in README_LOSSES),
             ""]
 
 
@@ -1098,8 +1130,8 @@ def main(argv=None):
     parser = R.OneLineErrorParser(prog="experiments.py", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     listing = commands.add_parser("list", help="print cell ids, one per line (seeds as a second field)")
-    listing.add_argument("what", choices=["table1", "table2", "table3", "figure1", "infonce", "caser-none", "tune",
-                                          "all"])
+    listing.add_argument("what", choices=["table1", "table2", "table3", "figure1", "infonce", "caser-none", "readme",
+                                          "tune", "all"])
     listing.add_argument("--datasets", default=",".join(DATASETS))
     listing.add_argument("--models", default=",".join(MODELS))
     listing.add_argument("--seeds", type=int, default=1)

@@ -593,3 +593,18 @@ def test_an_argument_out_of_range_is_one_line(capsys, argv, expected):
     assert E.main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and expected in err
+
+
+def test_the_readme_cells_are_the_readmes_command_exactly(tmp_path, monkeypatch):
+    """Seed 1 of readme/beauty/uniform is what a first-time user's command trains: the same run folder."""
+    (tmp_path / "Beauty.txt").write_text("1 1 2 3 4\n")
+    monkeypatch.setenv("UNIFORM_SEQREC_DATA", str(tmp_path))
+    readme = open(os.path.join(os.path.dirname(E.__file__), "README.md")).read()
+    assert "python uniform_seqrec.py --model sasrec --loss uniform --data beauty" in readme
+    typed = R.configure(["--model", "sasrec", "--loss", "uniform", "--data", "beauty"])
+    assert E.run_folder("readme/beauty/uniform", 1, {("beauty", "sasrec", "uniform"): ["--lr", "1"]}) == typed[1]
+    assert typed[0]["lr"] == 3e-4 and typed[0]["seed"] == 42
+    assert E.run_folder("readme/beauty/uniform", 2, {}) == R.configure(
+        ["--model", "sasrec", "--loss", "uniform", "--data", "beauty", "--seed", "2"])[1]
+    assert E.cells("readme", E.DATASETS, E.MODELS) == ["readme/beauty/uniform", "readme/beauty/bce"]
+    assert set(E.cells("readme", E.DATASETS, E.MODELS)) <= set(E.cells("all", E.DATASETS, E.MODELS))
