@@ -875,9 +875,10 @@ def protocol_evidence():
                 fields.append(f"{100 * statistics.median(off):.0f}%" if off else "-")
             lines.append(f"| {d} | {len(mine)} | {PROTOCOL_TITLES[protocol]} | " + " | ".join(fields) + " |")
     lines += ["", "NDCG@10 / HR@10 of every recorded cell beside the paper's (where inside the top 10 the targets sit; "
-              "a protocol moves it):", "",
+              "a protocol moves it), and the share of test users whose top-ranked item (every item ranked) is one of "
+              "their own history's, where the run folder was there to tell:", "",
               "| cell | paper | ours, every item ranked | ours, history excluded | paper NDCG@10 | ours, every item | "
-              "ours, history excluded |", "|---|---|---|---|---|---|---|"]
+              "ours, history excluded | top item the user's own |", "|---|---|---|---|---|---|---|---|"]
     for table, d, m, cell, paper in paper_cells():
         per_protocol = [recorded(cell, p) for p in U.PROTOCOLS]
         if not per_protocol[0]:
@@ -891,8 +892,11 @@ def protocol_evidence():
             else:
                 ratio.append("ranked one way")
                 value.append("ranked one way")
+        shares = [read_record(p).get("top_item_in_history", {}).get("test")
+                  for p in sorted(glob.glob(record_path(cell, "*")))]
+        shares = [x for x in shares if x is not None]
         lines.append(f"| {cell} | {paper[1] / paper[0]:.3f} | {ratio[0]} | {ratio[1]} | {paper[1]:.4f} | {value[0]} | "
-                     f"{value[1]} |")
+                     f"{value[1]} | {f'{100 * statistics.mean(shares):.0f}%' if shares else '-'} |")
     return lines
 
 

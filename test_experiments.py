@@ -481,6 +481,8 @@ def test_the_results_page_shows_both_protocols(tiny_cell, tmp_path):
     masked_ratio = masked / entry["protocols"]["history_excluded"]["test"]["HR@10"]
     assert f"| table1/beauty/sasrec/uniform | {0.0371 / 0.0821:.3f} | {ratio:.3f} | {masked_ratio:.3f} |" in page
     assert f"| table1/beauty/caser/bce | {0.0172 / 0.0348:.3f} | 0.500 | ranked one way |" in page
+    share = entry["top_item_in_history"]["test"]
+    assert f"({100 * (masked / 0.0371 - 1):+.0f}%) | {100 * share:.0f}% |" in page
 
 
 def test_a_fresh_clone_keeps_the_pages_runs_in_progress(tmp_path, monkeypatch):
