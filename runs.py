@@ -5,8 +5,9 @@
 uniform_seqrec.py holds the paper; this file holds what a run needs around it:
   1. One-line errors   bad input is refused with one line naming the problem, never a traceback
   2. Run folders       RunFolder (what train() saves and resumes from), atomic writes, the lock, the progress line
-  3. Command line      the parser, the checks of its values, the device, the memory estimate, the run folder's name
-  4. main
+  3. Statistics        what each epoch's log row keeps beside the loss and validation: Figure 1's statistics
+  4. Command line      the parser, the checks of its values, the device, the memory estimate, the run folder's name
+  5. main
 
 A run folder holds config.json (the resolved configuration), log.jsonl (one line per epoch), checkpoint.pt (model,
 optimizer, early-stopping state and best state, the device it was written on, written atomically after every epoch)
@@ -105,8 +106,8 @@ class RunFolder:
     """The `run` of uniform_seqrec.train() kept in a folder: the checkpoint after every epoch, the log beside it,
     and what the user sees (each line through `log`, the progress line on a terminal)."""
 
-    def __init__(self, path, log=print, progress=None):
-        self.path, self.print = path, log
+    def __init__(self, path, log=print, progress=None, statistics=lambda model: {}):
+        self.path, self.print, self.statistics = path, log, statistics
         self.progress = ProgressLine() if progress is None else progress
         self.saved_epoch = 0                                                # the epoch checkpoint.pt holds
 
@@ -314,7 +315,58 @@ class ProgressLine:
 
 
 # =============================================================================================================
-# 3. Command line
+# 3. Figure 1's statistics, logged every epoch (Wang & Isola's alignment and uniformity, the cosine histograms)
+# =============================================================================================================
+
+def statistics_sample(flat, starts, lengths, num_items, max_len, size=1000):
+    """A fixed sample (seed 0) for embedding_statistics(): validation histories of `size` users, `size` item ids,
+    and `size` training pairs (history, positive)."""
+    generator = torch.Generator().manual_seed(0)
+    users = torch.randperm(len(lengths), generator=generator)[:size].to(flat.device)
+    histories = U.gather_histories(flat, *U.evaluation_examples(starts[users], lengths[users], max_len, "valid"), max_len)
+    items = (torch.randperm(num_items, generator=generator)[:size] + 1).to(flat.device)
+    target_at, history_lengths, pair_users = U.training_examples(starts, lengths, max_len)
+    pairs = torch.randperm(len(target_at), generator=generator)[:size].to(flat.device)
+    return {"histories": histories, "users": users, "items": items, "pair_users": pair_users[pairs],
+            "pair_histories": U.gather_histories(flat, target_at[pairs], history_lengths[pairs], max_len),
+            "positives": flat[target_at[pairs]]}
+
+
+@torch.no_grad()
+def embedding_statistics(model, sample, bins=40, t=2.0):
+    """On the fixed sample of statistics_sample(), in Wang & Isola's terms: the pairwise cosine similarities of
+    history vectors and of item vectors (mean and histogram over [-1, 1], Figure 1), their uniformity
+    log mean_{x<y} exp(-t ||x - y||^2), and the alignment mean ||h - i||^2 of normalized training pairs (history,
+    its positive). Lower is better for both: aligned pairs, uniformly spread vectors. t = 2 is Wang & Isola's
+    choice, kept whatever the loss's t, so that every run is measured alike."""
+    was_training = model.training
+    model.eval()
+    result = {}
+    history_vectors = model.encode(sample["histories"], users=sample["users"])  # (S, d)
+    for name, vectors in (("history", history_vectors), ("item", model.output_items()(sample["items"]))):
+        unit = torch.nn.functional.normalize(vectors, dim=-1)
+        upper = torch.triu_indices(len(unit), len(unit), 1, device=unit.device)
+        cosines = (unit @ unit.T)[upper[0], upper[1]]
+        result[f"{name}_mean_cosine"] = cosines.mean().item()
+        result[f"{name}_uniformity"] = torch.log(torch.exp(-t * (2 - 2 * cosines)).mean()).item()  # ||x-y||^2 = 2-2cos
+        result[f"{name}_cosine_histogram"] = torch.histc(cosines.float(), bins, -1, 1).long().tolist()
+    h = torch.nn.functional.normalize(model.encode(sample["pair_histories"], users=sample["pair_users"]), dim=-1)  # (S, d)
+    i = torch.nn.functional.normalize(model.output_items()(sample["positives"]), dim=-1)     # (S, d)
+    result["alignment"] = (h - i).square().sum(-1).mean().item()
+    model.train(was_training)
+    return result
+
+
+def epoch_statistics(config, sequences):
+    """The function that RunFolder.statistics calls each epoch: embedding_statistics on a fixed sample of this
+    run's data, on its device and with its history length (as train() reads them)."""
+    flat, starts, lengths, num_items = U.flatten_sequences(sequences, torch.device(config["device"]))
+    sample = statistics_sample(flat, starts, lengths, num_items, U.history_limit(config, lengths))
+    return lambda model: embedding_statistics(model, sample)
+
+
+# =============================================================================================================
+# 4. Command line
 # =============================================================================================================
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -725,7 +777,7 @@ def configure(argv, fetch=False):
 
 
 # =============================================================================================================
-# 4. main
+# 5. main
 # =============================================================================================================
 
 def device_failure(err, device):
@@ -764,7 +816,8 @@ def main(argv=None):
                 print(f"its result: {metrics_path}")
                 return 0
             os.remove(metrics_path)                                         # extended: a new result will replace it
-        run = RunFolder(run_dir, log=lambda line: print(line, flush=True))
+        run = RunFolder(run_dir, log=lambda line: print(line, flush=True),
+                        statistics=epoch_statistics(config, sequences))
         settings = device_settings(config["device"])                        # once, before training
         run.finish(U.train(config, sequences, run), config, settings)
     except (DataError, ConfigError) as err:

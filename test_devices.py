@@ -55,7 +55,10 @@ class Dispatched(TorchDispatchMode):
 
 
 class FreshRun:
-    """The `run` of uniform_seqrec.train() without a folder."""
+    """The `run` of uniform_seqrec.train() without a folder (and with the statistics a run folder logs)."""
+
+    def __init__(self, statistics=lambda model: {}):
+        self.statistics = statistics
 
     def resume(self, model, optimizer):
         return R.restore("/nonexistent/checkpoint.pt", model, optimizer)[:2]
@@ -88,7 +91,8 @@ def dispatched_by_training(tmp_path, monkeypatch, model, loss, *flags):
 
     monkeypatch.setattr(U, "metrics_from_ranks", metrics_on_the_host)
     with mode:
-        U.train(config, read_sequences(data), FreshRun())
+        sequences = read_sequences(data)
+        U.train(config, sequences, FreshRun(R.epoch_statistics(config, sequences)))
     assert ranks and set(ranks) == {torch.float32}
     return mode
 

@@ -550,7 +550,7 @@ def test_alignment_is_the_mean_squared_distance_of_normalized_training_pairs():
     sequences = [[1, 2, 3, 4, 5, 6], [7, 8, 9, 10], [2, 4, 6, 8, 10, 12, 14]]
     flat, starts, lengths, num_items = U.flatten_sequences(sequences, "cpu")
     model = make_model("sasrec", num_items=14)
-    sample = U.statistics_sample(flat, starts, lengths, num_items, 20)
+    sample = R.statistics_sample(flat, starts, lengths, num_items, 20)
     expected_pairs = sorted((tuple(s[:t]), s[t]) for s in sequences for t in range(1, len(s) - 2))
     pairs = sorted((tuple(h[h > 0].tolist()), int(p)) for h, p in zip(sample["pair_histories"], sample["positives"]))
     assert pairs == expected_pairs                                          # training pairs only, all of them here
@@ -559,7 +559,7 @@ def test_alignment_is_the_mean_squared_distance_of_normalized_training_pairs():
         for history, positive in expected_pairs:
             h = model.encode(torch.tensor([history]))[0]
             total += ((h / h.norm() - model.items.weight[positive] / model.items.weight[positive].norm()) ** 2).sum()
-    assert U.embedding_statistics(model, sample)["alignment"] == pytest.approx(total.item() / len(pairs), rel=1e-5)
+    assert R.embedding_statistics(model, sample)["alignment"] == pytest.approx(total.item() / len(pairs), rel=1e-5)
 
 
 @pytest.mark.parametrize("loss", ["bce", "uniform"])

@@ -7,15 +7,13 @@ This file is the paper's method, top to bottom; `runs.py` runs it (command line,
   1. Data            leave-one-out split, training triplets (u, i, j), negatives          (appendix A, section 4)
   2. Backbones       GRU4Rec, Caser, SASRec: encode(histories) -> (B, d)                  (section 5.1)
   3. Scores, losses  score (eqs. 1, 3), BCE (eq. 2), BPR, InfoNCE, uniformity loss        (sections 2-4)
-  4. Evaluation      HR@K and NDCG@K ranking every item; Figure 1's statistics            (sections 5.1, 3)
+  4. Evaluation      HR@K and NDCG@K ranking every item, under two protocols              (section 5.1)
   5. Training        batches of triplets, early stopping, the best state tested           (appendix B)
 
-Where the paper is silent, docs/spec.md decides (cited as "spec §n"); the measurements behind the code's own
-choices are in docs/measurements.md. Item ids are `histories` (B, T), `positives`, `negatives`, `targets` (B,);
-vectors are h (histories), i (positives), j (negatives), (B, d). Two parts are speed only and can be skipped on a
-first read: the length groups of section 5 and the `Dropout` of section 2. At import this file only defines
-things, but for one warnings filter (below). The score and loss functions of section 3 need nothing but
-`import torch`.
+Where the paper is silent, docs/spec.md decides ("spec §n"); docs/measurements.md has the numbers behind our own
+choices. Item ids are `histories` (B, T), `positives`, `negatives`, `targets` (B,); vectors are h (histories),
+i (positives), j (negatives), (B, d). Speed only, to skip on a first read: section 5's length groups and section 2's
+`Dropout`. At import nothing runs but one warnings filter; section 3 needs nothing but `import torch`.
 """
 import signal
 import sys
@@ -27,8 +25,8 @@ import time
 import warnings
 from typing import NamedTuple
 
-# torch warns at import when numpy is absent; nothing here uses numpy, so the warning would be noise on every command
-# (and a second line under every one-line error). The filter must come before torch's import.
+# torch warns at import when numpy (not a dependency) is absent: noise on every command, and a second line under
+# every one-line error. The filter must come before torch's import.
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 import torch
 import torch.nn as nn
@@ -340,10 +338,8 @@ def build_model(config, num_items, num_users, max_len):
 #
 # Eq. 1 scores a history and an item by the dot product of their vectors; on unit vectors (eq. 3), as the uniformity
 # loss has them, that is their cosine. `score` computes it for training and evaluation alike. Every loss SUMS over the
-# batch, as the paper writes them. h, i, j are the (B, d) vectors of a batch's histories, positives and negatives
-# (the triplets (u, i, j)); `positives` and `negatives` are item ids. `score`, the four losses and
-# `gaussian_potential` need only `import torch`. What to know when copying uniformity_loss is in its docstring, so
-# that it travels with the function.
+# batch, as the paper writes them. `score`, the four losses and `gaussian_potential` need only `import torch`; what
+# to know when copying uniformity_loss is in its docstring, so that it travels with the function.
 
 
 def score(h, items, cosine=False):
@@ -450,7 +446,7 @@ def scores_are_cosines(config):
 
 
 # =============================================================================================================
-# 4. Evaluation (section 5.1; spec §5): rank the target against ALL items, for ALL users; Figure 1's statistics
+# 4. Evaluation (section 5.1; spec §5): rank the target against ALL items, for ALL users
 # =============================================================================================================
 #
 # The paper ranks "the entire item pool" and does not say whether the items of the user's history take part. Both
@@ -525,45 +521,6 @@ def evaluate_protocols(model, batches, cosine):
     return {name: metrics_from_ranks(found) for name, found in zip(PROTOCOLS, ranks)}
 
 
-def statistics_sample(flat, starts, lengths, num_items, max_len, size=1000):
-    """A fixed sample (seed 0) for embedding_statistics(): validation histories of `size` users, `size` item ids,
-    and `size` training pairs (history, positive)."""
-    generator = torch.Generator().manual_seed(0)
-    users = torch.randperm(len(lengths), generator=generator)[:size].to(flat.device)
-    histories = gather_histories(flat, *evaluation_examples(starts[users], lengths[users], max_len, "valid"), max_len)
-    items = (torch.randperm(num_items, generator=generator)[:size] + 1).to(flat.device)
-    target_at, history_lengths, pair_users = training_examples(starts, lengths, max_len)
-    pairs = torch.randperm(len(target_at), generator=generator)[:size].to(flat.device)
-    return {"histories": histories, "users": users, "items": items, "pair_users": pair_users[pairs],
-            "pair_histories": gather_histories(flat, target_at[pairs], history_lengths[pairs], max_len),
-            "positives": flat[target_at[pairs]]}
-
-
-@torch.no_grad()
-def embedding_statistics(model, sample, bins=40, t=2.0):
-    """On the fixed sample of statistics_sample(), in Wang & Isola's terms: the pairwise cosine similarities of
-    history vectors and of item vectors (mean and histogram over [-1, 1], Figure 1), their uniformity
-    log mean_{x<y} exp(-t ||x - y||^2), and the alignment mean ||h - i||^2 of normalized training pairs (history,
-    its positive). Lower is better for both: aligned pairs, uniformly spread vectors. t = 2 is Wang & Isola's
-    choice, kept whatever the loss's t, so that every run is measured alike."""
-    was_training = model.training
-    model.eval()
-    result = {}
-    history_vectors = model.encode(sample["histories"], users=sample["users"])  # (S, d)
-    for name, vectors in (("history", history_vectors), ("item", model.output_items()(sample["items"]))):
-        unit = F.normalize(vectors, dim=-1)
-        upper = torch.triu_indices(len(unit), len(unit), 1, device=unit.device)
-        cosines = (unit @ unit.T)[upper[0], upper[1]]
-        result[f"{name}_mean_cosine"] = cosines.mean().item()
-        result[f"{name}_uniformity"] = torch.log(torch.exp(-t * (2 - 2 * cosines)).mean()).item()  # ||x-y||^2 = 2-2cos
-        result[f"{name}_cosine_histogram"] = torch.histc(cosines.float(), bins, -1, 1).long().tolist()
-    h = F.normalize(model.encode(sample["pair_histories"], users=sample["pair_users"]), dim=-1)  # (S, d)
-    i = F.normalize(model.output_items()(sample["positives"]), dim=-1)     # (S, d)
-    result["alignment"] = (h - i).square().sum(-1).mean().item()
-    model.train(was_training)
-    return result
-
-
 # =============================================================================================================
 # 5. Training (appendix B; spec §6): batches of triplets, early stopping, the best state tested once
 # =============================================================================================================
@@ -574,8 +531,7 @@ def embedding_statistics(model, sample, bins=40, t=2.0):
 
 def epoch_seed(seed, epoch):
     """Every random draw of an epoch (order, negatives, dropout) follows from (seed, epoch), so a resumed run
-    repeats an uninterrupted one exactly. Modulo 2**64, as torch takes any seed it accepts (-2**63 .. 2**64 - 1):
-    the same seeds as without it wherever torch accepted them, and no overflow for a large --seed."""
+    repeats an uninterrupted one exactly. Modulo 2**64: any seed torch takes (-2**63 .. 2**64 - 1), no overflow."""
     return (seed * 1_000_003 + epoch) % 2 ** 64
 
 
@@ -644,15 +600,13 @@ def train_epoch(model, optimizer, data, config, epoch, progress=None):
 
 
 def adam(model, lr, device):
-    """Adam; its fused kernel where torch has one: the same update, one kernel instead of ~10 per tensor. CPU and
-    CUDA have it (torch >= 2.4); MPS in the torch releases that list it, and elsewhere torch's default (foreach)."""
+    """Adam; its fused kernel (the same update, one kernel instead of ~10 per tensor) on CPU and CUDA, and on MPS in
+    the torch releases that have it; elsewhere torch's default."""
     parameters = list(model.parameters())
-    if device.type == "mps":
-        try:
-            return torch.optim.Adam(parameters, lr=lr, fused=True)
-        except RuntimeError:                                                 # "fused=True requires ... devices"
-            return torch.optim.Adam(parameters, lr=lr)
-    return torch.optim.Adam(parameters, lr=lr, fused=device.type in ("cpu", "cuda"))
+    try:
+        return torch.optim.Adam(parameters, lr=lr, fused=device.type in ("cpu", "cuda", "mps"))
+    except RuntimeError:                                                     # "fused=True requires ... devices"
+        return torch.optim.Adam(parameters, lr=lr)
 
 
 def history_limit(config, lengths):
@@ -675,13 +629,13 @@ def train(config, sequences, run):
                                       into model and optimizer where there is a checkpoint; a fresh state if not
       run.save(model, optimizer, state, best_model)        after every epoch
       run.log(line), run.step(epoch, done, total)          what the user sees: a line per epoch, a progress line
+      run.statistics(model) -> {name: value}               what else each epoch's log row keeps (Figure 1's)
     No random-number state needs saving: every epoch re-seeds from (seed, epoch)."""
     device = torch.device(config["device"])
     flat, starts, lengths, num_items = flatten_sequences(sequences, device)
     max_len = history_limit(config, lengths)
     data = training_data(flat, starts, lengths, num_items, max_len)
     valid = evaluation_batches(flat, starts, lengths, max_len, "valid")
-    sample = statistics_sample(flat, starts, lengths, num_items, max_len)
     torch.manual_seed(config["seed"])
     model = build_model(config, num_items, len(lengths), max_len).to(device)
     optimizer = adam(model, config["lr"], device)
@@ -702,7 +656,7 @@ def train(config, sequences, run):
         row = {"epoch": epoch, "loss": losses.sum().item() / len(data.target_at),  # the epoch's loss per example
                "train_seconds": round(train_seconds, 2),
                "eval_seconds": round(time.time() - started - train_seconds, 2),
-               **{f"valid_{k}": v for k, v in metrics.items()}, **embedding_statistics(model, sample)}
+               **{f"valid_{k}": v for k, v in metrics.items()}, **run.statistics(model)}
         state["history"].append(row)
         state["epoch"] = epoch
         if metrics["NDCG@10"] > state["best_ndcg"]:
