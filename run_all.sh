@@ -2,8 +2,8 @@
 # Reproduce the paper on one GPU: every cell of Tables 1-3 and Figure 1, then results/RESULTS.md.
 #
 #   ./run_all.sh                 everything (Table 1: 48 cells, Table 2: 14, Table 3: 10, Figure 1), one seed
-#   ./run_all.sh WHAT            one part: table1, table2, table3, figure1, infonce, caser-none, readme (the README's
-#                                own command), all (the default), or `tune` for the hyperparameter search
+#   ./run_all.sh WHAT            one part: table1, table2, table3, figure1, infonce, caser-none, negatives, readme (the
+#                                README's own command), all (the default), or `tune` for the hyperparameter search
 #   ./run_all.sh -h | --help     this help
 #   JOBS=6 ./run_all.sh          cells run at once on the one GPU (default 4; more than there are cells is capped)
 #   SEEDS=3 ./run_all.sh         seeds 1..3 of every cell (1 to 20: the report reads those); RESULTS.md then shows
@@ -41,9 +41,9 @@ names() {  # NAME VALUE KNOWN: VALUE is a comma-separated, non-empty list of nam
 # SLURM_ARRAY_TASK_ID empty mean unset, as for their other readers.
 case ${1-all} in
   -h|--help) sed -n '2,/^set -euo/{/^set -euo/d; s/^# \{0,1\}//; p}' "${0##*/}"; exit 0 ;;  # the header
-  table1|table2|table3|figure1|infonce|caser-none|readme|tune|all) what=${1-all} ;;
-  *) die "unknown argument ${1@Q} (one of table1 table2 table3 figure1 infonce caser-none readme tune all;" \
-         "see --help)" ;;
+  table1|table2|table3|figure1|infonce|caser-none|negatives|readme|tune|all) what=${1-all} ;;
+  *) die "unknown argument ${1@Q} (one of table1 table2 table3 figure1 infonce caser-none negatives readme tune" \
+         "all; see --help)" ;;
 esac
 [ $# -le 1 ] || die "one argument at most, got $# ($*)"
 JOBS=${JOBS-4} SEEDS=${SEEDS-1} DEVICE=${DEVICE-}

@@ -323,7 +323,8 @@ def statistics_sample(flat, starts, lengths, num_items, max_len, size=1000):
     and `size` training pairs (history, positive)."""
     generator = torch.Generator().manual_seed(0)
     users = torch.randperm(len(lengths), generator=generator)[:size].to(flat.device)
-    histories = U.gather_histories(flat, *U.evaluation_examples(starts[users], lengths[users], max_len, "valid"), max_len)
+    histories = U.gather_histories(flat, *U.evaluation_examples(starts[users], lengths[users], max_len, "valid"),
+                                   max_len)
     items = (torch.randperm(num_items, generator=generator)[:size] + 1).to(flat.device)
     target_at, history_lengths, pair_users = U.training_examples(starts, lengths, max_len)
     pairs = torch.randperm(len(target_at), generator=generator)[:size].to(flat.device)
@@ -350,8 +351,9 @@ def embedding_statistics(model, sample, bins=40, t=2.0):
         result[f"{name}_mean_cosine"] = cosines.mean().item()
         result[f"{name}_uniformity"] = torch.log(torch.exp(-t * (2 - 2 * cosines)).mean()).item()  # ||x-y||^2 = 2-2cos
         result[f"{name}_cosine_histogram"] = torch.histc(cosines.float(), bins, -1, 1).long().tolist()
-    h = torch.nn.functional.normalize(model.encode(sample["pair_histories"], users=sample["pair_users"]), dim=-1)  # (S, d)
-    i = torch.nn.functional.normalize(model.output_items()(sample["positives"]), dim=-1)     # (S, d)
+    unit = torch.nn.functional.normalize
+    h = unit(model.encode(sample["pair_histories"], users=sample["pair_users"]), dim=-1)  # (S, d)
+    i = unit(model.output_items()(sample["positives"]), dim=-1)                           # (S, d)
     result["alignment"] = (h - i).square().sum(-1).mean().item()
     model.train(was_training)
     return result
@@ -425,6 +427,9 @@ def build_parser():
                            "equal to BPR (default: all the batch's negatives)")
     fit = parser.add_argument_group("training")
     fit.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate (grid: 1e-4, 2e-4, 3e-4)")
+    fit.add_argument("--negatives", choices=["unseen", "any"], default="unseen",
+                     help="what a negative may be: none of the user's training items (unseen, as S3-Rec), or any "
+                          "item but the example's own positive (any, as RecBole and the authors' code)")
     fit.add_argument("--batch-size", type=int, default=256, help="triplets per batch")
     fit.add_argument("--epochs", type=int, default=300, help="at most this many epochs")
     fit.add_argument("--patience", type=int, default=20, help="stop after this many epochs without a better "
@@ -452,7 +457,7 @@ EXTENDABLE_KEYS = ("epochs", "patience")
 # Keys added after runs had been recorded, with the value that every earlier run had without saying so. At that value
 # a key stays out of the configuration's hash, so the run folders of earlier configurations keep their names.
 LATER_KEYS = {"infonce_negatives": None, "caser_activation": "none", "caser_users": False,
-              "caser_output_table": False}
+              "caser_output_table": False, "negatives": "unseen"}
 # The number of layers of each backbone's original (Kang & McAuley: 2 blocks; Hidasi et al.: 1 GRU layer). Caser
 # has no such depth; its value is only recorded.
 ORIGINAL_LAYERS = {"sasrec": 2, "gru4rec": 1, "caser": 1}

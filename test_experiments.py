@@ -609,4 +609,6 @@ def test_the_readme_cells_are_the_readmes_command_exactly(tmp_path, monkeypatch)
     assert E.run_folder("readme/beauty/uniform", 2, {}) == R.configure(
         ["--model", "sasrec", "--loss", "uniform", "--data", "beauty", "--seed", "2"])[1]
     assert E.cells("readme", E.DATASETS, E.MODELS) == ["readme/beauty/uniform", "readme/beauty/bce"]
+    assert E.cell_arguments("negatives/toys/bce", {}) == [*E.cell_arguments("table1/toys/sasrec/bce", {}),
+                                                         "--negatives", "any"]
     assert set(E.cells("readme", E.DATASETS, E.MODELS)) <= set(E.cells("all", E.DATASETS, E.MODELS))

@@ -744,3 +744,28 @@ def test_every_recorded_cell_keeps_its_run_folder_name(tmp_path):
         with open(path) as f:
             record = json.load(f)
         assert record["run_dir"].endswith(R.configuration_id(record["config"])), path
+
+
+def test_negatives_any_avoid_only_the_examples_own_positive():
+    """--negatives any: every item but the example's positive can be drawn, the user's other items included; the
+    default never draws a user's training item."""
+    sequences = [[1, 2, 3, 4, 5, 6], [2, 3, 4, 5]]
+    flat, starts, lengths, num_items = U.flatten_sequences(sequences, "cpu")
+    drawn = {"unseen": set(), "any": set()}
+    for kind in drawn:
+        data = U.training_data(flat, starts, lengths, num_items, 10, kind)
+        positives = flat[data.target_at]
+        for seed in range(200):
+            negatives = U.sample_negatives(data.owners, data.keys, num_items, torch.Generator().manual_seed(seed))
+            assert not (negatives == positives).any()
+            drawn[kind] |= {(int(e), int(n)) for e, n in enumerate(negatives)}
+    own = {(e, i) for e, u in enumerate(U.training_data(flat, starts, lengths, num_items, 10).users.tolist())
+           for i in sequences[u][:-2]}
+    assert not drawn["unseen"] & own
+    expected_any = {(e, i) for e in range(4) for i in range(1, 7)} - {(e, int(flat[t])) for e, t in
+                                                                       enumerate(U.training_data(flat, starts, lengths,
+                                                                                                 num_items, 10)
+                                                                                 .target_at)}
+    assert drawn["any"] == expected_any                                           # own items included
+    with pytest.raises(ValueError, match="'unseen' or 'any'"):
+        U.training_data(flat, starts, lengths, num_items, 10, "some")

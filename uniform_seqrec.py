@@ -98,16 +98,18 @@ def training_item_keys(flat, starts, lengths, num_items):
     return torch.unique(users * (num_items + 1) + items)                   # unique() also sorts
 
 
-def sample_negatives(users, keys, num_items, generator):
-    """One negative item id per example, uniform over 1..N minus the user's training items (spec §2; `keys` from
-    training_item_keys). Vectorised rejection sampling: redraw only the rejected slots until none is left."""
-    negatives = torch.randint(1, num_items + 1, users.shape, device=users.device, generator=generator)
+def sample_negatives(owners, keys, num_items, generator):
+    """One negative item id per example, uniform over 1..N minus the items `keys` gives its owner: sorted keys
+    owner * (N + 1) + item. By default (spec §2) the owner is the example's user and the keys training_item_keys(),
+    so no negative is one of the user's training items. Vectorised rejection sampling: redraw only the rejected
+    slots until none is left."""
+    negatives = torch.randint(1, num_items + 1, owners.shape, device=owners.device, generator=generator)
     while True:
-        query = users * (num_items + 1) + negatives
+        query = owners * (num_items + 1) + negatives
         found = keys[torch.searchsorted(keys, query).clamp(max=len(keys) - 1)] == query
         if not found.any():
             return negatives
-        negatives[found] = torch.randint(1, num_items + 1, (int(found.sum()),), device=users.device,
+        negatives[found] = torch.randint(1, num_items + 1, (int(found.sum()),), device=owners.device,
                                          generator=generator)
 
 
@@ -117,21 +119,30 @@ class TrainingData(NamedTuple):
     target_at: torch.Tensor          # (E,) example e's positive is flat[target_at[e]], its history the items before
     history_lengths: torch.Tensor    # (E,) history lengths, at most max_len
     users: torch.Tensor              # (E,) the user of each example
-    keys: torch.Tensor               # training_item_keys(): the items no negative of a user may be
+    owners: torch.Tensor             # (E,) whose items an example's negative avoids (sample_negatives)
+    keys: torch.Tensor               # and which items those are
     num_items: int                   # N
 
 
-def training_data(flat, starts, lengths, num_items, max_len):
-    """TrainingData of every user's training part; a DataError when a user leaves no item to draw as a negative."""
+def training_data(flat, starts, lengths, num_items, max_len, negatives="unseen"):
+    """TrainingData of every user's training part; a DataError when a user leaves no item to draw as a negative.
+    negatives: "unseen", none of the user's training items (spec §2, as S3-Rec); "any", any item but the example's
+    own positive, as RecBole and the authors' code draw them (the user's other items included)."""
     target_at, history_lengths, users = training_examples(starts, lengths, max_len)
+    if not len(target_at):
+        raise DataError("no user has more than 3 items, so there is no training example (the last two items of each "
+                        "user are held out, and the first has no history)")
+    if negatives == "any":                                                 # owner: the example itself
+        owners = torch.arange(len(target_at), device=flat.device)
+        return TrainingData(flat, target_at, history_lengths, users, owners, owners * (num_items + 1) +
+                            flat[target_at], num_items)
+    if negatives != "unseen":
+        raise ValueError(f"negatives are 'unseen' or 'any', not {negatives!r}")
     keys = training_item_keys(flat, starts, lengths, num_items)
     full_users = (torch.bincount(keys // (num_items + 1), minlength=len(lengths)) == num_items).nonzero()
     if len(full_users):
         raise DataError(f"user on line {int(full_users[0]) + 1} has every item in training: no negative can be drawn")
-    if not len(target_at):
-        raise DataError("no user has more than 3 items, so there is no training example (the last two items of each "
-                        "user are held out, and the first has no history)")
-    return TrainingData(flat, target_at, history_lengths, users, keys, num_items)
+    return TrainingData(flat, target_at, history_lengths, users, users, keys, num_items)
 
 
 # =============================================================================================================
@@ -577,12 +588,12 @@ def train_epoch(model, optimizer, data, config, epoch, progress=None):
     """One pass over the training examples in a fresh random order with fresh negatives. Returns a tensor with the
     loss of every step (no host-device synchronisation inside the loop). progress(done, total), if given, is called
     before the first step (done = 0) and after every step."""
-    flat, target_at, history_lengths, users, keys, num_items = data
+    flat, target_at, history_lengths, users, owners, keys, num_items = data
     device = flat.device
     torch.manual_seed(epoch_seed(config["seed"], epoch))                    # dropout
     generator = torch.Generator(device).manual_seed(epoch_seed(config["seed"], epoch))
     order = torch.randperm(len(target_at), device=device, generator=generator)  # (E,)
-    negatives = sample_negatives(users, keys, num_items, generator)         # (E,) item ids, one per example
+    negatives = sample_negatives(owners, keys, num_items, generator)        # (E,) item ids, one per example
     batches = epoch_batches(order, history_lengths, config["batch_size"], config["length_groups"])
     losses = torch.zeros(len(batches), device=device)
     if progress:
@@ -634,7 +645,7 @@ def train(config, sequences, run):
     device = torch.device(config["device"])
     flat, starts, lengths, num_items = flatten_sequences(sequences, device)
     max_len = history_limit(config, lengths)
-    data = training_data(flat, starts, lengths, num_items, max_len)
+    data = training_data(flat, starts, lengths, num_items, max_len, config["negatives"])
     valid = evaluation_batches(flat, starts, lengths, max_len, "valid")
     torch.manual_seed(config["seed"])
     model = build_model(config, num_items, len(lengths), max_len).to(device)
