@@ -828,20 +828,14 @@ def main(argv=None):
     except (DataError, ConfigError) as err:
         print(f"uniform_seqrec.py: error: {err}", file=sys.stderr)
         return 2
-    except U.TrainingStopped as err:
-        print(f"uniform_seqrec.py: stopped: {err}; the run folder keeps the checkpoint of epoch {run.saved_epoch}",
-              file=sys.stderr)
-        return 1
-    except FloatingPointError as err:
-        print(f"uniform_seqrec.py: stopped: {err}", file=sys.stderr)
-        return 1
-    except RuntimeError as err:                  # torch's own, from the device, once training has started
+    except (FloatingPointError, RuntimeError) as err:  # non-finite numbers; torch's own, from the device
         if run is None:
             raise
         run.progress.clear()
         kept = (f"the run folder keeps the checkpoint of epoch {run.saved_epoch}" if run.saved_epoch
                 else "no epoch had finished")
-        print(f"uniform_seqrec.py: stopped: {device_failure(err, config['device'])}; {kept}", file=sys.stderr)
+        why = err if isinstance(err, FloatingPointError) else device_failure(err, config["device"])
+        print(f"uniform_seqrec.py: stopped: {why}; {kept}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         if run is not None:

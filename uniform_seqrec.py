@@ -11,9 +11,9 @@ This file is the paper's method, top to bottom; `runs.py` runs it (command line,
   5. Training        batches of triplets, early stopping, the best state tested           (appendix B)
 
 Where the paper is silent, docs/spec.md decides ("spec §n"); docs/measurements.md has the numbers behind our own
-choices. Item ids are `histories` (B, T), `positives`, `negatives`, `targets` (B,); vectors are h (histories),
-i (positives), j (negatives), (B, d). Speed only, to skip on a first read: section 5's length groups and section 2's
-`Dropout`. At import nothing runs but one warnings filter; section 3 needs nothing but `import torch`.
+choices. Item ids: `histories` (B, T), `positives`, `negatives`, `targets` (B,); vectors: h, i, j (B, d) of the
+histories, positives and negatives. Speed only, to skip on a first read: section 5's length groups, section 2's
+`Dropout`. At import nothing runs but one warnings filter; section 3 needs only `import torch`.
 """
 import signal
 import sys
@@ -25,8 +25,7 @@ import time
 import warnings
 from typing import NamedTuple
 
-# torch warns at import when numpy (not a dependency) is absent: noise on every command, and a second line under
-# every one-line error. The filter must come before torch's import.
+# Before torch's import: without numpy (not a dependency) torch warns, a second line under every one-line error.
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 import torch
 import torch.nn as nn
@@ -73,8 +72,7 @@ def training_examples(starts, lengths, max_len):
 
 
 def evaluation_examples(starts, lengths, max_len, split):
-    """One example per user: the validation target s[n-2] or the test target s[n-1]. Returns (target_at,
-    history_lengths)."""
+    """One example per user, its target s[n-2] (valid) or s[n-1] (test). Returns (target_at, history_lengths)."""
     if split not in ("valid", "test"):
         raise ValueError(f"split is 'valid' or 'test', not {split!r}")
     history_length = lengths - 2 if split == "valid" else lengths - 1
@@ -99,10 +97,9 @@ def training_item_keys(flat, starts, lengths, num_items):
 
 
 def sample_negatives(owners, keys, num_items, generator):
-    """One negative item id per example, uniform over 1..N minus the items `keys` gives its owner: sorted keys
-    owner * (N + 1) + item. By default (spec §2) the owner is the example's user and the keys training_item_keys(),
-    so no negative is one of the user's training items. Vectorised rejection sampling: redraw only the rejected
-    slots until none is left."""
+    """One negative item id per example, uniform over 1..N minus the items `keys` (sorted owner * (N + 1) + item)
+    gives its owner; by default (spec §2) owners are users and keys training_item_keys(): never a training item of
+    the user. Vectorised rejection sampling: only the rejected slots are redrawn, until none is left."""
     negatives = torch.randint(1, num_items + 1, owners.shape, device=owners.device, generator=generator)
     while True:
         query = owners * (num_items + 1) + negatives
@@ -165,10 +162,9 @@ def item_table(num_items, dim):
 
 class Backbone(nn.Module):
     """The contract: `items` is the (N + 1, d) item table (row 0 padding, kept at zero); `encode(histories, users)`
-    maps (B, T) right-padded item ids to (B, d) history vectors, and padding never changes a real output. `users`
-    (B,) are the histories' user ids: only a Caser with a user embedding reads them; the others take and ignore
-    them, so that every backbone is called alike. `output_items()` is the table items are scored with: the input
-    table, except for a Caser with a table of its own."""
+    maps (B, T) right-padded item ids to (B, d) history vectors; padding never changes a real output. Only a Caser
+    with a user embedding reads `users` (B,), the histories' user ids. `output_items()` is the table items are
+    scored with: the input table, except for a Caser with a table of its own."""
 
     def __init__(self, num_items, dim):
         super().__init__()
@@ -221,13 +217,11 @@ class GRU4Rec(SequenceBackbone):
 
 
 class Caser(Backbone):
-    """Tang & Wang: the last L item vectors as an L x d "image"; vertical convolutions (L x 1) and horizontal
-    ones (h x d for h = 1..L, max-pooled over time); dropout; one fully connected layer to d, with the original's
-    ReLU. Two switches restore features of the original that the paper's setting leaves out: `num_users` > 0 adds
-    its user embedding, joined to the convolutions' output by a second layer (RecBole's form, so that history
-    vectors stay d-wide); `output_table` scores items with a table of their own, as the original does (its W2),
-    instead of the input table. One departs from the original: activation "none" drops the ReLU, so that history
-    vectors can point anywhere on the sphere (docs/decisions.md measures all three)."""
+    """Tang & Wang: the last L item vectors as an L x d "image"; vertical (L x 1) and horizontal convolutions (h x d,
+    h = 1..L, max-pooled over time); dropout; a fully connected layer to d with the original's ReLU. Two switches
+    restore features of the original that the paper's setting leaves out: `num_users` > 0 its user embedding (joined
+    by a second layer, RecBole's form, so vectors stay d-wide); `output_table` an output item table (its W2). One
+    departs from it: activation "none" drops the ReLU (docs/decisions.md measures all three)."""
 
     def __init__(self, num_items, dim=64, dropout=0.5, window=5, vertical_filters=4, horizontal_filters=16,
                  activation="relu", num_users=0, output_table=False):
@@ -285,12 +279,11 @@ class CausalSelfAttention(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Attention and a point-wise feed-forward net, each behind a LayerNorm and inside a residual:
-    x + f(LN(x)), the pre-LayerNorm block of GPT-2. The original SASRec (and its common PyTorch port) differs
-    inside the block: it normalizes only the attention's queries, takes keys and values from the unnormalized x,
-    and both residuals add the normalized input, LN(x) + f(LN(x)), so its skip paths are normalized at every block.
-    Dropout where the original has it: on the attention weights and twice in the feed-forward net, not on the
-    attention's output (one more there slowed learning; docs/measurements.md)."""
+    """Attention and a point-wise feed-forward net, each as x + f(LN(x)): GPT-2's pre-LayerNorm block. The original
+    SASRec (and its common PyTorch port) differs: it normalizes only the attention's queries (keys and values come
+    from the unnormalized x), and its residuals add the normalized input, LN(x) + f(LN(x)). Dropout where the
+    original has it: on the attention weights and twice in the feed-forward net, not on the attention's output
+    (one more there slowed learning; docs/measurements.md)."""
 
     def __init__(self, dim, heads, dropout):
         super().__init__()
@@ -305,11 +298,10 @@ class TransformerBlock(nn.Module):
 
 
 class SASRec(SequenceBackbone):
-    """Kang & McAuley: item vectors times sqrt(d) plus learned position embeddings, causal self-attention blocks,
-    a final LayerNorm, the output at the last real position. Positions count back from the most recent item
-    (0 = most recent), so a history means the same whatever its padding. Right padding plus the causal mask: a
-    real position only ever sees real items. The sqrt(d) is the original's; without it learning is slower
-    (docs/measurements.md)."""
+    """Kang & McAuley: item vectors times sqrt(d) (the original's) plus learned position embeddings, causal
+    self-attention blocks, a final LayerNorm, the output at the last real position. Positions count back from the
+    most recent item (0), so padding never changes a history's meaning; under the causal mask a real position sees
+    only real items."""
 
     def __init__(self, num_items, dim=64, layers=2, heads=2, dropout=0.5, max_len=50):
         super().__init__(num_items, dim)
@@ -347,18 +339,16 @@ def build_model(config, num_items, num_users, max_len):
 # 3. Scores and losses (sections 2-4, eqs. 1-6; spec §4)
 # =============================================================================================================
 #
-# Eq. 1 scores a history and an item by the dot product of their vectors; on unit vectors (eq. 3), as the uniformity
-# loss has them, that is their cosine. `score` computes it for training and evaluation alike. Every loss SUMS over the
-# batch, as the paper writes them. `score`, the four losses and `gaussian_potential` need only `import torch`; what
-# to know when copying uniformity_loss is in its docstring, so that it travels with the function.
+# Eq. 1 scores a history and an item by the dot product of their vectors; on unit vectors (eq. 3) that is their
+# cosine. `score` serves training and evaluation alike. Every loss SUMS over the batch, as the paper writes them.
+# `score`, the four losses and `gaussian_potential` need only `import torch` (uniformity_loss's caveats travel in
+# its docstring).
 
 
 def score(h, items, cosine=False):
-    """Eq. 1: the score of history vector h for item vector i is h . i; with cosine=True both are first scaled to
-    unit length (eq. 3), which makes it their cosine. The result is (h * items).sum(-1), vectors pairing up as that
-    product broadcasts: (B, d) and (B, d) -> (B,), history b with item b; (B, 1, d) and (B, K, d) -> (B, K), each
-    history with K items of its own; (B, 1, d) and (M, d) -> (B, M), every history with the same M items (computed
-    as one matrix product, never as a (B, M, d) tensor)."""
+    """Eq. 1: h . i, or with cosine=True their cosine (eq. 3). (h * items).sum(-1) as the product broadcasts:
+    (B, d), (B, d) -> (B,); (B, 1, d), (B, K, d) -> (B, K), K items per history; (B, 1, d), (M, d) -> (B, M), the
+    same M items for every history (one matrix product, never a (B, M, d) tensor)."""
     if cosine:
         h, items = torch.nn.functional.normalize(h, dim=-1), torch.nn.functional.normalize(items, dim=-1)
     if h.dim() == 3 and h.shape[1] == 1 and items.dim() == 2:
@@ -379,9 +369,8 @@ def bpr_loss(positive_scores, negative_scores):
 
 def infonce_loss(positive_scores, negative_scores, same_item):
     """InfoNCE (van den Oord et al.), temperature 1: each history's positive against its K negatives.
-    positive_scores (B,); negative_scores (B, K), [b, k] = history b's score for its k-th negative; same_item (B, K)
-    bool, True where that negative is history b's positive (the candidate is dropped). With K = 1 this is BPR:
-    -log(e^p / (e^p + e^n)) = -log sigmoid(p - n)."""
+    positive_scores (B,); negative_scores (B, K), history b's score for its k-th negative; same_item (B, K) bool,
+    True where that negative is b's positive (dropped). With K = 1 it is BPR: -log(e^p / (e^p + e^n))."""
     logits = torch.cat([positive_scores[:, None], negative_scores.masked_fill(same_item, float("-inf"))], 1)  # (B, 1+K)
     return -torch.log_softmax(logits, 1)[:, 0].sum()
 
@@ -394,21 +383,18 @@ def gaussian_potential(x, y, t=2.0):
 def uniformity_loss(h, i, j, beta=0.05, t=2.0, *, normalize=True, rec=True, hom=True, het=True):
     """Eq. 6 with beta1 = beta2 = beta:  L = L_rec + beta * L_hom + beta * L_het.
 
-    h, i, j: (B, d) vectors of the histories, positives and negatives of a batch of triplets (u, i, j). The keywords
-    switch parts off for the ablation of Table 2 (normalize=False scores and regularises the raw vectors).
+    h, i, j: (B, d) vectors of the histories, positives and negatives of a batch of triplets (u, i, j); the keywords
+    switch parts off for Table 2's ablation (normalize=False scores and regularises the raw vectors).
       L_rec  eq. 2 on cosines: BCE of each history's score for its positive and for its negative, no temperature.
       L_hom  eq. 4: G summed over unordered pairs of the B histories, plus over unordered pairs of the 2B items D_I
-             (positives and negatives together). Pairs of batch slots: an item twice in a batch is two slots.
-      L_het  eq. 5: G summed over all B x B pairs (history x, negative y), each history's own negative included.
+             (positives and negatives together); an item twice in a batch is two slots.
+      L_het  eq. 5: G summed over all B x B pairs (history, negative), each history's own negative included.
     Worth knowing before using it elsewhere:
-    - L_hom counts each unordered pair once and no vector with itself: half of eq. 4's double sum read literally
-      (which has every pair twice, plus self-pairs that add only a constant).
-    - The authors' code sums L_hom over the positives and over the negatives as two sets, leaving out the B^2
-      positive-negative pairs: about 3B^2/2 pairs there against 5B^2/2 here, so the same beta weighs L_hom more here.
-    - L_rec has 2B terms, L_hom about 5B^2/2 and L_het B^2: beta's weight grows with B (the paper's 0.05 is for
-      B = 256).
-    - A model trained on cosines must be ranked by cosines: the loss never sees the vectors' lengths, so a dot
-      product would rank by lengths that nothing trained.
+    - L_hom counts each unordered pair once and no vector with itself: half of eq. 4's double sum read literally.
+    - The authors' code sums L_hom over the positives and over the negatives as two sets (about 3B^2/2 pairs,
+      against 5B^2/2 here): the same beta weighs L_hom more here.
+    - L_rec has 2B terms, L_hom about 5B^2/2, L_het B^2: beta's weight grows with B (the paper's 0.05 is for B = 256).
+    - Rank a model trained on cosines by cosines: the loss never sees the vectors' lengths, which nothing trained.
     """
     if normalize:                                                            # eq. 3
         unit = torch.nn.functional.normalize
@@ -476,8 +462,7 @@ def rank_of_targets(scores, targets):
 
 
 def metrics_from_ranks(ranks, ks=(5, 10, 20)):
-    """HR@K = [rank < K]; NDCG@K = 1 / log2(rank + 2) when rank < K, else 0; averaged over users. On the host in
-    float64, whatever the device (MPS has no float64)."""
+    """HR@K = [rank < K], NDCG@K = [rank < K] / log2(rank + 2), averaged over users; on the host in float64 (no MPS)."""
     ranks = ranks.cpu().double()
     result = {}
     for k in ks:
@@ -502,9 +487,8 @@ def evaluation_batches(flat, starts, lengths, max_len, split, batch_size=1024):
 
 @torch.no_grad()
 def target_ranks(model, batches, cosine, mask_seen=(False,)):
-    """Every user's target rank over the given batches, one (U,) tensor per entry of `mask_seen` (False: every item
-    ranked; True: the history's items score -inf), all from one scoring pass: every item scored by `score` (cosines
-    where training scored cosines), one matrix product per batch on the model's device."""
+    """Every user's target rank, one (U,) tensor per entry of `mask_seen` (True: the history's items score -inf),
+    from one scoring pass by `score` (cosines where training scored cosines), one matrix product per batch."""
     was_training = model.training
     model.eval()
     table = model.output_items().weight                                     # (N + 1, d)
@@ -537,8 +521,7 @@ def evaluate_protocols(model, batches, cosine):
 # =============================================================================================================
 #
 # Appendix B names the batch (256), the history length (50), dropout (0.5), the grids, and early stopping after 20
-# epochs without a better validation result. It names no optimizer and no validation metric: Adam and NDCG@10
-# are ours (spec §6).
+# epochs without a better validation result; no optimizer and no validation metric: Adam and NDCG@10 are ours.
 
 def epoch_seed(seed, epoch):
     """Every random draw of an epoch (order, negatives, dropout) follows from (seed, epoch), so a resumed run
@@ -546,10 +529,9 @@ def epoch_seed(seed, epoch):
     return (seed * 1_000_003 + epoch) % 2 ** 64
 
 
-# Length groups, a speed path: a batch is a random set of B triplets as always, but inside it the histories are
-# sorted by length and encoded in `length_groups` groups, each padded only to its own longest history. Every loss sums
-# over the batch, so this changes nothing but float rounding and far less padding is computed (docs/measurements.md).
-# The three functions below are all of it; with --length-groups 1 a batch is one group.
+# Length groups, a speed path (the next three functions): a batch is a random set of B triplets as always, but its
+# histories are sorted by length and encoded in `length_groups` groups, each padded only to its own longest. Every
+# loss sums over the batch: only float rounding changes, and far less padding is computed (docs/measurements.md).
 
 
 def group_sizes(batch_size, groups):
@@ -570,10 +552,9 @@ def epoch_batches(order, history_lengths, batch_size, groups):
 
 
 def encode_batch(model, flat, target_at, history_lengths, sizes, widths, users=None):
-    """History vectors (B, d) of a length-sorted batch, one group at a time through model.encode, each group padded
-    only to its own longest history. A sequence model gets the item vectors of all groups from one lookup, since
-    the gradient of each lookup is a whole (N + 1, d) table (docs/measurements.md); Caser reads only its last L
-    items and looks up its own."""
+    """History vectors (B, d) of a length-sorted batch, group by group through model.encode. A sequence model gets
+    all groups' item vectors from one lookup (each lookup's gradient is a whole (N + 1, d) table); Caser reads only
+    its last L items and looks up its own."""
     groups = [gather_histories(flat, group_at, group_lengths, width) for group_at, group_lengths, width
               in zip(target_at.split(sizes), history_lengths.split(sizes), widths)]  # G groups of (B_g, T_g) item ids
     group_users = [None] * len(groups) if users is None else users.split(sizes)
@@ -585,9 +566,8 @@ def encode_batch(model, flat, target_at, history_lengths, sizes, widths, users=N
 
 
 def train_epoch(model, optimizer, data, config, epoch, progress=None):
-    """One pass over the training examples in a fresh random order with fresh negatives. Returns a tensor with the
-    loss of every step (no host-device synchronisation inside the loop). progress(done, total), if given, is called
-    before the first step (done = 0) and after every step."""
+    """One pass over the examples in a fresh random order with fresh negatives. Returns every step's loss (no
+    host-device synchronisation in the loop); progress(done, total) is called before the first step and after each."""
     flat, target_at, history_lengths, users, owners, keys, num_items = data
     device = flat.device
     torch.manual_seed(epoch_seed(config["seed"], epoch))                    # dropout
@@ -611,8 +591,7 @@ def train_epoch(model, optimizer, data, config, epoch, progress=None):
 
 
 def adam(model, lr, device):
-    """Adam; its fused kernel (the same update, one kernel instead of ~10 per tensor) on CPU and CUDA, and on MPS in
-    the torch releases that have it; elsewhere torch's default."""
+    """Adam, with its fused kernel (the same update in one kernel) on CPU, CUDA and MPS where torch has it."""
     parameters = list(model.parameters())
     try:
         return torch.optim.Adam(parameters, lr=lr, fused=device.type in ("cpu", "cuda", "mps"))
@@ -622,13 +601,8 @@ def adam(model, lr, device):
 
 def history_limit(config, lengths):
     """The longest history a run reads: --max-len, capped at the longest user's test history (n - 1 items)."""
-    # So SASRec's position table gets only rows that can be read (not 10**9 for --max-len 10**9). The benchmarks'
-    # longest histories (203 to 549 items) are far beyond a --max-len of 50, so there the cap changes nothing.
+    # SASRec's position table gets only rows that can be read; on the benchmarks (203 to 549 items) it changes nothing.
     return min(config["max_len"], int(lengths.max()) - 1)
-
-
-class TrainingStopped(RuntimeError):
-    """Training cannot go on (a non-finite loss)."""
 
 
 def train(config, sequences, run):
@@ -636,8 +610,8 @@ def train(config, sequences, run):
     for `epochs` epochs), then test the best state once, under both protocols. Returns the result.
 
     `run` keeps what must survive an interruption (runs.RunFolder keeps it in a folder):
-      run.resume(model, optimizer) -> (state, best model): the early-stopping state and best state so far, loaded
-                                      into model and optimizer where there is a checkpoint; a fresh state if not
+      run.resume(model, optimizer) -> (state, best_model)  the early-stopping state and best state so far (fresh
+                                                           ones without a checkpoint); the checkpoint loaded
       run.save(model, optimizer, state, best_model)        after every epoch
       run.log(line), run.step(epoch, done, total)          what the user sees: a line per epoch, a progress line
       run.statistics(model) -> {name: value}               what else each epoch's log row keeps (Figure 1's)
@@ -661,7 +635,7 @@ def train(config, sequences, run):
         losses = train_epoch(model, optimizer, data, config, epoch, lambda done, total: run.step(epoch, done, total))
         bad = (~torch.isfinite(losses)).nonzero()
         if len(bad):
-            raise TrainingStopped(f"non-finite loss at epoch {epoch}, step {int(bad[0]) + 1}")
+            raise FloatingPointError(f"non-finite loss at epoch {epoch}, step {int(bad[0]) + 1}")
         train_seconds = time.time() - started
         metrics = evaluate(model, valid, cosine, config["mask_seen"])
         row = {"epoch": epoch, "loss": losses.sum().item() / len(data.target_at),  # the epoch's loss per example
