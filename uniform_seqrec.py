@@ -163,8 +163,9 @@ def item_table(num_items, dim):
 class Backbone(nn.Module):
     """The contract: `items` is the (N + 1, d) item table (row 0 padding, kept at zero); `encode(histories, users)`
     maps (B, T) right-padded item ids to (B, d) history vectors; padding never changes a real output. Only a Caser
-    with a user embedding reads `users` (B,), the histories' user ids. `output_items()` is the table items are
-    scored with: the input table, except for a Caser with a table of its own."""
+    with a user embedding reads `users` (B,), the histories' user ids; the others take them so that every backbone
+    is called alike. `output_items()` is the table items are scored with: the input table, but for a Caser with its
+    own output table."""
 
     def __init__(self, num_items, dim):
         super().__init__()
@@ -457,7 +458,7 @@ def rank_of_targets(scores, targets):
 
 
 def metrics_from_ranks(ranks, ks=(5, 10, 20)):
-    """HR@K = [rank < K], NDCG@K = [rank < K] / log2(rank + 2), averaged over users; on the host in float64 (no MPS)."""
+    """HR@K = [rank < K], NDCG@K = [rank < K] / log2(rank + 2), averaged over users; on the host (float64)."""
     ranks = ranks.cpu().double()
     result = {}
     for k in ks:
