@@ -48,8 +48,9 @@ from data_prep import DataError
 # All users' items live in one flat tensor `flat`, with a 0 (padding) at index 0. An example is a pair
 # (target_at, history length): its target is flat[target_at] and its history the `length` items just before it,
 # flat[target_at - length : target_at]. Histories are cut to the last `max_len` items and right-padded with 0 to the
-# width of their batch (spec §1). `lengths` are the users' sequence lengths n, `history_lengths` the examples'; E is
-# the number of training examples; N the largest item id (the benchmark files number their items 1..N).
+# width of their batch (in training, of their length group; spec §1). `lengths` are the users' sequence lengths n,
+# `history_lengths` the examples'; E is the number of training examples; N the largest item id (the benchmark files
+# number their items 1..N).
 
 
 def flatten_sequences(sequences, device):
@@ -123,7 +124,7 @@ class TrainingData(NamedTuple):
 
 def training_data(flat, starts, lengths, num_items, max_len, negatives="unseen"):
     """TrainingData of every user's training part; a DataError when a user leaves no item to draw as a negative.
-    negatives: "unseen", none of the user's training items (spec §2, as S3-Rec); "any", any item but the example's
+    negatives: "unseen", none of the user's training items (spec §2); "any", any item but the example's
     own positive, as RecBole and the authors' code draw them (the user's other items included)."""
     target_at, history_lengths, users = training_examples(starts, lengths, max_len)
     if not len(target_at):
@@ -336,9 +337,8 @@ def build_model(config, num_items, num_users, max_len):
 # =============================================================================================================
 #
 # Eq. 1 scores a history and an item by the dot product of their vectors; on unit vectors (eq. 3) that is their
-# cosine. `score` serves training and evaluation alike. Every loss SUMS over the batch, as the paper writes them.
-# `score`, the four losses and `gaussian_potential` need only `import torch` (uniformity_loss's caveats travel in
-# its docstring).
+# cosine. Every loss SUMS over the batch, as the paper writes them. `score`, the four losses and `gaussian_potential`
+# need only `import torch` (uniformity_loss's caveats travel in its docstring).
 
 
 def score(h, items, cosine=False):
@@ -366,7 +366,8 @@ def bpr_loss(positive_scores, negative_scores):
 def infonce_loss(positive_scores, negative_scores, same_item):
     """InfoNCE (van den Oord et al.), temperature 1: each history's positive against its K negatives.
     positive_scores (B,); negative_scores (B, K), history b's score for its k-th negative; same_item (B, K) bool,
-    True where that negative is b's positive (dropped). With K = 1 it is BPR: -log(e^p / (e^p + e^n))."""
+    True where that negative is b's positive (dropped). With K = 1 it is BPR, -log(e^p / (e^p + e^n)), but for a
+    negative that is the positive (then 0)."""
     logits = torch.cat([positive_scores[:, None], negative_scores.masked_fill(same_item, float("-inf"))], 1)  # (B, 1+K)
     return -torch.log_softmax(logits, 1)[:, 0].sum()
 
@@ -408,8 +409,8 @@ def uniformity_loss(h, i, j, beta=0.05, t=2.0, *, normalize=True, rec=True, hom=
 
 
 def infonce_candidates(batch_size, k, device):
-    """(B, K) batch slots of each history's InfoNCE negatives: its own, then the next K - 1 (cyclically). The batch
-    is in random order, so these are K random negatives of the batch."""
+    """(B, K) batch slots of each history's InfoNCE negatives: its own, then the next K - 1 (cyclically). Every
+    slot's negative is an independent uniform draw, so these are K random negatives whatever the slots' order."""
     return (torch.arange(batch_size, device=device)[:, None] + torch.arange(k, device=device)) % batch_size
 
 
@@ -433,18 +434,20 @@ def batch_loss(model, h, positives, negatives, config):
 
 
 def scores_are_cosines(config):
-    """Whether `score` takes cosines, in training and so in ranking: with the uniformity loss (eq. 3), unless row
-    (g) of Table 2 ablates its normalization."""
+    """Whether ranking scores cosines: where training did, with the uniformity loss (eq. 3; uniformity_loss
+    normalizes its inputs), unless row (g) of Table 2 ablates its normalization."""
     return config["loss"] == "uniform" and config["normalize"]
 
 
 # =============================================================================================================
-# 4. Evaluation (section 5.1; spec §5): rank the target against ALL items, for ALL users
+# 4. Evaluation (section 5.1; spec §5): rank the target against every item, for ALL users
 # =============================================================================================================
 #
 # The paper ranks "the entire item pool" and does not say whether the items of the user's history take part. Both
 # protocols are computed from one scoring pass: every item ranked ("all_items"), and the history's items excluded
-# first, as S3-Rec's code does ("history_excluded"; a target that repeats one of them then cannot be hit).
+# first ("history_excluded": the history as the model reads it, its last max_len items; S3-Rec's code zero-fills all of
+# the user's earlier items, the same on these files but for the few longer histories). A target that repeats one of
+# them then cannot be hit.
 PROTOCOLS = {"all_items": False, "history_excluded": True}                 # name -> mask_seen
 
 
@@ -469,8 +472,7 @@ def metrics_from_ranks(ranks, ks=(5, 10, 20)):
 
 
 def evaluation_batches(flat, starts, lengths, max_len, split, batch_size=1024):
-    """The fixed (histories, users, targets) batches of one split; users sorted by history length so each pads
-    little."""
+    """The fixed (histories, users, targets) batches of one split, users sorted by history length (little padding)."""
     target_at, history_lengths = evaluation_examples(starts, lengths, max_len, split)
     order = torch.argsort(history_lengths, stable=True)                    # user ids, shortest history first
     batches = []
@@ -483,8 +485,8 @@ def evaluation_batches(flat, starts, lengths, max_len, split, batch_size=1024):
 
 @torch.no_grad()
 def target_ranks(model, batches, cosine, mask_seen=(False,)):
-    """Every user's target rank, one (U,) tensor per entry of `mask_seen` (True: the history's items score -inf),
-    from one scoring pass by `score` (cosines where training scored cosines), one matrix product per batch."""
+    """Every user's target rank in the batches' order, one (U,) tensor per entry of `mask_seen` (True: the history's
+    items score -inf), from one scoring pass by `score` (cosines where training scored cosines)."""
     was_training = model.training
     model.eval()
     table = model.output_items().weight                                     # (N + 1, d)
@@ -516,8 +518,9 @@ def evaluate_protocols(model, batches, cosine):
 # 5. Training (appendix B; spec §6): batches of triplets, early stopping, the best state tested once
 # =============================================================================================================
 #
-# Appendix B names the batch (256), the history length (50), dropout (0.5), the grids, and early stopping after 20
-# epochs without a better validation result; no optimizer and no validation metric: Adam and NDCG@10 are ours.
+# Appendix B names the batch (256), the history length (50), dropout (0.5), the grids, and early stopping when
+# validation "does not improve for more than 20 epochs" (ours stops at the 20th); no optimizer and no validation
+# metric: Adam and NDCG@10 are ours.
 
 def epoch_seed(seed, epoch):
     """Every random draw of an epoch (order, negatives, dropout) follows from (seed, epoch), so a resumed run
@@ -527,7 +530,8 @@ def epoch_seed(seed, epoch):
 
 # Length groups, a speed path (the next three functions): a batch is a random set of B triplets as always, but its
 # histories are sorted by length and encoded in `length_groups` groups, each padded only to its own longest. Every
-# loss sums over the batch: only float rounding changes, and far less padding is computed (docs/measurements.md).
+# loss sums over the batch: the loss is the same, its float rounding and the dropout masks' draws are not, and far
+# less padding is computed (docs/measurements.md).
 
 
 def group_sizes(batch_size, groups):
@@ -588,11 +592,10 @@ def train_epoch(model, optimizer, data, config, epoch, progress=None):
 
 def adam(model, lr, device):
     """Adam, with its fused kernel (the same update in one kernel) on CPU, CUDA and MPS where torch has it."""
-    parameters = list(model.parameters())
     try:
-        return torch.optim.Adam(parameters, lr=lr, fused=device.type in ("cpu", "cuda", "mps"))
+        return torch.optim.Adam(model.parameters(), lr=lr, fused=device.type in ("cpu", "cuda", "mps"))
     except RuntimeError:                                                     # "fused=True requires ... devices"
-        return torch.optim.Adam(parameters, lr=lr)
+        return torch.optim.Adam(model.parameters(), lr=lr)
 
 
 def history_limit(config, lengths):
@@ -602,8 +605,9 @@ def history_limit(config, lengths):
 
 
 def train(config, sequences, run):
-    """Train on `sequences` (lists of item ids) until validation NDCG@10 has not improved for `patience` epochs (or
-    for `epochs` epochs), then test the best state once, under both protocols. Returns the result.
+    """Train on `sequences` (lists of item ids) until validation NDCG@10 (under the run's own protocol, mask_seen)
+    has not improved for `patience` epochs, at most `epochs` epochs; then rank the best state under both protocols.
+    Returns {test, valid (own protocol), protocols (both), best_epoch, epochs, train_seconds}.
 
     `run` keeps what must survive an interruption (runs.RunFolder keeps it in a folder):
       run.resume(model, optimizer) -> (state, best_model)  the early-stopping state and best state so far (fresh
