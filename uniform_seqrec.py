@@ -484,18 +484,18 @@ def evaluation_batches(flat, starts, lengths, max_len, split, batch_size=1024):
 
 
 @torch.no_grad()
-def target_ranks(model, batches, cosine, mask_seen=(False,)):
-    """Every user's target rank in the batches' order, one (U,) tensor per entry of `mask_seen` (True: the history's
+def target_ranks(model, batches, cosine, masks=(False,)):
+    """Every user's target rank in the batches' order, one (U,) tensor per entry of `masks` (True: the history's
     items score -inf), from one scoring pass by `score` (cosines where training scored cosines)."""
     was_training = model.training
     model.eval()
     table = model.output_items().weight                                     # (N + 1, d)
-    ranks, all_finite = [[] for _ in mask_seen], True
+    ranks, all_finite = [[] for _ in masks], True
     for histories, users, targets in batches:
         scores = score(model.encode(histories, users=users)[:, None], table, cosine)  # (B, N + 1)
         all_finite = all_finite & torch.isfinite(scores[:, 1:].sum(1)).all()  # a row sum is finite iff every score is
         scores[:, 0] = float("-inf")                                        # padding is no item
-        for found, mask in zip(ranks, mask_seen):
+        for found, mask in zip(ranks, masks):
             found.append(rank_of_targets(scores.scatter(1, histories, float("-inf")) if mask else scores, targets))
     model.train(was_training)
     if not bool(all_finite):
