@@ -319,6 +319,24 @@ def write_record(cell, seed, entry):
     R.save_atomically(json.dumps(entry, indent=2) + "\n", path)
 
 
+def recorded_ranking(cell, seed, run_dir, metrics, fingerprint):
+    """The re-ranked part of the cell's record when it already records this very run (the same folder, epochs, test
+    metrics and data), else None: a report ranks only the runs that finished since, not every finished run again."""
+    path = record_path(cell, seed)
+    try:
+        entry = read_record(path) if os.path.isfile(path) else None
+    except R.RunFolderError:
+        return None
+    same = entry and (entry["run_dir"], entry["epochs"], entry["best_epoch"], entry["test"],
+                      entry["config"].get("data_fingerprint")) == (os.path.relpath(run_dir, HERE), metrics["epochs"],
+                                                                   metrics["best_epoch"], metrics["test"], fingerprint)
+    protocols, top_seen = (entry or {}).get("protocols"), (entry or {}).get("top_item_in_history")
+    complete = (isinstance(protocols, dict) and all(isinstance(protocols.get(name), dict) and
+                                                    {"test", "valid"} <= protocols[name].keys() for name in U.PROTOCOLS)
+                and isinstance(top_seen, dict) and {"test", "valid"} <= top_seen.keys())
+    return {"protocols": protocols, "top_item_in_history": top_seen} if same and complete else None
+
+
 def record(cell, seed, run_dir):
     """Write the cell's JSON from its finished run folder: its metrics under both protocols, the best state's
     validation metrics, the data file's fingerprint, and how often its top item is one of the user's own."""
@@ -328,7 +346,8 @@ def record(cell, seed, run_dir):
     log = read_log(run_dir)
     commit_file = os.path.join(run_dir, "commit.txt")
     commit = open(commit_file).read().strip() if os.path.isfile(commit_file) else git_commit()
-    ranked = rescore(run_dir, R.read_sequences(data_path))
+    ranked = (recorded_ranking(cell, seed, run_dir, metrics, fingerprint)
+              or rescore(run_dir, R.read_sequences(data_path)))
     ranked["protocols"] = metrics.get("protocols") or ranked["protocols"]  # as ranked on the training device
     entry = {"cell": cell, "seed": seed, "test": metrics["test"], "valid": metrics["valid"], **ranked,
              "best_epoch": metrics["best_epoch"], "epochs": metrics["epochs"], "device": metrics["device"],

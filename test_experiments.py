@@ -434,6 +434,27 @@ def test_a_record_holds_both_protocols_and_its_data(tiny_cell):
     assert 0 <= entry["top_item_in_history"]["test"] <= 1
 
 
+def test_a_report_ranks_again_only_a_run_its_record_does_not_hold(tiny_cell, monkeypatch):
+    run_dir, _ = tiny_cell
+    E.record_all(max_seed=1)
+    path = E.record_path("table1/beauty/sasrec/uniform", 1)
+    first = json.loads(open(path).read())
+    ranked, rescore = [], E.rescore
+    monkeypatch.setattr(E, "rescore", lambda *args: ranked.append(args) or rescore(*args))
+    E.record_all(max_seed=1)                                                      # the same run: nothing ranked
+    assert ranked == [] and json.loads(open(path).read()) == first
+    metrics_path = run_dir / "metrics.json"
+    metrics = json.loads(metrics_path.read_text())
+    metrics["epochs"] += 1                                                        # as if the run was extended
+    metrics_path.write_text(json.dumps(metrics))
+    E.record_all(max_seed=1)
+    assert len(ranked) == 1 and json.loads(open(path).read())["epochs"] == first["epochs"] + 1
+    del first["protocols"]                                                        # a record from before: ranked
+    open(path, "w").write(json.dumps(first))
+    E.record_all(max_seed=1)
+    assert len(ranked) == 2 and "protocols" in json.loads(open(path).read())
+
+
 def test_a_run_trained_on_other_data_is_not_recorded_nor_reported_finished(tiny_cell, capsys):
     run_dir, data = tiny_cell
     data.write_text(data.read_text() + "81 1 2 3 4 5\n")                           # the file changed since
