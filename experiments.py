@@ -321,20 +321,23 @@ def write_record(cell, seed, entry):
 
 def recorded_ranking(cell, seed, run_dir, metrics, fingerprint):
     """The re-ranked part of the cell's record when it already records this very run (the same folder, epochs, test
-    metrics and data), else None: a report ranks only the runs that finished since, not every finished run again."""
+    metrics and data) with both splits of every protocol, else None: a report ranks only the runs that finished
+    since, not every finished run again."""
     path = record_path(cell, seed)
     try:
         entry = read_record(path) if os.path.isfile(path) else None
     except R.RunFolderError:
         return None
-    same = entry and (entry["run_dir"], entry["epochs"], entry["best_epoch"], entry["test"],
-                      entry["config"].get("data_fingerprint")) == (os.path.relpath(run_dir, HERE), metrics["epochs"],
-                                                                   metrics["best_epoch"], metrics["test"], fingerprint)
-    protocols, top_seen = (entry or {}).get("protocols"), (entry or {}).get("top_item_in_history")
-    complete = (isinstance(protocols, dict) and all(isinstance(protocols.get(name), dict) and
-                                                    {"test", "valid"} <= protocols[name].keys() for name in U.PROTOCOLS)
-                and isinstance(top_seen, dict) and {"test", "valid"} <= top_seen.keys())
-    return {"protocols": protocols, "top_item_in_history": top_seen} if same and complete else None
+    if not entry or (entry["run_dir"], entry["epochs"], entry["best_epoch"], entry["test"],
+                     entry["config"].get("data_fingerprint")) != (os.path.relpath(run_dir, HERE), metrics["epochs"],
+                                                                  metrics["best_epoch"], metrics["test"], fingerprint):
+        return None
+    protocols, top_seen = entry.get("protocols"), entry.get("top_item_in_history")
+    both_splits = lambda part: isinstance(part, dict) and {"test", "valid"} <= part.keys()
+    if not (isinstance(protocols, dict) and all(both_splits(protocols.get(name)) for name in U.PROTOCOLS)
+            and both_splits(top_seen)):
+        return None
+    return {"protocols": protocols, "top_item_in_history": top_seen}
 
 
 def record(cell, seed, run_dir):
