@@ -822,14 +822,20 @@ def claims(protocol="all_items"):
     return lines
 
 
+def both_protocols(entry, sep, one_way):
+    """A record's test HR@10 and NDCG@10 under each protocol (uniform_seqrec.PROTOCOLS' order), joined by `sep`;
+    `one_way` for a protocol it was not ranked under."""
+    tests = (recorded_test(entry, protocol) for protocol in U.PROTOCOLS)
+    return [f"{t['HR@10']:.4f}{sep}{t['NDCG@10']:.4f}" if t else one_way for t in tests]
+
+
 def negatives_row(loss, kind, cell):
     """One row of the negatives table: a cell's test metrics under both protocols and its own-first share."""
     path = record_path(cell, 1)
     if not os.path.isfile(path):
         return f"| {loss} | {kind} | not run | not run | | {cell} |"
     entry = read_record(path)
-    both = [recorded_test(entry, protocol) for protocol in U.PROTOCOLS]
-    shown = [f"{t['HR@10']:.4f} / {t['NDCG@10']:.4f}" if t else "ranked one way" for t in both]
+    shown = both_protocols(entry, " / ", "ranked one way")
     share = entry.get("top_item_in_history", {}).get("test")
     own = f"{100 * share:.0f}%" if share is not None else "-"
     return f"| {loss} | {kind} | {shown[0]} | {shown[1]} | {own} | {cell} |"
@@ -853,9 +859,7 @@ def beyond_the_paper():
         """The README's command's row: its result both ways beside the lr 1e-3 cell's."""
         path = record_path(f"readme/beauty/{loss}", 1)
         entry = read_record(path) if os.path.isfile(path) else None
-        masked = entry and recorded_test(entry, "history_excluded")
-        both = (f"{entry['test']['HR@10']:.4f} | {entry['test']['NDCG@10']:.4f} | "
-                + (f"{masked['HR@10']:.4f} | {masked['NDCG@10']:.4f}" if masked else "- | -")
+        both = (" | ".join(both_protocols(entry, " | ", "- | -"))
                 + f" | {entry['best_epoch']} / {entry['epochs']} | {entry['wall_seconds'] / 60:.0f} min"
                 if entry else "not run | not run | not run | not run | | ")
         paper = PAPER_TABLE1["sasrec", loss][0]
