@@ -8,19 +8,24 @@
          Python loop over pairs, and against the same sums written with explicit (B, B, d) differences
   train  training throughput of each backbone with each loss on real Beauty (batch 256, max length 50, d 64,
          each backbone at its default depth, 2 heads), from `--steps` real batches; seconds per epoch = examples /
-         throughput
+         throughput; SASRec also packed (--pack). Beside each, its bound: the epoch's matrix products and
+         convolutions (FLOPs counted by torch over 10 real steps), each call timed alone on this device on tensors
+         of the same layout, and the epoch's time as a multiple of that
   eval   full-ranking evaluation of every Beauty user, against its bare lower bound: the same matrix product and
          comparison on history vectors already computed and on the device
   memory peak memory of training (SASRec, uniformity loss) and of evaluation: on CUDA what torch allocated at most;
          on MPS what Metal's driver holds after the work (MPS has no peak; its allocator keeps what it took, so
          about the peak); on the CPU the process's peak resident set
   progress  (only when named) train_epoch with the progress line, drawn on a pseudo-terminal, against without it
+  profile   (only when named) where a SASRec + uniform step's time goes, by kind of work (torch's profiler), with
+         length groups and packed (--pack)
 
 Timings are medians of repeated runs where a section is cheap enough to repeat; ratios are measured side by side.
 Every section runs under the settings a training run sets on the device (runs.device_settings: on CUDA no TF32,
 cuDNN's deterministic algorithms, no cuDNN benchmarking), so that it times what trains.
 """
 import argparse
+import collections
 import os
 import platform
 import statistics
@@ -31,6 +36,9 @@ import warnings
 
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # before torch: see uniform_seqrec.py
 import torch
+import torch.utils._pytree as pytree
+from torch.utils import flop_counter
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import runs as R
 import uniform_seqrec as U
@@ -136,27 +144,44 @@ def training_setup(path, device):
     return flat, starts, lengths, num_items, ends, history_lengths, users, keys
 
 
-def train_steps(setup, device, model_name, loss, steps, length_groups):
-    """Seconds per training example over `steps` real batches of a random epoch order."""
+def training_step(setup, device, model_name, loss, length_groups, pack=False, batches=43):
+    """A freshly initialized backbone and `run(some)`, which trains it on some of `batches` real Beauty batches of a
+    random epoch order (batch 256), laid out as training lays them out: in length groups, or packed."""
     flat, _, _, num_items, ends, history_lengths, users, keys = setup
     torch.manual_seed(0)
     model = paper_model(model_name, num_items, device)
+    for module in model.modules():                                         # as uniform_seqrec.train sets it
+        if isinstance(module, U.Dropout):
+            module.from_bits = pack
     optimizer = U.adam(model, 1e-3, device)
     config = {"loss": loss, "beta": 0.05, "t": 2.0, "normalize": True, "rec": True, "hom": True, "het": True,
               "infonce_negatives": None}
     generator = torch.Generator(device).manual_seed(0)
-    order = torch.randperm(len(ends), device=device, generator=generator)[:256 * (steps + 3)]
+    order = torch.randperm(len(ends), device=device, generator=generator)[:256 * batches]
     negatives = U.sample_negatives(users, keys, num_items, generator)
-    batches = U.epoch_batches(order, history_lengths, 256, length_groups)
+    width = int(history_lengths.max())
+    if pack:
+        layout = U.packed_batches(order, history_lengths, 256, width)
+        encode = lambda batch, first, rows: U.encode_packed(model, flat, ends[batch], history_lengths[batch], first,
+                                                            rows, width)
+    else:
+        layout = U.epoch_batches(order, history_lengths, 256, length_groups)
+        encode = lambda batch, sizes, widths: U.encode_batch(model, flat, ends[batch], history_lengths[batch],
+                                                             sizes, widths)
 
     def run(some):
-        for batch, sizes, widths in some:
-            h = U.encode_batch(model, flat, ends[batch], history_lengths[batch], sizes, widths)
-            value = U.batch_loss(model, h, flat[ends[batch]], negatives[batch], config)
+        for batch, *where in some:
+            value = U.batch_loss(model, encode(batch, *where), flat[ends[batch]], negatives[batch], config)
             optimizer.zero_grad(set_to_none=True)
             value.backward()
             optimizer.step()
 
+    return layout, run
+
+
+def train_steps(setup, device, model_name, loss, steps, length_groups, pack=False):
+    """Seconds per training example over `steps` real batches of a random epoch order (after 3 to warm up)."""
+    batches, run = training_step(setup, device, model_name, loss, length_groups, pack, steps + 3)
     run(batches[:3])                                                       # warm-up
     synchronize(device)
     started = time.perf_counter()
@@ -165,21 +190,83 @@ def train_steps(setup, device, model_name, loss, steps, length_groups):
     return (time.perf_counter() - started) / (256 * steps)
 
 
+# The bound an epoch is measured against: the arithmetic it cannot skip. The ops that torch's FLOP counter knows
+# (matrix products, convolutions, their backward) are recorded call by call with their tensors' shapes and strides
+# while real steps train; each call is then timed alone on fresh tensors of the same layout. The sum is what the
+# epoch's arithmetic costs this device with nothing around it: no other op, no autograd, no Python.
+
+class ArithmeticCalls(TorchDispatchMode):
+    """Counts each call of an op in torch's FLOP registry by (op, its arguments' layout)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = collections.Counter()
+        self.specs = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.overloadpacket in flop_counter.flop_registry:
+            spec = pytree.tree_map(lambda a: ("tensor", tuple(a.shape), a.stride(), a.dtype, a.storage_offset())
+                                   if isinstance(a, torch.Tensor) else a, (args, kwargs))
+            key = (func, repr(spec))
+            self.calls[key] += 1
+            self.specs[key] = spec
+        return func(*args, **kwargs)
+
+
+def fresh_tensor(spec, device):
+    """A tensor of the recorded layout, on random numbers (stride 0 and overlapping strides included)."""
+    _, shape, stride, dtype, offset = spec
+    size = offset + 1 + sum((n - 1) * s for n, s in zip(shape, stride))
+    base = torch.randn(size, device=device) if dtype.is_floating_point else torch.zeros(size, device=device)
+    return base.to(dtype).as_strided(shape, stride, offset)
+
+
+def arithmetic_bound(run, batches, device):
+    """(FLOPs, seconds) of the counted ops of training on `batches`, the seconds as each call takes alone."""
+    counter, recorder = flop_counter.FlopCounterMode(display=False), ArithmeticCalls()
+    with counter, recorder:
+        run(batches)
+    synchronize(device)
+    seconds = 0.0
+    for key, count in recorder.calls.items():
+        func = key[0]
+        args, kwargs = pytree.tree_map(lambda a: fresh_tensor(a, device) if isinstance(a, tuple) and a and
+                                       a[0] == "tensor" else a, recorder.specs[key],
+                                       is_leaf=lambda a: isinstance(a, tuple) and bool(a) and a[0] == "tensor")
+        seconds += count * timed(lambda: func(*args, **kwargs), device, repeats=5)
+    return counter.get_total_flops(), seconds
+
+
+def train_row(setup, device, model_name, loss, steps, length_groups, pack=False, bound_steps=10):
+    """One row of the train section: throughput, seconds per epoch, and the epoch against its arithmetic bound."""
+    examples = len(setup[4])
+    per_example = train_steps(setup, device, model_name, loss, steps, length_groups, pack)
+    batches, run = training_step(setup, device, model_name, loss, length_groups, pack, bound_steps + 1)
+    run(batches[:1])                                                       # warm-up
+    flops, seconds = arithmetic_bound(run, batches[1:], device)
+    per_epoch = examples / (256 * bound_steps)
+    epoch_seconds, bound_seconds = per_example * examples, seconds * per_epoch
+    how = "packed" if pack else f"length groups {length_groups}"
+    return ("train", f"{model_name} + {loss} ({how})", f"{1 / per_example:,.0f} samples/s",
+            f"{epoch_seconds:.1f} s/epoch; {flops * per_epoch / 1e9:,.0f} GFLOP at {flops / seconds / 1e9:.0f} "
+            f"GFLOP/s: bound {bound_seconds:.1f} s, {epoch_seconds / bound_seconds:.2f}x")
+
+
 def bench_train(setup, device, steps, rows, length_groups=None):
     """length_groups: every backbone's (None: training's defaults, 8 and 1 for Caser, and one more row of SASRec +
-    uniform with 1)."""
-    examples = len(setup[4])
+    uniform with 1); SASRec is measured packed too (--pack)."""
     for model_name in ("sasrec", "gru4rec", "caser"):
         groups = length_groups or (1 if model_name == "caser" else 8)
         for loss in ("bce", "bpr", "infonce", "uniform"):
-            per_example = train_steps(setup, device, model_name, loss, steps, groups)
-            rows.append(("train", f"{model_name} + {loss} (length groups {groups})",
-                         f"{1 / per_example:,.0f} samples/s", f"{per_example * examples:.1f} s/epoch"))
+            rows.append(train_row(setup, device, model_name, loss, steps, groups))
+        if model_name == "sasrec":
+            for loss in ("bce", "bpr", "infonce", "uniform"):
+                rows.append(train_row(setup, device, model_name, loss, steps, groups, pack=True))
     if length_groups:
         return
-    per_example = train_steps(setup, device, "sasrec", "uniform", steps, 1)
-    rows.append(("train", "sasrec + uniform, whole batch padded to its longest (length groups 1)",
-                 f"{1 / per_example:,.0f} samples/s", f"{per_example * examples:.1f} s/epoch"))
+    row = train_row(setup, device, "sasrec", "uniform", steps, 1)
+    rows.append((row[0], "sasrec + uniform, whole batch padded to its longest (length groups 1)", *row[2:]))
 
 
 def bench_progress(path, device, rows, pairs=4, users=3000):
@@ -234,6 +321,60 @@ def bench_progress(path, device, rows, pairs=4, users=3000):
                      f"{statistics.median(without):.2f} s", ""))
         rows.append(("progress", f"  with the line, {label}", f"{statistics.median(with_line):.2f} s",
                      f"ratio {statistics.median(ratios):.3f} (pairs: {', '.join(f'{r:.3f}' for r in ratios)})"))
+
+
+# Where an epoch's time goes: torch's profiler over real steps, each op's own time put under one kind of work;
+# what no op accounts for (autograd's bookkeeping, Python, the profiler's own cost) is the last row.
+WORK_KINDS = [
+    ("matrix products", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::mkldnn_convolution",
+                         "aten::convolution_backward", "aten::_convolution", "aten::mkldnn_rnn",
+                         "aten::_cdist_forward", "aten::_cdist_backward")),
+    ("softmax and masks (attention, InfoNCE)", ("aten::_softmax", "aten::_softmax_backward_data",
+                                                "aten::_log_softmax", "aten::_log_softmax_backward_data",
+                                                "aten::masked_fill_", "aten::masked_fill", "aten::where",
+                                                "aten::eq", "aten::ne", "aten::bitwise_or", "aten::triu",
+                                                "aten::cummax")),
+    ("random numbers (dropout, negatives)", ("aten::uniform_", "aten::random_", "aten::bernoulli_",
+                                             "aten::ge_", "aten::ge")),
+    ("layer norms", ("aten::native_layer_norm", "aten::native_layer_norm_backward")),
+    ("embedding lookups and their backward", ("aten::embedding_dense_backward", "aten::index_select",
+                                              "aten::index_add_", "aten::index", "aten::index_put_",
+                                              "aten::_index_put_impl_", "aten::embedding")),
+    ("Adam", ("aten::_fused_adam_",)),
+    ("copies and zero fills", ("aten::copy_", "aten::_to_copy", "aten::fill_", "aten::zero_", "aten::clone",
+                               "aten::cat")),
+]
+
+
+def work_profile(setup, device, model_name, loss, length_groups, pack=False, steps=20):
+    """[(kind of work, seconds per step)] of training, from torch's profiler (CPU time of each op)."""
+    from torch.profiler import ProfilerActivity, profile
+    batches, run = training_step(setup, device, model_name, loss, length_groups, pack, steps + 3)
+    run(batches[:3])
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        started = time.perf_counter()
+        run(batches[3:])
+        synchronize(device)
+        wall = time.perf_counter() - started
+    own = collections.Counter()
+    for event in profiler.key_averages():
+        if event.key.startswith("aten::"):
+            kind = next((k for k, names in WORK_KINDS if event.key in names), "other element-wise ops")
+            own[kind] += event.self_cpu_time_total / 1e6
+    kinds = [k for k, _ in WORK_KINDS] + ["other element-wise ops"]
+    rows = [(k, own[k] / steps) for k in kinds]
+    return rows + [("autograd, Python and the profiler (no op)", (wall - sum(own.values())) / steps)], wall / steps
+
+
+def bench_profile(setup, device, rows):
+    """SASRec + uniform, a step as training takes it by default (length groups 8) and packed, by kind of work."""
+    for pack in (False, True):
+        kinds, step = work_profile(setup, device, "sasrec", "uniform", 8, pack)
+        how = "packed" if pack else "length groups 8"
+        rows.append(("profile", f"sasrec + uniform ({how}): one step under the profiler", f"{step * 1e3:.1f} ms",
+                     ""))
+        for kind, seconds in kinds:
+            rows.append(("profile", f"  {kind}", f"{seconds * 1e3:.1f} ms", f"{seconds / step:.0%}"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -366,6 +507,8 @@ def main():
         bench_memory(args, device, rows)
     if "progress" in sections:
         bench_progress(path, device, rows)
+    if "profile" in sections:
+        bench_profile(setup, device, rows)
     print(f"device: {device} ({device_name(device)}), torch {torch.__version__}, {torch.get_num_threads()} threads")
     print("| section | what | time | ratio |\n|---|---|---|---|")
     for row in rows:

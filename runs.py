@@ -438,6 +438,10 @@ def build_parser():
                      help="encode each batch in this many length-sorted groups, each padded only to its own "
                           "longest history; speed only (default 8, and 1 for Caser, which reads only its last "
                           "L items)")
+    fit.add_argument("--pack", action="store_true", default=False,
+                     help="SASRec: lay each batch's histories end to end, several to a row, each attending only "
+                          "to its own; speed only (about 2x per epoch on a CPU; the loss is the same, its float "
+                          "rounding and dropout draws differ; see docs/performance.md)")
     fit.add_argument("--seed", type=int, default=42, help="every random draw follows from it")
     fit.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
     evaluation = parser.add_argument_group("evaluation")
@@ -457,7 +461,7 @@ EXTENDABLE_KEYS = ("epochs", "patience")
 # Keys added after runs had been recorded, with the value that every earlier run had without saying so. At that value
 # a key stays out of the configuration's hash, so the run folders of earlier configurations keep their names.
 LATER_KEYS = {"infonce_negatives": None, "caser_activation": "none", "caser_users": False,
-              "caser_output_table": False, "negatives": "unseen"}
+              "caser_output_table": False, "negatives": "unseen", "pack": False}
 # The number of layers of each backbone's original (Kang & McAuley: 2 blocks; Hidasi et al.: 1 GRU layer). Caser
 # has no such depth; its value is only recorded.
 ORIGINAL_LAYERS = {"sasrec": 2, "gru4rec": 1, "caser": 1}
@@ -764,6 +768,9 @@ def configure(argv, fetch=False):
         if typed:
             raise ConfigError(f"--{typed[0].replace('_', '-')} only applies to --model caser")
         config["caser_activation"] = LATER_KEYS["caser_activation"]         # no Caser, no activation of its
+    if config["pack"] and config["model"] != "sasrec":
+        raise ConfigError("--pack only applies to --model sasrec (GRU4Rec's recurrence cannot share a row; Caser "
+                          "reads only its last L items)")
     if config["infonce_negatives"] is not None and config["infonce_negatives"] >= config["batch_size"]:
         config["infonce_negatives"] = None                                  # the whole batch: the default's run
     check_config(config)

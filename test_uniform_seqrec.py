@@ -443,6 +443,100 @@ def test_grouped_encoding_gives_each_group_its_users():
     assert len(sizes) == 3 and torch.allclose(grouped, alone, atol=1e-10)
 
 
+def test_packed_batches_give_every_history_its_own_cells_within_one_row():
+    """packed_batches: the same random cut into batches as without packing; each history in a slot of the smallest
+    size that holds it, inside one row, and no two slots sharing a cell."""
+    torch.manual_seed(0)
+    history_lengths = torch.cat([torch.randint(1, 51, (900,)), torch.full((100,), 50), torch.ones(24, dtype=int)])
+    order = torch.randperm(len(history_lengths))
+    batches = U.packed_batches(order, history_lengths, 256, 50)
+    assert [len(b) for b, _, _ in batches] == [256, 256, 256, 256]
+    sizes = torch.tensor(U.slot_sizes(50))
+    for (batch, first, rows), chunk in zip(batches, order.split(256)):
+        assert torch.equal(batch, chunk)
+        lengths = history_lengths[batch]
+        slot = sizes[torch.searchsorted(sizes, lengths)]
+        assert (first % 50 + slot <= 50).all()                              # a slot never crosses into the next row
+        used = torch.zeros(rows * 50, dtype=torch.int)
+        for start, size in zip(first.tolist(), slot.tolist()):
+            used[start:start + size] += 1
+        assert used.max() == 1                                               # no cell is two slots'
+        loose = sum(-(-int((slot == s).sum()) // (50 // s)) for s in sizes.tolist())
+        assert rows == loose                                                 # each size's rows, each full but its last
+
+
+def test_slot_sizes_fill_a_row():
+    assert U.slot_sizes(50) == [1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16, 25, 50]
+    assert U.slot_sizes(1) == [1] and U.slot_sizes(7) == [1, 2, 3, 7]
+
+
+def packed_and_alone(model, sequences, max_len=20, batch_size=None):
+    flat, starts, lengths, _ = U.flatten_sequences(sequences, "cpu")
+    ends, history_lengths, _ = U.training_examples(starts, lengths, max_len)
+    width = int(history_lengths.max())
+    (batch, first, rows), *_ = U.packed_batches(torch.randperm(len(ends)), history_lengths,
+                                                batch_size or len(ends), width)
+    packed = U.encode_packed(model, flat, ends[batch], history_lengths[batch], first, rows, width)
+    alone = torch.cat([model.encode(U.gather_histories(flat, ends[b:b + 1], history_lengths[b:b + 1],
+                                                       int(history_lengths[b]))) for b in batch.tolist()])
+    return packed, alone, rows, width
+
+
+def test_packed_encoding_equals_each_history_alone():
+    """--pack: several histories to a row, each attending only to its own earlier positions, give each history the
+    vector and gradient it has alone (float64, as for the length groups)."""
+    model = make_model("sasrec").double()
+    sequences = [[3, 4, 5], [4, 9, 2, 7, 8], [7, 1, 2, 8, 5, 6, 10, 11, 3, 4, 5, 6, 7], [11, 12, 13, 14],
+                 [5, 6, 7, 8, 9, 10], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18]]
+    packed, alone, rows, width = packed_and_alone(model, sequences)
+    assert rows * width < len(packed) * width                              # rows were shared
+    packed.square().sum().backward()
+    packed_gradient, model.items.weight.grad = model.items.weight.grad.clone(), None
+    alone.square().sum().backward()
+    assert torch.allclose(packed, alone, atol=1e-10)
+    assert torch.allclose(packed_gradient, model.items.weight.grad, atol=1e-10)
+
+
+def test_packed_training_draws_masks_from_bits_and_learns_the_same_thing():
+    """The packed path's dropout masks (random_keep) drop at rate p exactly for p = 0.5; and a packed training
+    epoch on a toy problem lowers the loss as the padded one does."""
+    torch.manual_seed(0)
+    keep = U.random_keep((400, 500), 0.5, "cpu")
+    assert abs(keep.float().mean().item() - 0.5) < 0.005
+    assert abs(U.random_keep((200_000,), 0.3, "cpu").float().mean().item() - 0.7) < 0.005
+    dropout = U.Dropout(0.5)
+    dropout.from_bits = True
+    y = dropout(torch.ones(100_000))
+    assert set(y.unique().tolist()) == {0.0, 2.0} and abs(y.mean().item() - 1) < 0.02
+    sequences = [[(start + k) % 30 + 1 for k in range(length)] for start, length in
+                 zip(torch.randint(0, 30, (80,)).tolist(), torch.randint(5, 15, (80,)).tolist())]
+    flat, starts, lengths, num_items = U.flatten_sequences(sequences, "cpu")
+    data = U.training_data(flat, starts, lengths, num_items, 12)
+    config = {"seed": 1, "batch_size": 64, "length_groups": 4, "loss": "bce", "beta": 0.05, "t": 2.0,
+              "normalize": True, "rec": True, "hom": True, "het": True, "infonce_negatives": None}
+    first_and_last = {}
+    for pack in (False, True):
+        torch.manual_seed(0)
+        model = U.SASRec(num_items, 16, 1, 1, 0.1, 12)
+        optimizer = U.adam(model, 1e-2, torch.device("cpu"))
+        losses = [U.train_epoch(model, optimizer, data, {**config, "pack": pack}, epoch).sum().item()
+                  for epoch in range(1, 9)]
+        first_and_last[pack] = losses[0], losses[-1]
+    for first, last in first_and_last.values():
+        assert last < 0.7 * first                                            # both learn next = previous + 1
+    assert first_and_last[True] != first_and_last[False]                     # the packed path ran (other draws)
+
+
+def test_pack_leaves_earlier_run_folders_and_is_refused_elsewhere(tmp_path):
+    setting = ["--loss", "uniform", "--lr", "1e-3", "--dim", "64", "--layers", "2", "--heads", "2", "--seed", "1",
+               "--beta", "0.05"]
+    assert configured(tmp_path, *setting)[1] == "runs/beauty-sasrec-uniform-cf8b73ff"
+    packed, folder = configured(tmp_path, *setting, "--pack")
+    assert packed["pack"] and folder != "runs/beauty-sasrec-uniform-cf8b73ff"
+    with pytest.raises(R.ConfigError, match="--pack only applies to --model sasrec"):
+        configured(tmp_path, "--model", "gru4rec", "--pack")
+
+
 @pytest.mark.parametrize("name", ["gru4rec", "caser", "sasrec"])
 def test_padding_does_not_change_history_vectors(name):
     model = make_model(name)

@@ -178,12 +178,28 @@ class Backbone(nn.Module):
 
 class Dropout(nn.Dropout):
     """Speed only: nn.Dropout's inverted dropout, the mask drawn by comparing uniform numbers, faster on CPU than
-    torch's Bernoulli sampler (docs/measurements.md)."""
+    torch's Bernoulli sampler (docs/measurements.md). With `from_bits` (set by the packed path of section 5) the
+    mask comes from random 16-bit integers instead, four to a random 64-bit word: fewer random draws, and p is
+    rounded to a multiple of 2**-16 (0.5 exactly)."""
+
+    from_bits = False
 
     def forward(self, x):
         if not self.training or self.p == 0:
             return x
+        if self.from_bits:
+            return x * (random_keep(x.shape, self.p, x.device) * (1 / (1 - self.p)))
         return x * torch.rand_like(x).ge_(self.p).div_(1 - self.p)         # kept: 1 / (1 - p), dropped: 0
+
+
+def random_keep(shape, p, device):
+    """A bool tensor of `shape`, each entry True with probability 1 - p (p rounded to a multiple of 2**-16): each
+    random 64-bit word is read as four int16 values, compared with a threshold."""
+    count = 1
+    for size in shape:
+        count *= size
+    words = torch.empty((count + 3) // 4, dtype=torch.int64, device=device).random_(-2 ** 63, None)  # all 64 bits
+    return words.view(torch.int16)[:count].view(shape) >= round(p * 2 ** 16) - 2 ** 15
 
 
 def last_real_state(states, histories):
@@ -266,11 +282,12 @@ class CausalSelfAttention(nn.Module):
         self.dropout = Dropout(dropout)                                    # on the attention weights
         self.out = nn.Linear(dim, dim)
 
-    def forward(self, x):                                                  # (B, T, d) -> (B, T, d)
+    def forward(self, x, hidden):                                          # (B, T, d) -> (B, T, d)
+        """hidden: bool, True where position i may not attend to position j: (T, T) the causal mask's future, or
+        (B, 1, T, T) when each row has a mask of its own (the packed path of section 5)."""
         B, T, d = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, T, d/h)
-        future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)  # [i, j] = j > i
-        scores = (q @ k.transpose(-1, -2) / (d // self.heads) ** 0.5).masked_fill(future, float("-inf"))  # (B, h, T, T)
+        scores = (q @ k.transpose(-1, -2) / (d // self.heads) ** 0.5).masked_fill(hidden, float("-inf"))  # (B, h, T, T)
         y = self.dropout(scores.softmax(-1)) @ v                           # (B, h, T, d/h)
         return self.out(y.transpose(1, 2).reshape(B, T, d))
 
@@ -289,8 +306,8 @@ class TransformerBlock(nn.Module):
         self.feed_forward = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), Dropout(dropout), nn.Linear(dim, dim),
                                           Dropout(dropout))
 
-    def forward(self, x):                                                  # (B, T, d) -> (B, T, d)
-        x = x + self.attention(self.attention_norm(x))
+    def forward(self, x, hidden):                                          # (B, T, d) -> (B, T, d)
+        x = x + self.attention(self.attention_norm(x), hidden)
         return x + self.feed_forward(self.feed_forward_norm(x))
 
 
@@ -313,9 +330,15 @@ class SASRec(SequenceBackbone):
         T = histories.shape[1]
         history_lengths = (histories > 0).sum(1, keepdim=True)             # (B, 1)
         steps_back = (history_lengths - 1 - torch.arange(T, device=histories.device)).clamp(min=0)  # (B, T)
+        future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)  # [i, j] = j > i
+        return self.states(x, steps_back, future)
+
+    def states(self, x, steps_back, hidden):
+        """(B, T, d) item vectors, (B, T) each position's steps back from its history's last item, and the attention
+        mask `hidden` (CausalSelfAttention) -> (B, T, d) states."""
         x = self.dropout(x * self.scale + self.positions(steps_back))      # (B, T, d)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, hidden)
         return self.final_norm(x)
 
 
@@ -565,6 +588,58 @@ def encode_batch(model, flat, target_at, history_lengths, sizes, widths, users=N
                       for group, u, x in zip(groups, group_users, vectors)])
 
 
+# Packing, a speed path for SASRec (--pack; the next three functions): a batch is the same random set of B triplets,
+# but its histories are laid end to end in rows of `width` cells, several short ones to a row, and each position
+# attends only to the positions of its own history before it. Nothing is padded but the few cells a history leaves
+# of its slot, all of the batch is one pass through the blocks (length groups cost a pass each), and the loss is
+# the same; its float rounding and the dropout masks' draws are not (docs/performance.md measures it).
+
+
+def slot_sizes(width):
+    """The sizes of slot a row of `width` cells is cut into, ascending: width // k for k = 1 .. width, so that a
+    row of slots of size s holds width // s of them and a history of length l takes the smallest s >= l."""
+    return sorted({width // k for k in range(1, width + 1)})
+
+
+def packed_batches(order, history_lengths, batch_size, width):
+    """Cut a random order into batches of `batch_size` examples and give each example's history a slot in its
+    batch's rows of `width` cells, each row holding slots of one size. Returns [(example ids, first cells, rows)]:
+    example b's history fills cells first[b] .. first[b] + length - 1 of the batch's rows * width cells, counted row
+    by row. A single host-device synchronisation."""
+    device = order.device
+    sizes = torch.tensor(slot_sizes(width), device=device)
+    per_row = width // sizes                                               # slots in a row of each size
+    position = torch.arange(len(order), device=device)
+    kind = torch.searchsorted(sizes, history_lengths[order])               # each example's slot size (an index)
+    key = position // batch_size * len(sizes) + kind                       # (batch, slot size)
+    count = torch.bincount(key, minlength=-(-len(order) // batch_size) * len(sizes))
+    by_key = torch.argsort(key, stable=True)
+    rank = torch.empty_like(key)
+    rank[by_key] = position - (torch.cumsum(count, 0) - count)[key[by_key]]   # among its batch's of its size
+    rows = (count.view(-1, len(sizes)) + per_row - 1) // per_row           # (batches, sizes) rows of each size
+    first_row = (torch.cumsum(rows, 1) - rows).flatten()[key] + rank // per_row[kind]
+    first = first_row * width + rank % per_row[kind] * sizes[kind]
+    return list(zip(order.split(batch_size), first.split(batch_size), rows.sum(1).tolist()))
+
+
+def encode_packed(model, flat, target_at, history_lengths, first, rows, width):
+    """History vectors (B, d) of one packed batch (packed_batches) through a SASRec: each cell's item and steps
+    back, and an attention mask that keeps every position within its own history, causally."""
+    cells = torch.arange(rows * width, device=flat.device)
+    slot_start = torch.full_like(cells, -1).index_put_((first,), first).view(rows, width).cummax(1).values.flatten()
+    owner = torch.zeros_like(cells).index_put_((first,), torch.arange(len(first), device=flat.device))[slot_start]
+    within = cells - slot_start                                            # offset in its slot (a row starts one)
+    length = history_lengths[owner]
+    real = within < length                                                 # the rest of a slot is padding
+    items = flat[torch.where(real, target_at[owner] - length + within, 0)].view(rows, width)  # flat[0] == 0
+    steps_back = (length - 1 - within).clamp(min=0).view(rows, width)
+    history = torch.where(real, owner, -1).view(rows, width)              # padding: -1, its own "history"
+    future = torch.ones(width, width, dtype=torch.bool, device=flat.device).triu(1)
+    hidden = (history[:, :, None] != history[:, None, :]) | future         # (rows, width, width)
+    states = model.states(model.items(items), steps_back, hidden[:, None])  # (rows, width, d)
+    return states.flatten(0, 1)[first + history_lengths - 1]              # each history's last position
+
+
 def train_epoch(model, optimizer, data, config, epoch, progress=None):
     """One pass over the examples in a fresh random order with fresh negatives. Returns every step's loss (no
     host-device synchronisation in the loop); progress(done, total) is called before the first step and after each."""
@@ -574,12 +649,20 @@ def train_epoch(model, optimizer, data, config, epoch, progress=None):
     generator = torch.Generator(device).manual_seed(epoch_seed(config["seed"], epoch))
     order = torch.randperm(len(target_at), device=device, generator=generator)  # (E,)
     negatives = sample_negatives(owners, keys, num_items, generator)        # (E,) item ids, one per example
-    batches = epoch_batches(order, history_lengths, config["batch_size"], config["length_groups"])
+    if config.get("pack", False):
+        width = int(history_lengths.max())
+        batches = packed_batches(order, history_lengths, config["batch_size"], width)
+        encode = lambda batch, first, rows: encode_packed(model, flat, target_at[batch], history_lengths[batch],
+                                                          first, rows, width)
+    else:
+        batches = epoch_batches(order, history_lengths, config["batch_size"], config["length_groups"])
+        encode = lambda batch, sizes, widths: encode_batch(model, flat, target_at[batch], history_lengths[batch],
+                                                           sizes, widths, users[batch])
     losses = torch.zeros(len(batches), device=device)
     if progress:
         progress(0, len(batches))
-    for step, (batch, sizes, widths) in enumerate(batches):
-        h = encode_batch(model, flat, target_at[batch], history_lengths[batch], sizes, widths, users[batch])  # (B, d)
+    for step, (batch, *layout) in enumerate(batches):
+        h = encode(batch, *layout)                                           # (B, d)
         loss = batch_loss(model, h, flat[target_at[batch]], negatives[batch], config)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -623,6 +706,10 @@ def train(config, sequences, run):
     valid = evaluation_batches(flat, starts, lengths, max_len, "valid")
     torch.manual_seed(config["seed"])
     model = build_model(config, num_items, len(lengths), max_len).to(device)
+    if config.get("pack", False):                                            # the packed path's dropout (section 5)
+        for module in model.modules():
+            if isinstance(module, Dropout):
+                module.from_bits = True
     optimizer = adam(model, config["lr"], device)
     cosine = scores_are_cosines(config)
     state, best_model = run.resume(model, optimizer)
