@@ -94,6 +94,7 @@ def test_score_is_the_dot_product_or_the_cosine_of_every_pair_it_is_given():
             for m in range(5):
                 assert torch.allclose(every[b, m], f(h[b]) @ f(shared[m]))
         assert torch.allclose(U.score(h[:, None], shared.expand(4, 5, 6), cosine), every)  # the product = the rule
+        assert torch.equal(U.score_all(h, shared, cosine), every)                # score_all is that product
 
 
 def test_bce_and_bpr_match_loops():
@@ -199,7 +200,8 @@ def test_uniformity_gradients_finite_when_an_item_repeats():
 
 
 def test_loss_functions_work_copied_alone_with_only_torch():
-    functions = (U.score, U.bce_loss, U.bpr_loss, U.infonce_loss, U.gaussian_potential, U.uniformity_loss)
+    functions = (U.score, U.score_all, U.bce_loss, U.bpr_loss, U.infonce_loss, U.gaussian_potential,
+                 U.uniformity_loss)
     source = "import torch\n\n" + "\n\n".join(inspect.getsource(f) for f in functions)
     namespace = {}
     exec(compile(source, "copied_losses.py", "exec"), namespace)             # noqa: S102 - the point of the test

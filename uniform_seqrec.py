@@ -118,7 +118,7 @@ class TrainingData(NamedTuple):
     history_lengths: torch.Tensor    # (E,) history lengths, at most max_len
     users: torch.Tensor              # (E,) the user of each example
     owners: torch.Tensor             # (E,) whose items an example's negative avoids (sample_negatives)
-    keys: torch.Tensor               # and which items those are
+    keys: torch.Tensor               # sorted codes owner * (N + 1) + item: each (owner, item) a negative avoids
     num_items: int                   # N
 
 
@@ -168,9 +168,17 @@ class Backbone(nn.Module):
     is called alike. `output_items()` is the table items are scored with: the input table, but for a Caser with its
     own output table."""
 
+    # Whether encode() also takes `item_vectors`, its histories' item vectors looked up already: section 5's length
+    # groups then look up every group's items at once (speed only). SequenceBackbone's do; Caser's does not.
+    takes_item_vectors = False
+
     def __init__(self, num_items, dim):
         super().__init__()
         self.items = item_table(num_items, dim)
+
+    def encode(self, histories, users=None):
+        """(B, T) right-padded item ids (and, for a Caser with a user embedding, (B,) user ids) -> (B, d)."""
+        raise NotImplementedError("each backbone encodes its own way")
 
     def output_items(self):
         return self.items
@@ -212,9 +220,16 @@ class SequenceBackbone(Backbone):
     """GRU4Rec and SASRec: the history vector is the state at the last real position. `item_vectors`, when given,
     is self.items(histories) looked up already: the length groups of section 5 look up all their groups at once."""
 
+    takes_item_vectors = True
+
     def encode(self, histories, users=None, item_vectors=None):             # (B, T) item ids -> (B, d)
         x = self.items(histories) if item_vectors is None else item_vectors   # (B, T, d)
         return last_real_state(self.sequence_states(x, histories), histories)
+
+    def sequence_states(self, x, histories):
+        """(B, T, d) item vectors of the (B, T) right-padded histories -> (B, T, d) a state per position, each
+        computed from its own and earlier positions only (so padding, which comes after, changes no real state)."""
+        raise NotImplementedError("GRU4Rec and SASRec each compute their states")
 
 
 class GRU4Rec(SequenceBackbone):
@@ -245,6 +260,7 @@ class Caser(Backbone):
         self.dropout = Dropout(dropout)
         self.project = nn.Linear(vertical_filters * dim + horizontal_filters * window, dim)
         self.activation = nn.ReLU() if activation == "relu" else nn.Identity()
+        self.user_table = self.join_user = self.scored_items = None           # the switches' parts, when off
         if num_users:
             self.user_table = nn.Embedding(num_users, dim)
             nn.init.normal_(self.user_table.weight, std=EMBEDDING_INIT_STD)
@@ -253,7 +269,7 @@ class Caser(Backbone):
             self.scored_items = item_table(num_items, dim)
 
     def output_items(self):
-        return self.scored_items if hasattr(self, "scored_items") else self.items
+        return self.items if self.scored_items is None else self.scored_items
 
     def last_items(self, histories):
         """(B, T) right-padded -> (B, L) the last L items, left-padded with 0 when the history is shorter."""
@@ -266,7 +282,7 @@ class Caser(Backbone):
         vertical_features = self.vertical(image).flatten(1)                # (B, 4d) with 4 vertical filters
         horizontal_features = [F.relu(conv(image)).squeeze(3).amax(2) for conv in self.horizontal]  # L x (B, 16)
         z = self.activation(self.project(self.dropout(torch.cat([vertical_features, *horizontal_features], 1))))
-        if hasattr(self, "user_table"):
+        if self.user_table is not None:
             z = self.activation(self.join_user(torch.cat([z, self.user_table(users)], 1)))  # (B, 2d) -> (B, d)
         return z                                                           # (B, d)
 
@@ -364,16 +380,25 @@ def build_model(config, num_items, num_users, max_len):
 # need only `import torch` (uniformity_loss's caveats travel in its docstring).
 
 
-def score(h, items, cosine=False, out=None):
+def score(h, items, cosine=False):
     """Eq. 1: h . i, or with cosine=True their cosine (eq. 3). (h * items).sum(-1) as the product broadcasts:
     (B, d), (B, d) -> (B,); (B, 1, d), (B, K, d) -> (B, K), K items per history; (B, 1, d), (M, d) -> (B, M), the
-    same M items for every history (one matrix product, never a (B, M, d) tensor), written into `out` when given
-    (evaluation reuses one (B, M) tensor: a fresh one every batch costs a CPU more than a third of the product)."""
+    same M items for every history, which score_all computes."""
+    if h.dim() == 3 and h.shape[1] == 1 and items.dim() == 2:                # (B, 1, d), (M, d): one matrix product,
+        return score_all(h[:, 0], items, cosine)                             # never a (B, M, d) tensor
     if cosine:
         h, items = torch.nn.functional.normalize(h, dim=-1), torch.nn.functional.normalize(items, dim=-1)
-    if h.dim() == 3 and h.shape[1] == 1 and items.dim() == 2:
-        return torch.matmul(h[:, 0], items.T, out=out)                       # (B, M)
     return (h * items).sum(-1)
+
+
+def score_all(h, items, cosine=False, out=None):
+    """Eq. 1 (or eq. 3) of every history with every one of the same M items: (B, d), (M, d) -> (B, M), as score()
+    of (B, 1, d) and (M, d) would broadcast it, but one matrix product (never a (B, M, d) tensor), written into
+    `out` when given (evaluation reuses one (B, M) tensor: a fresh one every batch costs a CPU more than a third of
+    the product)."""
+    if cosine:
+        h, items = torch.nn.functional.normalize(h, dim=-1), torch.nn.functional.normalize(items, dim=-1)
+    return torch.matmul(h, items.T, out=out)                                 # (B, M)
 
 
 def bce_loss(positive_scores, negative_scores):
@@ -452,7 +477,7 @@ def batch_loss(model, h, positives, negatives, config):
         raise ValueError(f"unknown loss {config['loss']!r}")
     k = config["infonce_negatives"]
     if k is None or k >= len(h):                                             # all B negatives of the batch: (B, B)
-        return infonce_loss(score(h, i), score(h[:, None], j), positives[:, None] == negatives[None, :])
+        return infonce_loss(score(h, i), score_all(h, j), positives[:, None] == negatives[None, :])
     chosen = infonce_candidates(len(h), k, h.device)                         # (B, K) batch slots
     return infonce_loss(score(h, i), score(h[:, None], j[chosen]), positives[:, None] == negatives[chosen])
 
@@ -518,7 +543,7 @@ def target_ranks(model, batches, cosine, masks=(False,)):
     ranks, all_finite = [[] for _ in masks], True
     buffer = table.new_empty(max(len(histories) for histories, _, _ in batches), len(table))
     for histories, users, targets in batches:
-        scores = score(model.encode(histories, users=users)[:, None], table, cosine, out=buffer[:len(histories)])
+        scores = score_all(model.encode(histories, users=users), table, cosine, out=buffer[:len(histories)])
         low, high = torch.aminmax(scores)                                   # a NaN or an inf anywhere reaches these
         all_finite = all_finite & torch.isfinite(low) & torch.isfinite(high)
         scores[:, 0] = float("-inf")                                        # padding is no item
@@ -587,7 +612,7 @@ def encode_batch(model, flat, target_at, history_lengths, sizes, widths, users=N
     groups = [gather_histories(flat, group_at, group_lengths, width) for group_at, group_lengths, width
               in zip(target_at.split(sizes), history_lengths.split(sizes), widths)]  # G groups of (B_g, T_g) item ids
     group_users = [None] * len(groups) if users is None else users.split(sizes)
-    if not isinstance(model, SequenceBackbone):
+    if not model.takes_item_vectors:
         return torch.cat([model.encode(group, users=u) for group, u in zip(groups, group_users)])
     vectors = model.items(torch.cat([group.flatten() for group in groups])).split([g.numel() for g in groups])
     return torch.cat([model.encode(group, users=u, item_vectors=x.view(*group.shape, -1))
