@@ -10,8 +10,9 @@
     python data_prep.py --stats data/Beauty.txt
 
 The files are the S3-Rec ones (docs/datasets.md): 5-core, chronological, ids from 1 (0 is padding).
-`read_sequences` below is the one reader of such files; uniform_seqrec.py imports it, so both programs accept
-and reject exactly the same files. Standard library only (numpy is not even needed).
+`read_sequences` below is the one reader of such files; runs.py (the command line of uniform_seqrec.py) imports it,
+so both programs accept and reject exactly the same files (uniform_seqrec.py imports only DataError). Standard
+library only (numpy is not even needed).
 """
 import argparse
 import codecs

@@ -12,8 +12,12 @@ This file is the paper's method, top to bottom; `runs.py` runs it (command line,
 
 Where the paper is silent, docs/spec.md decides ("spec §n"); docs/measurements.md has the numbers behind our own
 choices. Item ids: `histories` (B, T), `positives`, `negatives`, `targets` (B,); vectors: h, i, j (B, d) of the
-histories, positives and negatives. Speed only, to skip on a first read: section 5's length groups, section 2's
-`Dropout`. At import nothing runs but one warnings filter; section 3 needs only `import torch`.
+histories, positives and negatives. Speed only, to skip on a first read (each computes what the plain version
+would, up to float rounding and which random draws make the dropout masks): section 5's length groups and packed
+path (`epoch_batches`, `encode_batch`, `packed_batches`, `encode_packed`), which SequenceBackbone's `item_vectors`
+and SASRec's `states` serve; section 2's `Dropout` and the written-out attention (CausalSelfAttention) it makes
+possible; fused Adam (`adam`); `score_all`'s one matrix product and its `out` buffer; evaluation's in-place
+counting (`rank_of_targets`). At import nothing runs but one warnings filter; section 3 needs only `import torch`.
 """
 import signal
 import sys
@@ -47,10 +51,10 @@ from data_prep import DataError
 #
 # All users' items live in one flat tensor `flat`, with a 0 (padding) at index 0. An example is a pair
 # (target_at, history length): its target is flat[target_at] and its history the `length` items just before it,
-# flat[target_at - length : target_at]. Histories are cut to the last `max_len` items and right-padded with 0 to the
-# width of their batch (in training, of their length group; spec §1). `lengths` are the users' sequence lengths n,
-# `history_lengths` the examples'; E is the number of training examples; N the largest item id (the benchmark files
-# number their items 1..N).
+# flat[target_at - length : target_at]. Histories are cut to the last `max_len` items and right-padded with 0
+# (spec §1), to the width of their batch (in training, of their length group; spec §2). `lengths` are the users'
+# sequence lengths n, `history_lengths` the examples'; E is the number of training examples; N the largest item id
+# (the benchmark files number their items 1..N).
 
 
 def flatten_sequences(sequences, device):
