@@ -133,7 +133,7 @@ PAPER_MODEL = {"dim": 64, "heads": 2, "dropout": 0.5, "caser_window": 5, "caser_
 
 def paper_model(name, num_items, device):
     """A freshly initialized backbone at the paper's settings and its original's depth, on `device`."""
-    config = {**PAPER_MODEL, "model": name, "layers": R.ORIGINAL_LAYERS[name]}
+    config = {**PAPER_MODEL, "model": name, "layers": U.ORIGINAL_LAYERS[name]}
     return U.build_model(config, num_items, 0, 50).to(device)
 
 

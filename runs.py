@@ -15,6 +15,7 @@ and metrics.json (the result, and the device and settings that trained it).
 Its default name is runs/<data>-<model>-<loss>-<hash of the configuration>.
 """
 import argparse
+import dataclasses
 import glob
 import hashlib
 import json
@@ -190,8 +191,7 @@ def restore(checkpoint_path, model, optimizer):
     back the saved param_groups' flags, another device's choice (MPS without a fused Adam, say, resumed on CUDA),
     and Adam's step counts go where that choice keeps them (fused: on the device; otherwise on the host)."""
     if not os.path.exists(checkpoint_path):
-        state = {"epoch": 0, "best_epoch": 0, "best_ndcg": -1.0, "history": []}  # history: the log rows so far
-        return state, {k: v.clone() for k, v in model.state_dict().items()}, {}
+        return U.early_stopping_state(), {k: v.clone() for k, v in model.state_dict().items()}, {}
     chosen = [{k: group[k] for k in ("fused", "foreach", "capturable") if k in group} for group in
               optimizer.param_groups]
     try:  # map_location: a checkpoint written on any device (a GPU, the CPU) loads onto this run's device
@@ -392,66 +392,69 @@ def build_parser():
                "A run writes config.json, log.jsonl, checkpoint.pt and metrics.json into its run folder; running "
                "the same command again resumes it.")
     what = parser.add_argument_group("what to train")
-    what.add_argument("--model", choices=["gru4rec", "caser", "sasrec"], default="sasrec", help="backbone")
-    what.add_argument("--loss", choices=["bce", "bpr", "infonce", "uniform"], default="uniform",
+    what.add_argument("--model", choices=["gru4rec", "caser", "sasrec"], help="backbone")
+    what.add_argument("--loss", choices=["bce", "bpr", "infonce", "uniform"],
                       help="training objective; 'uniform' is the paper's eq. 6")
-    what.add_argument("--data", default="beauty",
-                      help=f"benchmark ({', '.join(BENCHMARKS)}) or the path of a one-line-per-user file")
+    what.add_argument("--data", help=f"benchmark ({', '.join(BENCHMARKS)}) or the path of a one-line-per-user file")
     what.add_argument("--data-dir", default=default_data_dir(),
                       help="folder holding the benchmark files (environment variable UNIFORM_SEQREC_DATA)")
     model = parser.add_argument_group("model (paper appendix B grid: dim 32/64/128, layers and heads 1/2/3)")
-    model.add_argument("--dim", type=int, default=64, help="embedding size d")
+    model.add_argument("--dim", type=int, help="embedding size d")
     model.add_argument("--layers", type=int,
                        help="SASRec blocks / GRU4Rec GRU layers (default: the original's, 2 for SASRec, 1 for "
                             "GRU4Rec)")
-    model.add_argument("--heads", type=int, default=2, help="SASRec attention heads (must divide --dim)")
-    model.add_argument("--dropout", type=float, default=0.5, help="dropout rate")
-    model.add_argument("--max-len", type=int, default=50, help="histories keep their last MAX_LEN items")
-    model.add_argument("--caser-window", type=int, default=5, help="Caser: the last L items it convolves")
-    model.add_argument("--caser-activation", choices=["relu", "none"], default="relu",
+    model.add_argument("--heads", type=int, help="SASRec attention heads (must divide --dim)")
+    model.add_argument("--dropout", type=float, help="dropout rate")
+    model.add_argument("--max-len", type=int, help="histories keep their last MAX_LEN items")
+    model.add_argument("--caser-window", type=int, help="Caser: the last L items it convolves")
+    model.add_argument("--caser-activation", choices=["relu", "none"],
                        help="Caser: activation of its fully connected layer (the original's ReLU, or none)")
-    model.add_argument("--caser-users", action="store_true", default=False,
+    model.add_argument("--caser-users", action="store_true",
                        help="Caser: add the original's user embedding (joined by a second layer, as RecBole does)")
-    model.add_argument("--caser-output-table", action="store_true", default=False,
+    model.add_argument("--caser-output-table", action="store_true",
                        help="Caser: score items with a table of their own, as the original does, not the input table")
     loss = parser.add_argument_group("uniformity loss (eq. 6) and its ablations (Table 2)")
-    loss.add_argument("--beta", type=float, default=0.05, help="weight beta1 = beta2 of L_hom and L_het")
-    loss.add_argument("--t", type=float, default=2.0, help="Gaussian potential exp(-t ||x - y||^2)")
-    loss.add_argument("--no-normalize", dest="normalize", action="store_false", default=True,
+    loss.add_argument("--beta", type=float, help="weight beta1 = beta2 of L_hom and L_het")
+    loss.add_argument("--t", type=float, help="Gaussian potential exp(-t ||x - y||^2)")
+    loss.add_argument("--no-normalize", dest="normalize", action="store_false",
                       help="score and regularise raw vectors (row g)")
-    loss.add_argument("--no-rec", dest="rec", action="store_false", default=True, help="drop L_rec (row f)")
-    loss.add_argument("--no-hom", dest="hom", action="store_false", default=True, help="drop L_hom")
-    loss.add_argument("--no-het", dest="het", action="store_false", default=True, help="drop L_het")
+    loss.add_argument("--no-rec", dest="rec", action="store_false", help="drop L_rec (row f)")
+    loss.add_argument("--no-hom", dest="hom", action="store_false", help="drop L_hom")
+    loss.add_argument("--no-het", dest="het", action="store_false", help="drop L_het")
     loss.add_argument("--infonce-negatives", type=int, metavar="K",
                       help="InfoNCE: each history's own negative and the next K-1 of the batch; 1 makes InfoNCE "
                            "equal to BPR (default: all the batch's negatives)")
     fit = parser.add_argument_group("training")
-    fit.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate (grid: 1e-4, 2e-4, 3e-4)")
-    fit.add_argument("--negatives", choices=["unseen", "any"], default="unseen",
+    fit.add_argument("--lr", type=float, help="Adam learning rate (grid: 1e-4, 2e-4, 3e-4)")
+    fit.add_argument("--negatives", choices=["unseen", "any"],
                      help="what a negative may be: none of the user's training items (unseen, as S3-Rec), or any "
                           "item but the example's own positive (any, as RecBole and the authors' code)")
-    fit.add_argument("--batch-size", type=int, default=256, help="triplets per batch")
-    fit.add_argument("--epochs", type=int, default=300, help="at most this many epochs")
-    fit.add_argument("--patience", type=int, default=20, help="stop after this many epochs without a better "
-                                                              "validation NDCG@10")
+    fit.add_argument("--batch-size", type=int, help="triplets per batch")
+    fit.add_argument("--epochs", type=int, help="at most this many epochs")
+    fit.add_argument("--patience", type=int, help="stop after this many epochs without a better validation NDCG@10")
     fit.add_argument("--length-groups", type=int,
                      help="encode each batch in this many length-sorted groups, each padded only to its own "
                           "longest history; speed only (default 8, and 1 for Caser, which reads only its last "
                           "L items)")
-    fit.add_argument("--pack", action="store_true", default=False,
+    fit.add_argument("--pack", action="store_true",
                      help="SASRec: lay each batch's histories end to end, several to a row, each attending only "
                           "to its own; speed only (about 2x per epoch on a CPU; the loss is the same, its float "
                           "rounding and dropout draws differ; see docs/performance.md)")
-    fit.add_argument("--seed", type=int, default=42, help="every random draw follows from it")
-    fit.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or a torch device")
+    fit.add_argument("--seed", type=int, help="every random draw follows from it")
+    fit.add_argument("--device", help="auto (cuda, then mps, then cpu), or a torch device")
     evaluation = parser.add_argument_group("evaluation")
-    evaluation.add_argument("--mask-seen", action="store_true", default=False,
+    evaluation.add_argument("--mask-seen", action="store_true",
                             help="never recommend items of the user's history (S3-Rec style; off in the paper "
                                  "reproduction, so that repeated Yelp targets stay reachable)")
     runs = parser.add_argument_group("run folder")
     runs.add_argument("--out", help="run folder (default: runs/<data>-<model>-<loss>-<hash of the configuration>)")
     runs.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR with its saved configuration")
+    parser.set_defaults(**CONFIG_DEFAULTS)
     return parser
+
+
+# The defaults of the flags that set the method's Config are its fields' (None: resolved by Config from the others)
+CONFIG_DEFAULTS = {field.name: field.default for field in dataclasses.fields(U.Config)}
 
 
 # keys of the configuration that do not change the result, so may differ when a run is resumed
@@ -462,9 +465,6 @@ EXTENDABLE_KEYS = ("epochs", "patience")
 # a key stays out of the configuration's hash, so the run folders of earlier configurations keep their names.
 LATER_KEYS = {"infonce_negatives": None, "caser_activation": "none", "caser_users": False,
               "caser_output_table": False, "negatives": "unseen", "pack": False}
-# The number of layers of each backbone's original (Kang & McAuley: 2 blocks; Hidasi et al.: 1 GRU layer). Caser
-# has no such depth; its value is only recorded.
-ORIGINAL_LAYERS = {"sasrec": 2, "gru4rec": 1, "caser": 1}
 
 
 SEE_DEVICES = ("see which there are with: python -c \"import torch; print(torch.cuda.device_count(), 'CUDA', "
@@ -474,11 +474,7 @@ SEE_DEVICES = ("see which there are with: python -c \"import torch; print(torch.
 def resolve_device(name):
     """'auto' -> cuda, then mps, then cpu; any other name must be a device torch knows and this machine has."""
     if name == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
+        return U.auto_device()
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
@@ -759,20 +755,16 @@ def configure(argv, fetch=False):
         config = {**saved, **{k: v for k, v in given.items() if k in RUN_ONLY_KEYS + EXTENDABLE_KEYS},
                   "resume": config["resume"]}
         config.setdefault("data_dir", default_data_dir())
-    if config["length_groups"] is None:
-        config["length_groups"] = 1 if config["model"] == "caser" else 8
-    if config["layers"] is None:
-        config["layers"] = ORIGINAL_LAYERS[config["model"]]
     if config["model"] != "caser":
         typed = [key for key in ("caser_activation", "caser_users", "caser_output_table") if key in given]
         if typed:
             raise ConfigError(f"--{typed[0].replace('_', '-')} only applies to --model caser")
-        config["caser_activation"] = LATER_KEYS["caser_activation"]         # no Caser, no activation of its
     if config["pack"] and config["model"] != "sasrec":
         raise ConfigError("--pack only applies to --model sasrec (GRU4Rec's recurrence cannot share a row; Caser "
                           "reads only its last L items)")
-    if config["infonce_negatives"] is not None and config["infonce_negatives"] >= config["batch_size"]:
-        config["infonce_negatives"] = None                                  # the whole batch: the default's run
+    # the method's settings resolved as a notebook's Config resolves them (layers, length groups, Caser's activation,
+    # InfoNCE's whole batch, the device "auto"): the command line and a Config give one configuration
+    config.update(dataclasses.asdict(U.Config(**{key: config[key] for key in CONFIG_DEFAULTS})))
     check_config(config)
     try:
         config["data_path"] = os.path.abspath(data_path_of(config, fetch))

@@ -3,6 +3,7 @@ backbones, training that learns, and the command line on a slice of a real bench
 
     python -m pytest -q      (the benchmark files in ./data, or in $UNIFORM_SEQREC_DATA)
 """
+import dataclasses
 import glob
 import inspect
 import itertools
@@ -767,6 +768,65 @@ def test_flags_added_later_leave_earlier_run_folders_where_they_were(tmp_path):
     whole_batch = configured(tmp_path, "--loss", "infonce", *setting, "--infonce-negatives", "256")
     assert whole_batch[1] == "runs/beauty-sasrec-infonce-b589e956" and whole_batch[0]["infonce_negatives"] is None
     assert configured(tmp_path, "--loss", "infonce", *setting, "--infonce-negatives", "16")[1] != whole_batch[1]
+
+
+@pytest.mark.parametrize("args,fields", [
+    ([], {}),
+    (["--model", "caser"], {"model": "caser"}),
+    (["--model", "gru4rec", "--loss", "infonce", "--infonce-negatives", "300", "--layers", "2", "--t", "3"],
+     {"model": "gru4rec", "loss": "infonce", "infonce_negatives": 300, "layers": 2, "t": 3.0}),
+    (["--model", "caser", "--caser-activation", "none", "--caser-users", "--mask-seen", "--negatives", "any",
+      "--length-groups", "2"], {"model": "caser", "caser_activation": "none", "caser_users": True, "mask_seen": True,
+                                "negatives": "any", "length_groups": 2}),
+    (["--pack", "--max-len", "20", "--no-het", "--beta", "0.01", "--epochs", "5", "--patience", "2", "--dropout",
+      "0.2"], {"pack": True, "max_len": 20, "het": False, "beta": 0.01, "epochs": 5, "patience": 2, "dropout": 0.2}),
+])
+def test_a_config_is_what_the_command_line_resolves(tmp_path, args, fields):
+    """The method's settings of a command line, resolved by configure(), are the Config of the same fields: every
+    key but the run folder's, every value, and so the run folder's name."""
+    config, run_dir = configured(tmp_path, *args)
+    ours = dataclasses.asdict(U.Config(**fields))
+    assert set(config) == set(ours) | {"data_dir", "data_path", "out", "resume"}
+    assert ours == {key: config[key] for key in ours}
+    assert run_dir.endswith(R.configuration_id(ours))
+
+
+def test_a_config_names_the_run_folders_recorded_before_it():
+    """Configs of cells recorded before Config existed (test_flags_added_later_leave_earlier_run_folders_where_they
+    _were names them by their command lines) hash to the same folders."""
+    setting = {"lr": 1e-3, "seed": 1, "device": "cpu"}
+    assert R.configuration_id(dataclasses.asdict(U.Config(loss="uniform", **setting))) == "cf8b73ff"
+    assert R.configuration_id(dataclasses.asdict(U.Config(loss="uniform", normalize=False, **setting))) == "90c8fafd"
+    assert R.configuration_id(dataclasses.asdict(U.Config(loss="infonce", infonce_negatives=256, **setting))) == (
+        "b589e956")
+
+
+@pytest.mark.parametrize("fields,error", [({"model": "bert4rec"}, "unknown model 'bert4rec'")])
+def test_a_config_refuses_an_unknown_backbone(fields, error):
+    with pytest.raises(ValueError, match=error):
+        U.Config(**fields)
+
+
+def test_the_readmes_python_example_trains_without_a_run_folder(beauty_slice, tmp_path, monkeypatch, capsys):
+    """The README's "From Python" code as it stands, on the Beauty slice for 3 epochs at d 16: it prints a line per
+    epoch, returns the test metrics, and writes nothing."""
+    with open(os.path.join(HERE, "README.md")) as f:
+        readme = f.read()
+    section = readme.split("## From Python\n", 1)[1].split("\n## ", 1)[0]
+    code = "\n".join(line[4:] for line in section.split("\n\n`", 1)[0].splitlines() if line.startswith("    "))
+    call = 'U.Config(model="sasrec", loss="uniform")'
+    assert code.count(call) == 1 and code.count('"data/Beauty.txt"') == 1, code
+    code = code.replace(call, 'U.Config(model="sasrec", loss="uniform", epochs=3, dim=16)')
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(code.replace('"data/Beauty.txt"', repr(beauty_slice)), "README.md", "exec"), namespace)  # noqa: S102
+    printed = capsys.readouterr().out
+    assert [line.split()[:2] for line in printed.splitlines() if line.startswith("epoch")] == [
+        ["epoch", "1"], ["epoch", "2"], ["epoch", "3"]]
+    assert "no run folder" in printed and "NDCG@10" in printed
+    result = namespace["result"]
+    assert result["epochs"] == 3 and 0 <= result["test"]["NDCG@10"] <= result["test"]["HR@10"] <= 1
+    assert os.listdir(tmp_path) == []                                        # no run folder, no file
 
 
 def test_each_backbone_defaults_to_its_originals_depth(tmp_path):

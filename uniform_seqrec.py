@@ -4,6 +4,7 @@ Recommendation" (Chung & Kim).
     python uniform_seqrec.py --model sasrec --loss uniform --data beauty
 
 This file is the paper's method, top to bottom; `runs.py` runs it (command line, run folders, checkpoints, resume).
+From Python: `train(Config(model="sasrec", loss="uniform"), sequences)` (Config, section 5, holds the defaults).
   1. Data            leave-one-out split, training triplets (u, i, j), negatives          (appendix A, section 4)
   2. Backbones       GRU4Rec, Caser, SASRec: encode(histories) -> (B, d)                  (section 5.1)
   3. Scores, losses  score (eqs. 1, 3), BCE (eq. 2), BPR, InfoNCE, uniformity loss        (sections 2-4)
@@ -25,9 +26,10 @@ import sys
 if __name__ == "__main__":  # started as a program: Ctrl-C while torch loads is one line (runs.main takes over after)
     signal.signal(signal.SIGINT, lambda *_: (print("uniform_seqrec.py: interrupted while starting; nothing was "
                                                    "changed", file=sys.stderr), sys.exit(130)))
+import dataclasses
 import time
 import warnings
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 # Before torch's import: without numpy (not a dependency) torch warns, a second line under every one-line error.
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
@@ -580,6 +582,77 @@ def evaluate_protocols(model, batches, cosine):
 # validation "does not improve for more than 20 epochs" (ours stops at the 20th); no optimizer and no validation
 # metric: Adam and NDCG@10 are ours.
 
+# The number of layers of each backbone's original (Kang & McAuley: 2 blocks; Hidasi et al.: 1 GRU layer). Caser
+# has no such depth; its value is only recorded.
+ORIGINAL_LAYERS = {"sasrec": 2, "gru4rec": 1, "caser": 1}
+
+
+@dataclasses.dataclass
+class Config:
+    """Every setting the method reads, with the paper's defaults (appendix B): Config() is the README's command with
+    no flag, whose parser (runs.py) takes its defaults from here; each flag sets the field of its name (--max-len:
+    max_len). Where the paper names a grid the default is a point of it: lr 3e-4, d 64, 2 heads, beta 0.05 (its best
+    in Table 3). A field left None, and `device` "auto", is resolved from the others when the Config is made
+    (__post_init__; runs.configure() resolves the command line through it too, so both give one configuration)."""
+    # what to train
+    model: str = "sasrec"                 # gru4rec, caser, sasrec
+    loss: str = "uniform"                 # bce, bpr, infonce, uniform (the paper's eq. 6)
+    data: str = "beauty"                  # the data's name, only for the log line (train() is given the sequences)
+    # the backbone
+    dim: int = 64                         # d
+    layers: Optional[int] = None          # SASRec blocks, GRU4Rec GRU layers; None: the original's (ORIGINAL_LAYERS)
+    heads: int = 2                        # SASRec attention heads (must divide dim)
+    dropout: float = 0.5
+    max_len: int = 50                     # histories keep their last max_len items
+    caser_window: int = 5                 # Caser: the last L items it convolves
+    caser_activation: str = "relu"        # Caser: the original's "relu", or "none" (docs/decisions.md)
+    caser_users: bool = False             # Caser: the original's user embedding
+    caser_output_table: bool = False      # Caser: an output item table of its own, as the original's W2
+    # the uniformity loss (eq. 6) and its ablations (Table 2; rows (f) and (g) are rec=False and normalize=False)
+    beta: float = 0.05                    # beta1 = beta2
+    t: float = 2.0                        # of the Gaussian potential
+    normalize: bool = True
+    rec: bool = True
+    hom: bool = True
+    het: bool = True
+    infonce_negatives: Optional[int] = None  # InfoNCE: each history's own negative and K - 1 more; None: all B
+    # training
+    lr: float = 3e-4                      # Adam's
+    negatives: str = "unseen"             # "unseen" (spec §2) or "any" (see training_data)
+    batch_size: int = 256                 # triplets per batch
+    epochs: int = 300                     # at most
+    patience: int = 20                    # stop after this many epochs without a better validation NDCG@10
+    length_groups: Optional[int] = None   # speed only (below); None: 8, and 1 for Caser
+    pack: bool = False                    # SASRec's packed path, speed only (below)
+    seed: int = 42                        # every random draw follows from it
+    device: str = "auto"                  # a torch device; "auto": cuda, then mps, then cpu
+    # evaluation
+    mask_seen: bool = False               # early stopping's validation with the history's items excluded
+
+    def __post_init__(self):
+        if self.model not in ORIGINAL_LAYERS:
+            raise ValueError(f"unknown model {self.model!r}: one of {', '.join(ORIGINAL_LAYERS)}")
+        if self.layers is None:
+            self.layers = ORIGINAL_LAYERS[self.model]
+        if self.length_groups is None:                   # Caser reads only its last L items: no padding to save
+            self.length_groups = 1 if self.model == "caser" else 8
+        if self.model != "caser":                        # read by Caser alone; "none" is what the other backbones'
+            self.caser_activation = "none"               # run folders record (runs.LATER_KEYS)
+        if self.infonce_negatives is not None and self.infonce_negatives >= self.batch_size:
+            self.infonce_negatives = None                # the whole batch, as the default (one run folder for both)
+        if self.device == "auto":
+            self.device = auto_device()
+
+
+def auto_device():
+    """The device "auto" names: cuda, then mps, then cpu."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
 def epoch_seed(seed, epoch):
     """Every random draw of an epoch (order, negatives, dropout) follows from (seed, epoch), so a resumed run
     repeats an uninterrupted one exactly. Modulo 2**64: any seed torch takes (-2**63 .. 2**64 - 1), no overflow."""
@@ -732,18 +805,51 @@ def history_limit(config, lengths):
     return min(config["max_len"], int(lengths.max()) - 1)
 
 
-def train(config, sequences, run):
-    """Train on `sequences` (lists of item ids) until validation NDCG@10 (under the run's own protocol, mask_seen)
-    has not improved for `patience` epochs, at most `epochs` epochs; then rank the best state under both protocols.
-    Returns {test, valid (own protocol), protocols (both), best_epoch, epochs, train_seconds}.
+def early_stopping_state():
+    """The early-stopping state of a run that has trained no epoch; `history` holds the log rows so far."""
+    return {"epoch": 0, "best_epoch": 0, "best_ndcg": -1.0, "history": []}
 
-    `run` keeps what must survive an interruption (runs.RunFolder keeps it in a folder):
+
+class PrintedRun:
+    """train()'s `run` when none is given: it keeps nothing (an interrupted call starts over) and hands each line to
+    `log` (print; None: nothing is shown)."""
+
+    def __init__(self, log=print):
+        self.log = log or (lambda line: None)
+
+    def __str__(self):
+        return "no run folder"
+
+    def resume(self, model, optimizer):
+        return early_stopping_state(), {k: v.clone() for k, v in model.state_dict().items()}
+
+    def save(self, model, optimizer, state, best_model):
+        pass
+
+    def step(self, epoch, done, total):
+        pass
+
+    def statistics(self, model):
+        return {}
+
+
+def train(config, sequences, run=None):
+    """Train on `sequences` (lists of item ids, one per user) until validation NDCG@10 (under the run's own
+    protocol, mask_seen) has not improved for `patience` epochs, at most `epochs` epochs; then rank the best state
+    under both protocols. Returns {test, valid (own protocol), protocols (both), best_epoch, epochs, train_seconds}.
+    `config` is a Config, or the dict of one that runs.py resolves from the command line.
+
+    `run` keeps what must survive an interruption (runs.RunFolder keeps it in a folder; by default a PrintedRun
+    keeps nothing and prints a line per epoch):
       run.resume(model, optimizer) -> (state, best_model)  the early-stopping state and best state so far (fresh
                                                            ones without a checkpoint); the checkpoint loaded
       run.save(model, optimizer, state, best_model)        after every epoch
       run.log(line), run.step(epoch, done, total)          what the user sees: a line per epoch, a progress line
       run.statistics(model) -> {name: value}               what else each epoch's log row keeps (Figure 1's)
     No random-number state needs saving: every epoch re-seeds from (seed, epoch)."""
+    if isinstance(config, Config):
+        config = dataclasses.asdict(config)          # the method reads config["key"], as runs.py's dicts hold them
+    run = PrintedRun() if run is None else run
     device = torch.device(config["device"])
     flat, starts, lengths, num_items = flatten_sequences(sequences, device)
     max_len = history_limit(config, lengths)
