@@ -239,6 +239,24 @@ def test_errors_stay_one_line_without_numpy():
         assert result.stderr.startswith(f"{script}: error: ")
 
 
+def test_the_program_loads_uniform_seqrec_py_once():
+    """`python uniform_seqrec.py` runs the file as the program (__main__), and runs.py's `import uniform_seqrec`
+    gets that module: the file is not loaded a second time (python -X importtime lists every module loaded), and
+    runs.py's functions call the program's own copy of the method."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-X", "importtime", os.path.join(HERE, "uniform_seqrec.py"), "--help"],
+                            capture_output=True, text=True, timeout=120, env=env, cwd=HERE)
+    assert result.returncode == 0 and result.stdout.startswith("usage: uniform_seqrec.py")
+    loaded = [line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")]
+    assert "runs" in loaded and "data_prep" in loaded and "uniform_seqrec" not in loaded
+    as_program = ("import runpy, sys; sys.argv = ['uniform_seqrec.py', '--help']\n"
+                  "try:\n    runpy.run_path('uniform_seqrec.py', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+                  "import runs\nprint(runs.U is sys.modules['uniform_seqrec'], runs.U.train.__module__)")
+    result = subprocess.run([sys.executable, "-c", as_program], capture_output=True, text=True, timeout=120, env=env,
+                            cwd=HERE)
+    assert result.stdout.splitlines()[-1] == "True __main__", result.stderr
+
+
 # what text editors and spreadsheets leave behind, where the meaning is clear: the same three users as GOOD
 EDITED_FILES = [
     ("CRLF line endings", GOOD.replace("\n", "\r\n").encode()),

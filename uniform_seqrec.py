@@ -900,5 +900,8 @@ def train(config, sequences, run=None):
 
 
 if __name__ == "__main__":
+    # runs.py's `import uniform_seqrec` gets this module, run as the program, instead of loading the file a second
+    # time as another module (a second copy of every function and class)
+    sys.modules["uniform_seqrec"] = sys.modules["__main__"]
     import runs                                                             # the command line and the run folders
     sys.exit(runs.main())
