@@ -592,8 +592,9 @@ class Config:
     """Every setting the method reads, with the paper's defaults (appendix B): Config() is the README's command with
     no flag, whose parser (runs.py) takes its defaults from here; each flag sets the field of its name (--max-len:
     max_len). Where the paper names a grid the default is a point of it: lr 3e-4, d 64, 2 heads, beta 0.05 (its best
-    in Table 3). A field left None, and `device` "auto", is resolved from the others when the Config is made
-    (__post_init__; runs.configure() resolves the command line through it too, so both give one configuration)."""
+    in Table 3). What depends on other fields is resolved when the Config is made (__post_init__: a field left None,
+    the device "auto", and two values kept as run folders record them); runs.configure() resolves the command line
+    through it too, so that both give one configuration."""
     # what to train
     model: str = "sasrec"                 # gru4rec, caser, sasrec
     loss: str = "uniform"                 # bce, bpr, infonce, uniform (the paper's eq. 6)
