@@ -15,7 +15,6 @@ and metrics.json (the result, and the device and settings that trained it).
 Its default name is runs/<data>-<model>-<loss>-<hash of the configuration>.
 """
 import argparse
-import dataclasses
 import glob
 import hashlib
 import json
@@ -27,6 +26,7 @@ import signal
 import sys
 import time
 import warnings
+from dataclasses import asdict, fields
 
 try:
     import fcntl
@@ -454,7 +454,7 @@ def build_parser():
 
 
 # The defaults of the flags that set the method's Config are its fields' (None: resolved by Config from the others)
-CONFIG_DEFAULTS = {field.name: field.default for field in dataclasses.fields(U.Config)}
+CONFIG_DEFAULTS = {field.name: field.default for field in fields(U.Config)}
 
 
 # keys of the configuration that do not change the result, so may differ when a run is resumed
@@ -764,7 +764,7 @@ def configure(argv, fetch=False):
                           "reads only its last L items)")
     # the method's settings resolved as a notebook's Config resolves them (layers, length groups, Caser's activation,
     # InfoNCE's whole batch, the device "auto"): the command line and a Config give one configuration
-    config.update(dataclasses.asdict(U.Config(**{key: config[key] for key in CONFIG_DEFAULTS})))
+    config.update(asdict(U.Config(**{key: config[key] for key in CONFIG_DEFAULTS})))
     check_config(config)
     try:
         config["data_path"] = os.path.abspath(data_path_of(config, fetch))

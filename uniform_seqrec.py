@@ -26,9 +26,9 @@ import sys
 if __name__ == "__main__":  # started as a program: Ctrl-C while torch loads is one line (runs.main takes over after)
     signal.signal(signal.SIGINT, lambda *_: (print("uniform_seqrec.py: interrupted while starting; nothing was "
                                                    "changed", file=sys.stderr), sys.exit(130)))
-import dataclasses
 import time
 import warnings
+from dataclasses import asdict, dataclass
 from typing import NamedTuple, Optional
 
 # Before torch's import: without numpy (not a dependency) torch warns, a second line under every one-line error.
@@ -587,7 +587,7 @@ def evaluate_protocols(model, batches, cosine):
 ORIGINAL_LAYERS = {"sasrec": 2, "gru4rec": 1, "caser": 1}
 
 
-@dataclasses.dataclass
+@dataclass
 class Config:
     """Every setting the method reads, with the paper's defaults (appendix B): Config() is the README's command with
     no flag, whose parser (runs.py) takes its defaults from here; each flag sets the field of its name (--max-len:
@@ -849,7 +849,7 @@ def train(config, sequences, run=None):
       run.statistics(model) -> {name: value}               what else each epoch's log row keeps (Figure 1's)
     No random-number state needs saving: every epoch re-seeds from (seed, epoch)."""
     if isinstance(config, Config):
-        config = dataclasses.asdict(config)          # the method reads config["key"], as runs.py's dicts hold them
+        config = asdict(config)                      # the method reads config["key"], as runs.py's dicts hold them
     run = PrintedRun() if run is None else run
     device = torch.device(config["device"])
     flat, starts, lengths, num_items = flatten_sequences(sequences, device)
