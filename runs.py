@@ -499,6 +499,21 @@ def resolve_device(name):
     return name
 
 
+def cpu_model(cpuinfo="/proc/cpuinfo"):
+    """The CPU's model as the system names it (Linux: /proc/cpuinfo's first "model name"; elsewhere what platform
+    says), or None when neither says. A CPU run's numbers repeat only on the same model: its float rounding differs
+    from one model to another and compounds over the epochs (docs/results.md, "What counts as a win")."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
 def device_settings(device):
     """Set what "same command, same seed, same numbers" needs on `device`, and return what trains the run, for its
     metrics.json. Called once, before training; importing this file sets nothing.
@@ -526,7 +541,7 @@ def device_settings(device):
         torch.use_deterministic_algorithms(True, warn_only=True)
         warnings.filterwarnings("ignore", message=r"\S*histc\S* does not have a deterministic implementation")
     settings = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                "float32_matmul_precision": torch.get_float32_matmul_precision()}
+                "float32_matmul_precision": torch.get_float32_matmul_precision(), "cpu": cpu_model()}
     if device.type == "cuda":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -337,7 +337,8 @@ def test_on_the_cpu_and_mps_the_settings_change_nothing(global_settings, monkeyp
     settings = R.device_settings(device)
     assert cpu_flags() == before
     assert settings == {"device": device, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                        "float32_matmul_precision": "highest", **({"macos": "15.1"} if device == "mps" else {})}
+                        "float32_matmul_precision": "highest", "cpu": R.cpu_model(),
+                        **({"macos": "15.1"} if device == "mps" else {})}
 
 
 def test_settings_are_set_once_before_training_and_recorded_in_metrics_json(tmp_path, monkeypatch):
@@ -592,3 +593,15 @@ def test_smoke_same_seed_same_numbers_on_cuda(tmp_path, global_settings, device)
 
 def metrics_log(run):
     return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def test_the_cpu_model_is_read_from_cpuinfo_or_platform(tmp_path, monkeypatch):
+    """metrics.json names the CPU model (a CPU run repeats its numbers only on the same model): /proc/cpuinfo's
+    first "model name", else what platform says, else None."""
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: X\nmodel name\t: Some CPU 1234\n\nmodel name\t: Other\n")
+    assert R.cpu_model(str(cpuinfo)) == "Some CPU 1234"
+    monkeypatch.setattr("platform.processor", lambda: "arm")
+    assert R.cpu_model(str(tmp_path / "none")) == "arm"
+    monkeypatch.setattr("platform.processor", lambda: "")
+    assert R.cpu_model(str(tmp_path / "none")) is None
