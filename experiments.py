@@ -10,7 +10,8 @@
 run_all.sh drives these. A cell is one training run of uniform_seqrec.py; its run folder is the default one
 (runs/<data>-<model>-<loss>-<hash of the configuration>), so cells with the same configuration share a run (Table 2
 row (e), Table 3 beta 0.05 and Table 1 SASRec + uniform are one run). Each finished cell is recorded as
-results/cells/<cell id>-seed<seed>.json with its metrics, configuration, seed, commit, device and wall time.
+results/cells/<cell id>-seed<seed>.json with its metrics, configuration, seed, commit, device, the machine that
+trained it (CPU model or GPU name, torch version; from its metrics.json) and wall time.
 """
 import glob
 import json
@@ -340,6 +341,31 @@ def recorded_ranking(cell, seed, run_dir, metrics, fingerprint):
     return {"protocols": protocols, "top_item_in_history": top_seen}
 
 
+def machine_of(metrics):
+    """The machine that trained a run, from its metrics.json: {"device", "name" (the GPU's name on CUDA, else the
+    CPU's model; None where the run's metrics.json predates naming it), "torch", "threads"}, or None where
+    metrics.json names no settings at all. Read from the run, never from the machine that records it: a run folder
+    can be recorded elsewhere than where it trained."""
+    settings = metrics.get("device_settings")
+    if not isinstance(settings, dict):
+        return None
+    on_gpu = str(settings.get("device", "")).startswith("cuda")
+    return {"device": settings.get("device"), "name": settings.get("name" if on_gpu else "cpu"),
+            "torch": settings.get("torch"), "threads": settings.get("threads")}
+
+
+def machine_label(machine):
+    """A record's machine in a few words: 'AMD EPYC, torch 2.13.0, 1 thread'; what a run did not record is said,
+    never filled in from this machine."""
+    if not isinstance(machine, dict):
+        return "machine not recorded"
+    name = machine.get("name") or f"{machine.get('device')} (model not recorded)"
+    threads = machine.get("threads")
+    return ", ".join([name, f"torch {machine.get('torch') or 'not recorded'}",
+                      *([f"{threads} thread{'s' * (threads != 1)}"] if isinstance(threads, int) and
+                        not str(machine.get("device")).startswith("cuda") else [])])
+
+
 def record(cell, seed, run_dir):
     """Write the cell's JSON from its finished run folder: its metrics under both protocols, the best state's
     validation metrics, the data file's fingerprint, and how often its top item is one of the user's own."""
@@ -354,8 +380,8 @@ def record(cell, seed, run_dir):
     ranked["protocols"] = metrics.get("protocols") or ranked["protocols"]  # as ranked on the training device
     entry = {"cell": cell, "seed": seed, "test": metrics["test"], "valid": metrics["valid"], **ranked,
              "best_epoch": metrics["best_epoch"], "epochs": metrics["epochs"], "device": metrics["device"],
-             "wall_seconds": wall_seconds(run_dir, log), "commit": commit, "run_dir": os.path.relpath(run_dir, HERE),
-             "config": {**config, "data_fingerprint": fingerprint}}
+             "machine": machine_of(metrics), "wall_seconds": wall_seconds(run_dir, log), "commit": commit,
+             "run_dir": os.path.relpath(run_dir, HERE), "config": {**config, "data_fingerprint": fingerprint}}
     write_record(cell, seed, entry)
 
 
@@ -1018,13 +1044,13 @@ def unfinished_section(unfinished, previous_page):
 def report(path=None, unfinished=()):
     path = path or os.path.join(RESULTS, "RESULTS.md")
     entries = [read_record(p) for p in sorted(glob.glob(os.path.join(RESULTS, "cells", "*.json")))]
-    runs = ["| cell | seed | lr | dim | layers | heads | beta | best epoch / epochs | device | wall | commit |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    runs = ["| cell | seed | lr | dim | layers | heads | beta | best epoch / epochs | device | machine | wall | "
+            "commit |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in entries:
         c = e["config"]
         runs.append(f"| {e['cell']} | {e['seed']} | {c['lr']:g} | {c['dim']} | {c['layers']} | {c['heads']} | "
                     f"{c['beta']:g} | {e['best_epoch']} / {e['epochs']} | {e['device']} | "
-                    f"{e['wall_seconds'] / 60:.0f} min | {e['commit']} |")
+                    f"{machine_label(e.get('machine'))} | {e['wall_seconds'] / 60:.0f} min | {e['commit']} |")
     one_way = ranked_one_way()
     text = "\n".join([
         "# Results beside the paper's",

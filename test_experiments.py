@@ -132,7 +132,8 @@ def test_results_page_shows_ours_beside_the_papers(tmp_path, monkeypatch):
     assert "| 0.0821 | 0.0821 ± 0.0030 (+0%) | 0.0371 | 0.0410 ± 0.0014 (+11%) |" in row
     assert row.count("not run") == 6                                          # Toys, Sports, Yelp: HR and NDCG
     assert "holds in 1 of 1 complete backbone x dataset groups; sasrec on beauty: holds" in page
-    assert "| table1/beauty/sasrec/uniform | 2 | 0.001 | 64 | 2 | 2 | 0.05 | 5 / 25 | cpu | 10 min | abc1234 |" in page
+    assert ("| table1/beauty/sasrec/uniform | 2 | 0.001 | 64 | 2 | 2 | 0.05 | 5 / 25 | cpu | machine not recorded | "
+            "10 min | abc1234 |") in page
     assert "not finished" not in page                                         # no such section without runs
 
 
@@ -432,6 +433,8 @@ def test_a_record_holds_both_protocols_and_its_data(tiny_cell):
     assert entry["protocols"]["history_excluded"]["test"] != entry["test"]          # repeats: masking matters
     assert entry["config"]["data_fingerprint"] == {"bytes": data.stat().st_size, "sha256": sha256_of(str(data))}
     assert 0 <= entry["top_item_in_history"]["test"] <= 1
+    assert entry["machine"] == {"device": "cpu", "name": R.cpu_model(), "torch": torch.__version__,
+                                "threads": torch.get_num_threads()}                # what trained it
 
 
 def test_a_report_ranks_again_only_a_run_its_record_does_not_hold(tiny_cell, monkeypatch):
@@ -633,3 +636,23 @@ def test_the_readme_cells_are_the_readmes_command_exactly(tmp_path, monkeypatch)
     assert E.cell_arguments("negatives/toys/bce", {}) == [*E.cell_arguments("table1/toys/sasrec/bce", {}),
                                                          "--negatives", "any"]
     assert set(E.cells("readme", E.DATASETS, E.MODELS)) <= set(E.cells("all", E.DATASETS, E.MODELS))
+
+
+def test_a_records_machine_is_shown_and_never_guessed(tmp_path, monkeypatch):
+    monkeypatch.setattr(E, "RESULTS", str(tmp_path))
+    write_cell(tmp_path, "table1/beauty/sasrec/bce", 1, 0.05, 0.02)               # an old record: no machine
+    write_cell(tmp_path, "table1/beauty/sasrec/bpr", 1, 0.05, 0.02)
+    path = E.record_path("table1/beauty/sasrec/bpr", 1)
+    entry = json.loads(open(path).read())
+    metrics = {"device_settings": {"device": "cpu", "torch": "2.13.0", "threads": 1, "cpu": "Some CPU 1234"}}
+    open(path, "w").write(json.dumps({**entry, "machine": E.machine_of(metrics)}))
+    E.report(str(tmp_path / "RESULTS.md"))
+    page = (tmp_path / "RESULTS.md").read_text()
+    assert "| 5 / 25 | cpu | machine not recorded | 10 min |" in page
+    assert "| 5 / 25 | cpu | Some CPU 1234, torch 2.13.0, 1 thread | 10 min |" in page
+    gpu = {"device": "cuda", "torch": "2.13.0", "threads": 16, "cpu": "Some CPU", "name": "Some GPU"}
+    assert E.machine_label(E.machine_of({"device_settings": gpu})) == "Some GPU, torch 2.13.0"
+    before = {"device": "cpu", "torch": "2.13.0", "threads": 2}                   # metrics.json before the CPU model
+    assert E.machine_label(E.machine_of({"device_settings": before})) == "cpu (model not recorded), torch 2.13.0, " \
+                                                                          "2 threads"
+    assert E.machine_of({}) is None
