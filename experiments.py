@@ -718,6 +718,115 @@ def repeats(dataset, run_dirs):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# What counts as a win: Welch's t-test over the seeds (docs/results.md, "What counts as a win"). The standard library
+# only, no scipy: Student's t distribution through the regularized incomplete beta function.
+# ---------------------------------------------------------------------------------------------------------------
+
+LEVEL = 0.05                                      # a difference is a win where the two-sided p is below this
+
+
+def incomplete_beta(a, b, x):
+    """The regularized incomplete beta function I_x(a, b) for a, b > 0 and 0 <= x <= 1, by its continued fraction
+    (Numerical Recipes, section 6.4, evaluated by the modified Lentz method). The fraction converges fast for
+    x < (a + 1) / (a + b + 2); above that, I_x(a, b) = 1 - I_{1-x}(b, a) puts it there."""
+    if x <= 0 or x >= 1:
+        return 0.0 if x <= 0 else 1.0
+    if x > (a + 1) / (a + b + 2):
+        return 1.0 - incomplete_beta(b, a, 1.0 - x)
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    tiny = 1e-300                                                           # keeps Lentz's divisions finite
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    fraction = d
+    for m in range(1, 10000):
+        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),            # the even step d_2m
+                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):  # the odd step d_2m+1
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            fraction *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            return math.exp(log_front) * fraction / a
+    raise ArithmeticError(f"the incomplete beta fraction did not converge (a {a}, b {b}, x {x})")
+
+
+def student_t_two_sided(t, df):
+    """P(|T| >= |t|) for Student's t distribution with df > 0 degrees of freedom (any real df, as Welch's test
+    needs): I_{df / (df + t^2)}(df / 2, 1 / 2)."""
+    if math.isinf(t):
+        return 0.0
+    return incomplete_beta(df / 2, 0.5, df / (df + t * t))
+
+
+def welch(first, second):
+    """Welch's t-test of two samples (each of 2 or more values) for a difference of means: (t, degrees of freedom
+    by Welch-Satterthwaite, two-sided p). Welch's, not Student's: the seeds of two losses need not spread alike.
+    Two samples that do not vary at all give p 0 where their means differ and 1 where they do not."""
+    shares = [statistics.variance(x) / len(x) for x in (first, second)]    # squared standard errors
+    difference = statistics.mean(first) - statistics.mean(second)
+    if sum(shares) == 0:
+        return (math.copysign(math.inf, difference) if difference else 0.0), math.inf, float(difference == 0)
+    t = difference / math.sqrt(sum(shares))
+    df = sum(shares) ** 2 / sum(v * v / (len(x) - 1) for v, x in zip(shares, (first, second)))
+    return t, df, student_t_two_sided(t, df)
+
+
+def decide(first, second, level=LEVEL):
+    """The rule, for two losses' per-seed test NDCG@10 (first the better by mean): 'win' where Welch's test gives a
+    two-sided p below `level`, 'tie' where it does not, 'one seed' where either has fewer than 2 seeds (one seed
+    has no spread to test: it cannot say how far another seed, or another machine, would move it). Returns
+    (outcome, the test's (t, df, p) or None)."""
+    if min(len(first), len(second)) < 2:
+        return "one seed", None
+    test = welch(first, second)
+    return ("win" if test[2] < level else "tie"), test
+
+
+def two_best(seeds_by_loss):
+    """The two losses with the highest mean (their per-seed values in seeds_by_loss), the better first."""
+    ranked = sorted(seeds_by_loss, key=lambda loss: statistics.mean(seeds_by_loss[loss]), reverse=True)
+    return ranked[0], ranked[1]
+
+
+def uniformity_verdict(best, runner_up, outcome):
+    """What a group says of the claim "the uniformity loss is best": 'win' where it is best and the test separates
+    it from the runner-up, 'tie' where it is one of the two best and the test does not separate them, 'loss'
+    otherwise (another loss wins, or two others tie for best), and 'not decided: one seed' where the test cannot
+    be made."""
+    if outcome == "one seed":
+        return "not decided: one seed"
+    if outcome == "win":
+        return "win" if best == "uniform" else "loss"
+    return "tie" if "uniform" in (best, runner_up) else "loss"
+
+
+def mean_sd(values):
+    """'0.0342 ± 0.0014, 3 seeds', or '0.0422, 1 seed'."""
+    spread = f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else ""
+    return f"{statistics.mean(values):.4f}{spread}, {len(values)} seed{'s' * (len(values) != 1)}"
+
+
+def group_line(seeds_by_loss, complete):
+    """One group's verdict and its numbers: 'tie (uniform 0.0342 ± 0.0014, 3 seeds; infonce 0.0330 ± 0.0008, 3 seeds;
+    Welch's t 1.29, df 3.2, p 0.28)': the two best by mean first, then the uniformity loss where it is not one of
+    them. A partial group (not every loss ranked this way yet) gets the outcome between its two best so far instead
+    of a verdict."""
+    best, runner_up = two_best(seeds_by_loss)
+    outcome, test = decide(seeds_by_loss[best], seeds_by_loss[runner_up])
+    if complete:
+        verdict = uniformity_verdict(best, runner_up, outcome)
+    else:
+        verdict = {"one seed": "not decided: one seed", "win": f"so far {best} wins",
+                   "tie": f"so far {best} and {runner_up} tie"}[outcome]
+    shown = [best, runner_up] + (["uniform"] if "uniform" in seeds_by_loss and "uniform" not in (best, runner_up)
+                                 else [])
+    numbers = "; ".join(f"{loss} {mean_sd(seeds_by_loss[loss])}" for loss in shown)
+    welch_part = f"; Welch's t {test[0]:.2f}, df {test[1]:.1f}, p {test[2]:.2g}" if test else ""
+    return f"{verdict} ({numbers}{welch_part})", verdict
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The results page
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -811,30 +920,37 @@ def order_against_paper(label, ours, paper, names, peak=None):
     return f"- {label}, {done}, by NDCG@10: ours {best_first(ours) or '-'}; paper {best_first(paper) or '-'}"
 
 
+RULE = (f"the rule: Welch's t-test over the seeds of the group's two best losses by mean, two-sided p < {LEVEL:g} "
+        f"a win, else a tie; fewer than 2 seeds of either: not decided")
+
+
 def claims(protocol="all_items"):
-    """Which of the paper's claims hold on the cells run so far (partial groups are compared on what has run)."""
+    """Which of the paper's claims hold on the cells run so far (partial groups are compared on what has run);
+    whether the uniformity loss is best in a backbone x dataset group is decided by the rule (decide())."""
     lines = []
     def mean_ndcg(cell):
         runs = recorded(cell, protocol)
         return statistics.mean(r[1] for r in runs) if runs else None
 
-    verdicts, partial = [], []
+    verdicts, groups, partial = [], [], []
     for column, d in enumerate(DATASETS):
         for m in MODELS:
-            scores = {loss: mean_ndcg(f"table1/{d}/{m}/{loss}") for loss in LOSSES}
-            paper = {loss: PAPER_TABLE1[m, loss][column][1] for loss in LOSSES if scores[loss] is not None}
-            if all(v is not None for v in scores.values()):
-                verdicts.append((f"{m} on {d}", max(scores, key=scores.get)))
-            elif len(paper) > 1:
-                partial.append(f"  - {m} on {d}, losses run so far, by NDCG@10: ours {best_first(scores)}; "
-                               f"paper {best_first(paper)}")
-    held = sum(best == "uniform" for _, best in verdicts)
-    lines.append(f"- Uniformity loss best (test NDCG@10) per backbone and dataset: holds in {held} of "
-                 f"{len(verdicts)} complete backbone x dataset groups"
-                 + (" (none complete yet)" if not verdicts else "")
-                 + "".join(f"; {group}: {'holds' if best == 'uniform' else best + ' is best'}"
-                           for group, best in verdicts))
-    lines += partial
+            seeds = {loss: [r[1] for r in recorded(f"table1/{d}/{m}/{loss}", protocol)] for loss in LOSSES}
+            seeds = {loss: values for loss, values in seeds.items() if values}
+            if len(seeds) == len(LOSSES):
+                line, verdict = group_line(seeds, complete=True)
+                verdicts.append(verdict)
+                groups.append(f"  - {m} on {d}: {line}")
+            elif len(seeds) > 1:
+                paper = {loss: PAPER_TABLE1[m, loss][column][1] for loss in seeds}
+                partial.append(f"  - {m} on {d}, partial (ranked this way so far: {', '.join(seeds)}): "
+                               f"{group_line(seeds, complete=False)[0]}; the paper's order {best_first(paper)}")
+    counts = ", ".join(f"{word} in {verdicts.count(word)}" for word in ("win", "tie", "loss"))
+    lines.append(f"- The uniformity loss against the other losses per backbone x dataset (test NDCG@10, mean ± sd and "
+                 f"seeds of each; {RULE}): "
+                 + (f"{counts} of {len(verdicts)} complete groups; not decided (one seed) in "
+                    f"{verdicts.count('not decided: one seed')}" if verdicts else "none complete yet"))
+    lines += groups + partial
     for column, d in enumerate(("beauty", "toys")):
         lines.append(order_against_paper(f"Table 2 on {d}", {row: mean_ndcg(f"table2/{d}/{row}") for row in ABLATIONS},
                                          {row: PAPER_TABLE2[row][column][1] for row in ABLATIONS}, "rows"))
