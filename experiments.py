@@ -920,8 +920,8 @@ def order_against_paper(label, ours, paper, names, peak=None):
     return f"- {label}, {done}, by NDCG@10: ours {best_first(ours) or '-'}; paper {best_first(paper) or '-'}"
 
 
-RULE = (f"the rule: Welch's t-test over the seeds of the group's two best losses by mean, two-sided p < {LEVEL:g} "
-        f"a win, else a tie; fewer than 2 seeds of either: not decided")
+RULE = (f"the rule (docs/results.md, \"What counts as a win\"): Welch's t-test over the seeds of the group's two "
+        f"best losses by mean, two-sided p < {LEVEL:g} a win, else a tie; fewer than 2 seeds of either: not decided")
 
 
 def claims(protocol="all_items"):
@@ -1180,6 +1180,8 @@ def report(path=None, unfinished=()):
         "The rows marked \"no model\" are two baselines on the same protocol (`python experiments.py baselines`):",
         "item popularity, and first-order item transitions (how often each item followed the user's last three",
         "items in the training parts, weighted decay^k, decay chosen on validation; popularity breaks ties).",
+        "A seed's numbers repeat exactly only on the machine that made them (docs/results.md, \"What counts as a",
+        "win\"); the last table names each run's machine where its record holds it.",
         "",
         *(f"## What holds so far ({PROTOCOL_TITLES[p]})\n\n" + "\n".join(claims(p)) + "\n" for p in U.PROTOCOLS),
         "## Which protocol: the cells ranked both ways against the paper", "",
