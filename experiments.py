@@ -343,27 +343,29 @@ def recorded_ranking(cell, seed, run_dir, metrics, fingerprint):
 
 def machine_of(metrics):
     """The machine that trained a run, from its metrics.json: {"device", "name" (the GPU's name on CUDA, else the
-    CPU's model; None where the run's metrics.json predates naming it), "torch", "threads"}, or None where
-    metrics.json names no settings at all. Read from the run, never from the machine that records it: a run folder
-    can be recorded elsewhere than where it trained."""
+    CPU's model; None where the run's metrics.json predates naming it), "torch", "threads", "cpu_capability" (the
+    vector kernels torch ran on the CPU)}, or None where metrics.json names no settings at all. Read from the run,
+    never from the machine that records it: a run folder can be recorded elsewhere than where it trained."""
     settings = metrics.get("device_settings")
     if not isinstance(settings, dict):
         return None
     on_gpu = str(settings.get("device", "")).startswith("cuda")
     return {"device": settings.get("device"), "name": settings.get("name" if on_gpu else "cpu"),
-            "torch": settings.get("torch"), "threads": settings.get("threads")}
+            "torch": settings.get("torch"), "threads": settings.get("threads"),
+            "cpu_capability": settings.get("cpu_capability")}
 
 
 def machine_label(machine):
-    """A record's machine in a few words: 'AMD EPYC, torch 2.13.0, 1 thread'; what a run did not record is said,
-    never filled in from this machine."""
+    """A record's machine in a few words: 'AMD EPYC (family 25, model 17), AVX512, torch 2.13.0, 1 thread' (a GPU
+    run: its name and torch); what a run did not record is said, never filled in from this machine."""
     if not isinstance(machine, dict):
         return "machine not recorded"
-    name = machine.get("name") or f"{machine.get('device')} (model not recorded)"
-    threads = machine.get("threads")
-    return ", ".join([name, f"torch {machine.get('torch') or 'not recorded'}",
-                      *([f"{threads} thread{'s' * (threads != 1)}"] if isinstance(threads, int) and
-                        not str(machine.get("device")).startswith("cuda") else [])])
+    on_cpu = not str(machine.get("device")).startswith("cuda")
+    threads, capability = machine.get("threads"), machine.get("cpu_capability")
+    return ", ".join([machine.get("name") or f"{machine.get('device')} (model not recorded)",
+                      *([capability] if on_cpu and capability else []),
+                      f"torch {machine.get('torch') or 'not recorded'}",
+                      *([f"{threads} thread{'s' * (threads != 1)}"] if on_cpu and isinstance(threads, int) else [])])
 
 
 def record(cell, seed, run_dir):

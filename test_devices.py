@@ -338,6 +338,7 @@ def test_on_the_cpu_and_mps_the_settings_change_nothing(global_settings, monkeyp
     assert cpu_flags() == before
     assert settings == {"device": device, "torch": torch.__version__, "threads": torch.get_num_threads(),
                         "float32_matmul_precision": "highest", "cpu": R.cpu_model(),
+                        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                         **({"macos": "15.1"} if device == "mps" else {})}
 
 
@@ -599,7 +600,10 @@ def test_the_cpu_model_is_read_from_cpuinfo_or_platform(tmp_path, monkeypatch):
     """metrics.json names the CPU model (a CPU run repeats its numbers only on the same model): /proc/cpuinfo's
     first "model name", else what platform says, else None."""
     cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text("processor\t: 0\nvendor_id\t: X\nmodel name\t: Some CPU 1234\n\nmodel name\t: Other\n")
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: X\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: Some CPU\n\n"
+                       "processor\t: 1\nmodel name\t: Other\n")
+    assert R.cpu_model(str(cpuinfo)) == "Some CPU (family 25, model 17)"
+    cpuinfo.write_text("model name\t: Some CPU 1234\n")                       # no numbers: the name alone
     assert R.cpu_model(str(cpuinfo)) == "Some CPU 1234"
     monkeypatch.setattr("platform.processor", lambda: "arm")
     assert R.cpu_model(str(tmp_path / "none")) == "arm"

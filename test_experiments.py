@@ -437,8 +437,9 @@ def test_a_record_holds_both_protocols_and_its_data(tiny_cell):
     assert entry["protocols"]["history_excluded"]["test"] != entry["test"]          # repeats: masking matters
     assert entry["config"]["data_fingerprint"] == {"bytes": data.stat().st_size, "sha256": sha256_of(str(data))}
     assert 0 <= entry["top_item_in_history"]["test"] <= 1
-    assert entry["machine"] == {"device": "cpu", "name": R.cpu_model(), "torch": torch.__version__,
-                                "threads": torch.get_num_threads()}                # what trained it
+    assert entry["machine"] == {"device": "cpu", "name": R.cpu_model(), "torch": torch.__version__,  # what trained it
+                                "threads": torch.get_num_threads(),
+                                "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 def test_a_report_ranks_again_only_a_run_its_record_does_not_hold(tiny_cell, monkeypatch):
@@ -757,12 +758,13 @@ def test_a_records_machine_is_shown_and_never_guessed(tmp_path, monkeypatch):
     write_cell(tmp_path, "table1/beauty/sasrec/bpr", 1, 0.05, 0.02)
     path = E.record_path("table1/beauty/sasrec/bpr", 1)
     entry = json.loads(open(path).read())
-    metrics = {"device_settings": {"device": "cpu", "torch": "2.13.0", "threads": 1, "cpu": "Some CPU 1234"}}
+    metrics = {"device_settings": {"device": "cpu", "torch": "2.13.0", "threads": 1, "cpu": "Some CPU 1234",
+                                   "cpu_capability": "AVX2"}}
     open(path, "w").write(json.dumps({**entry, "machine": E.machine_of(metrics)}))
     E.report(str(tmp_path / "RESULTS.md"))
     page = (tmp_path / "RESULTS.md").read_text()
     assert "| 5 / 25 | cpu | machine not recorded | 10 min |" in page
-    assert "| 5 / 25 | cpu | Some CPU 1234, torch 2.13.0, 1 thread | 10 min |" in page
+    assert "| 5 / 25 | cpu | Some CPU 1234, AVX2, torch 2.13.0, 1 thread | 10 min |" in page
     gpu = {"device": "cuda", "torch": "2.13.0", "threads": 16, "cpu": "Some CPU", "name": "Some GPU"}
     assert E.machine_label(E.machine_of({"device_settings": gpu})) == "Some GPU, torch 2.13.0"
     before = {"device": "cpu", "torch": "2.13.0", "threads": 2}                   # metrics.json before the CPU model
