@@ -309,6 +309,7 @@ def test_on_cuda_the_settings_turn_off_tf32_and_nondeterminism(global_settings, 
     assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
     assert settings == {"device": "cuda", "torch": torch.__version__, "threads": torch.get_num_threads(),
+                        "cpu": R.cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                         "float32_matmul_precision": "highest", "cudnn_allow_tf32": False,
                         "cuda_matmul_allow_tf32": False, "name": "NVIDIA H100 80GB HBM3", "cuda": torch.version.cuda,
                         "cudnn": 90100, "cudnn_deterministic": True, "cudnn_benchmark": False,
