@@ -10,7 +10,8 @@
 run_all.sh drives these. A cell is one training run of uniform_seqrec.py; its run folder is the default one
 (runs/<data>-<model>-<loss>-<hash of the configuration>), so cells with the same configuration share a run (Table 2
 row (e), Table 3 beta 0.05 and Table 1 SASRec + uniform are one run). Each finished cell is recorded as
-results/cells/<cell id>-seed<seed>.json with its metrics, configuration, seed, commit, device and wall time.
+results/cells/<cell id>-seed<seed>.json with its metrics, configuration, seed, commit, device, the machine that
+trained it (CPU model or GPU name, torch version; from its metrics.json) and wall time.
 """
 import glob
 import json
@@ -340,6 +341,33 @@ def recorded_ranking(cell, seed, run_dir, metrics, fingerprint):
     return {"protocols": protocols, "top_item_in_history": top_seen}
 
 
+def machine_of(metrics):
+    """The machine that trained a run, from its metrics.json: {"device", "name" (the GPU's name on CUDA, else the
+    CPU's model; None where the run's metrics.json predates naming it), "torch", "threads", "cpu_capability" (the
+    vector kernels torch ran on the CPU)}, or None where metrics.json names no settings at all. Read from the run,
+    never from the machine that records it: a run folder can be recorded elsewhere than where it trained."""
+    settings = metrics.get("device_settings")
+    if not isinstance(settings, dict):
+        return None
+    on_gpu = str(settings.get("device", "")).startswith("cuda")
+    return {"device": settings.get("device"), "name": settings.get("name" if on_gpu else "cpu"),
+            "torch": settings.get("torch"), "threads": settings.get("threads"),
+            "cpu_capability": settings.get("cpu_capability")}
+
+
+def machine_label(machine):
+    """A record's machine in a few words: 'AMD EPYC (family 25, model 17), AVX512, torch 2.13.0, 1 thread' (a GPU
+    run: its name and torch); what a run did not record is said, never filled in from this machine."""
+    if not isinstance(machine, dict):
+        return "machine not recorded"
+    on_cpu = not str(machine.get("device")).startswith("cuda")
+    threads, capability = machine.get("threads"), machine.get("cpu_capability")
+    return ", ".join([machine.get("name") or f"{machine.get('device')} (model not recorded)",
+                      *([capability] if on_cpu and capability else []),
+                      f"torch {machine.get('torch') or 'not recorded'}",
+                      *([f"{threads} thread{'s' * (threads != 1)}"] if on_cpu and isinstance(threads, int) else [])])
+
+
 def record(cell, seed, run_dir):
     """Write the cell's JSON from its finished run folder: its metrics under both protocols, the best state's
     validation metrics, the data file's fingerprint, and how often its top item is one of the user's own."""
@@ -354,8 +382,8 @@ def record(cell, seed, run_dir):
     ranked["protocols"] = metrics.get("protocols") or ranked["protocols"]  # as ranked on the training device
     entry = {"cell": cell, "seed": seed, "test": metrics["test"], "valid": metrics["valid"], **ranked,
              "best_epoch": metrics["best_epoch"], "epochs": metrics["epochs"], "device": metrics["device"],
-             "wall_seconds": wall_seconds(run_dir, log), "commit": commit, "run_dir": os.path.relpath(run_dir, HERE),
-             "config": {**config, "data_fingerprint": fingerprint}}
+             "machine": machine_of(metrics), "wall_seconds": wall_seconds(run_dir, log), "commit": commit,
+             "run_dir": os.path.relpath(run_dir, HERE), "config": {**config, "data_fingerprint": fingerprint}}
     write_record(cell, seed, entry)
 
 
@@ -692,6 +720,115 @@ def repeats(dataset, run_dirs):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# What counts as a win: Welch's t-test over the seeds (docs/results.md, "What counts as a win"). The standard library
+# only, no scipy: Student's t distribution through the regularized incomplete beta function.
+# ---------------------------------------------------------------------------------------------------------------
+
+LEVEL = 0.05                                      # a difference is a win where the two-sided p is below this
+
+
+def incomplete_beta(a, b, x):
+    """The regularized incomplete beta function I_x(a, b) for a, b > 0 and 0 <= x <= 1, by its continued fraction
+    (Numerical Recipes, section 6.4, evaluated by the modified Lentz method). The fraction converges fast for
+    x < (a + 1) / (a + b + 2); above that, I_x(a, b) = 1 - I_{1-x}(b, a) puts it there."""
+    if x <= 0 or x >= 1:
+        return 0.0 if x <= 0 else 1.0
+    if x > (a + 1) / (a + b + 2):
+        return 1.0 - incomplete_beta(b, a, 1.0 - x)
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    tiny = 1e-300                                                           # keeps Lentz's divisions finite
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    fraction = d
+    for m in range(1, 10000):
+        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),            # the even step d_2m
+                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):  # the odd step d_2m+1
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            fraction *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            return math.exp(log_front) * fraction / a
+    raise ArithmeticError(f"the incomplete beta fraction did not converge (a {a}, b {b}, x {x})")
+
+
+def student_t_two_sided(t, df):
+    """P(|T| >= |t|) for Student's t distribution with df > 0 degrees of freedom (any real df, as Welch's test
+    needs): I_{df / (df + t^2)}(df / 2, 1 / 2)."""
+    if math.isinf(t):
+        return 0.0
+    return incomplete_beta(df / 2, 0.5, df / (df + t * t))
+
+
+def welch(first, second):
+    """Welch's t-test of two samples (each of 2 or more values) for a difference of means: (t, degrees of freedom
+    by Welch-Satterthwaite, two-sided p). Welch's, not Student's: the seeds of two losses need not spread alike.
+    Two samples that do not vary at all give p 0 where their means differ and 1 where they do not."""
+    shares = [statistics.variance(x) / len(x) for x in (first, second)]    # squared standard errors
+    difference = statistics.mean(first) - statistics.mean(second)
+    if sum(shares) == 0:
+        return (math.copysign(math.inf, difference) if difference else 0.0), math.inf, float(difference == 0)
+    t = difference / math.sqrt(sum(shares))
+    df = sum(shares) ** 2 / sum(v * v / (len(x) - 1) for v, x in zip(shares, (first, second)))
+    return t, df, student_t_two_sided(t, df)
+
+
+def decide(first, second, level=LEVEL):
+    """The rule, for two losses' per-seed test NDCG@10 (first the better by mean): 'win' where Welch's test gives a
+    two-sided p below `level`, 'tie' where it does not, 'one seed' where either has fewer than 2 seeds (one seed
+    has no spread to test: it cannot say how far another seed, or another machine, would move it). Returns
+    (outcome, the test's (t, df, p) or None)."""
+    if min(len(first), len(second)) < 2:
+        return "one seed", None
+    test = welch(first, second)
+    return ("win" if test[2] < level else "tie"), test
+
+
+def two_best(seeds_by_loss):
+    """The two losses with the highest mean (their per-seed values in seeds_by_loss), the better first."""
+    ranked = sorted(seeds_by_loss, key=lambda loss: statistics.mean(seeds_by_loss[loss]), reverse=True)
+    return ranked[0], ranked[1]
+
+
+def uniformity_verdict(best, runner_up, outcome):
+    """What a group says of the claim "the uniformity loss is best": 'win' where it is best and the test separates
+    it from the runner-up, 'tie' where it is one of the two best and the test does not separate them, 'loss'
+    otherwise (another loss wins, or two others tie for best), and 'not decided: one seed' where the test cannot
+    be made."""
+    if outcome == "one seed":
+        return "not decided: one seed"
+    if outcome == "win":
+        return "win" if best == "uniform" else "loss"
+    return "tie" if "uniform" in (best, runner_up) else "loss"
+
+
+def mean_sd(values):
+    """'0.0342 ± 0.0014, 3 seeds', or '0.0422, 1 seed'."""
+    spread = f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else ""
+    return f"{statistics.mean(values):.4f}{spread}, {len(values)} seed{'s' * (len(values) != 1)}"
+
+
+def group_line(seeds_by_loss, complete):
+    """One group's verdict and its numbers: 'tie (uniform 0.0342 ± 0.0014, 3 seeds; infonce 0.0330 ± 0.0008, 3 seeds;
+    Welch's t 1.29, df 3.2, p 0.28)': the two best by mean first, then the uniformity loss where it is not one of
+    them. A partial group (not every loss ranked this way yet) gets the outcome between its two best so far instead
+    of a verdict."""
+    best, runner_up = two_best(seeds_by_loss)
+    outcome, test = decide(seeds_by_loss[best], seeds_by_loss[runner_up])
+    if complete:
+        verdict = uniformity_verdict(best, runner_up, outcome)
+    else:
+        verdict = {"one seed": "not decided: one seed", "win": f"so far {best} wins",
+                   "tie": f"so far {best} and {runner_up} tie"}[outcome]
+    shown = [best, runner_up] + (["uniform"] if "uniform" in seeds_by_loss and "uniform" not in (best, runner_up)
+                                 else [])
+    numbers = "; ".join(f"{loss} {mean_sd(seeds_by_loss[loss])}" for loss in shown)
+    welch_part = f"; Welch's t {test[0]:.2f}, df {test[1]:.1f}, p {test[2]:.2g}" if test else ""
+    return f"{verdict} ({numbers}{welch_part})", verdict
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The results page
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -785,30 +922,37 @@ def order_against_paper(label, ours, paper, names, peak=None):
     return f"- {label}, {done}, by NDCG@10: ours {best_first(ours) or '-'}; paper {best_first(paper) or '-'}"
 
 
+RULE = (f"the rule (docs/results.md, \"What counts as a win\"): Welch's t-test over the seeds of the group's two "
+        f"best losses by mean, two-sided p < {LEVEL:g} a win, else a tie; fewer than 2 seeds of either: not decided")
+
+
 def claims(protocol="all_items"):
-    """Which of the paper's claims hold on the cells run so far (partial groups are compared on what has run)."""
+    """Which of the paper's claims hold on the cells run so far (partial groups are compared on what has run);
+    whether the uniformity loss is best in a backbone x dataset group is decided by the rule (decide())."""
     lines = []
     def mean_ndcg(cell):
         runs = recorded(cell, protocol)
         return statistics.mean(r[1] for r in runs) if runs else None
 
-    verdicts, partial = [], []
+    verdicts, groups, partial = [], [], []
     for column, d in enumerate(DATASETS):
         for m in MODELS:
-            scores = {loss: mean_ndcg(f"table1/{d}/{m}/{loss}") for loss in LOSSES}
-            paper = {loss: PAPER_TABLE1[m, loss][column][1] for loss in LOSSES if scores[loss] is not None}
-            if all(v is not None for v in scores.values()):
-                verdicts.append((f"{m} on {d}", max(scores, key=scores.get)))
-            elif len(paper) > 1:
-                partial.append(f"  - {m} on {d}, losses run so far, by NDCG@10: ours {best_first(scores)}; "
-                               f"paper {best_first(paper)}")
-    held = sum(best == "uniform" for _, best in verdicts)
-    lines.append(f"- Uniformity loss best (test NDCG@10) per backbone and dataset: holds in {held} of "
-                 f"{len(verdicts)} complete backbone x dataset groups"
-                 + (" (none complete yet)" if not verdicts else "")
-                 + "".join(f"; {group}: {'holds' if best == 'uniform' else best + ' is best'}"
-                           for group, best in verdicts))
-    lines += partial
+            seeds = {loss: [r[1] for r in recorded(f"table1/{d}/{m}/{loss}", protocol)] for loss in LOSSES}
+            seeds = {loss: values for loss, values in seeds.items() if values}
+            if len(seeds) == len(LOSSES):
+                line, verdict = group_line(seeds, complete=True)
+                verdicts.append(verdict)
+                groups.append(f"  - {m} on {d}: {line}")
+            elif len(seeds) > 1:
+                paper = {loss: PAPER_TABLE1[m, loss][column][1] for loss in seeds}
+                partial.append(f"  - {m} on {d}, partial (ranked this way so far: {', '.join(seeds)}): "
+                               f"{group_line(seeds, complete=False)[0]}; the paper's order {best_first(paper)}")
+    counts = ", ".join(f"{word} in {verdicts.count(word)}" for word in ("win", "tie", "loss"))
+    lines.append(f"- The uniformity loss against the other losses per backbone x dataset (test NDCG@10, mean ± sd and "
+                 f"seeds of each; {RULE}): "
+                 + (f"{counts} of {len(verdicts)} complete groups; not decided (one seed) in "
+                    f"{verdicts.count('not decided: one seed')}" if verdicts else "none complete yet"))
+    lines += groups + partial
     for column, d in enumerate(("beauty", "toys")):
         lines.append(order_against_paper(f"Table 2 on {d}", {row: mean_ndcg(f"table2/{d}/{row}") for row in ABLATIONS},
                                          {row: PAPER_TABLE2[row][column][1] for row in ABLATIONS}, "rows"))
@@ -1018,13 +1162,13 @@ def unfinished_section(unfinished, previous_page):
 def report(path=None, unfinished=()):
     path = path or os.path.join(RESULTS, "RESULTS.md")
     entries = [read_record(p) for p in sorted(glob.glob(os.path.join(RESULTS, "cells", "*.json")))]
-    runs = ["| cell | seed | lr | dim | layers | heads | beta | best epoch / epochs | device | wall | commit |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    runs = ["| cell | seed | lr | dim | layers | heads | beta | best epoch / epochs | device | machine | wall | "
+            "commit |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in entries:
         c = e["config"]
         runs.append(f"| {e['cell']} | {e['seed']} | {c['lr']:g} | {c['dim']} | {c['layers']} | {c['heads']} | "
                     f"{c['beta']:g} | {e['best_epoch']} / {e['epochs']} | {e['device']} | "
-                    f"{e['wall_seconds'] / 60:.0f} min | {e['commit']} |")
+                    f"{machine_label(e.get('machine'))} | {e['wall_seconds'] / 60:.0f} min | {e['commit']} |")
     one_way = ranked_one_way()
     text = "\n".join([
         "# Results beside the paper's",
@@ -1038,6 +1182,8 @@ def report(path=None, unfinished=()):
         "The rows marked \"no model\" are two baselines on the same protocol (`python experiments.py baselines`):",
         "item popularity, and first-order item transitions (how often each item followed the user's last three",
         "items in the training parts, weighted decay^k, decay chosen on validation; popularity breaks ties).",
+        "A seed's numbers repeat exactly only on the machine that made them (docs/results.md, \"What counts as a",
+        "win\"); the last table names each run's machine where its record holds it.",
         "",
         *(f"## What holds so far ({PROTOCOL_TITLES[p]})\n\n" + "\n".join(claims(p)) + "\n" for p in U.PROTOCOLS),
         "## Which protocol: the cells ranked both ways against the paper", "",

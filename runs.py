@@ -503,6 +503,28 @@ def resolve_device(name):
     return name
 
 
+def cpu_model(cpuinfo="/proc/cpuinfo"):
+    """The CPU's model as the system names it (Linux: the first processor's "model name" in /proc/cpuinfo, with its
+    family and model numbers, since a virtual machine may name only "AMD EPYC"; elsewhere what platform says), or
+    None when neither says. A CPU run's numbers repeat exactly only on the same machine: another one may round floats
+    otherwise, and that compounds over the epochs (docs/results.md, "What counts as a win")."""
+    fields = {}
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if not line.strip():                                        # the first processor's block ends
+                    break
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    if not fields.get("model name"):
+        return platform.processor() or None
+    numbers = [f"{label} {fields[key]}" for label, key in (("family", "cpu family"), ("model", "model"))
+               if fields.get(key)]
+    return fields["model name"] + (f" ({', '.join(numbers)})" if numbers else "")
+
+
 def device_settings(device):
     """Set what "same command, same seed, same numbers" needs on `device`, and return what trains the run, for its
     metrics.json. Called once, before training; importing this file sets nothing.
@@ -530,7 +552,8 @@ def device_settings(device):
         torch.use_deterministic_algorithms(True, warn_only=True)
         warnings.filterwarnings("ignore", message=r"\S*histc\S* does not have a deterministic implementation")
     settings = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                "float32_matmul_precision": torch.get_float32_matmul_precision()}
+                "float32_matmul_precision": torch.get_float32_matmul_precision(), "cpu": cpu_model(),
+                "cpu_capability": torch.backends.cpu.get_cpu_capability()}  # the vector kernels torch runs (AVX2...)
     if device.type == "cuda":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
