@@ -195,6 +195,8 @@ class Dropout(nn.Dropout):
 def random_keep(shape, p, device):
     """A bool tensor of `shape`, each entry True with probability 1 - p (p rounded to a multiple of 2**-16): each
     random 64-bit word is read as four int16 values, compared with a threshold."""
+    if torch.device(device).type not in ("cpu", "cuda"):                  # MPS: 64-bit random words not promised
+        return torch.rand(shape, device=device) >= p
     count = 1
     for size in shape:
         count *= size
