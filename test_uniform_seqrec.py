@@ -54,6 +54,16 @@ def slow_infonce(pos, neg_matrix, same):
     return total
 
 
+def slow_ce(h, table, positives):
+    """-log softmax of each history's positive over items 1..N, one item at a time (row 0 of the table, padding,
+    is no class)."""
+    total = 0
+    for b in range(len(h)):
+        denominator = sum(torch.exp(h[b] @ table[n]) for n in range(1, len(table)))
+        total = total - (h[b] @ table[positives[b]] - torch.log(denominator))
+    return total
+
+
 def slow_uniformity(h, p, n, beta, t, normalize=True, rec=True, hom=True, het=True):
     if normalize:
         h, p, n = ([v / torch.sqrt((v * v).sum()) for v in m] for m in (h, p, n))
@@ -114,6 +124,30 @@ def test_infonce_matches_loop_and_drops_the_positive_among_negatives():
     for ga, gb in zip(gradients(a, (pos, neg)), gradients(b, (pos, neg))):
         assert torch.allclose(ga, gb)
     assert gradients(U.infonce_loss(pos, neg, same), (neg,))[0][0, 3] == 0   # a masked candidate gets no gradient
+
+
+def test_ce_matches_loop_over_every_item_and_padding_is_never_a_class():
+    h, table = vectors(5, seed=27), vectors(9, seed=28)                       # 8 items and the padding row 0
+    positives = torch.tensor([1, 8, 3, 3, 5])                                 # the first and last id, one twice
+    a, b = U.ce_loss(h @ table.T, positives), slow_ce(h, table, positives)
+    assert torch.allclose(a, b)
+    fast_grads = gradients(a, (h, table))
+    for ga, gb in zip(fast_grads, gradients(b, (h, table))):
+        assert torch.allclose(ga, gb)
+    assert not fast_grads[1][0].any()                                         # the padding row learns nothing
+    moved = table.detach().clone()
+    moved[0] = 100.0                                                          # a padding score that would dominate
+    assert torch.allclose(U.ce_loss(h @ moved.T, positives), a)
+
+
+def test_ce_in_the_training_step_scores_every_item_and_reads_no_negatives():
+    model = U.SASRec(20, dim=8, layers=1, heads=1).double()
+    h, table = vectors(6, 8, seed=29), model.items.weight
+    positives = torch.tensor([1, 2, 3, 4, 5, 20])
+    loss = U.batch_loss(model, h, positives, torch.tensor([7, 8, 9, 10, 11, 12]), {"loss": "ce"})
+    assert torch.allclose(loss, slow_ce(h, table, positives))
+    assert torch.equal(loss, U.batch_loss(model, h, positives, torch.tensor([2, 2, 2, 2, 2, 2]), {"loss": "ce"}))
+    assert not U.scores_are_cosines({"loss": "ce", "normalize": True})        # ranked by dot products, as trained
 
 
 def infonce_config(k):
@@ -199,7 +233,8 @@ def test_uniformity_gradients_finite_when_an_item_repeats():
 
 
 def test_loss_functions_work_copied_alone_with_only_torch():
-    functions = (U.score, U.bce_loss, U.bpr_loss, U.infonce_loss, U.gaussian_potential, U.uniformity_loss)
+    functions = (U.score, U.bce_loss, U.bpr_loss, U.infonce_loss, U.ce_loss, U.gaussian_potential,
+                 U.uniformity_loss)
     source = "import torch\n\n" + "\n\n".join(inspect.getsource(f) for f in functions)
     namespace = {}
     exec(compile(source, "copied_losses.py", "exec"), namespace)             # noqa: S102 - the point of the test
@@ -212,6 +247,8 @@ def test_loss_functions_work_copied_alone_with_only_torch():
     assert torch.equal(namespace["bpr_loss"](pos, neg), U.bpr_loss(pos, neg))
     assert torch.equal(namespace["infonce_loss"](pos, h @ n.T, torch.eye(6, dtype=torch.bool)),
                        U.infonce_loss(pos, h @ n.T, torch.eye(6, dtype=torch.bool)))
+    positives = torch.tensor([1, 5, 2, 2, 4, 3])
+    assert torch.equal(namespace["ce_loss"](h @ n.T, positives), U.ce_loss(h @ n.T, positives))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -600,7 +637,7 @@ def test_dropout_drops_at_rate_p_keeps_the_mean_and_is_off_in_eval():
 # ----------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name,loss", list(itertools.product(["gru4rec", "caser", "sasrec"],
-                                                              ["bce", "bpr", "infonce", "uniform"])))
+                                                              ["bce", "bpr", "infonce", "uniform", "ce"])))
 def test_every_backbone_and_loss_learns(name, loss):
     torch.manual_seed(0)
     model = backbone(name, 40, max_len=10, layers=1, dropout=0.0, caser_window=3)

@@ -7,6 +7,7 @@ This file is the paper's method, top to bottom; `runs.py` runs it (command line,
   1. Data            leave-one-out split, training triplets (u, i, j), negatives          (appendix A, section 4)
   2. Backbones       GRU4Rec, Caser, SASRec: encode(histories) -> (B, d)                  (section 5.1)
   3. Scores, losses  score (eqs. 1, 3), BCE (eq. 2), BPR, InfoNCE, uniformity loss        (sections 2-4)
+                     and, beyond the paper, CE: softmax over every item
   4. Evaluation      HR@K and NDCG@K ranking every item, under two protocols              (section 5.1)
   5. Training        batches of triplets, early stopping, the best state tested           (appendix B)
 
@@ -337,8 +338,9 @@ def build_model(config, num_items, num_users, max_len):
 # =============================================================================================================
 #
 # Eq. 1 scores a history and an item by the dot product of their vectors; on unit vectors (eq. 3) that is their
-# cosine. Every loss SUMS over the batch, as the paper writes them. `score`, the four losses and `gaussian_potential`
-# need only `import torch` (uniformity_loss's caveats travel in its docstring).
+# cosine. Every loss SUMS over the batch, as the paper writes them. `score`, the paper's four losses, `ce_loss` (a
+# fifth, beyond the paper: softmax over every item) and `gaussian_potential` need only `import torch`
+# (uniformity_loss's caveats travel in its docstring).
 
 
 def score(h, items, cosine=False):
@@ -370,6 +372,17 @@ def infonce_loss(positive_scores, negative_scores, same_item):
     negative that is the positive (then 0)."""
     logits = torch.cat([positive_scores[:, None], negative_scores.masked_fill(same_item, float("-inf"))], 1)  # (B, 1+K)
     return -torch.log_softmax(logits, 1)[:, 0].sum()
+
+
+def ce_loss(all_scores, positives):
+    """Beyond the paper: full-softmax cross-entropy, each history's positive against every item, temperature 1:
+    sum_b [ log sum_{n=1..N} e^{s_bn} - s_b,pos ].  all_scores (B, N + 1), history b's score for every id, column 0
+    the padding id (never a class: left out of the softmax); positives (B,) item ids in 1..N -> scalar.
+    Here because it is what practitioners train SASRec with: RecBole's SASRec default (loss_type "CE"; its softmax
+    also has the padding id as a class, of score 0), and Klenitskiy & Vasilev (RecSys 2023, "Turning Dross Into Gold
+    Loss") found it lifts SASRec far above its BCE form. It needs no sampled negatives, but B x N logits and their
+    gradient (256 x 20,033 on Yelp)."""
+    return (torch.logsumexp(all_scores[:, 1:], 1) - all_scores.gather(1, positives[:, None])[:, 0]).sum()
 
 
 def gaussian_potential(x, y, t=2.0):
@@ -415,7 +428,10 @@ def infonce_candidates(batch_size, k, device):
 
 
 def batch_loss(model, h, positives, negatives, config):
-    """The configured loss of one batch of triplets: h (B, d) history vectors; positives, negatives (B,) item ids."""
+    """The configured loss of one batch of triplets: h (B, d) history vectors; positives, negatives (B,) item ids
+    (CE reads no negatives: it scores every item)."""
+    if config["loss"] == "ce":                                               # (B, N + 1): one matrix product
+        return ce_loss(score(h[:, None], model.output_items().weight), positives)
     i, j = model.output_items()(torch.cat([positives, negatives])).chunk(2)  # (B, d) each; one lookup, one gradient
     if config["loss"] == "uniform":
         return uniformity_loss(h, i, j, config["beta"], config["t"], normalize=config["normalize"],
@@ -573,7 +589,9 @@ def train_epoch(model, optimizer, data, config, epoch, progress=None):
     torch.manual_seed(epoch_seed(config["seed"], epoch))                    # dropout
     generator = torch.Generator(device).manual_seed(epoch_seed(config["seed"], epoch))
     order = torch.randperm(len(target_at), device=device, generator=generator)  # (E,)
-    negatives = sample_negatives(owners, keys, num_items, generator)        # (E,) item ids, one per example
+    # (E,) item ids, one per example. Drawn for CE too, which reads none: every loss's epoch then takes the same
+    # draws from the generator, and a loss added beside the others moves none of their random streams.
+    negatives = sample_negatives(owners, keys, num_items, generator)
     batches = epoch_batches(order, history_lengths, config["batch_size"], config["length_groups"])
     losses = torch.zeros(len(batches), device=device)
     if progress:
