@@ -98,7 +98,7 @@ def dispatched_by_training(tmp_path, monkeypatch, model, loss, *flags):
 
 
 BACKBONES_AND_LOSSES = [(m, loss) for m in ("sasrec", "gru4rec", "caser") for loss in ("bce", "bpr", "infonce",
-                                                                                        "uniform")]
+                                                                                        "uniform", "ce")]
 
 
 @pytest.mark.parametrize("model,loss", BACKBONES_AND_LOSSES, ids=[f"{m}-{l}" for m, l in BACKBONES_AND_LOSSES])

@@ -714,7 +714,7 @@ def test_a_missing_benchmark_is_fetched_and_without_network_the_remedy_is_named(
 
 @pytest.mark.parametrize("edit, expected", [
     (lambda c: {**c, "model": "bert4rec"}, "'model' is 'bert4rec', not one of gru4rec, caser, sasrec"),
-    (lambda c: {**c, "loss": "ce"}, "'loss' is 'ce', not one of bce"),
+    (lambda c: {**c, "loss": "sce"}, "'loss' is 'sce', not one of bce, bpr, infonce, uniform, ce"),
     (lambda c: {**c, "lr": "fast"}, "'lr' is 'fast', not a number"),
     (lambda c: {**c, "dim": 6.5}, "'dim' is 6.5, not a whole number"),
     (lambda c: {**c, "normalize": 1}, "'normalize' is 1, not true or false"),
