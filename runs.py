@@ -408,6 +408,10 @@ def build_parser():
     model.add_argument("--heads", type=int, default=2, help="SASRec attention heads (must divide --dim)")
     model.add_argument("--dropout", type=float, default=0.5, help="dropout rate")
     model.add_argument("--max-len", type=int, default=50, help="histories keep their last MAX_LEN items")
+    model.add_argument("--block", choices=["pre-ln", "original"], default="pre-ln",
+                       help="SASRec: its blocks as GPT-2's pre-LayerNorm x + f(LN(x)) (pre-ln), or as the original "
+                            "SASRec's (original: LayerNorm on the attention's queries only, keys and values from the "
+                            "unnormalized input, residuals adding the normalized input, LN(x) + f(LN(x)))")
     model.add_argument("--caser-window", type=int, default=5, help="Caser: the last L items it convolves")
     model.add_argument("--caser-activation", choices=["relu", "none"], default="relu",
                        help="Caser: activation of its fully connected layer (the original's ReLU, or none)")
@@ -458,7 +462,7 @@ EXTENDABLE_KEYS = ("epochs", "patience")
 # Keys added after runs had been recorded, with the value that every earlier run had without saying so. At that value
 # a key stays out of the configuration's hash, so the run folders of earlier configurations keep their names.
 LATER_KEYS = {"infonce_negatives": None, "caser_activation": "none", "caser_users": False,
-              "caser_output_table": False, "negatives": "unseen"}
+              "caser_output_table": False, "negatives": "unseen", "block": "pre-ln"}
 # The number of layers of each backbone's original (Kang & McAuley: 2 blocks; Hidasi et al.: 1 GRU layer). Caser
 # has no such depth; its value is only recorded.
 ORIGINAL_LAYERS = {"sasrec": 2, "gru4rec": 1, "caser": 1}
@@ -772,6 +776,8 @@ def configure(argv, fetch=False):
         if typed:
             raise ConfigError(f"--{typed[0].replace('_', '-')} only applies to --model caser")
         config["caser_activation"] = LATER_KEYS["caser_activation"]         # no Caser, no activation of its
+    if config["model"] != "sasrec" and "block" in given:
+        raise ConfigError("--block only applies to --model sasrec")
     if config["infonce_negatives"] is not None and config["infonce_negatives"] >= config["batch_size"]:
         config["infonce_negatives"] = None                                  # the whole batch: the default's run
     check_config(config)

@@ -111,6 +111,7 @@ def test_training_and_evaluation_make_nothing_mps_lacks(tmp_path, monkeypatch, m
 
 def test_the_ablations_and_the_caser_switches_make_nothing_mps_lacks(tmp_path, monkeypatch):
     for model, flags in (("sasrec", ["--no-normalize"]), ("sasrec", ["--no-rec", "--mask-seen"]),
+                         ("sasrec", ["--block", "original"]),
                          ("caser", ["--caser-users", "--caser-output-table", "--caser-activation", "none"]),
                          ("gru4rec", ["--layers", "2"])):
         made = dispatched_by_training(tmp_path, monkeypatch, model, "uniform", *flags).made

@@ -93,7 +93,7 @@ BAD_FLAGS = [
     (["--dropout", "1"], "--dropout must be in [0, 1)"),
     (["--loss", "bce", "--no-hom"], "--no-hom only applies to --loss uniform"),
     (["--loss", "ce", "--no-het"], "--no-het only applies to --loss uniform"),
-    (["--loss", "ce", "--negatives", "any"], "--negatives only applies to losses with sampled negatives, not --loss ce"),
+    (["--loss", "ce", "--negatives", "any"], "--negatives only applies to losses with sampled negatives, not --loss"),
     (["--loss", "ce", "--infonce-negatives", "8"], "--infonce-negatives only applies to --loss infonce"),
     (["--no-rec", "--no-hom", "--no-het"], "leave no loss to train"),
     (["--epochs", "ten"], "argument --epochs: invalid int value: 'ten'"),

@@ -441,11 +441,14 @@ def test_epoch_batches_keep_every_example_once_and_groups_sorted():
 # ----------------------------------------------------------------------------------------------------------------
 
 def make_model(name, num_items=50):
+    """A backbone by name; "sasrec-original" is SASRec with the original's blocks (--block original)."""
     torch.manual_seed(0)
+    if name == "sasrec-original":
+        return backbone("sasrec", num_items, block="original").eval()
     return backbone(name, num_items).eval()
 
 
-@pytest.mark.parametrize("name", ["gru4rec", "caser", "sasrec"])
+@pytest.mark.parametrize("name", ["gru4rec", "caser", "sasrec", "sasrec-original"])
 def test_grouped_encoding_equals_each_history_alone(name):
     """encode_batch (length groups, one item lookup for all groups) gives each history's own vector and gradient.
     In float64: in float32 the LayerNorms of small vectors amplify summation-order differences to ~1e-3."""
@@ -480,7 +483,7 @@ def test_grouped_encoding_gives_each_group_its_users():
     assert len(sizes) == 3 and torch.allclose(grouped, alone, atol=1e-10)
 
 
-@pytest.mark.parametrize("name", ["gru4rec", "caser", "sasrec"])
+@pytest.mark.parametrize("name", ["gru4rec", "caser", "sasrec", "sasrec-original"])
 def test_padding_does_not_change_history_vectors(name):
     model = make_model(name)
     histories = [[3], [4, 9], [7, 1, 2, 8, 5, 6], [11, 12, 13]]
@@ -493,7 +496,7 @@ def test_padding_does_not_change_history_vectors(name):
         assert torch.isfinite(model.encode(wide)).all()
 
 
-@pytest.mark.parametrize("name", ["gru4rec", "sasrec"])
+@pytest.mark.parametrize("name", ["gru4rec", "sasrec", "sasrec-original"])
 def test_states_do_not_see_later_items(name):
     model = make_model(name)
     history = torch.tensor([[5, 6, 7, 8, 9, 10]])
@@ -504,6 +507,38 @@ def test_states_do_not_see_later_items(name):
         after = model.sequence_states(model.items(changed), changed)
     assert torch.allclose(before[0, :4], after[0, :4], atol=1e-6)
     assert not torch.allclose(before[0, 4:], after[0, 4:])
+
+
+def test_the_original_sasrec_block_matches_a_loop_over_positions():
+    """--block original, one block, one head, against a loop: the query of position j is LN_a(x_j), its keys and
+    values the unnormalized x_0..x_j; the residual adds LN_a(x_j); then y = LN_f(.) and y + feed_forward(y)."""
+    torch.manual_seed(3)
+    block = U.TransformerBlock(8, 1, dropout=0.0, original=True).double().eval()
+    x = torch.randn(2, 5, 8, dtype=torch.float64) * 3 + 1                  # far from normalized: LN matters
+    W, b = block.attention.qkv.weight, block.attention.qkv.bias
+    expected = torch.empty_like(x)
+    with torch.no_grad():
+        for n in range(2):
+            for j in range(5):
+                query = block.attention_norm(x[n, j])
+                q = W[:8] @ query + b[:8]
+                keys = [W[8:16] @ x[n, i] + b[8:16] for i in range(j + 1)]
+                values = [W[16:] @ x[n, i] + b[16:] for i in range(j + 1)]
+                weights = torch.softmax(torch.stack([q @ k / 8 ** 0.5 for k in keys]), 0)
+                attended = block.attention.out(sum(w * v for w, v in zip(weights, values)))
+                y = block.feed_forward_norm(query + attended)
+                expected[n, j] = y + block.feed_forward(y)
+        assert torch.allclose(block(x), expected, atol=1e-10)
+
+
+def test_the_two_sasrec_blocks_share_their_weights_and_differ():
+    """Same weights (names and shapes), other outputs: --block original is another model, not another name."""
+    pre, original = make_model("sasrec"), make_model("sasrec-original")
+    assert {k: v.shape for k, v in pre.state_dict().items()} == {k: v.shape for k, v in original.state_dict().items()}
+    original.load_state_dict(pre.state_dict())
+    histories = torch.tensor([[1, 2, 3], [4, 5, 0]])
+    with torch.no_grad():
+        assert not torch.allclose(pre.encode(histories), original.encode(histories), atol=1e-3)
 
 
 def test_sasrec_history_vector_depends_on_order_and_content():
@@ -708,6 +743,10 @@ def test_flags_added_later_leave_earlier_run_folders_where_they_were(tmp_path):
     whole_batch = configured(tmp_path, "--loss", "infonce", *setting, "--infonce-negatives", "256")
     assert whole_batch[1] == "runs/beauty-sasrec-infonce-b589e956" and whole_batch[0]["infonce_negatives"] is None
     assert configured(tmp_path, "--loss", "infonce", *setting, "--infonce-negatives", "16")[1] != whole_batch[1]
+    for loss in ("infonce", "ce"):                                            # --block at its default: no new folder
+        assert configured(tmp_path, "--loss", loss, *setting, "--block", "pre-ln")[1] == (
+            configured(tmp_path, "--loss", loss, *setting)[1])
+    assert configured(tmp_path, "--loss", "infonce", *setting, "--block", "original")[1] != whole_batch[1]
 
 
 def test_each_backbone_defaults_to_its_originals_depth(tmp_path):
@@ -721,6 +760,7 @@ def test_each_backbone_defaults_to_its_originals_depth(tmp_path):
 @pytest.mark.parametrize("args,expected", [
     (["--model", "sasrec", "--caser-users"], "--caser-users only applies to --model caser"),
     (["--model", "gru4rec", "--caser-activation", "none"], "--caser-activation only applies to --model caser"),
+    (["--model", "gru4rec", "--block", "original"], "--block only applies to --model sasrec"),
     (["--loss", "bpr", "--infonce-negatives", "4"], "--infonce-negatives only applies to --loss infonce"),
     (["--loss", "infonce", "--infonce-negatives", "0"], "--infonce-negatives must be positive (got 0)"),
 ])

@@ -258,7 +258,8 @@ class Caser(Backbone):
 
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention in which position j attends to positions 0..j only. Written out rather than
-    F.scaled_dot_product_attention so that the attention weights get the faster Dropout above."""
+    F.scaled_dot_product_attention so that the attention weights get the faster Dropout above. `keys`, when given,
+    is what keys and values are read from (queries from x): the original SASRec's block needs the two apart."""
 
     def __init__(self, dim, heads, dropout):
         super().__init__()
@@ -267,30 +268,45 @@ class CausalSelfAttention(nn.Module):
         self.dropout = Dropout(dropout)                                    # on the attention weights
         self.out = nn.Linear(dim, dim)
 
-    def forward(self, x):                                                  # (B, T, d) -> (B, T, d)
+    def forward(self, x, keys=None):                                       # (B, T, d) -> (B, T, d)
         B, T, d = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, T, d/h)
+        h = self.heads
+        if keys is None:
+            q, k, v = self.qkv(x).view(B, T, 3, h, d // h).permute(2, 0, 3, 1, 4)  # 3 x (B, h, T, d/h)
+        else:                                                              # the same weights: q's rows read x only
+            weight, bias = self.qkv.weight, self.qkv.bias
+            q = F.linear(x, weight[:d], bias[:d]).view(B, T, h, d // h).transpose(1, 2)           # (B, h, T, d/h)
+            k, v = F.linear(keys, weight[d:], bias[d:]).view(B, T, 2, h, d // h).permute(2, 0, 3, 1, 4)
         future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)  # [i, j] = j > i
-        scores = (q @ k.transpose(-1, -2) / (d // self.heads) ** 0.5).masked_fill(future, float("-inf"))  # (B, h, T, T)
+        scores = (q @ k.transpose(-1, -2) / (d // h) ** 0.5).masked_fill(future, float("-inf"))  # (B, h, T, T)
         y = self.dropout(scores.softmax(-1)) @ v                           # (B, h, T, d/h)
         return self.out(y.transpose(1, 2).reshape(B, T, d))
 
 
 class TransformerBlock(nn.Module):
-    """Attention and a point-wise feed-forward net, each as x + f(LN(x)): GPT-2's pre-LayerNorm block. The original
-    SASRec (and its common PyTorch port) differs: it normalizes only the attention's queries (keys and values come
-    from the unnormalized x), and its residuals add the normalized input, LN(x) + f(LN(x)). Dropout where the
-    original has it: on the attention weights and twice in the feed-forward net, not on the attention's output
-    (one more there slowed learning; docs/measurements.md)."""
+    """Attention and a point-wise feed-forward net, each as x + f(LN(x)): GPT-2's pre-LayerNorm block, our default.
+    original=True builds the original SASRec's block instead (Kang & McAuley's code, model.py and modules.py, and
+    its PyTorch port before its norm_first switch): the attention's queries are LN(x) while its keys and values
+    come from the unnormalized x, and each residual adds the normalized input, LN(x) + f(...): y = LN(x) +
+    attention(LN(x), x), then LN(y) + feed_forward(LN(y)). (That code also zeroes padded positions after each
+    block and has no output projection after the heads; neither is copied: under right padding and the causal mask
+    no real position reads a padded one, and the projection is kept so that both blocks have the same weights.)
+    Dropout where the original has it: on the attention weights and twice in the feed-forward net, not on the
+    attention's output (one more there slowed learning; docs/measurements.md)."""
 
-    def __init__(self, dim, heads, dropout):
+    def __init__(self, dim, heads, dropout, original=False):
         super().__init__()
+        self.original = original
         self.attention_norm, self.attention = nn.LayerNorm(dim), CausalSelfAttention(dim, heads, dropout)
         self.feed_forward_norm = nn.LayerNorm(dim)
         self.feed_forward = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), Dropout(dropout), nn.Linear(dim, dim),
                                           Dropout(dropout))
 
     def forward(self, x):                                                  # (B, T, d) -> (B, T, d)
+        if self.original:                                                  # SASRec's: LN(x) + f(LN(x), x)
+            queries = self.attention_norm(x)
+            x = self.feed_forward_norm(queries + self.attention(queries, keys=x))
+            return x + self.feed_forward(x)
         x = x + self.attention(self.attention_norm(x))
         return x + self.feed_forward(self.feed_forward_norm(x))
 
@@ -299,15 +315,18 @@ class SASRec(SequenceBackbone):
     """Kang & McAuley: item vectors times sqrt(d) (the original's) plus learned position embeddings, causal
     self-attention blocks, a final LayerNorm, the output at the last real position. Positions count back from the
     most recent item (0), so padding never changes a history's meaning; under the causal mask a real position sees
-    only real items."""
+    only real items. block: "pre-ln" (GPT-2's, the default) or "original" (SASRec's own; see TransformerBlock)."""
 
-    def __init__(self, num_items, dim=64, layers=2, heads=2, dropout=0.5, max_len=50):
+    def __init__(self, num_items, dim=64, layers=2, heads=2, dropout=0.5, max_len=50, block="pre-ln"):
         super().__init__(num_items, dim)
         self.scale = dim ** 0.5
         self.positions = nn.Embedding(max_len, dim)
         nn.init.normal_(self.positions.weight, std=EMBEDDING_INIT_STD)
         self.dropout = Dropout(dropout)
-        self.blocks = nn.ModuleList(TransformerBlock(dim, heads, dropout) for _ in range(layers))
+        if block not in ("pre-ln", "original"):
+            raise ValueError(f"block is 'pre-ln' or 'original', not {block!r}")
+        self.blocks = nn.ModuleList(TransformerBlock(dim, heads, dropout, original=block == "original")
+                                    for _ in range(layers))
         self.final_norm = nn.LayerNorm(dim)
 
     def sequence_states(self, x, histories):                                # (B, T, d) item vectors -> (B, T, d)
@@ -329,7 +348,8 @@ def build_model(config, num_items, num_users, max_len):
                      activation=config["caser_activation"], num_users=num_users if config["caser_users"] else 0,
                      output_table=config["caser_output_table"])
     if config["model"] == "sasrec":
-        return SASRec(num_items, config["dim"], config["layers"], config["heads"], config["dropout"], max_len)
+        return SASRec(num_items, config["dim"], config["layers"], config["heads"], config["dropout"], max_len,
+                      config.get("block", "pre-ln"))                     # run folders from before --block: none
     raise ValueError(f"unknown model {config['model']!r}")
 
 
