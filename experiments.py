@@ -39,7 +39,12 @@ HYPERPARAMETERS = os.path.join(RESULTS, "hyperparameters.tsv")
 DATASETS = ["beauty", "toys", "sports", "yelp"]
 MODELS = ["gru4rec", "caser", "sasrec"]
 MODEL_NAMES = {"gru4rec": "GRU4Rec", "caser": "Caser", "sasrec": "SASRec"}
-LOSSES = ["bce", "bpr", "infonce", "uniform"]
+LOSSES = ["bce", "bpr", "infonce", "uniform"]  # the paper's four: its Table 1, its claims, the tuning grid
+# Beyond the paper, a fifth row per backbone in Table 1: full-softmax cross-entropy over every item (RecBole's SASRec
+# default). The paper has no number for it, and the page's "which loss is best" counts stay over the paper's four
+# (CE is shown beside them), so that the paper's claim keeps its meaning.
+CE = "ce"
+TABLE1_LOSSES = LOSSES + [CE]
 ABLATIONS = {  # Table 2: row -> (loss, flags); (a) is Table 1's SASRec + BCE cell, (e) its SASRec + uniform cell
     "a": ("bce", []), "b": ("uniform", ["--no-hom", "--no-het"]), "c": ("uniform", ["--no-het"]),
     "d": ("uniform", ["--no-hom"]), "e": ("uniform", []), "f": ("uniform", ["--no-rec"]),
@@ -97,7 +102,7 @@ def hyperparameter_row(fields):
         raise ValueError(f"{len(fields)} fields, not the 8 of the header (dataset model loss lr dim layers heads "
                          f"beta)")
     dataset, model, loss, lr, dim, layers, heads, beta = fields
-    for value, known in ((dataset, DATASETS), (model, MODELS), (loss, LOSSES)):
+    for value, known in ((dataset, DATASETS), (model, MODELS), (loss, TABLE1_LOSSES)):
         if value not in known:
             raise ValueError(f"'{value}' is not one of {', '.join(known)}")
     for name, value in (("dim", dim), ("layers", layers), ("heads", heads)):
@@ -199,6 +204,10 @@ def cells(what, datasets, models):
         found += [f"negatives/toys/{loss}" for loss in NEGATIVES_LOSSES]
     if what in ("readme", "all") and "beauty" in datasets and "sasrec" in models:
         found += [f"readme/beauty/{loss}" for loss in README_LOSSES]
+    if what in ("table1", "all"):
+        # CE's cells after all the others, so that every earlier cell keeps its line of a one-seed list (a Slurm
+        # array task runs the N-th: SLURM_ARRAY_TASK_ID=N names the same cell as before CE was added)
+        found += [f"table1/{d}/{m}/{CE}" for d in datasets for m in models]
     if what == "tune":
         for d in datasets:
             for m in models:
@@ -856,12 +865,13 @@ def recorded(cell, protocol="all_items"):
 
 
 def show(values, paper):
-    """'ours (±sd) / relative difference to the paper' for one metric, or 'not run'."""
+    """'ours (±sd) / relative difference to the paper' for one metric (no difference where the paper has no number:
+    paper None), or 'not run'."""
     if not values:
         return "not run"
     mean = statistics.mean(values)
     spread = f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else ""
-    return f"{mean:.4f}{spread} ({100 * (mean - paper) / paper:+.0f}%)"
+    return f"{mean:.4f}{spread}" + (f" ({100 * (mean - paper) / paper:+.0f}%)" if paper is not None else "")
 
 
 def read_baselines():
@@ -887,7 +897,8 @@ def baseline_rows(datasets, protocol="all_items"):
 
 
 def table_rows(row_cells, paper_rows, columns, protocol="all_items"):
-    """Markdown rows: label, then for each column 'paper HR | ours HR | paper NDCG | ours NDCG'."""
+    """Markdown rows: label, then for each column 'paper HR | ours HR | paper NDCG | ours NDCG'; a row whose paper
+    values are None (beyond the paper) shows '-' for them."""
     rows = []
     for label, cell_of_column in row_cells:
         fields = [label]
@@ -895,8 +906,9 @@ def table_rows(row_cells, paper_rows, columns, protocol="all_items"):
             runs = recorded(cell, protocol) if cell else []
             paper_hr, paper_ndcg = paper_rows[label][column]
             one_way = not runs and cell and recorded(cell, "all_items")     # its folder was gone: ranked one way
-            fields += [f"{paper_hr:.4f}", "ranked one way" if one_way else show([r[0] for r in runs], paper_hr),
-                       f"{paper_ndcg:.4f}", "ranked one way" if one_way else show([r[1] for r in runs], paper_ndcg)]
+            paper_text = lambda value: "-" if value is None else f"{value:.4f}"
+            fields += [paper_text(paper_hr), "ranked one way" if one_way else show([r[0] for r in runs], paper_hr),
+                       paper_text(paper_ndcg), "ranked one way" if one_way else show([r[1] for r in runs], paper_ndcg)]
         rows.append("| " + " | ".join(fields) + " |")
     header = "| | " + " | ".join(f"{c} HR@10 paper | ours | NDCG@10 paper | ours" for c in columns) + " |"
     return [header, "|" + "---|" * (1 + 4 * len(columns)), *rows]
@@ -953,6 +965,15 @@ def claims(protocol="all_items"):
                  + (f"{counts} of {len(verdicts)} complete groups; not decided (one seed) in "
                     f"{verdicts.count('not decided: one seed')}" if verdicts else "none complete yet"))
     lines += groups + partial
+    # CE beside the paper's claim, not in it: the count above stays "best of the paper's four losses"
+    against_ce = [(f"{m} on {d}", mean_ndcg(f"table1/{d}/{m}/uniform"), mean_ndcg(f"table1/{d}/{m}/{CE}"))
+                  for d in DATASETS for m in MODELS]
+    against_ce = [(group, uniform, ce) for group, uniform, ce in against_ce if uniform is not None and ce is not None]
+    lines.append(f"- Beside it, beyond the paper (CE, softmax over every item, is not one of the four losses counted "
+                 f"above): the uniformity loss above CE (test NDCG@10) in {sum(u > c for _, u, c in against_ce)} of "
+                 f"{len(against_ce)} backbone x dataset groups where both have run"
+                 + (" (none yet)" if not against_ce else "")
+                 + "".join(f"; {group}: uniformity {u:.4f}, CE {c:.4f}" for group, u, c in against_ce))
     for column, d in enumerate(("beauty", "toys")):
         lines.append(order_against_paper(f"Table 2 on {d}", {row: mean_ndcg(f"table2/{d}/{row}") for row in ABLATIONS},
                                          {row: PAPER_TABLE2[row][column][1] for row in ABLATIONS}, "rows"))
@@ -1128,15 +1149,20 @@ UNFINISHED_TITLE = "## Runs started but not finished (not in the tables above)"
 def tables(protocol):
     """The markdown of Tables 1-3 under one protocol, with the baselines ranked the same way."""
     datasets_title = ["Beauty", "Toys", "Sports", "Yelp"]
-    pairs = [(m, loss) for m in MODELS for loss in LOSSES]
+    pairs = [(m, loss) for m in MODELS for loss in TABLE1_LOSSES]
     title = PROTOCOL_TITLES[protocol]
+    paper = lambda m, loss: PAPER_TABLE1[m, loss] if loss != CE else [(None, None)] * len(DATASETS)
     table1 = table_rows([(f"{m} {loss}", [f"table1/{d}/{m}/{loss}" for d in DATASETS]) for m, loss in pairs],
-                        {f"{m} {loss}": PAPER_TABLE1[m, loss] for m, loss in pairs}, datasets_title, protocol)
+                        {f"{m} {loss}": paper(m, loss) for m, loss in pairs}, datasets_title, protocol)
     table2 = table_rows([(row, [f"table2/{d}/{row}" for d in ("beauty", "toys")]) for row in ABLATIONS],
                         PAPER_TABLE2, ["Beauty", "Toys"], protocol)
     table3 = table_rows([(beta, [f"table3/{d}/{beta}" for d in ("beauty", "toys")]) for beta in BETAS],
                         PAPER_TABLE3, ["Beauty", "Toys"], protocol)
-    return [f"## Table 1: backbones x losses ({title})", "", *table1, *baseline_rows(DATASETS, protocol), "",
+    return [f"## Table 1: backbones x losses ({title})", "",
+            "Each backbone's fifth row, ce, is beyond the paper: full-softmax cross-entropy over every item (RecBole's "
+            "SASRec default), which the paper did not run, so it has no paper number; \"What holds\" counts the "
+            "paper's four losses and shows CE beside them.", "",
+            *table1, *baseline_rows(DATASETS, protocol), "",
             f"## Table 2: ablation of the loss (SASRec; rows as in the paper; {title})", "",
             "(a) BCE; (b) normalized BCE; (c) + L_hom; (d) + L_het; (e) the full loss; (f) no L_rec; "
             "(g) no normalization.", "", *table2, *baseline_rows(["beauty", "toys"], protocol), "",

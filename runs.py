@@ -385,16 +385,17 @@ def build_parser():
         prog="uniform_seqrec.py",
         formatter_class=DefaultsHelpFormatter,
         description="Train a sequential recommender (GRU4Rec, Caser, SASRec) with BCE, BPR, InfoNCE or the "
-                    "paper's uniformity loss, early-stopped on validation NDCG@10, and report test HR/NDCG@5/10/20 "
-                    "ranking every item for every user.",
+                    "paper's uniformity loss (or, beyond the paper, cross-entropy over every item), early-stopped on "
+                    "validation NDCG@10, and report test HR/NDCG@5/10/20 ranking every item for every user.",
         epilog="Ablations of the paper's Table 2 (with --loss uniform): (b) --no-hom --no-het, (c) --no-het, "
                "(d) --no-hom, (e) nothing, (f) --no-rec, (g) --no-normalize; row (a) is --loss bce. "
                "A run writes config.json, log.jsonl, checkpoint.pt and metrics.json into its run folder; running "
                "the same command again resumes it.")
     what = parser.add_argument_group("what to train")
     what.add_argument("--model", choices=["gru4rec", "caser", "sasrec"], default="sasrec", help="backbone")
-    what.add_argument("--loss", choices=["bce", "bpr", "infonce", "uniform"], default="uniform",
-                      help="training objective; 'uniform' is the paper's eq. 6")
+    what.add_argument("--loss", choices=["bce", "bpr", "infonce", "uniform", "ce"], default="uniform",
+                      help="training objective; 'uniform' is the paper's eq. 6; 'ce', beyond the paper, is softmax "
+                           "cross-entropy of the positive over every item (RecBole's SASRec default), no negatives")
     what.add_argument("--data", default="beauty",
                       help=f"benchmark ({', '.join(BENCHMARKS)}) or the path of a one-line-per-user file")
     what.add_argument("--data-dir", default=default_data_dir(),
@@ -407,6 +408,10 @@ def build_parser():
     model.add_argument("--heads", type=int, default=2, help="SASRec attention heads (must divide --dim)")
     model.add_argument("--dropout", type=float, default=0.5, help="dropout rate")
     model.add_argument("--max-len", type=int, default=50, help="histories keep their last MAX_LEN items")
+    model.add_argument("--block", choices=["pre-ln", "original"], default="pre-ln",
+                       help="SASRec: its blocks as GPT-2's pre-LayerNorm x + f(LN(x)) (pre-ln), or as the original "
+                            "SASRec's (original: LayerNorm on the attention's queries only, keys and values from the "
+                            "unnormalized input, residuals adding the normalized input, LN(x) + f(LN(x)))")
     model.add_argument("--caser-window", type=int, default=5, help="Caser: the last L items it convolves")
     model.add_argument("--caser-activation", choices=["relu", "none"], default="relu",
                        help="Caser: activation of its fully connected layer (the original's ReLU, or none)")
@@ -461,7 +466,7 @@ EXTENDABLE_KEYS = ("epochs", "patience")
 # Keys added after runs had been recorded, with the value that every earlier run had without saying so. At that value
 # a key stays out of the configuration's hash, so the run folders of earlier configurations keep their names.
 LATER_KEYS = {"infonce_negatives": None, "caser_activation": "none", "caser_users": False,
-              "caser_output_table": False, "negatives": "unseen", "pack": False}
+              "caser_output_table": False, "negatives": "unseen", "block": "pre-ln", "pack": False}
 # The number of layers of each backbone's original (Kang & McAuley: 2 blocks; Hidasi et al.: 1 GRU layer). Caser
 # has no such depth; its value is only recorded.
 ORIGINAL_LAYERS = {"sasrec": 2, "gru4rec": 1, "caser": 1}
@@ -601,6 +606,9 @@ def check_config(config):
         raise ConfigError(f"{ablated[0]} only applies to --loss uniform")
     if not (config["rec"] or config["hom"] or config["het"]):
         raise ConfigError("--no-rec, --no-hom and --no-het together leave no loss to train")
+    if config["loss"] == "ce" and config["negatives"] != "unseen":   # CE reads no negatives: the same run, renamed
+        raise ConfigError("--negatives only applies to losses with sampled negatives, not --loss ce (it scores "
+                          "every item)")
     if config["infonce_negatives"] is not None:
         if config["loss"] != "infonce":
             raise ConfigError("--infonce-negatives only applies to --loss infonce")
@@ -649,10 +657,14 @@ def memory_estimate(config, sequences):
         weights = 8 * window * (window + 1) * d + (4 * d + 16 * window) * d   # horizontal filters of heights 1..L
         activations, flags = B * (4 * window * d + 16 * window * window), f"--caser-window {window}, --dim {d}"
     pairs = {"uniform": 40 * B * B, "infonce": 10 * B * B}.get(config["loss"], 0)  # (2B)^2 and B^2 potentials
+    # CE's B x (N + 1) logits: 5 copies at its peak (the logits, the softmax's exponentials, their gradients; the
+    # peak resident set of ce_loss's forward and backward, measured with B = 4,096 and Yelp's 20,034 ids)
+    logits = 5 * B * rows if config["loss"] == "ce" else 0
+    of_logits = f", and its {B:,} x {rows:,} logits (--loss ce)" if logits else ""
     return {f"the item table ({rows:,} rows, one per id up to the largest, x --dim {d})": 4 * 6 * rows * d,
             f"the model's weights ({flags})": 4 * 6 * weights,
-            f"one batch ({B:,} triplets, histories of up to {T} items; --batch-size {config['batch_size']}, {flags})":
-                4 * (activations + pairs),
+            f"one batch ({B:,} triplets, histories of up to {T} items; --batch-size {config['batch_size']}, {flags})"
+            f"{of_logits}": 4 * (activations + pairs + logits),
             f"evaluation (1,024 users x {rows:,} scores)": 12 * 1024 * rows}
 
 
@@ -662,10 +674,10 @@ def check_memory(config, sequences):
     terms = memory_estimate(config, sequences)
     if available and sum(terms.values()) > available:
         biggest, gib = max(terms, key=terms.get), sum(terms.values()) / 2 ** 30
-        table, _, _, scores = terms                                        # the terms that grow with the ids
+        table, _, batch, scores = terms                                    # the terms that grow with the ids
         largest, distinct = max(max(s) for s in sequences), len({i for s in sequences for i in s})
         sparse = ""
-        if biggest in (table, scores) and largest > 2 * distinct:
+        if (biggest in (table, scores) or biggest == batch and config["loss"] == "ce") and largest > 2 * distinct:
             sparse = f" (item ids run up to {largest:,} for {distinct:,} items: number them 1..{distinct:,})"
         words = MEMORY_WORDS.get(torch.device(config["device"]).type, "of")
         raise ConfigError(f"training would need about {gib:,.{1 if gib < 100 else 0}f} GiB, more than the "
@@ -794,6 +806,8 @@ def configure(argv, fetch=False):
     if config["pack"] and config["model"] != "sasrec":
         raise ConfigError("--pack only applies to --model sasrec (GRU4Rec's recurrence cannot share a row; Caser "
                           "reads only its last L items)")
+    if config["model"] != "sasrec" and "block" in given:
+        raise ConfigError("--block only applies to --model sasrec")
     if config["infonce_negatives"] is not None and config["infonce_negatives"] >= config["batch_size"]:
         config["infonce_negatives"] = None                                  # the whole batch: the default's run
     check_config(config)

@@ -98,7 +98,7 @@ def dispatched_by_training(tmp_path, monkeypatch, model, loss, *flags):
 
 
 BACKBONES_AND_LOSSES = [(m, loss) for m in ("sasrec", "gru4rec", "caser") for loss in ("bce", "bpr", "infonce",
-                                                                                        "uniform")]
+                                                                                        "uniform", "ce")]
 
 
 @pytest.mark.parametrize("model,loss", BACKBONES_AND_LOSSES, ids=[f"{m}-{l}" for m, l in BACKBONES_AND_LOSSES])
@@ -111,6 +111,7 @@ def test_training_and_evaluation_make_nothing_mps_lacks(tmp_path, monkeypatch, m
 
 def test_the_ablations_and_the_caser_switches_make_nothing_mps_lacks(tmp_path, monkeypatch):
     for model, flags in (("sasrec", ["--no-normalize"]), ("sasrec", ["--no-rec", "--mask-seen"]),
+                         ("sasrec", ["--block", "original"]),
                          ("caser", ["--caser-users", "--caser-output-table", "--caser-activation", "none"]),
                          ("gru4rec", ["--layers", "2"])):
         made = dispatched_by_training(tmp_path, monkeypatch, model, "uniform", *flags).made

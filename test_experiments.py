@@ -1,4 +1,5 @@
 """Tests of experiments.py: the cells of the paper's tables, and the results page built from recorded cells."""
+import glob
 import json
 import math
 import os
@@ -20,7 +21,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def test_the_tables_have_the_papers_cells():
-    assert len(E.cells("table1", E.DATASETS, E.MODELS)) == 48
+    table1 = E.cells("table1", E.DATASETS, E.MODELS)
+    paper = [f"table1/{d}/{m}/{loss}" for d in E.DATASETS for m in E.MODELS for loss in ("bce", "bpr", "infonce",
+                                                                                          "uniform")]
+    assert table1[:len(paper)] == paper                                       # every paper cell on its old line
+    assert table1[len(paper):] == [f"table1/{d}/{m}/ce" for d in E.DATASETS for m in E.MODELS]  # then CE's
+    everything = E.cells("all", E.DATASETS, E.MODELS)
+    assert everything[-len(E.DATASETS) * len(E.MODELS):] == table1[len(paper):]  # last in `all` too
     assert len(E.cells("table2", E.DATASETS, E.MODELS)) == 14
     assert len(E.cells("table3", E.DATASETS, E.MODELS)) == 10
     assert E.cells("table2", ["sports"], E.MODELS) == [] and E.cells("table2", E.DATASETS, ["gru4rec"]) == []
@@ -138,6 +145,29 @@ def test_results_page_shows_ours_beside_the_papers(tmp_path, monkeypatch):
     assert ("| table1/beauty/sasrec/uniform | 2 | 0.001 | 64 | 2 | 2 | 0.05 | 5 / 25 | cpu | machine not recorded | "
             "10 min | abc1234 |") in page
     assert "not finished" not in page                                         # no such section without runs
+
+
+def test_ce_is_a_row_without_a_paper_number_and_stays_out_of_the_papers_claim(tmp_path, monkeypatch):
+    """CE above the uniformity loss does not turn "the uniformity loss is best" (of the paper's four) into a "no":
+    it is shown beside that count, with its own."""
+    monkeypatch.setattr(E, "RESULTS", str(tmp_path))
+    for loss, ndcg in (("bce", 0.02), ("bpr", 0.03), ("infonce", 0.035), ("uniform", 0.04), ("ce", 0.05)):
+        write_cell(tmp_path, f"table1/beauty/sasrec/{loss}", 1, 0.06, ndcg)
+    write_cell(tmp_path, "table1/toys/gru4rec/ce", 1, 0.07, 0.03)             # CE alone in its group
+    lines = E.claims()
+    assert "holds in 1 of 1 complete backbone x dataset groups; sasrec on beauty: holds" in lines[0]
+    assert ("- Beside it, beyond the paper (CE, softmax over every item, is not one of the four losses counted above): "
+            "the uniformity loss above CE (test NDCG@10) in 0 of 1 backbone x dataset groups where both have run; "
+            "sasrec on beauty: uniformity 0.0400, CE 0.0500") in lines
+    E.report(str(tmp_path / "RESULTS.md"))
+    page = (tmp_path / "RESULTS.md").read_text()
+    rows = [line for line in page.splitlines() if line.startswith("| sasrec ce |")]
+    assert len(rows) == 2                                                     # one per protocol's Table 1
+    assert rows[0].startswith("| sasrec ce | - | 0.0600 | - | 0.0500 | - | not run | - | not run |")
+    assert "%" not in rows[0]                                                 # no difference to a paper number
+    assert [line for line in page.splitlines() if line.startswith("| gru4rec ce |")][0].startswith(
+        "| gru4rec ce | - | not run | - | not run | - | 0.0700 | - | 0.0300 |")
+    assert "| caser ce | - | not run | - | not run | - | not run |" in page
 
 
 def test_claims_compare_the_order_of_what_has_run(tmp_path, monkeypatch):
@@ -538,7 +568,7 @@ HEADER = "dataset\tmodel\tloss\tlr\tdim\tlayers\theads\tbeta\n"
     ("beauty sasrec bce 1e-3 64 2 2 0.05 9", "9 fields, not the 8"),
     ("Beauty sasrec bce 1e-3 64 2 2 0.05", "'Beauty' is not one of beauty"),
     ("beauty bert4rec bce 1e-3 64 2 2 0.05", "'bert4rec' is not one of gru4rec"),
-    ("beauty sasrec ce 1e-3 64 2 2 0.05", "'ce' is not one of bce"),
+    ("beauty sasrec sce 1e-3 64 2 2 0.05", "'sce' is not one of bce, bpr, infonce, uniform, ce"),
     ("beauty sasrec bce fast 64 2 2 0.05", "lr 'fast' is not a number"),
     ("beauty sasrec bce 0 64 2 2 0.05", "lr 0 is out of range"),
     ("beauty sasrec bce nan 64 2 2 0.05", "lr nan is out of range"),
@@ -558,7 +588,27 @@ def test_a_malformed_hyperparameter_row_is_one_line_naming_its_line(tmp_path, mo
 
 
 def test_the_committed_hyperparameter_table_reads():
-    assert len(E.read_hyperparameters()) == 48
+    """A row for every Table 1 cell, and each CE row at its backbone x dataset group's setting (the paper's four
+    share one), so that CE is compared on the same footing."""
+    chosen = E.read_hyperparameters()
+    assert set(chosen) == {tuple(cell.split("/")[1:]) for cell in E.cells("table1", E.DATASETS, E.MODELS)}
+    for d in E.DATASETS:
+        for m in E.MODELS:
+            assert chosen[d, m, "ce"] == chosen[d, m, "bce"] == chosen[d, m, "bpr"] == chosen[d, m, "infonce"]
+
+
+def test_every_recorded_cell_still_names_its_run_folder(tmp_path, monkeypatch):
+    """Run folders are found by the configuration's hash: a new choice (--loss ce) or a new cell must move none of
+    the recorded ones (results/cells/*.json, each naming its folder)."""
+    for name, *_ in R.BENCHMARKS.values():
+        (tmp_path / name).touch()                                             # configure() checks only that it exists
+    monkeypatch.setenv("UNIFORM_SEQREC_DATA", str(tmp_path))
+    hyperparameters, records = E.read_hyperparameters(), sorted(glob.glob(os.path.join(HERE, "results", "cells",
+                                                                                      "*.json")))
+    assert records
+    for path in records:
+        entry = E.read_record(path)
+        assert E.run_folder(entry["cell"], entry["seed"], hyperparameters) == entry["run_dir"], path
 
 
 @pytest.mark.parametrize("damage, expected", [
