@@ -622,7 +622,8 @@ def test_the_original_sasrec_block_matches_a_loop_over_positions():
                 attended = block.attention.out(sum(w * v for w, v in zip(weights, values)))
                 y = block.feed_forward_norm(query + attended)
                 expected[n, j] = y + block.feed_forward(y)
-        assert torch.allclose(block(x), expected, atol=1e-10)
+        future = torch.ones(5, 5, dtype=torch.bool).triu(1)
+        assert torch.allclose(block(x, future), expected, atol=1e-10)
 
 
 def test_the_two_sasrec_blocks_share_their_weights_and_differ():
