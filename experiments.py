@@ -10,7 +10,8 @@
 run_all.sh drives these. A cell is one training run of uniform_seqrec.py; its run folder is the default one
 (runs/<data>-<model>-<loss>-<hash of the configuration>), so cells with the same configuration share a run (Table 2
 row (e), Table 3 beta 0.05 and Table 1 SASRec + uniform are one run). Each finished cell is recorded as
-results/cells/<cell id>-seed<seed>.json with its metrics, configuration, seed, commit, device and wall time.
+results/cells/<cell id>-seed<seed>.json with its metrics, configuration, seed, commit, device, the machine that
+trained it (CPU model or GPU name, torch version; from its metrics.json) and wall time.
 """
 import glob
 import json
@@ -38,7 +39,12 @@ HYPERPARAMETERS = os.path.join(RESULTS, "hyperparameters.tsv")
 DATASETS = ["beauty", "toys", "sports", "yelp"]
 MODELS = ["gru4rec", "caser", "sasrec"]
 MODEL_NAMES = {"gru4rec": "GRU4Rec", "caser": "Caser", "sasrec": "SASRec"}
-LOSSES = ["bce", "bpr", "infonce", "uniform"]
+LOSSES = ["bce", "bpr", "infonce", "uniform"]  # the paper's four: its Table 1, its claims, the tuning grid
+# Beyond the paper, a fifth row per backbone in Table 1: full-softmax cross-entropy over every item (RecBole's SASRec
+# default). The paper has no number for it, and the page's "which loss is best" counts stay over the paper's four
+# (CE is shown beside them), so that the paper's claim keeps its meaning.
+CE = "ce"
+TABLE1_LOSSES = LOSSES + [CE]
 ABLATIONS = {  # Table 2: row -> (loss, flags); (a) is Table 1's SASRec + BCE cell, (e) its SASRec + uniform cell
     "a": ("bce", []), "b": ("uniform", ["--no-hom", "--no-het"]), "c": ("uniform", ["--no-het"]),
     "d": ("uniform", ["--no-hom"]), "e": ("uniform", []), "f": ("uniform", ["--no-rec"]),
@@ -96,7 +102,7 @@ def hyperparameter_row(fields):
         raise ValueError(f"{len(fields)} fields, not the 8 of the header (dataset model loss lr dim layers heads "
                          f"beta)")
     dataset, model, loss, lr, dim, layers, heads, beta = fields
-    for value, known in ((dataset, DATASETS), (model, MODELS), (loss, LOSSES)):
+    for value, known in ((dataset, DATASETS), (model, MODELS), (loss, TABLE1_LOSSES)):
         if value not in known:
             raise ValueError(f"'{value}' is not one of {', '.join(known)}")
     for name, value in (("dim", dim), ("layers", layers), ("heads", heads)):
@@ -198,6 +204,10 @@ def cells(what, datasets, models):
         found += [f"negatives/toys/{loss}" for loss in NEGATIVES_LOSSES]
     if what in ("readme", "all") and "beauty" in datasets and "sasrec" in models:
         found += [f"readme/beauty/{loss}" for loss in README_LOSSES]
+    if what in ("table1", "all"):
+        # CE's cells after all the others, so that every earlier cell keeps its line of a one-seed list (a Slurm
+        # array task runs the N-th: SLURM_ARRAY_TASK_ID=N names the same cell as before CE was added)
+        found += [f"table1/{d}/{m}/{CE}" for d in datasets for m in models]
     if what == "tune":
         for d in datasets:
             for m in models:
@@ -340,6 +350,33 @@ def recorded_ranking(cell, seed, run_dir, metrics, fingerprint):
     return {"protocols": protocols, "top_item_in_history": top_seen}
 
 
+def machine_of(metrics):
+    """The machine that trained a run, from its metrics.json: {"device", "name" (the GPU's name on CUDA, else the
+    CPU's model; None where the run's metrics.json predates naming it), "torch", "threads", "cpu_capability" (the
+    vector kernels torch ran on the CPU)}, or None where metrics.json names no settings at all. Read from the run,
+    never from the machine that records it: a run folder can be recorded elsewhere than where it trained."""
+    settings = metrics.get("device_settings")
+    if not isinstance(settings, dict):
+        return None
+    on_gpu = str(settings.get("device", "")).startswith("cuda")
+    return {"device": settings.get("device"), "name": settings.get("name" if on_gpu else "cpu"),
+            "torch": settings.get("torch"), "threads": settings.get("threads"),
+            "cpu_capability": settings.get("cpu_capability")}
+
+
+def machine_label(machine):
+    """A record's machine in a few words: 'AMD EPYC (family 25, model 17), AVX512, torch 2.13.0, 1 thread' (a GPU
+    run: its name and torch); what a run did not record is said, never filled in from this machine."""
+    if not isinstance(machine, dict):
+        return "machine not recorded"
+    on_cpu = not str(machine.get("device")).startswith("cuda")
+    threads, capability = machine.get("threads"), machine.get("cpu_capability")
+    return ", ".join([machine.get("name") or f"{machine.get('device')} (model not recorded)",
+                      *([capability] if on_cpu and capability else []),
+                      f"torch {machine.get('torch') or 'not recorded'}",
+                      *([f"{threads} thread{'s' * (threads != 1)}"] if on_cpu and isinstance(threads, int) else [])])
+
+
 def record(cell, seed, run_dir):
     """Write the cell's JSON from its finished run folder: its metrics under both protocols, the best state's
     validation metrics, the data file's fingerprint, and how often its top item is one of the user's own."""
@@ -354,8 +391,8 @@ def record(cell, seed, run_dir):
     ranked["protocols"] = metrics.get("protocols") or ranked["protocols"]  # as ranked on the training device
     entry = {"cell": cell, "seed": seed, "test": metrics["test"], "valid": metrics["valid"], **ranked,
              "best_epoch": metrics["best_epoch"], "epochs": metrics["epochs"], "device": metrics["device"],
-             "wall_seconds": wall_seconds(run_dir, log), "commit": commit, "run_dir": os.path.relpath(run_dir, HERE),
-             "config": {**config, "data_fingerprint": fingerprint}}
+             "machine": machine_of(metrics), "wall_seconds": wall_seconds(run_dir, log), "commit": commit,
+             "run_dir": os.path.relpath(run_dir, HERE), "config": {**config, "data_fingerprint": fingerprint}}
     write_record(cell, seed, entry)
 
 
@@ -692,6 +729,115 @@ def repeats(dataset, run_dirs):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# What counts as a win: Welch's t-test over the seeds (docs/results.md, "What counts as a win"). The standard library
+# only, no scipy: Student's t distribution through the regularized incomplete beta function.
+# ---------------------------------------------------------------------------------------------------------------
+
+LEVEL = 0.05                                      # a difference is a win where the two-sided p is below this
+
+
+def incomplete_beta(a, b, x):
+    """The regularized incomplete beta function I_x(a, b) for a, b > 0 and 0 <= x <= 1, by its continued fraction
+    (Numerical Recipes, section 6.4, evaluated by the modified Lentz method). The fraction converges fast for
+    x < (a + 1) / (a + b + 2); above that, I_x(a, b) = 1 - I_{1-x}(b, a) puts it there."""
+    if x <= 0 or x >= 1:
+        return 0.0 if x <= 0 else 1.0
+    if x > (a + 1) / (a + b + 2):
+        return 1.0 - incomplete_beta(b, a, 1.0 - x)
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    tiny = 1e-300                                                           # keeps Lentz's divisions finite
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    fraction = d
+    for m in range(1, 10000):
+        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),            # the even step d_2m
+                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):  # the odd step d_2m+1
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            fraction *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            return math.exp(log_front) * fraction / a
+    raise ArithmeticError(f"the incomplete beta fraction did not converge (a {a}, b {b}, x {x})")
+
+
+def student_t_two_sided(t, df):
+    """P(|T| >= |t|) for Student's t distribution with df > 0 degrees of freedom (any real df, as Welch's test
+    needs): I_{df / (df + t^2)}(df / 2, 1 / 2)."""
+    if math.isinf(t):
+        return 0.0
+    return incomplete_beta(df / 2, 0.5, df / (df + t * t))
+
+
+def welch(first, second):
+    """Welch's t-test of two samples (each of 2 or more values) for a difference of means: (t, degrees of freedom
+    by Welch-Satterthwaite, two-sided p). Welch's, not Student's: the seeds of two losses need not spread alike.
+    Two samples that do not vary at all give p 0 where their means differ and 1 where they do not."""
+    shares = [statistics.variance(x) / len(x) for x in (first, second)]    # squared standard errors
+    difference = statistics.mean(first) - statistics.mean(second)
+    if sum(shares) == 0:
+        return (math.copysign(math.inf, difference) if difference else 0.0), math.inf, float(difference == 0)
+    t = difference / math.sqrt(sum(shares))
+    df = sum(shares) ** 2 / sum(v * v / (len(x) - 1) for v, x in zip(shares, (first, second)))
+    return t, df, student_t_two_sided(t, df)
+
+
+def decide(first, second, level=LEVEL):
+    """The rule, for two losses' per-seed test NDCG@10 (first the better by mean): 'win' where Welch's test gives a
+    two-sided p below `level`, 'tie' where it does not, 'one seed' where either has fewer than 2 seeds (one seed
+    has no spread to test: it cannot say how far another seed, or another machine, would move it). Returns
+    (outcome, the test's (t, df, p) or None)."""
+    if min(len(first), len(second)) < 2:
+        return "one seed", None
+    test = welch(first, second)
+    return ("win" if test[2] < level else "tie"), test
+
+
+def two_best(seeds_by_loss):
+    """The two losses with the highest mean (their per-seed values in seeds_by_loss), the better first."""
+    ranked = sorted(seeds_by_loss, key=lambda loss: statistics.mean(seeds_by_loss[loss]), reverse=True)
+    return ranked[0], ranked[1]
+
+
+def uniformity_verdict(best, runner_up, outcome):
+    """What a group says of the claim "the uniformity loss is best": 'win' where it is best and the test separates
+    it from the runner-up, 'tie' where it is one of the two best and the test does not separate them, 'loss'
+    otherwise (another loss wins, or two others tie for best), and 'not decided: one seed' where the test cannot
+    be made."""
+    if outcome == "one seed":
+        return "not decided: one seed"
+    if outcome == "win":
+        return "win" if best == "uniform" else "loss"
+    return "tie" if "uniform" in (best, runner_up) else "loss"
+
+
+def mean_sd(values):
+    """'0.0342 ± 0.0014, 3 seeds', or '0.0422, 1 seed'."""
+    spread = f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else ""
+    return f"{statistics.mean(values):.4f}{spread}, {len(values)} seed{'s' * (len(values) != 1)}"
+
+
+def group_line(seeds_by_loss, complete):
+    """One group's verdict and its numbers: 'tie (uniform 0.0342 ± 0.0014, 3 seeds; infonce 0.0330 ± 0.0008, 3 seeds;
+    Welch's t 1.29, df 3.2, p 0.28)': the two best by mean first, then the uniformity loss where it is not one of
+    them. A partial group (not every loss ranked this way yet) gets the outcome between its two best so far instead
+    of a verdict."""
+    best, runner_up = two_best(seeds_by_loss)
+    outcome, test = decide(seeds_by_loss[best], seeds_by_loss[runner_up])
+    if complete:
+        verdict = uniformity_verdict(best, runner_up, outcome)
+    else:
+        verdict = {"one seed": "not decided: one seed", "win": f"so far {best} wins",
+                   "tie": f"so far {best} and {runner_up} tie"}[outcome]
+    shown = [best, runner_up] + (["uniform"] if "uniform" in seeds_by_loss and "uniform" not in (best, runner_up)
+                                 else [])
+    numbers = "; ".join(f"{loss} {mean_sd(seeds_by_loss[loss])}" for loss in shown)
+    welch_part = f"; Welch's t {test[0]:.2f}, df {test[1]:.1f}, p {test[2]:.2g}" if test else ""
+    return f"{verdict} ({numbers}{welch_part})", verdict
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The results page
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -719,12 +865,13 @@ def recorded(cell, protocol="all_items"):
 
 
 def show(values, paper):
-    """'ours (±sd) / relative difference to the paper' for one metric, or 'not run'."""
+    """'ours (±sd) / relative difference to the paper' for one metric (no difference where the paper has no number:
+    paper None), or 'not run'."""
     if not values:
         return "not run"
     mean = statistics.mean(values)
     spread = f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else ""
-    return f"{mean:.4f}{spread} ({100 * (mean - paper) / paper:+.0f}%)"
+    return f"{mean:.4f}{spread}" + (f" ({100 * (mean - paper) / paper:+.0f}%)" if paper is not None else "")
 
 
 def read_baselines():
@@ -750,7 +897,8 @@ def baseline_rows(datasets, protocol="all_items"):
 
 
 def table_rows(row_cells, paper_rows, columns, protocol="all_items"):
-    """Markdown rows: label, then for each column 'paper HR | ours HR | paper NDCG | ours NDCG'."""
+    """Markdown rows: label, then for each column 'paper HR | ours HR | paper NDCG | ours NDCG'; a row whose paper
+    values are None (beyond the paper) shows '-' for them."""
     rows = []
     for label, cell_of_column in row_cells:
         fields = [label]
@@ -758,8 +906,9 @@ def table_rows(row_cells, paper_rows, columns, protocol="all_items"):
             runs = recorded(cell, protocol) if cell else []
             paper_hr, paper_ndcg = paper_rows[label][column]
             one_way = not runs and cell and recorded(cell, "all_items")     # its folder was gone: ranked one way
-            fields += [f"{paper_hr:.4f}", "ranked one way" if one_way else show([r[0] for r in runs], paper_hr),
-                       f"{paper_ndcg:.4f}", "ranked one way" if one_way else show([r[1] for r in runs], paper_ndcg)]
+            paper_text = lambda value: "-" if value is None else f"{value:.4f}"
+            fields += [paper_text(paper_hr), "ranked one way" if one_way else show([r[0] for r in runs], paper_hr),
+                       paper_text(paper_ndcg), "ranked one way" if one_way else show([r[1] for r in runs], paper_ndcg)]
         rows.append("| " + " | ".join(fields) + " |")
     header = "| | " + " | ".join(f"{c} HR@10 paper | ours | NDCG@10 paper | ours" for c in columns) + " |"
     return [header, "|" + "---|" * (1 + 4 * len(columns)), *rows]
@@ -785,30 +934,46 @@ def order_against_paper(label, ours, paper, names, peak=None):
     return f"- {label}, {done}, by NDCG@10: ours {best_first(ours) or '-'}; paper {best_first(paper) or '-'}"
 
 
+RULE = (f"the rule (docs/results.md, \"What counts as a win\"): Welch's t-test over the seeds of the group's two "
+        f"best losses by mean, two-sided p < {LEVEL:g} a win, else a tie; fewer than 2 seeds of either: not decided")
+
+
 def claims(protocol="all_items"):
-    """Which of the paper's claims hold on the cells run so far (partial groups are compared on what has run)."""
+    """Which of the paper's claims hold on the cells run so far (partial groups are compared on what has run);
+    whether the uniformity loss is best in a backbone x dataset group is decided by the rule (decide())."""
     lines = []
     def mean_ndcg(cell):
         runs = recorded(cell, protocol)
         return statistics.mean(r[1] for r in runs) if runs else None
 
-    verdicts, partial = [], []
+    verdicts, groups, partial = [], [], []
     for column, d in enumerate(DATASETS):
         for m in MODELS:
-            scores = {loss: mean_ndcg(f"table1/{d}/{m}/{loss}") for loss in LOSSES}
-            paper = {loss: PAPER_TABLE1[m, loss][column][1] for loss in LOSSES if scores[loss] is not None}
-            if all(v is not None for v in scores.values()):
-                verdicts.append((f"{m} on {d}", max(scores, key=scores.get)))
-            elif len(paper) > 1:
-                partial.append(f"  - {m} on {d}, losses run so far, by NDCG@10: ours {best_first(scores)}; "
-                               f"paper {best_first(paper)}")
-    held = sum(best == "uniform" for _, best in verdicts)
-    lines.append(f"- Uniformity loss best (test NDCG@10) per backbone and dataset: holds in {held} of "
-                 f"{len(verdicts)} complete backbone x dataset groups"
-                 + (" (none complete yet)" if not verdicts else "")
-                 + "".join(f"; {group}: {'holds' if best == 'uniform' else best + ' is best'}"
-                           for group, best in verdicts))
-    lines += partial
+            seeds = {loss: [r[1] for r in recorded(f"table1/{d}/{m}/{loss}", protocol)] for loss in LOSSES}
+            seeds = {loss: values for loss, values in seeds.items() if values}
+            if len(seeds) == len(LOSSES):
+                line, verdict = group_line(seeds, complete=True)
+                verdicts.append(verdict)
+                groups.append(f"  - {m} on {d}: {line}")
+            elif len(seeds) > 1:
+                paper = {loss: PAPER_TABLE1[m, loss][column][1] for loss in seeds}
+                partial.append(f"  - {m} on {d}, partial (ranked this way so far: {', '.join(seeds)}): "
+                               f"{group_line(seeds, complete=False)[0]}; the paper's order {best_first(paper)}")
+    counts = ", ".join(f"{word} in {verdicts.count(word)}" for word in ("win", "tie", "loss"))
+    lines.append(f"- The uniformity loss against the other losses per backbone x dataset (test NDCG@10, mean ± sd and "
+                 f"seeds of each; {RULE}): "
+                 + (f"{counts} of {len(verdicts)} complete groups; not decided (one seed) in "
+                    f"{verdicts.count('not decided: one seed')}" if verdicts else "none complete yet"))
+    lines += groups + partial
+    # CE beside the paper's claim, not in it: the count above stays "best of the paper's four losses"
+    against_ce = [(f"{m} on {d}", mean_ndcg(f"table1/{d}/{m}/uniform"), mean_ndcg(f"table1/{d}/{m}/{CE}"))
+                  for d in DATASETS for m in MODELS]
+    against_ce = [(group, uniform, ce) for group, uniform, ce in against_ce if uniform is not None and ce is not None]
+    lines.append(f"- Beside it, beyond the paper (CE, softmax over every item, is not one of the four losses counted "
+                 f"above): the uniformity loss above CE (test NDCG@10) in {sum(u > c for _, u, c in against_ce)} of "
+                 f"{len(against_ce)} backbone x dataset groups where both have run"
+                 + (" (none yet)" if not against_ce else "")
+                 + "".join(f"; {group}: uniformity {u:.4f}, CE {c:.4f}" for group, u, c in against_ce))
     for column, d in enumerate(("beauty", "toys")):
         lines.append(order_against_paper(f"Table 2 on {d}", {row: mean_ndcg(f"table2/{d}/{row}") for row in ABLATIONS},
                                          {row: PAPER_TABLE2[row][column][1] for row in ABLATIONS}, "rows"))
@@ -984,15 +1149,20 @@ UNFINISHED_TITLE = "## Runs started but not finished (not in the tables above)"
 def tables(protocol):
     """The markdown of Tables 1-3 under one protocol, with the baselines ranked the same way."""
     datasets_title = ["Beauty", "Toys", "Sports", "Yelp"]
-    pairs = [(m, loss) for m in MODELS for loss in LOSSES]
+    pairs = [(m, loss) for m in MODELS for loss in TABLE1_LOSSES]
     title = PROTOCOL_TITLES[protocol]
+    paper = lambda m, loss: PAPER_TABLE1[m, loss] if loss != CE else [(None, None)] * len(DATASETS)
     table1 = table_rows([(f"{m} {loss}", [f"table1/{d}/{m}/{loss}" for d in DATASETS]) for m, loss in pairs],
-                        {f"{m} {loss}": PAPER_TABLE1[m, loss] for m, loss in pairs}, datasets_title, protocol)
+                        {f"{m} {loss}": paper(m, loss) for m, loss in pairs}, datasets_title, protocol)
     table2 = table_rows([(row, [f"table2/{d}/{row}" for d in ("beauty", "toys")]) for row in ABLATIONS],
                         PAPER_TABLE2, ["Beauty", "Toys"], protocol)
     table3 = table_rows([(beta, [f"table3/{d}/{beta}" for d in ("beauty", "toys")]) for beta in BETAS],
                         PAPER_TABLE3, ["Beauty", "Toys"], protocol)
-    return [f"## Table 1: backbones x losses ({title})", "", *table1, *baseline_rows(DATASETS, protocol), "",
+    return [f"## Table 1: backbones x losses ({title})", "",
+            "Each backbone's fifth row, ce, is beyond the paper: full-softmax cross-entropy over every item (RecBole's "
+            "SASRec default), which the paper did not run, so it has no paper number; \"What holds\" counts the "
+            "paper's four losses and shows CE beside them.", "",
+            *table1, *baseline_rows(DATASETS, protocol), "",
             f"## Table 2: ablation of the loss (SASRec; rows as in the paper; {title})", "",
             "(a) BCE; (b) normalized BCE; (c) + L_hom; (d) + L_het; (e) the full loss; (f) no L_rec; "
             "(g) no normalization.", "", *table2, *baseline_rows(["beauty", "toys"], protocol), "",
@@ -1018,13 +1188,13 @@ def unfinished_section(unfinished, previous_page):
 def report(path=None, unfinished=()):
     path = path or os.path.join(RESULTS, "RESULTS.md")
     entries = [read_record(p) for p in sorted(glob.glob(os.path.join(RESULTS, "cells", "*.json")))]
-    runs = ["| cell | seed | lr | dim | layers | heads | beta | best epoch / epochs | device | wall | commit |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    runs = ["| cell | seed | lr | dim | layers | heads | beta | best epoch / epochs | device | machine | wall | "
+            "commit |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in entries:
         c = e["config"]
         runs.append(f"| {e['cell']} | {e['seed']} | {c['lr']:g} | {c['dim']} | {c['layers']} | {c['heads']} | "
                     f"{c['beta']:g} | {e['best_epoch']} / {e['epochs']} | {e['device']} | "
-                    f"{e['wall_seconds'] / 60:.0f} min | {e['commit']} |")
+                    f"{machine_label(e.get('machine'))} | {e['wall_seconds'] / 60:.0f} min | {e['commit']} |")
     one_way = ranked_one_way()
     text = "\n".join([
         "# Results beside the paper's",
@@ -1038,6 +1208,8 @@ def report(path=None, unfinished=()):
         "The rows marked \"no model\" are two baselines on the same protocol (`python experiments.py baselines`):",
         "item popularity, and first-order item transitions (how often each item followed the user's last three",
         "items in the training parts, weighted decay^k, decay chosen on validation; popularity breaks ties).",
+        "A seed's numbers repeat exactly only on the machine that made them (docs/results.md, \"What counts as a",
+        "win\"); the last table names each run's machine where its record holds it.",
         "",
         *(f"## What holds so far ({PROTOCOL_TITLES[p]})\n\n" + "\n".join(claims(p)) + "\n" for p in U.PROTOCOLS),
         "## Which protocol: the cells ranked both ways against the paper", "",

@@ -385,16 +385,17 @@ def build_parser():
         prog="uniform_seqrec.py",
         formatter_class=DefaultsHelpFormatter,
         description="Train a sequential recommender (GRU4Rec, Caser, SASRec) with BCE, BPR, InfoNCE or the "
-                    "paper's uniformity loss, early-stopped on validation NDCG@10, and report test HR/NDCG@5/10/20 "
-                    "ranking every item for every user.",
+                    "paper's uniformity loss (or, beyond the paper, cross-entropy over every item), early-stopped on "
+                    "validation NDCG@10, and report test HR/NDCG@5/10/20 ranking every item for every user.",
         epilog="Ablations of the paper's Table 2 (with --loss uniform): (b) --no-hom --no-het, (c) --no-het, "
                "(d) --no-hom, (e) nothing, (f) --no-rec, (g) --no-normalize; row (a) is --loss bce. "
                "A run writes config.json, log.jsonl, checkpoint.pt and metrics.json into its run folder; running "
                "the same command again resumes it.")
     what = parser.add_argument_group("what to train")
     what.add_argument("--model", choices=["gru4rec", "caser", "sasrec"], help="backbone")
-    what.add_argument("--loss", choices=["bce", "bpr", "infonce", "uniform"],
-                      help="training objective; 'uniform' is the paper's eq. 6")
+    what.add_argument("--loss", choices=["bce", "bpr", "infonce", "uniform", "ce"],
+                      help="training objective; 'uniform' is the paper's eq. 6; 'ce', beyond the paper, is softmax "
+                           "cross-entropy of the positive over every item (RecBole's SASRec default), no negatives")
     what.add_argument("--data", help=f"benchmark ({', '.join(BENCHMARKS)}) or the path of a one-line-per-user file")
     what.add_argument("--data-dir", default=default_data_dir(),
                       help="folder holding the benchmark files (environment variable UNIFORM_SEQREC_DATA)")
@@ -406,6 +407,10 @@ def build_parser():
     model.add_argument("--heads", type=int, help="SASRec attention heads (must divide --dim)")
     model.add_argument("--dropout", type=float, help="dropout rate")
     model.add_argument("--max-len", type=int, help="histories keep their last MAX_LEN items")
+    model.add_argument("--block", choices=["pre-ln", "original"],
+                       help="SASRec: its blocks as GPT-2's pre-LayerNorm x + f(LN(x)) (pre-ln), or as the original "
+                            "SASRec's (original: LayerNorm on the attention's queries only, keys and values from the "
+                            "unnormalized input, residuals adding the normalized input, LN(x) + f(LN(x)))")
     model.add_argument("--caser-window", type=int, help="Caser: the last L items it convolves")
     model.add_argument("--caser-activation", choices=["relu", "none"],
                        help="Caser: activation of its fully connected layer (the original's ReLU, or none)")
@@ -464,7 +469,7 @@ EXTENDABLE_KEYS = ("epochs", "patience")
 # Keys added after runs had been recorded, with the value that every earlier run had without saying so. At that value
 # a key stays out of the configuration's hash, so the run folders of earlier configurations keep their names.
 LATER_KEYS = {"infonce_negatives": None, "caser_activation": "none", "caser_users": False,
-              "caser_output_table": False, "negatives": "unseen", "pack": False}
+              "caser_output_table": False, "negatives": "unseen", "block": "pre-ln", "pack": False}
 
 
 SEE_DEVICES = ("see which there are with: python -c \"import torch; print(torch.cuda.device_count(), 'CUDA', "
@@ -499,6 +504,28 @@ def resolve_device(name):
     return name
 
 
+def cpu_model(cpuinfo="/proc/cpuinfo"):
+    """The CPU's model as the system names it (Linux: the first processor's "model name" in /proc/cpuinfo, with its
+    family and model numbers, since a virtual machine may name only "AMD EPYC"; elsewhere what platform says), or
+    None when neither says. A CPU run's numbers repeat exactly only on the same machine: another one may round floats
+    otherwise, and that compounds over the epochs (docs/results.md, "What counts as a win")."""
+    fields = {}
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if not line.strip():                                        # the first processor's block ends
+                    break
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    if not fields.get("model name"):
+        return platform.processor() or None
+    numbers = [f"{label} {fields[key]}" for label, key in (("family", "cpu family"), ("model", "model"))
+               if fields.get(key)]
+    return fields["model name"] + (f" ({', '.join(numbers)})" if numbers else "")
+
+
 def device_settings(device):
     """Set what "same command, same seed, same numbers" needs on `device`, and return what trains the run, for its
     metrics.json. Called once, before training; importing this file sets nothing.
@@ -526,7 +553,8 @@ def device_settings(device):
         torch.use_deterministic_algorithms(True, warn_only=True)
         warnings.filterwarnings("ignore", message=r"\S*histc\S* does not have a deterministic implementation")
     settings = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                "float32_matmul_precision": torch.get_float32_matmul_precision()}
+                "float32_matmul_precision": torch.get_float32_matmul_precision(), "cpu": cpu_model(),
+                "cpu_capability": torch.backends.cpu.get_cpu_capability()}  # the vector kernels torch runs (AVX2...)
     if device.type == "cuda":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -574,6 +602,9 @@ def check_config(config):
         raise ConfigError(f"{ablated[0]} only applies to --loss uniform")
     if not (config["rec"] or config["hom"] or config["het"]):
         raise ConfigError("--no-rec, --no-hom and --no-het together leave no loss to train")
+    if config["loss"] == "ce" and config["negatives"] != "unseen":   # CE reads no negatives: the same run, renamed
+        raise ConfigError("--negatives only applies to losses with sampled negatives, not --loss ce (it scores "
+                          "every item)")
     if config["infonce_negatives"] is not None:
         if config["loss"] != "infonce":
             raise ConfigError("--infonce-negatives only applies to --loss infonce")
@@ -622,10 +653,14 @@ def memory_estimate(config, sequences):
         weights = 8 * window * (window + 1) * d + (4 * d + 16 * window) * d   # horizontal filters of heights 1..L
         activations, flags = B * (4 * window * d + 16 * window * window), f"--caser-window {window}, --dim {d}"
     pairs = {"uniform": 40 * B * B, "infonce": 10 * B * B}.get(config["loss"], 0)  # (2B)^2 and B^2 potentials
+    # CE's B x (N + 1) logits: 5 copies at its peak (the logits, the softmax's exponentials, their gradients; the
+    # peak resident set of ce_loss's forward and backward, measured with B = 4,096 and Yelp's 20,034 ids)
+    logits = 5 * B * rows if config["loss"] == "ce" else 0
+    of_logits = f", and its {B:,} x {rows:,} logits (--loss ce)" if logits else ""
     return {f"the item table ({rows:,} rows, one per id up to the largest, x --dim {d})": 4 * 6 * rows * d,
             f"the model's weights ({flags})": 4 * 6 * weights,
-            f"one batch ({B:,} triplets, histories of up to {T} items; --batch-size {config['batch_size']}, {flags})":
-                4 * (activations + pairs),
+            f"one batch ({B:,} triplets, histories of up to {T} items; --batch-size {config['batch_size']}, {flags})"
+            f"{of_logits}": 4 * (activations + pairs + logits),
             f"evaluation (1,024 users x {rows:,} scores)": 12 * 1024 * rows}
 
 
@@ -635,10 +670,10 @@ def check_memory(config, sequences):
     terms = memory_estimate(config, sequences)
     if available and sum(terms.values()) > available:
         biggest, gib = max(terms, key=terms.get), sum(terms.values()) / 2 ** 30
-        table, _, _, scores = terms                                        # the terms that grow with the ids
+        table, _, batch, scores = terms                                    # the terms that grow with the ids
         largest, distinct = max(max(s) for s in sequences), len({i for s in sequences for i in s})
         sparse = ""
-        if biggest in (table, scores) and largest > 2 * distinct:
+        if (biggest in (table, scores) or biggest == batch and config["loss"] == "ce") and largest > 2 * distinct:
             sparse = f" (item ids run up to {largest:,} for {distinct:,} items: number them 1..{distinct:,})"
         words = MEMORY_WORDS.get(torch.device(config["device"]).type, "of")
         raise ConfigError(f"training would need about {gib:,.{1 if gib < 100 else 0}f} GiB, more than the "
@@ -762,6 +797,8 @@ def configure(argv, fetch=False):
     if config["pack"] and config["model"] != "sasrec":
         raise ConfigError("--pack only applies to --model sasrec (GRU4Rec's recurrence cannot share a row; Caser "
                           "reads only its last L items)")
+    if config["model"] != "sasrec" and "block" in given:
+        raise ConfigError("--block only applies to --model sasrec")
     # the method's settings resolved as a notebook's Config resolves them (layers, length groups, Caser's activation,
     # InfoNCE's whole batch, the device "auto"): the command line and a Config give one configuration
     config.update(asdict(U.Config(**{key: config[key] for key in CONFIG_DEFAULTS})))

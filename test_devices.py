@@ -98,7 +98,7 @@ def dispatched_by_training(tmp_path, monkeypatch, model, loss, *flags):
 
 
 BACKBONES_AND_LOSSES = [(m, loss) for m in ("sasrec", "gru4rec", "caser") for loss in ("bce", "bpr", "infonce",
-                                                                                        "uniform")]
+                                                                                        "uniform", "ce")]
 
 
 @pytest.mark.parametrize("model,loss", BACKBONES_AND_LOSSES, ids=[f"{m}-{l}" for m, l in BACKBONES_AND_LOSSES])
@@ -111,6 +111,7 @@ def test_training_and_evaluation_make_nothing_mps_lacks(tmp_path, monkeypatch, m
 
 def test_the_ablations_and_the_caser_switches_make_nothing_mps_lacks(tmp_path, monkeypatch):
     for model, flags in (("sasrec", ["--no-normalize"]), ("sasrec", ["--no-rec", "--mask-seen"]),
+                         ("sasrec", ["--block", "original"]),
                          ("caser", ["--caser-users", "--caser-output-table", "--caser-activation", "none"]),
                          ("gru4rec", ["--layers", "2"])):
         made = dispatched_by_training(tmp_path, monkeypatch, model, "uniform", *flags).made
@@ -309,6 +310,7 @@ def test_on_cuda_the_settings_turn_off_tf32_and_nondeterminism(global_settings, 
     assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
     assert settings == {"device": "cuda", "torch": torch.__version__, "threads": torch.get_num_threads(),
+                        "cpu": R.cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                         "float32_matmul_precision": "highest", "cudnn_allow_tf32": False,
                         "cuda_matmul_allow_tf32": False, "name": "NVIDIA H100 80GB HBM3", "cuda": torch.version.cuda,
                         "cudnn": 90100, "cudnn_deterministic": True, "cudnn_benchmark": False,
@@ -337,7 +339,9 @@ def test_on_the_cpu_and_mps_the_settings_change_nothing(global_settings, monkeyp
     settings = R.device_settings(device)
     assert cpu_flags() == before
     assert settings == {"device": device, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                        "float32_matmul_precision": "highest", **({"macos": "15.1"} if device == "mps" else {})}
+                        "float32_matmul_precision": "highest", "cpu": R.cpu_model(),
+                        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                        **({"macos": "15.1"} if device == "mps" else {})}
 
 
 def test_settings_are_set_once_before_training_and_recorded_in_metrics_json(tmp_path, monkeypatch):
@@ -592,3 +596,18 @@ def test_smoke_same_seed_same_numbers_on_cuda(tmp_path, global_settings, device)
 
 def metrics_log(run):
     return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def test_the_cpu_model_is_read_from_cpuinfo_or_platform(tmp_path, monkeypatch):
+    """metrics.json names the CPU model (a CPU run repeats its numbers only on the same model): /proc/cpuinfo's
+    first "model name", else what platform says, else None."""
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: X\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: Some CPU\n\n"
+                       "processor\t: 1\nmodel name\t: Other\n")
+    assert R.cpu_model(str(cpuinfo)) == "Some CPU (family 25, model 17)"
+    cpuinfo.write_text("model name\t: Some CPU 1234\n")                       # no numbers: the name alone
+    assert R.cpu_model(str(cpuinfo)) == "Some CPU 1234"
+    monkeypatch.setattr("platform.processor", lambda: "arm")
+    assert R.cpu_model(str(tmp_path / "none")) == "arm"
+    monkeypatch.setattr("platform.processor", lambda: "")
+    assert R.cpu_model(str(tmp_path / "none")) is None

@@ -1,4 +1,5 @@
 """Tests of experiments.py: the cells of the paper's tables, and the results page built from recorded cells."""
+import glob
 import json
 import math
 import os
@@ -20,7 +21,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def test_the_tables_have_the_papers_cells():
-    assert len(E.cells("table1", E.DATASETS, E.MODELS)) == 48
+    table1 = E.cells("table1", E.DATASETS, E.MODELS)
+    paper = [f"table1/{d}/{m}/{loss}" for d in E.DATASETS for m in E.MODELS for loss in ("bce", "bpr", "infonce",
+                                                                                          "uniform")]
+    assert table1[:len(paper)] == paper                                       # every paper cell on its old line
+    assert table1[len(paper):] == [f"table1/{d}/{m}/ce" for d in E.DATASETS for m in E.MODELS]  # then CE's
+    everything = E.cells("all", E.DATASETS, E.MODELS)
+    assert everything[-len(E.DATASETS) * len(E.MODELS):] == table1[len(paper):]  # last in `all` too
     assert len(E.cells("table2", E.DATASETS, E.MODELS)) == 14
     assert len(E.cells("table3", E.DATASETS, E.MODELS)) == 10
     assert E.cells("table2", ["sports"], E.MODELS) == [] and E.cells("table2", E.DATASETS, ["gru4rec"]) == []
@@ -131,9 +138,36 @@ def test_results_page_shows_ours_beside_the_papers(tmp_path, monkeypatch):
     # Beauty: paper .0821 / .0371; ours mean .0821 (sd .0030) and .0410 (sd .0014), +0% and +11%
     assert "| 0.0821 | 0.0821 ± 0.0030 (+0%) | 0.0371 | 0.0410 ± 0.0014 (+11%) |" in row
     assert row.count("not run") == 6                                          # Toys, Sports, Yelp: HR and NDCG
-    assert "holds in 1 of 1 complete backbone x dataset groups; sasrec on beauty: holds" in page
-    assert "| table1/beauty/sasrec/uniform | 2 | 0.001 | 64 | 2 | 2 | 0.05 | 5 / 25 | cpu | 10 min | abc1234 |" in page
+    # two seeds of the uniformity loss but one of InfoNCE, the runner-up: the test cannot be made
+    assert "win in 0, tie in 0, loss in 0 of 1 complete groups; not decided (one seed) in 1" in page
+    assert ("  - sasrec on beauty: not decided: one seed (uniform 0.0410 ± 0.0014, 2 seeds; infonce 0.0350, 1 seed)"
+            in page)
+    assert ("| table1/beauty/sasrec/uniform | 2 | 0.001 | 64 | 2 | 2 | 0.05 | 5 / 25 | cpu | machine not recorded | "
+            "10 min | abc1234 |") in page
     assert "not finished" not in page                                         # no such section without runs
+
+
+def test_ce_is_a_row_without_a_paper_number_and_stays_out_of_the_papers_claim(tmp_path, monkeypatch):
+    """CE above the uniformity loss does not turn "the uniformity loss is best" (of the paper's four) into a "no":
+    it is shown beside that count, with its own."""
+    monkeypatch.setattr(E, "RESULTS", str(tmp_path))
+    for loss, ndcg in (("bce", 0.02), ("bpr", 0.03), ("infonce", 0.035), ("uniform", 0.04), ("ce", 0.05)):
+        write_cell(tmp_path, f"table1/beauty/sasrec/{loss}", 1, 0.06, ndcg)
+    write_cell(tmp_path, "table1/toys/gru4rec/ce", 1, 0.07, 0.03)             # CE alone in its group
+    lines = E.claims()
+    assert "holds in 1 of 1 complete backbone x dataset groups; sasrec on beauty: holds" in lines[0]
+    assert ("- Beside it, beyond the paper (CE, softmax over every item, is not one of the four losses counted above): "
+            "the uniformity loss above CE (test NDCG@10) in 0 of 1 backbone x dataset groups where both have run; "
+            "sasrec on beauty: uniformity 0.0400, CE 0.0500") in lines
+    E.report(str(tmp_path / "RESULTS.md"))
+    page = (tmp_path / "RESULTS.md").read_text()
+    rows = [line for line in page.splitlines() if line.startswith("| sasrec ce |")]
+    assert len(rows) == 2                                                     # one per protocol's Table 1
+    assert rows[0].startswith("| sasrec ce | - | 0.0600 | - | 0.0500 | - | not run | - | not run |")
+    assert "%" not in rows[0]                                                 # no difference to a paper number
+    assert [line for line in page.splitlines() if line.startswith("| gru4rec ce |")][0].startswith(
+        "| gru4rec ce | - | not run | - | not run | - | 0.0700 | - | 0.0300 |")
+    assert "| caser ce | - | not run | - | not run | - | not run |" in page
 
 
 def test_claims_compare_the_order_of_what_has_run(tmp_path, monkeypatch):
@@ -149,8 +183,9 @@ def test_claims_compare_the_order_of_what_has_run(tmp_path, monkeypatch):
         write_cell(tmp_path, f"table1/toys/caser/{loss}", 1, 0.05, ndcg)
     lines = E.claims()
     assert "- Table 2 on beauty, rows run so far (a, b, e), by NDCG@10: ours b > a > e; paper e > a > b" in lines
-    assert "  - caser on toys, losses run so far, by NDCG@10: ours bpr > bce; paper bpr > bce" in lines
-    assert "holds in 0 of 0 complete backbone x dataset groups (none complete yet)" in lines[0]
+    assert ("  - caser on toys, partial (ranked this way so far: bce, bpr): not decided: one seed (bpr 0.0300, 1 seed; "
+            "bce 0.0100, 1 seed); the paper's order bpr > bce") in lines
+    assert lines[0].endswith("not decided): none complete yet")
     assert ("- Table 3 on beauty, betas run so far (0.1, 0.001), by NDCG@10: ours 0.001 > 0.1; "
             "paper 0.1 > 0.001") in lines
     assert ("- Table 3 on toys, NDCG@10 peaks at beta 0.01 (paper: 0.05); all betas, by NDCG@10: "
@@ -432,6 +467,9 @@ def test_a_record_holds_both_protocols_and_its_data(tiny_cell):
     assert entry["protocols"]["history_excluded"]["test"] != entry["test"]          # repeats: masking matters
     assert entry["config"]["data_fingerprint"] == {"bytes": data.stat().st_size, "sha256": sha256_of(str(data))}
     assert 0 <= entry["top_item_in_history"]["test"] <= 1
+    assert entry["machine"] == {"device": "cpu", "name": R.cpu_model(), "torch": torch.__version__,  # what trained it
+                                "threads": torch.get_num_threads(),
+                                "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 def test_a_report_ranks_again_only_a_run_its_record_does_not_hold(tiny_cell, monkeypatch):
@@ -530,7 +568,7 @@ HEADER = "dataset\tmodel\tloss\tlr\tdim\tlayers\theads\tbeta\n"
     ("beauty sasrec bce 1e-3 64 2 2 0.05 9", "9 fields, not the 8"),
     ("Beauty sasrec bce 1e-3 64 2 2 0.05", "'Beauty' is not one of beauty"),
     ("beauty bert4rec bce 1e-3 64 2 2 0.05", "'bert4rec' is not one of gru4rec"),
-    ("beauty sasrec ce 1e-3 64 2 2 0.05", "'ce' is not one of bce"),
+    ("beauty sasrec sce 1e-3 64 2 2 0.05", "'sce' is not one of bce, bpr, infonce, uniform, ce"),
     ("beauty sasrec bce fast 64 2 2 0.05", "lr 'fast' is not a number"),
     ("beauty sasrec bce 0 64 2 2 0.05", "lr 0 is out of range"),
     ("beauty sasrec bce nan 64 2 2 0.05", "lr nan is out of range"),
@@ -550,7 +588,27 @@ def test_a_malformed_hyperparameter_row_is_one_line_naming_its_line(tmp_path, mo
 
 
 def test_the_committed_hyperparameter_table_reads():
-    assert len(E.read_hyperparameters()) == 48
+    """A row for every Table 1 cell, and each CE row at its backbone x dataset group's setting (the paper's four
+    share one), so that CE is compared on the same footing."""
+    chosen = E.read_hyperparameters()
+    assert set(chosen) == {tuple(cell.split("/")[1:]) for cell in E.cells("table1", E.DATASETS, E.MODELS)}
+    for d in E.DATASETS:
+        for m in E.MODELS:
+            assert chosen[d, m, "ce"] == chosen[d, m, "bce"] == chosen[d, m, "bpr"] == chosen[d, m, "infonce"]
+
+
+def test_every_recorded_cell_still_names_its_run_folder(tmp_path, monkeypatch):
+    """Run folders are found by the configuration's hash: a new choice (--loss ce) or a new cell must move none of
+    the recorded ones (results/cells/*.json, each naming its folder)."""
+    for name, *_ in R.BENCHMARKS.values():
+        (tmp_path / name).touch()                                             # configure() checks only that it exists
+    monkeypatch.setenv("UNIFORM_SEQREC_DATA", str(tmp_path))
+    hyperparameters, records = E.read_hyperparameters(), sorted(glob.glob(os.path.join(HERE, "results", "cells",
+                                                                                      "*.json")))
+    assert records
+    for path in records:
+        entry = E.read_record(path)
+        assert E.run_folder(entry["cell"], entry["seed"], hyperparameters) == entry["run_dir"], path
 
 
 @pytest.mark.parametrize("damage, expected", [
@@ -633,3 +691,133 @@ def test_the_readme_cells_are_the_readmes_command_exactly(tmp_path, monkeypatch)
     assert E.cell_arguments("negatives/toys/bce", {}) == [*E.cell_arguments("table1/toys/sasrec/bce", {}),
                                                          "--negatives", "any"]
     assert set(E.cells("readme", E.DATASETS, E.MODELS)) <= set(E.cells("all", E.DATASETS, E.MODELS))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What counts as a win: Welch's t-test over the seeds, Student's t from the standard library
+# ----------------------------------------------------------------------------------------------------------------
+
+# Upper-tail critical values t(alpha, df) of Student's t distribution, rounded to 3 decimals, from the NIST/SEMATECH
+# e-Handbook of Statistical Methods, section 1.3.6.7.2 ("Critical Values of the Student's t Distribution"):
+# P(T > t) = alpha, so the two-sided p at t is 2 alpha. Left out: its df 1, alpha 0.001 entry, 318.313, which is
+# 0.004 above the exact quantile tan(pi (1/2 - 0.001)) = 318.309 (df 1 is checked against its closed form below).
+T_TABLE = {  # df -> {alpha: t}
+    1: {0.10: 3.078, 0.05: 6.314, 0.025: 12.706, 0.01: 31.821, 0.005: 63.657},
+    2: {0.10: 1.886, 0.05: 2.920, 0.025: 4.303, 0.01: 6.965, 0.005: 9.925, 0.001: 22.327},
+    3: {0.10: 1.638, 0.05: 2.353, 0.025: 3.182, 0.01: 4.541, 0.005: 5.841, 0.001: 10.215},
+    5: {0.10: 1.476, 0.05: 2.015, 0.025: 2.571, 0.01: 3.365, 0.005: 4.032, 0.001: 5.893},
+    10: {0.10: 1.372, 0.05: 1.812, 0.025: 2.228, 0.01: 2.764, 0.005: 3.169, 0.001: 4.144},
+    30: {0.10: 1.310, 0.05: 1.697, 0.025: 2.042, 0.01: 2.457, 0.005: 2.750, 0.001: 3.385},
+}
+
+
+@pytest.mark.parametrize("df", sorted(T_TABLE))
+def test_student_t_matches_the_t_table(df):
+    for alpha, t in T_TABLE[df].items():
+        # the table rounds t to 3 decimals: the exact quantile lies within 0.0005 of it, so p brackets 2 alpha there
+        assert E.student_t_two_sided(t + 0.0005, df) < 2 * alpha < E.student_t_two_sided(t - 0.0005, df)
+
+
+def test_student_t_matches_its_closed_forms():
+    """df 1 is the Cauchy distribution, P(|T| >= t) = 1 - 2 atan(t) / pi; df 2 has P(|T| >= t) = 1 - t / sqrt(2 +
+    t^2); and I_x(a, 1) = x^a, I_x(1, b) = 1 - (1 - x)^b check both branches of the continued fraction."""
+    for t in (0.0, 0.01, 0.3, 1.0, 2.5, 7.0, 40.0, 1e4):
+        assert E.student_t_two_sided(t, 1) == pytest.approx(1 - 2 * math.atan(t) / math.pi, rel=1e-12, abs=1e-15)
+        assert E.student_t_two_sided(-t, 2) == pytest.approx(1 - t / math.sqrt(2 + t * t), rel=1e-12, abs=1e-15)
+    for a in (0.5, 1.0, 3.7, 20.0):
+        for x in (0.001, 0.2, 0.5, 0.8, 0.999):
+            assert E.incomplete_beta(a, 1.0, x) == pytest.approx(x ** a, rel=1e-12)
+            assert E.incomplete_beta(1.0, a, x) == pytest.approx(1 - (1 - x) ** a, rel=1e-12)
+    assert E.incomplete_beta(2.0, 3.0, 0.0) == 0.0 and E.incomplete_beta(2.0, 3.0, 1.0) == 1.0
+    assert E.student_t_two_sided(math.inf, 3.3) == 0.0
+
+
+def t_density(x, df):
+    return math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi) * (
+        1 + x * x / df) ** (-(df + 1) / 2)
+
+
+def test_student_t_matches_a_brute_force_integral_of_its_density():
+    """Welch's degrees of freedom are not whole numbers: P(|T| >= t) = 1 - 2 * integral of the density from 0 to t,
+    by Simpson's rule on 4000 intervals."""
+    for df in (0.8, 1.3, 2.7, 4.5, 11.2, 37.9):
+        for t in (0.05, 0.7, 1.5, 3.0, 8.0):
+            n, h = 4000, t / 4000
+            simpson = h / 3 * sum((1 if i in (0, n) else 4 if i % 2 else 2) * t_density(i * h, df)
+                                  for i in range(n + 1))
+            assert E.student_t_two_sided(t, df) == pytest.approx(1 - 2 * simpson, rel=1e-8, abs=1e-12)
+
+
+def test_welch_is_students_test_where_the_seeds_spread_alike():
+    """Equal sizes and equal variances: Welch's t is Student's pooled t and its df is n1 + n2 - 2; and it does not
+    change when every value is scaled or shifted alike."""
+    first, second = [0.031, 0.034, 0.037], [0.030, 0.027, 0.033]                 # both: sd 0.003
+    t, df, p = E.welch(first, second)
+    pooled = math.sqrt((statistics_variance(first) + statistics_variance(second)) / 2 * (1 / 3 + 1 / 3))
+    assert t == pytest.approx((sum(first) - sum(second)) / 3 / pooled) and df == pytest.approx(4)
+    assert p == pytest.approx(E.student_t_two_sided(t, 4))
+    scaled = E.welch([10 * x + 1 for x in first], [10 * x + 1 for x in second])
+    assert scaled == pytest.approx((t, df, p))
+    assert E.welch(second, first) == pytest.approx((-t, df, p))
+    assert E.welch([0.03, 0.03], [0.02, 0.02])[2] == 0.0 and E.welch([0.03, 0.03], [0.03, 0.03])[2] == 1.0
+
+
+def statistics_variance(values):
+    mean = sum(values) / len(values)
+    return sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+
+
+def write_group(results, dataset, model, seeds_by_loss):
+    for loss, values in seeds_by_loss.items():
+        for seed, ndcg in enumerate(values, 1):
+            write_cell(results, f"table1/{dataset}/{model}/{loss}", seed, 2 * ndcg, ndcg)
+
+
+def test_the_rule_says_win_tie_loss_or_not_decided(tmp_path, monkeypatch):
+    monkeypatch.setattr(E, "RESULTS", str(tmp_path))
+    others = {"bce": [0.010, 0.011], "bpr": [0.012]}                              # far below: never the two best
+    # clearly separated seeds: a win; overlapping ones: a tie; one seed of the runner-up: not decided; InfoNCE
+    # clearly ahead: a loss
+    write_group(tmp_path, "beauty", "sasrec", {**others, "uniform": [0.040, 0.041, 0.042],
+                                               "infonce": [0.030, 0.031, 0.032]})
+    write_group(tmp_path, "toys", "sasrec", {**others, "uniform": [0.040, 0.030, 0.036],
+                                             "infonce": [0.034, 0.036, 0.033]})
+    write_group(tmp_path, "sports", "sasrec", {**others, "uniform": [0.040, 0.041, 0.042], "infonce": [0.030]})
+    write_group(tmp_path, "yelp", "sasrec", {**others, "uniform": [0.020, 0.021], "infonce": [0.030, 0.031]})
+    write_group(tmp_path, "yelp", "caser", {**others, "uniform": [0.005], "infonce": [0.020, 0.021, 0.022]})
+    lines = E.claims()
+    verdict = lambda group: next(line for line in lines if line.startswith(f"  - {group}: ")).split(": ", 1)[1]
+    assert verdict("sasrec on beauty").startswith("win (uniform 0.0410 ± 0.0010, 3 seeds; infonce 0.0310 ± 0.0010, "
+                                                  "3 seeds; Welch's t 12.25, df 4.0, p ")
+    assert verdict("sasrec on toys").startswith("tie (uniform 0.0353 ± 0.0050, 3 seeds; infonce 0.0343 ± 0.0015, ")
+    assert verdict("sasrec on sports") == "not decided: one seed (uniform 0.0410 ± 0.0010, 3 seeds; infonce 0.0300, " \
+                                          "1 seed)"
+    assert verdict("sasrec on yelp").startswith("loss (infonce 0.0305 ± 0.0007, 2 seeds; uniform 0.0205 ± 0.0007, ")
+    # the uniformity loss last: shown after the two best; BPR (one seed) is the runner-up, so not decided
+    assert verdict("caser on yelp") == ("not decided: one seed (infonce 0.0210 ± 0.0010, 3 seeds; bpr 0.0120, 1 seed; "
+                                        "uniform 0.0050, 1 seed)")
+    assert "win in 1, tie in 1, loss in 1 of 5 complete groups; not decided (one seed) in 2" in lines[0]
+    assert "p < 0.05 a win, else a tie" in lines[0]
+    p = float(verdict("sasrec on beauty").split(" p ")[1].rstrip(")"))
+    assert p < E.LEVEL and p == pytest.approx(E.welch([0.040, 0.041, 0.042], [0.030, 0.031, 0.032])[2], rel=0.03)
+
+
+def test_a_records_machine_is_shown_and_never_guessed(tmp_path, monkeypatch):
+    monkeypatch.setattr(E, "RESULTS", str(tmp_path))
+    write_cell(tmp_path, "table1/beauty/sasrec/bce", 1, 0.05, 0.02)               # an old record: no machine
+    write_cell(tmp_path, "table1/beauty/sasrec/bpr", 1, 0.05, 0.02)
+    path = E.record_path("table1/beauty/sasrec/bpr", 1)
+    entry = json.loads(open(path).read())
+    metrics = {"device_settings": {"device": "cpu", "torch": "2.13.0", "threads": 1, "cpu": "Some CPU 1234",
+                                   "cpu_capability": "AVX2"}}
+    open(path, "w").write(json.dumps({**entry, "machine": E.machine_of(metrics)}))
+    E.report(str(tmp_path / "RESULTS.md"))
+    page = (tmp_path / "RESULTS.md").read_text()
+    assert "| 5 / 25 | cpu | machine not recorded | 10 min |" in page
+    assert "| 5 / 25 | cpu | Some CPU 1234, AVX2, torch 2.13.0, 1 thread | 10 min |" in page
+    gpu = {"device": "cuda", "torch": "2.13.0", "threads": 16, "cpu": "Some CPU", "name": "Some GPU"}
+    assert E.machine_label(E.machine_of({"device_settings": gpu})) == "Some GPU, torch 2.13.0"
+    before = {"device": "cpu", "torch": "2.13.0", "threads": 2}                   # metrics.json before the CPU model
+    assert E.machine_label(E.machine_of({"device_settings": before})) == "cpu (model not recorded), torch 2.13.0, " \
+                                                                          "2 threads"
+    assert E.machine_of({}) is None

@@ -92,6 +92,9 @@ BAD_FLAGS = [
     (["--heads", "3"], "--heads 3 does not divide --dim 16"),
     (["--dropout", "1"], "--dropout must be in [0, 1)"),
     (["--loss", "bce", "--no-hom"], "--no-hom only applies to --loss uniform"),
+    (["--loss", "ce", "--no-het"], "--no-het only applies to --loss uniform"),
+    (["--loss", "ce", "--negatives", "any"], "--negatives only applies to losses with sampled negatives, not --loss"),
+    (["--loss", "ce", "--infonce-negatives", "8"], "--infonce-negatives only applies to --loss infonce"),
     (["--no-rec", "--no-hom", "--no-het"], "leave no loss to train"),
     (["--epochs", "ten"], "argument --epochs: invalid int value: 'ten'"),
     (["--frobnicate"], "unrecognized arguments: --frobnicate"),
@@ -181,6 +184,33 @@ def test_a_batch_beyond_the_machines_memory_is_one_line(tmp_path, capsys, monkey
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "more than the 16.0 GiB of cpu" in err
     assert "most of it for one batch (20,000 triplets, histories of up to 12 items; --batch-size 1000000000000" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_ces_logits_count_in_the_memory_estimate_and_a_batch_of_them_too_large_is_one_line(tmp_path, capsys,
+                                                                                               monkeypatch):
+    """CE's B x (N + 1) logits are a term of the batch, growing with the batch and with the ids; where they could
+    never fit, the one line names them (and ids that run far beyond the number of items)."""
+    sequences = [[1 + (u * 7 + k * 13) % 500 for k in range(13)] for u in range(200)]   # 2,000 examples
+    config = lambda loss, batch: R.configure(["--data", small_data(tmp_path), *SMALL, "--loss", loss,
+                                              "--batch-size", str(batch)])[0]
+    extra = lambda batch, ids: (sum(R.memory_estimate(config("ce", batch), ids).values())
+                                - sum(R.memory_estimate(config("bce", batch), ids).values()))
+    wider = [s[:-1] + [2 * 501 - 1] for s in sequences]                      # ids up to 1,001: twice the rows
+    assert extra(64, sequences) > 0
+    assert extra(128, sequences) == 2 * extra(64, sequences) and extra(64, wider) == 2 * extra(64, sequences)
+    assert any("logits (--loss ce)" in term for term in R.memory_estimate(config("ce", 64), sequences))
+    assert not any("logits" in term for term in R.memory_estimate(config("bce", 64), sequences))
+
+    path = tmp_path / "sparse.txt"                                           # 500 items, ids up to 100,000
+    path.write_text("".join(f"{u + 1} " + " ".join(map(str, s[:-1] + [100_000])) + "\n"
+                            for u, s in enumerate(sequences)))
+    monkeypatch.setattr(R, "device_memory", lambda device: 2 * 2 ** 30)   # the logits of all 2,000: about 4 GB
+    code = R.main(["--data", str(path), "--out", str(tmp_path / "run"), *SMALL, "--loss", "ce", "--batch-size",
+                   str(10 ** 12)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "more than the 2.0 GiB of cpu" in err
+    assert "x 100,001 logits (--loss ce) (item ids run up to 100,000 for" in err
     assert not (tmp_path / "run").exists()
 
 
@@ -702,7 +732,7 @@ def test_a_missing_benchmark_is_fetched_and_without_network_the_remedy_is_named(
 
 @pytest.mark.parametrize("edit, expected", [
     (lambda c: {**c, "model": "bert4rec"}, "'model' is 'bert4rec', not one of gru4rec, caser, sasrec"),
-    (lambda c: {**c, "loss": "ce"}, "'loss' is 'ce', not one of bce"),
+    (lambda c: {**c, "loss": "sce"}, "'loss' is 'sce', not one of bce, bpr, infonce, uniform, ce"),
     (lambda c: {**c, "lr": "fast"}, "'lr' is 'fast', not a number"),
     (lambda c: {**c, "dim": 6.5}, "'dim' is 6.5, not a whole number"),
     (lambda c: {**c, "normalize": 1}, "'normalize' is 1, not true or false"),

@@ -55,6 +55,16 @@ def slow_infonce(pos, neg_matrix, same):
     return total
 
 
+def slow_ce(h, table, positives):
+    """-log softmax of each history's positive over items 1..N, one item at a time (row 0 of the table, padding,
+    is no class)."""
+    total = 0
+    for b in range(len(h)):
+        denominator = sum(torch.exp(h[b] @ table[n]) for n in range(1, len(table)))
+        total = total - (h[b] @ table[positives[b]] - torch.log(denominator))
+    return total
+
+
 def slow_uniformity(h, p, n, beta, t, normalize=True, rec=True, hom=True, het=True):
     if normalize:
         h, p, n = ([v / torch.sqrt((v * v).sum()) for v in m] for m in (h, p, n))
@@ -116,6 +126,30 @@ def test_infonce_matches_loop_and_drops_the_positive_among_negatives():
     for ga, gb in zip(gradients(a, (pos, neg)), gradients(b, (pos, neg))):
         assert torch.allclose(ga, gb)
     assert gradients(U.infonce_loss(pos, neg, same), (neg,))[0][0, 3] == 0   # a masked candidate gets no gradient
+
+
+def test_ce_matches_loop_over_every_item_and_padding_is_never_a_class():
+    h, table = vectors(5, seed=27), vectors(9, seed=28)                       # 8 items and the padding row 0
+    positives = torch.tensor([1, 8, 3, 3, 5])                                 # the first and last id, one twice
+    a, b = U.ce_loss(h @ table.T, positives), slow_ce(h, table, positives)
+    assert torch.allclose(a, b)
+    fast_grads = gradients(a, (h, table))
+    for ga, gb in zip(fast_grads, gradients(b, (h, table))):
+        assert torch.allclose(ga, gb)
+    assert not fast_grads[1][0].any()                                         # the padding row learns nothing
+    moved = table.detach().clone()
+    moved[0] = 100.0                                                          # a padding score that would dominate
+    assert torch.allclose(U.ce_loss(h @ moved.T, positives), a)
+
+
+def test_ce_in_the_training_step_scores_every_item_and_reads_no_negatives():
+    model = U.SASRec(20, dim=8, layers=1, heads=1).double()
+    h, table = vectors(6, 8, seed=29), model.items.weight
+    positives = torch.tensor([1, 2, 3, 4, 5, 20])
+    loss = U.batch_loss(model, h, positives, torch.tensor([7, 8, 9, 10, 11, 12]), {"loss": "ce"})
+    assert torch.allclose(loss, slow_ce(h, table, positives))
+    assert torch.equal(loss, U.batch_loss(model, h, positives, torch.tensor([2, 2, 2, 2, 2, 2]), {"loss": "ce"}))
+    assert not U.scores_are_cosines({"loss": "ce", "normalize": True})        # ranked by dot products, as trained
 
 
 def infonce_config(k):
@@ -201,7 +235,7 @@ def test_uniformity_gradients_finite_when_an_item_repeats():
 
 
 def test_loss_functions_work_copied_alone_with_only_torch():
-    functions = (U.score, U.score_all, U.bce_loss, U.bpr_loss, U.infonce_loss, U.gaussian_potential,
+    functions = (U.score, U.score_all, U.bce_loss, U.bpr_loss, U.infonce_loss, U.ce_loss, U.gaussian_potential,
                  U.uniformity_loss)
     source = "import torch\n\n" + "\n\n".join(inspect.getsource(f) for f in functions)
     namespace = {}
@@ -215,6 +249,8 @@ def test_loss_functions_work_copied_alone_with_only_torch():
     assert torch.equal(namespace["bpr_loss"](pos, neg), U.bpr_loss(pos, neg))
     assert torch.equal(namespace["infonce_loss"](pos, h @ n.T, torch.eye(6, dtype=torch.bool)),
                        U.infonce_loss(pos, h @ n.T, torch.eye(6, dtype=torch.bool)))
+    positives = torch.tensor([1, 5, 2, 2, 4, 3])
+    assert torch.equal(namespace["ce_loss"](h @ n.T, positives), U.ce_loss(h @ n.T, positives))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -407,11 +443,14 @@ def test_epoch_batches_keep_every_example_once_and_groups_sorted():
 # ----------------------------------------------------------------------------------------------------------------
 
 def make_model(name, num_items=50):
+    """A backbone by name; "sasrec-original" is SASRec with the original's blocks (--block original)."""
     torch.manual_seed(0)
+    if name == "sasrec-original":
+        return backbone("sasrec", num_items, block="original").eval()
     return backbone(name, num_items).eval()
 
 
-@pytest.mark.parametrize("name", ["gru4rec", "caser", "sasrec"])
+@pytest.mark.parametrize("name", ["gru4rec", "caser", "sasrec", "sasrec-original"])
 def test_grouped_encoding_equals_each_history_alone(name):
     """encode_batch (length groups, one item lookup for all groups) gives each history's own vector and gradient.
     In float64: in float32 the LayerNorms of small vectors amplify summation-order differences to ~1e-3."""
@@ -540,7 +579,7 @@ def test_pack_leaves_earlier_run_folders_and_is_refused_elsewhere(tmp_path):
         configured(tmp_path, "--model", "gru4rec", "--pack")
 
 
-@pytest.mark.parametrize("name", ["gru4rec", "caser", "sasrec"])
+@pytest.mark.parametrize("name", ["gru4rec", "caser", "sasrec", "sasrec-original"])
 def test_padding_does_not_change_history_vectors(name):
     model = make_model(name)
     histories = [[3], [4, 9], [7, 1, 2, 8, 5, 6], [11, 12, 13]]
@@ -553,7 +592,7 @@ def test_padding_does_not_change_history_vectors(name):
         assert torch.isfinite(model.encode(wide)).all()
 
 
-@pytest.mark.parametrize("name", ["gru4rec", "sasrec"])
+@pytest.mark.parametrize("name", ["gru4rec", "sasrec", "sasrec-original"])
 def test_states_do_not_see_later_items(name):
     model = make_model(name)
     history = torch.tensor([[5, 6, 7, 8, 9, 10]])
@@ -564,6 +603,39 @@ def test_states_do_not_see_later_items(name):
         after = model.sequence_states(model.items(changed), changed)
     assert torch.allclose(before[0, :4], after[0, :4], atol=1e-6)
     assert not torch.allclose(before[0, 4:], after[0, 4:])
+
+
+def test_the_original_sasrec_block_matches_a_loop_over_positions():
+    """--block original, one block, one head, against a loop: the query of position j is LN_a(x_j), its keys and
+    values the unnormalized x_0..x_j; the residual adds LN_a(x_j); then y = LN_f(.) and y + feed_forward(y)."""
+    torch.manual_seed(3)
+    block = U.TransformerBlock(8, 1, dropout=0.0, original=True).double().eval()
+    x = torch.randn(2, 5, 8, dtype=torch.float64) * 3 + 1                  # far from normalized: LN matters
+    W, b = block.attention.qkv.weight, block.attention.qkv.bias
+    expected = torch.empty_like(x)
+    with torch.no_grad():
+        for n in range(2):
+            for j in range(5):
+                query = block.attention_norm(x[n, j])
+                q = W[:8] @ query + b[:8]
+                keys = [W[8:16] @ x[n, i] + b[8:16] for i in range(j + 1)]
+                values = [W[16:] @ x[n, i] + b[16:] for i in range(j + 1)]
+                weights = torch.softmax(torch.stack([q @ k / 8 ** 0.5 for k in keys]), 0)
+                attended = block.attention.out(sum(w * v for w, v in zip(weights, values)))
+                y = block.feed_forward_norm(query + attended)
+                expected[n, j] = y + block.feed_forward(y)
+        future = torch.ones(5, 5, dtype=torch.bool).triu(1)
+        assert torch.allclose(block(x, future), expected, atol=1e-10)
+
+
+def test_the_two_sasrec_blocks_share_their_weights_and_differ():
+    """Same weights (names and shapes), other outputs: --block original is another model, not another name."""
+    pre, original = make_model("sasrec"), make_model("sasrec-original")
+    assert {k: v.shape for k, v in pre.state_dict().items()} == {k: v.shape for k, v in original.state_dict().items()}
+    original.load_state_dict(pre.state_dict())
+    histories = torch.tensor([[1, 2, 3], [4, 5, 0]])
+    with torch.no_grad():
+        assert not torch.allclose(pre.encode(histories), original.encode(histories), atol=1e-3)
 
 
 def test_sasrec_history_vector_depends_on_order_and_content():
@@ -697,7 +769,7 @@ def test_dropout_drops_at_rate_p_keeps_the_mean_and_is_off_in_eval():
 # ----------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name,loss", list(itertools.product(["gru4rec", "caser", "sasrec"],
-                                                              ["bce", "bpr", "infonce", "uniform"])))
+                                                              ["bce", "bpr", "infonce", "uniform", "ce"])))
 def test_every_backbone_and_loss_learns(name, loss):
     torch.manual_seed(0)
     model = backbone(name, 40, max_len=10, layers=1, dropout=0.0, caser_window=3)
@@ -768,6 +840,10 @@ def test_flags_added_later_leave_earlier_run_folders_where_they_were(tmp_path):
     whole_batch = configured(tmp_path, "--loss", "infonce", *setting, "--infonce-negatives", "256")
     assert whole_batch[1] == "runs/beauty-sasrec-infonce-b589e956" and whole_batch[0]["infonce_negatives"] is None
     assert configured(tmp_path, "--loss", "infonce", *setting, "--infonce-negatives", "16")[1] != whole_batch[1]
+    for loss in ("infonce", "ce"):                                            # --block at its default: no new folder
+        assert configured(tmp_path, "--loss", loss, *setting, "--block", "pre-ln")[1] == (
+            configured(tmp_path, "--loss", loss, *setting)[1])
+    assert configured(tmp_path, "--loss", "infonce", *setting, "--block", "original")[1] != whole_batch[1]
 
 
 @pytest.mark.parametrize("args,fields", [
@@ -840,6 +916,7 @@ def test_each_backbone_defaults_to_its_originals_depth(tmp_path):
 @pytest.mark.parametrize("args,expected", [
     (["--model", "sasrec", "--caser-users"], "--caser-users only applies to --model caser"),
     (["--model", "gru4rec", "--caser-activation", "none"], "--caser-activation only applies to --model caser"),
+    (["--model", "gru4rec", "--block", "original"], "--block only applies to --model sasrec"),
     (["--loss", "bpr", "--infonce-negatives", "4"], "--infonce-negatives only applies to --loss infonce"),
     (["--loss", "infonce", "--infonce-negatives", "0"], "--infonce-negatives must be positive (got 0)"),
 ])

@@ -8,6 +8,7 @@ From Python: `train(Config(model="sasrec", loss="uniform"), sequences)` (Config,
   1. Data            leave-one-out split, training triplets (u, i, j), negatives          (appendix A, section 4)
   2. Backbones       GRU4Rec, Caser, SASRec: encode(histories) -> (B, d)                  (section 5.1)
   3. Scores, losses  score (eqs. 1, 3), BCE (eq. 2), BPR, InfoNCE, uniformity loss        (sections 2-4)
+                     and, beyond the paper, CE: softmax over every item
   4. Evaluation      HR@K and NDCG@K ranking every item, under two protocols              (section 5.1)
   5. Training        batches of triplets, early stopping, the best state tested           (appendix B)
 
@@ -209,6 +210,8 @@ class Dropout(nn.Dropout):
 def random_keep(shape, p, device):
     """A bool tensor of `shape`, each entry True with probability 1 - p (p rounded to a multiple of 2**-16): each
     random 64-bit word is read as four int16 values, compared with a threshold."""
+    if torch.device(device).type not in ("cpu", "cuda"):                  # MPS: 64-bit random words not promised
+        return torch.rand(shape, device=device) >= p
     count = 1
     for size in shape:
         count *= size
@@ -295,7 +298,8 @@ class Caser(Backbone):
 
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention in which position j attends to positions 0..j only. Written out rather than
-    F.scaled_dot_product_attention so that the attention weights get the faster Dropout above."""
+    F.scaled_dot_product_attention so that the attention weights get the faster Dropout above. `keys`, when given,
+    is what keys and values are read from (queries from x): the original SASRec's block needs the two apart."""
 
     def __init__(self, dim, heads, dropout):
         super().__init__()
@@ -304,31 +308,47 @@ class CausalSelfAttention(nn.Module):
         self.dropout = Dropout(dropout)                                    # on the attention weights
         self.out = nn.Linear(dim, dim)
 
-    def forward(self, x, hidden):                                          # (B, T, d) -> (B, T, d)
+    def forward(self, x, hidden, keys=None):                               # (B, T, d) -> (B, T, d)
         """hidden: bool, True where position i may not attend to position j: (T, T) the causal mask's future, or
-        (B, 1, T, T) when each row has a mask of its own (the packed path of section 5)."""
+        (B, 1, T, T) when each row has a mask of its own (the packed path of section 5). keys: what keys and values
+        are computed from, when not x (the original SASRec block's)."""
         B, T, d = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, T, d/h)
-        scores = (q @ k.transpose(-1, -2) / (d // self.heads) ** 0.5).masked_fill(hidden, float("-inf"))  # (B, h, T, T)
+        h = self.heads
+        if keys is None:
+            q, k, v = self.qkv(x).view(B, T, 3, h, d // h).permute(2, 0, 3, 1, 4)  # 3 x (B, h, T, d/h)
+        else:                                                              # the same weights: q's rows read x only
+            weight, bias = self.qkv.weight, self.qkv.bias
+            q = F.linear(x, weight[:d], bias[:d]).view(B, T, h, d // h).transpose(1, 2)           # (B, h, T, d/h)
+            k, v = F.linear(keys, weight[d:], bias[d:]).view(B, T, 2, h, d // h).permute(2, 0, 3, 1, 4)
+        scores = (q @ k.transpose(-1, -2) / (d // h) ** 0.5).masked_fill(hidden, float("-inf"))  # (B, h, T, T)
         y = self.dropout(scores.softmax(-1)) @ v                           # (B, h, T, d/h)
         return self.out(y.transpose(1, 2).reshape(B, T, d))
 
 
 class TransformerBlock(nn.Module):
-    """Attention and a point-wise feed-forward net, each as x + f(LN(x)): GPT-2's pre-LayerNorm block. The original
-    SASRec (and its common PyTorch port) differs: it normalizes only the attention's queries (keys and values come
-    from the unnormalized x), and its residuals add the normalized input, LN(x) + f(LN(x)). Dropout where the
-    original has it: on the attention weights and twice in the feed-forward net, not on the attention's output
-    (one more there slowed learning; docs/measurements.md)."""
+    """Attention and a point-wise feed-forward net, each as x + f(LN(x)): GPT-2's pre-LayerNorm block, our default.
+    original=True builds the original SASRec's block instead (Kang & McAuley's code, model.py and modules.py, and
+    its PyTorch port before its norm_first switch): the attention's queries are LN(x) while its keys and values
+    come from the unnormalized x, and each residual adds the normalized input, LN(x) + f(...): y = LN(x) +
+    attention(LN(x), x), then LN(y) + feed_forward(LN(y)). (That code also zeroes padded positions after each
+    block and has no output projection after the heads; neither is copied: under right padding and the causal mask
+    no real position reads a padded one, and the projection is kept so that both blocks have the same weights.)
+    Dropout where the original has it: on the attention weights and twice in the feed-forward net, not on the
+    attention's output (one more there slowed learning; docs/measurements.md)."""
 
-    def __init__(self, dim, heads, dropout):
+    def __init__(self, dim, heads, dropout, original=False):
         super().__init__()
+        self.original = original
         self.attention_norm, self.attention = nn.LayerNorm(dim), CausalSelfAttention(dim, heads, dropout)
         self.feed_forward_norm = nn.LayerNorm(dim)
         self.feed_forward = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), Dropout(dropout), nn.Linear(dim, dim),
                                           Dropout(dropout))
 
     def forward(self, x, hidden):                                          # (B, T, d) -> (B, T, d)
+        if self.original:                                                  # SASRec's: LN(x) + f(LN(x), x)
+            queries = self.attention_norm(x)
+            x = self.feed_forward_norm(queries + self.attention(queries, hidden, keys=x))
+            return x + self.feed_forward(x)
         x = x + self.attention(self.attention_norm(x), hidden)
         return x + self.feed_forward(self.feed_forward_norm(x))
 
@@ -337,15 +357,18 @@ class SASRec(SequenceBackbone):
     """Kang & McAuley: item vectors times sqrt(d) (the original's) plus learned position embeddings, causal
     self-attention blocks, a final LayerNorm, the output at the last real position. Positions count back from the
     most recent item (0), so padding never changes a history's meaning; under the causal mask a real position sees
-    only real items."""
+    only real items. block: "pre-ln" (GPT-2's, the default) or "original" (SASRec's own; see TransformerBlock)."""
 
-    def __init__(self, num_items, dim=64, layers=2, heads=2, dropout=0.5, max_len=50):
+    def __init__(self, num_items, dim=64, layers=2, heads=2, dropout=0.5, max_len=50, block="pre-ln"):
         super().__init__(num_items, dim)
         self.scale = dim ** 0.5
         self.positions = nn.Embedding(max_len, dim)
         nn.init.normal_(self.positions.weight, std=EMBEDDING_INIT_STD)
         self.dropout = Dropout(dropout)
-        self.blocks = nn.ModuleList(TransformerBlock(dim, heads, dropout) for _ in range(layers))
+        if block not in ("pre-ln", "original"):
+            raise ValueError(f"block is 'pre-ln' or 'original', not {block!r}")
+        self.blocks = nn.ModuleList(TransformerBlock(dim, heads, dropout, original=block == "original")
+                                    for _ in range(layers))
         self.final_norm = nn.LayerNorm(dim)
 
     def sequence_states(self, x, histories):                                # (B, T, d) item vectors -> (B, T, d)
@@ -373,7 +396,8 @@ def build_model(config, num_items, num_users, max_len):
                      activation=config["caser_activation"], num_users=num_users if config["caser_users"] else 0,
                      output_table=config["caser_output_table"])
     if config["model"] == "sasrec":
-        return SASRec(num_items, config["dim"], config["layers"], config["heads"], config["dropout"], max_len)
+        return SASRec(num_items, config["dim"], config["layers"], config["heads"], config["dropout"], max_len,
+                      config.get("block", "pre-ln"))                     # run folders from before --block: none
     raise ValueError(f"unknown model {config['model']!r}")
 
 
@@ -382,8 +406,9 @@ def build_model(config, num_items, num_users, max_len):
 # =============================================================================================================
 #
 # Eq. 1 scores a history and an item by the dot product of their vectors; on unit vectors (eq. 3) that is their
-# cosine. Every loss SUMS over the batch, as the paper writes them. `score`, the four losses and `gaussian_potential`
-# need only `import torch` (uniformity_loss's caveats travel in its docstring).
+# cosine. Every loss SUMS over the batch, as the paper writes them. `score`, the paper's four losses, `ce_loss` (a
+# fifth, beyond the paper: softmax over every item) and `gaussian_potential` need only `import torch`
+# (uniformity_loss's caveats travel in its docstring).
 
 
 def score(h, items, cosine=False):
@@ -425,6 +450,17 @@ def infonce_loss(positive_scores, negative_scores, same_item):
     negative that is the positive (then 0)."""
     logits = torch.cat([positive_scores[:, None], negative_scores.masked_fill(same_item, float("-inf"))], 1)  # (B, 1+K)
     return -torch.log_softmax(logits, 1)[:, 0].sum()
+
+
+def ce_loss(all_scores, positives):
+    """Beyond the paper: full-softmax cross-entropy, each history's positive against every item, temperature 1:
+    sum_b [ log sum_{n=1..N} e^{s_bn} - s_b,pos ].  all_scores (B, N + 1), history b's score for every id, column 0
+    the padding id (never a class: left out of the softmax); positives (B,) item ids in 1..N -> scalar.
+    Here because it is what practitioners train SASRec with: RecBole's SASRec default (loss_type "CE"; its softmax
+    also has the padding id as a class, of score 0), and Klenitskiy & Vasilev (RecSys 2023, "Turning Dross Into Gold
+    Loss") found it lifts SASRec far above its BCE form. It needs no sampled negatives, but B x N logits and their
+    gradient (256 x 20,033 on Yelp)."""
+    return (torch.logsumexp(all_scores[:, 1:], 1) - all_scores.gather(1, positives[:, None])[:, 0]).sum()
 
 
 def gaussian_potential(x, y, t=2.0):
@@ -470,7 +506,10 @@ def infonce_candidates(batch_size, k, device):
 
 
 def batch_loss(model, h, positives, negatives, config):
-    """The configured loss of one batch of triplets: h (B, d) history vectors; positives, negatives (B,) item ids."""
+    """The configured loss of one batch of triplets: h (B, d) history vectors; positives, negatives (B,) item ids
+    (CE reads no negatives: it scores every item)."""
+    if config["loss"] == "ce":                                               # (B, N + 1): one matrix product
+        return ce_loss(score_all(h, model.output_items().weight), positives)
     i, j = model.output_items()(torch.cat([positives, negatives])).chunk(2)  # (B, d) each; one lookup, one gradient
     if config["loss"] == "uniform":
         return uniformity_loss(h, i, j, config["beta"], config["t"], normalize=config["normalize"],
@@ -597,7 +636,7 @@ class Config:
     through it too, so that both give one configuration."""
     # what to train
     model: str = "sasrec"                 # gru4rec, caser, sasrec
-    loss: str = "uniform"                 # bce, bpr, infonce, uniform (the paper's eq. 6)
+    loss: str = "uniform"                 # bce, bpr, infonce, uniform (the paper's eq. 6); ce (beyond the paper)
     data: str = "beauty"                  # the data's name, only for the log line (train() is given the sequences)
     # the backbone
     dim: int = 64                         # d
@@ -605,6 +644,7 @@ class Config:
     heads: int = 2                        # SASRec attention heads (must divide dim)
     dropout: float = 0.5
     max_len: int = 50                     # histories keep their last max_len items
+    block: str = "pre-ln"                 # SASRec: GPT-2's pre-LayerNorm blocks, or "original" (TransformerBlock)
     caser_window: int = 5                 # Caser: the last L items it convolves
     caser_activation: str = "relu"        # Caser: the original's "relu", or "none" (docs/decisions.md)
     caser_users: bool = False             # Caser: the original's user embedding
@@ -767,7 +807,9 @@ def train_epoch(model, optimizer, data, config, epoch, progress=None):
     torch.manual_seed(epoch_seed(config["seed"], epoch))                    # dropout
     generator = torch.Generator(device).manual_seed(epoch_seed(config["seed"], epoch))
     order = torch.randperm(len(target_at), device=device, generator=generator)  # (E,)
-    negatives = sample_negatives(owners, keys, num_items, generator)        # (E,) item ids, one per example
+    # (E,) item ids, one per example. Drawn for CE too, which reads none: every loss's epoch then takes the same
+    # draws from the generator, and a loss added beside the others moves none of their random streams.
+    negatives = sample_negatives(owners, keys, num_items, generator)
     if config.get("pack", False):
         width = int(history_lengths.max())
         batches = packed_batches(order, history_lengths, config["batch_size"], width)
