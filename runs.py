@@ -221,46 +221,72 @@ def restore(checkpoint_path, model, optimizer):
 def prepare_run_dir(config, run_dir, log=print):
     """Create the run folder, or check that an existing one holds this same configuration, trained on the same data.
     A run asked for more epochs or patience than its folder has is extended: the folder's config.json takes the
-    larger values (and `config` too; a run is never shortened)."""
+    larger values (and `config` too; a run is never shortened). Returns the folder's lock (lock_run_dir), held
+    before anything in the folder changes: a folder that another process is training is refused as it is, without
+    an "extending" line or a rewritten config.json (which would have made that run's finished result look short)."""
     saved_path = os.path.join(run_dir, "config.json")
     config["data_fingerprint"] = data_fingerprint(config["data_path"])
     if os.path.isfile(saved_path):
-        saved = read_json(saved_path, "choose another --out, or remove the folder to start over")
-        differing = [k for k in config if k not in RUN_ONLY_KEYS + EXTENDABLE_KEYS
-                     and saved.get(k, LATER_KEYS.get(k)) != config[k]]
-        if differing:
-            key = differing[0]
-            raise ConfigError(f"{run_dir} holds a run with --{key.replace('_', '-')} {saved.get(key)}, not "
-                              f"{config[key]}; choose another --out")
-        check_same_data(config, saved, run_dir)
-        limits = {k: saved[k] for k in EXTENDABLE_KEYS if isinstance(saved.get(k), int) and saved[k] > config[k]}
-        config.update(limits)                                               # never shortened
-        if any(saved.get(k) != config[k] for k in EXTENDABLE_KEYS + ("data_fingerprint",)):
-            if any(saved.get(k) != config[k] for k in EXTENDABLE_KEYS):
-                log(f"extending {run_dir} to " + ", ".join(f"--{k} {config[k]} (was {saved.get(k)})"
-                                                          for k in EXTENDABLE_KEYS if saved.get(k) != config[k]))
-            save_atomically(json.dumps({**saved, **{k: config[k] for k in EXTENDABLE_KEYS + ("data_fingerprint",)}},
-                                       indent=2) + "\n", saved_path)
-    elif os.path.exists(run_dir) and not os.path.isdir(run_dir):
-        raise RunFolderError(f"{run_dir} is a file, not a run folder; choose another --out")
-    else:
-        missing = []                                                        # the folders this call creates
-        folder = os.path.abspath(run_dir)
-        while not os.path.exists(folder) and folder != os.path.dirname(folder):
-            missing.append(folder)
-            folder = os.path.dirname(folder)
+        lock = lock_run_dir(run_dir)
         try:
-            os.makedirs(run_dir, exist_ok=True)
+            extend_run_dir(config, run_dir, saved_path, log)
+        except BaseException:
+            lock.close()
+            raise
+        return lock
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise RunFolderError(f"{run_dir} is a file, not a run folder; choose another --out")
+    missing = []                                                            # the folders this call creates
+    folder = os.path.abspath(run_dir)
+    while not os.path.exists(folder) and folder != os.path.dirname(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    lock = None
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        lock = lock_run_dir(run_dir)              # a folder without config.json: another process may be starting it
+        if os.path.isfile(saved_path):            # ...and has written it meanwhile: judge it as an existing run's
+            extend_run_dir(config, run_dir, saved_path, log)
+        else:
             save_atomically(json.dumps(config, indent=2) + "\n", saved_path)
-        except (OSError, RunFolderError) as err:
-            for folder in missing:                                          # innermost first; only if still empty
+        return lock
+    except (OSError, ConfigError) as err:
+        if lock is not None:
+            lock.close()
+            if missing:                                                     # a folder this call made: leave none
                 try:
-                    os.rmdir(folder)
+                    os.remove(os.path.join(run_dir, ".lock"))
                 except OSError:
                     pass
-            if isinstance(err, RunFolderError):
-                raise
-            raise RunFolderError(f"cannot create the run folder {run_dir} ({err.strerror or err})") from None
+        for folder in missing:                                              # innermost first; only if still empty
+            try:
+                os.rmdir(folder)
+            except OSError:
+                pass
+        if isinstance(err, ConfigError):
+            raise
+        raise RunFolderError(f"cannot create the run folder {run_dir} ({err.strerror or err})") from None
+
+
+def extend_run_dir(config, run_dir, saved_path, log):
+    """prepare_run_dir for a folder that holds a run, its lock held: the same configuration and data, or a one-line
+    ConfigError; more epochs or patience are written into its config.json."""
+    saved = read_json(saved_path, "choose another --out, or remove the folder to start over")
+    differing = [k for k in config if k not in RUN_ONLY_KEYS + EXTENDABLE_KEYS
+                 and saved.get(k, LATER_KEYS.get(k)) != config[k]]
+    if differing:
+        key = differing[0]
+        raise ConfigError(f"{run_dir} holds a run with --{key.replace('_', '-')} {saved.get(key)}, not "
+                          f"{config[key]}; choose another --out")
+    check_same_data(config, saved, run_dir)
+    limits = {k: saved[k] for k in EXTENDABLE_KEYS if isinstance(saved.get(k), int) and saved[k] > config[k]}
+    config.update(limits)                                                   # never shortened
+    if any(saved.get(k) != config[k] for k in EXTENDABLE_KEYS + ("data_fingerprint",)):
+        if any(saved.get(k) != config[k] for k in EXTENDABLE_KEYS):
+            log(f"extending {run_dir} to " + ", ".join(f"--{k} {config[k]} (was {saved.get(k)})"
+                                                      for k in EXTENDABLE_KEYS if saved.get(k) != config[k]))
+        save_atomically(json.dumps({**saved, **{k: config[k] for k in EXTENDABLE_KEYS + ("data_fingerprint",)}},
+                                   indent=2) + "\n", saved_path)
 
 
 def lock_run_dir(run_dir):
@@ -807,13 +833,14 @@ def main(argv=None):
             run_dir = extended_folder(config, run_dir)
         sequences = read_sequences(config["data_path"])                     # bad data fails before any folder exists
         check_memory(config, sequences)
-        prepare_run_dir(config, run_dir)
-        lock = lock_run_dir(run_dir)                                        # noqa: F841 - held until main returns
+        lock = prepare_run_dir(config, run_dir)                             # noqa: F841 - held until main returns
         metrics_path = os.path.join(run_dir, "metrics.json")
         if os.path.isfile(metrics_path):
             finished = read_json(metrics_path, "remove it to test the run's best state again")
             test, done, best = finished.get("test"), finished.get("epochs"), finished.get("best_epoch")
-            if not (isinstance(test, dict) and isinstance(done, int) and isinstance(best, int)):
+            number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+            if not (isinstance(test, dict) and test and all(number(v) for v in test.values())
+                    and isinstance(done, int) and isinstance(best, int)):
                 raise RunFolderError(f"{metrics_path} has no test results; remove it to test the run's best state "
                                      f"again")
             if done >= config["epochs"] or done - best >= config["patience"]:

@@ -405,6 +405,20 @@ def test_damaged_json_files_of_a_run_folder_are_one_line(finished_run, capsys):
     assert folder_state(run) == before
 
 
+@pytest.mark.parametrize("value", ["0.05", None, [0.05], True])
+def test_a_finished_runs_metrics_that_are_not_numbers_are_one_line(finished_run, capsys, value):
+    """Issue 33, item 8: a test metric that is not a number is a damaged metrics.json (one line), not a traceback in
+    the "is finished" line."""
+    run, args = finished_run
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["test"]["NDCG@10"] = value
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    before = folder_state(run)
+    for command in (args, ["--resume", str(run)]):
+        one_line_error(capsys, R.main(command), f"{run / 'metrics.json'} has no test results")
+        assert folder_state(run) == before
+
+
 def test_a_checkpoint_written_on_a_gpu_resumes_on_the_cpu(finished_run, capsys, monkeypatch):
     """The checkpoint's tensors are tagged as saved on cuda:0, as a GPU run writes them (torch names each storage's
     device in the file). On this CPU the run still resumes: every tensor is loaded onto the run's device."""
@@ -532,22 +546,52 @@ def test_a_kill_between_the_checkpoint_and_the_log_leaves_a_complete_log_after_r
     assert final_metrics(run) == final_metrics(tmp_path / "whole")
 
 
+class HeldByAnotherProcess:
+    """The run folder's lock held by another process, as while it trains the run."""
+
+    def __init__(self, run):
+        self.run = run
+
+    def __enter__(self):
+        self.holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'w'); "
+                                        "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)",
+                                        str(self.run / ".lock")], stdout=subprocess.PIPE, text=True)
+        assert self.holder.stdout.readline().strip() == "locked"
+
+    def __exit__(self, *_):
+        self.holder.kill()
+        self.holder.wait()
+        self.holder.stdout.close()
+
+
 def test_a_run_folder_in_use_by_another_process_is_refused(tmp_path, capsys, beauty_slice):
     run = tmp_path / "run"
     args = ["--data", beauty_slice, "--epochs", "1", "--out", str(run), *SMALL]
     config, run_dir = R.configure(args)
     R.prepare_run_dir(config, run_dir)
-    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'w'); "
-                               "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)",
-                               str(run / ".lock")], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with HeldByAnotherProcess(run):
         assert R.main(args) == 2
         assert "is in use by another running process" in capsys.readouterr().err
-    finally:
-        holder.kill()
-        holder.wait()
     assert R.main(args) == 0                                                    # the lock dies with its process
+
+
+def test_extending_a_run_another_process_trains_changes_nothing_in_its_folder(tmp_path, capsys):
+    """Issue 33, item 2: asking for more epochs of a run that another process is training is refused before a line
+    says "extending" and before config.json takes the new limit; the other process's finished result then stays
+    the run's result (the rewritten limit had made the original command delete it and train on)."""
+    run = tmp_path / "run"
+    args = ["--data", small_data(tmp_path), *SMALL, "--out", str(run)]
+    assert R.main([*args, "--epochs", "1"]) == 0
+    before = folder_state(run)
+    capsys.readouterr()
+    with HeldByAnotherProcess(run):
+        code = R.main([*args, "--epochs", "3"])
+        out, err = capsys.readouterr()
+        assert code == 2 and "is in use by another running process" in err and "extending" not in out, (out, err)
+        assert folder_state(run) == before
+    assert R.main([*args, "--epochs", "1"]) == 0                                # the original command, later
+    assert "is finished" in capsys.readouterr().out
+    assert folder_state(run) == before
 
 
 # ----------------------------------------------------------------------------------------------------------------
