@@ -444,9 +444,17 @@ def record_all(max_seed=MAX_SEED):
 # Hyperparameter choice from the tuning runs
 # ---------------------------------------------------------------------------------------------------------------
 
+CHOSEN_HEADER = ["# Chosen by `./run_all.sh tune`: best validation NDCG@10 over lr {1e-4, 2e-4, 3e-4}",
+                 "# x dim {64, 128} x layers = heads {1, 2} (Caser: lr x dim), beta 0.05, batch 256, max length 50,",
+                 "# dropout 0.5, seed 1.",
+                 "dataset\tmodel\tloss\tlr\tdim\tlayers\theads\tbeta\t# valid NDCG@10, grid points finished"]
+
+
 def choose():
-    """Pick, per (dataset, model, loss), the tuning point with the best validation NDCG@10; write the table.
-    A choice made before every point of its grid has finished says so, in its row and on the screen."""
+    """Pick, per (dataset, model, loss), the tuning point with the best validation NDCG@10, and put it in
+    results/hyperparameters.tsv in place of that cell's row. Only a cell with finished tuning runs gets a new row:
+    every other row (and comment) of the file is kept as it is, and the output names the rows that changed and
+    those kept. A choice made before every point of its grid has finished says so, in its row and on the screen."""
     best, finished, points = {}, {}, {}
     for cell in cells("tune", DATASETS, MODELS):
         key = tuple(cell.split("/")[1:4])                                   # (dataset, model, loss)
@@ -458,20 +466,42 @@ def choose():
         finished[key] = finished.get(key, 0) + 1
         if key not in best or metrics["valid"]["NDCG@10"] > best[key][1]:
             best[key] = (metrics["config"], metrics["valid"]["NDCG@10"])
-    lines = ["# Chosen by `./run_all.sh tune`: best validation NDCG@10 over lr {1e-4, 2e-4, 3e-4} x dim {64, 128} x",
-             "# layers = heads {1, 2} (Caser: lr x dim), beta 0.05, batch 256, max length 50, dropout 0.5, seed 1.",
-             "dataset\tmodel\tloss\tlr\tdim\tlayers\theads\tbeta\t# valid NDCG@10, grid points finished"]
-    for key, (config, ndcg) in sorted(best.items()):
-        lines.append("\t".join([*key, f"{config['lr']:g}", str(config["dim"]), str(config["layers"]),
-                                str(config["heads"]), f"{config['beta']:g}",
-                                f"# {ndcg:.4f}, {finished[key]} of {points[key]}"]))
-    with open(HYPERPARAMETERS, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print(f"wrote {HYPERPARAMETERS} ({len(best)} cells)")
+    before = read_hyperparameters()                                         # a malformed row: one line, no write
+    if not best:
+        print(f"no tuning run has finished: {HYPERPARAMETERS} is unchanged ({len(before)} rows kept; "
+              f"./run_all.sh tune trains them)")
+        return
+    rows = {key: "\t".join([*key, f"{config['lr']:g}", str(config["dim"]), str(config["layers"]),
+                            str(config["heads"]), f"{config['beta']:g}",
+                            f"# {ndcg:.4f}, {finished[key]} of {points[key]}"]) for key, (config, ndcg) in best.items()}
+    if os.path.isfile(HYPERPARAMETERS):
+        with open(HYPERPARAMETERS, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    else:
+        lines = list(CHOSEN_HEADER)
+    written, replaced = [], set()
+    for line in lines:
+        key = tuple(line.split("#")[0].split()[:3])
+        if key in rows:                                                     # a row of a cell chosen now
+            written.append(rows[key])
+            replaced.add(key)
+        else:
+            written.append(line)
+    written += [rows[key] for key in sorted(rows) if key not in replaced]  # cells that had no row
+    R.save_atomically("\n".join(written) + "\n", HYPERPARAMETERS)
+    after = read_hyperparameters()
+    print(f"wrote {HYPERPARAMETERS}: {len(best)} rows chosen from finished tuning runs, "
+          f"{len(before.keys() - best.keys())} kept")
     for key in sorted(best):
-        if finished[key] < points[key]:
-            print(f"  {'/'.join(key)}: chosen from {finished[key]} of {points[key]} grid points; "
-                  f"the rest have not finished")
+        old = " ".join(before[key]) if key in before else "the defaults (no row)"
+        new = " ".join(after[key])
+        what = f"changed from {old} to {new}" if old != new else f"unchanged, {new}"
+        partly = (f"; chosen from {finished[key]} of {points[key]} grid points, the rest have not finished"
+                  if finished[key] < points[key] else "")
+        print(f"  {'/'.join(key)}: {what}{partly}")
+    kept = sorted(before.keys() - best.keys())
+    if kept:
+        print(f"  kept (no finished tuning run): {', '.join('/'.join(key) for key in kept)}")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -16,8 +16,9 @@
 #                                                            see the README), no report
 #
 # Resumable: a finished cell is skipped, an interrupted one resumes from its last epoch; just run it again.
-# Logs: runs/logs/<cell>-seed<seed>.log. `tune` ends with `python experiments.py choose`, which rewrites
-# results/hyperparameters.tsv, the per-cell settings every table reads.
+# Logs: runs/logs/<cell>-seed<seed>.log. `tune` ends with `python experiments.py choose`, which puts each cell's
+# best finished tuning point into results/hyperparameters.tsv (the per-cell settings every table reads) in place of
+# that cell's row, keeping the rows of cells with no finished tuning run.
 # Exit status: 0 when every cell succeeded, 1 when some failed (the report still records the others), 2 for bad
 # input (one line on stderr, nothing run).
 set -euo pipefail

@@ -91,12 +91,46 @@ def test_choose_keeps_the_best_validation_point_and_says_how_many_ran(tmp_path, 
     monkeypatch.setattr(E, "run_folder", lambda cell, seed, hyperparameters: str(folders.get(cell, tmp_path / "no")))
     monkeypatch.setattr(E, "HYPERPARAMETERS", str(tmp_path / "h.tsv"))
     E.choose()
-    assert "toys/sasrec/bce: chosen from 3 of 12 grid points" in capsys.readouterr().out
+    assert "toys/sasrec/bce: changed from the defaults (no row) to" in capsys.readouterr().out
     best = E.tuning_point(bce[5])
     assert E.read_hyperparameters(str(tmp_path / "h.tsv")) == {
         ("toys", "sasrec", "bce"): ["--lr", f"{float(best['lr']):g}", "--dim", best["dim"], "--layers",
                                     best["layers"], "--heads", best["layers"]]}
     assert "# 0.0300, 3 of 12" in (tmp_path / "h.tsv").read_text()
+
+
+def test_choose_replaces_only_the_rows_of_cells_with_finished_tuning_runs(tmp_path, monkeypatch, capsys):
+    """Issue 33, item 1: without a finished tuning run, choose leaves the committed per-cell settings as they are
+    (it wrote an empty table); with one cell's runs finished, only that cell's row changes, and the output says
+    which rows changed and which were kept."""
+    table = tmp_path / "h.tsv"
+    committed = open(E.HYPERPARAMETERS, encoding="utf-8").read()
+    table.write_text(committed)
+    monkeypatch.setattr(E, "HYPERPARAMETERS", str(table))
+    monkeypatch.setattr(E, "run_folder", lambda cell, seed, hyperparameters: str(tmp_path / "none"))
+    rows = E.read_hyperparameters(str(table))
+    assert len(rows) == 48
+    E.choose()
+    out = capsys.readouterr().out
+    assert table.read_text() == committed and "no tuning run has finished" in out and "(48 rows kept" in out
+    tuned = next(cell for cell in E.cells("tune", ["toys"], ["sasrec"]) if "/bce/lr=2e-4,dim=128,layers=1" in cell)
+    (tmp_path / "tuned").mkdir()
+    (tmp_path / "tuned" / "metrics.json").write_text(json.dumps({
+        "config": {"lr": 2e-4, "dim": 128, "layers": 1, "heads": 1, "beta": 0.05}, "valid": {"NDCG@10": 0.02},
+        "test": {"NDCG@10": 0.02}, "best_epoch": 3, "epochs": 23, "device": "cpu"}))
+    monkeypatch.setattr(E, "run_folder", lambda cell, seed, hyperparameters: str(
+        tmp_path / ("tuned" if cell == tuned else "none")))
+    E.choose()
+    out = capsys.readouterr().out
+    after = E.read_hyperparameters(str(table))
+    assert after.keys() == rows.keys()
+    assert {key for key in rows if after[key] != rows[key]} == {("toys", "sasrec", "bce")}
+    assert after["toys", "sasrec", "bce"][:6] == ["--lr", "0.0002", "--dim", "128", "--layers", "1"]
+    changed = [line for line, old in zip(table.read_text().splitlines(), committed.splitlines()) if line != old]
+    assert len(changed) == 1 and changed[0].startswith("toys\tsasrec\tbce\t")
+    assert "toys/sasrec/bce: changed from --lr 1e-3" in out
+    assert "1 rows chosen from finished tuning runs, 47 kept" in out
+    assert "kept (no finished tuning run): beauty/caser/bce, " in out
 
 
 @needs("beauty")
