@@ -340,12 +340,31 @@ def recorded_ranking(cell, seed, run_dir, metrics, fingerprint):
     return {"protocols": protocols, "top_item_in_history": top_seen}
 
 
+def published_sha256(dataset):
+    """The SHA-256 of a benchmark's published file (data_prep.BENCHMARKS, docs/datasets.md)."""
+    return R.BENCHMARKS[dataset][1]
+
+
+def check_published(cell, fingerprint, data_path):
+    """A ConfigError unless the cell's run was trained on the published file of its benchmark: the results page puts
+    every record beside the paper's numbers, and a run on other data (an edited or rebuilt Beauty.txt in the data
+    folder) would take the benchmark's place on it."""
+    dataset = cell.split("/")[1]
+    if fingerprint["sha256"] != published_sha256(dataset):
+        raise R.ConfigError(f"its run was trained on {data_path} (SHA-256 {fingerprint['sha256'][:12]}...), which is "
+                            f"not the published {R.BENCHMARKS[dataset][0]} (SHA-256 "
+                            f"{published_sha256(dataset)[:12]}..., docs/datasets.md): only runs on the published "
+                            f"files are recorded for the results page")
+
+
 def record(cell, seed, run_dir):
     """Write the cell's JSON from its finished run folder: its metrics under both protocols, the best state's
-    validation metrics, the data file's fingerprint, and how often its top item is one of the user's own."""
+    validation metrics, the data file's fingerprint, and how often its top item is one of the user's own. A run on
+    other data than the published benchmark file is refused (check_published); its cell's record stays as it was."""
     metrics = read_metrics(run_dir)
     config = metrics["config"]
     fingerprint, data_path = run_data(cell, seed, config)
+    check_published(cell, fingerprint, data_path)
     log = read_log(run_dir)
     commit_file = os.path.join(run_dir, "commit.txt")
     commit = open(commit_file).read().strip() if os.path.isfile(commit_file) else git_commit()

@@ -448,6 +448,8 @@ def tiny_cell(tmp_path, monkeypatch):
     monkeypatch.setattr(E, "HERE", str(tmp_path))
     monkeypatch.setattr(E, "read_hyperparameters", lambda path=None: {("beauty", "sasrec", "uniform"): TINY})
     monkeypatch.setattr(E, "cells", lambda what, datasets, models: ["table1/beauty/sasrec/uniform"])
+    published = sha256_of(str(data))
+    monkeypatch.setattr(E, "published_sha256", lambda dataset: published)     # records take only the published file
     assert E.run_cell("table1/beauty/sasrec/uniform", 1, "cpu") == 0
     return tmp_path / E.run_folder("table1/beauty/sasrec/uniform", 1, E.read_hyperparameters()), data
 
@@ -487,6 +489,25 @@ def test_a_report_ranks_again_only_a_run_its_record_does_not_hold(tiny_cell, mon
     open(path, "w").write(json.dumps(first))
     E.record_all(max_seed=1)
     assert len(ranked) == 2 and "protocols" in json.loads(open(path).read())
+
+
+def test_a_run_on_data_that_is_not_the_published_file_is_never_recorded(tiny_cell, monkeypatch, capsys):
+    """Issue 33, item 3: a run of a cell on a data file that is not the benchmark's published one (here the tiny
+    Beauty.txt, its fingerprint unlike docs/datasets.md's) leaves the cell's record as it was, and says so."""
+    run_dir, data = tiny_cell
+    E.record_all(max_seed=1)
+    path = E.record_path("table1/beauty/sasrec/uniform", 1)
+    recorded = open(path).read()
+    monkeypatch.setattr(E, "published_sha256", lambda dataset: R.BENCHMARKS[dataset][1])
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics["test"]["NDCG@10"] = 0.5                                              # the numbers it would record
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    capsys.readouterr()
+    assert E.record_all(max_seed=1) == 1
+    assert open(path).read() == recorded
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not recorded: table1/beauty/sasrec/uniform seed 1: its run was trained on" in err
+    assert f"not the published Beauty.txt (SHA-256 {R.BENCHMARKS['beauty'][1][:12]}" in err
 
 
 def test_a_run_trained_on_other_data_is_not_recorded_nor_reported_finished(tiny_cell, capsys):
