@@ -673,7 +673,10 @@ def check_memory(config, sequences):
 
 
 def data_fingerprint(path):
-    """Size and SHA-256 of a data file: what a run folder records of the data it was trained on."""
+    """Size and SHA-256 of a data file: what a run folder records of the data it was trained on. Only of a regular
+    file: a pipe read a second time gives nothing, and "0 bytes" would let a run on other data pass for this one."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path} is not a regular file, so its data cannot be fingerprinted; save it to a file")
     try:
         return {"bytes": os.path.getsize(path), "sha256": sha256_of(path)}
     except OSError as err:
@@ -726,6 +729,10 @@ def data_path_of(config, fetch=False):
                             f"--data-dir {config['data_dir']}")
         return path
     if os.path.exists(config["data"]):
+        if not (os.path.isfile(config["data"]) or os.path.isdir(config["data"])):  # (a folder: read_sequences says so)
+            raise DataError(f"{config['data']} is not a regular file (a pipe, socket or device): a run's data is read "
+                            f"to train and again for its fingerprint, which a pipe cannot give twice; save it to a file "
+                            f"and give that")
         return config["data"]
     if os.sep in config["data"] or "." in config["data"]:
         raise DataError(f"no such data file: {config['data']}")

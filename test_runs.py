@@ -218,6 +218,19 @@ def test_a_folder_instead_of_a_file(tmp_path, capsys):
     assert "is a folder, not a data file" in capsys.readouterr().err
 
 
+def test_data_that_is_not_a_regular_file_is_one_line(tmp_path, capsys):
+    """Issue 33, item 4: a pipe (here a named one; --data /dev/stdin in a pipeline is another) gives its bytes once,
+    so the run's fingerprint was of 0 bytes and a later run fed other data passed for it. It is refused, unopened
+    (opening a named pipe would wait for a writer), and nothing is made."""
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    code = R.main(["--data", str(pipe), "--out", str(tmp_path / "run"), *SMALL])
+    one_line_error(capsys, code, f"{pipe} is not a regular file (a pipe, socket or device)")
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(R.DataError, match="is not a regular file"):
+        R.data_fingerprint(str(pipe))
+
+
 def test_errors_from_a_real_process_have_no_traceback(tmp_path):
     path = tmp_path / "data.txt"
     path.write_text("1 1 2 3\n2 2 x 4\n")
