@@ -213,6 +213,22 @@ def test_a_seed_anywhere_in_torchs_range_trains_as_torch_takes_it(tmp_path):
     assert metrics["-1"] == metrics[str(2 ** 64 - 1)]
 
 
+def test_item_ids_that_never_occur_are_named_when_training_starts(tmp_path, capsys):
+    """Issue 33, item 5: ids with gaps (1, 5 and 1000 only) give an item table, negatives and rankings of every id up
+    to the largest; training says in one line how many of them never occur. Ids 1..N all used: no such line."""
+    gaps = tmp_path / "gaps.txt"
+    sequences = [[1, 5, 1000, 1, 5], [5, 1000, 1, 5, 1000], [1000, 5, 1, 5]]
+    gaps.write_text("".join(f"{u} " + " ".join(map(str, items)) + "\n" for u, items in enumerate(sequences, 1)))
+    largest, distinct = max(map(max, sequences)), len(set(sum(sequences, [])))
+    assert R.main(["--data", str(gaps), "--out", str(tmp_path / "run"), *SMALL, "--epochs", "1"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "never occur" in line]
+    assert lines == [f"{largest - distinct:,} of the item ids 1..{largest:,} never occur in {gaps} (it has {distinct} "
+                     f"distinct items); they are trained and ranked as items all the same (number the items "
+                     f"1..{distinct} to leave them out)"]
+    assert R.main(["--data", small_data(tmp_path), "--out", str(tmp_path / "dense"), *SMALL, "--epochs", "1"]) == 0
+    assert "never occur" not in capsys.readouterr().out
+
+
 def test_a_folder_instead_of_a_file(tmp_path, capsys):
     assert R.main(["--data", str(tmp_path), *SMALL]) == 2
     assert "is a folder, not a data file" in capsys.readouterr().err

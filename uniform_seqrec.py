@@ -628,6 +628,11 @@ def train(config, sequences, run):
     state, best_model = run.resume(model, optimizer)
     run.log(f"{config['data']}: {len(lengths):,} users, {num_items:,} items, {len(data.target_at):,} training "
             f"examples; {config['model']} + {config['loss']} on {device}; {run}")
+    occurring = len(torch.unique(flat[1:]))                                # flat[0] is the padding
+    if occurring < num_items:    # every id up to N gets a row, is drawn as a negative and ranked, occurring or not
+        run.log(f"{num_items - occurring:,} of the item ids 1..{num_items:,} never occur in {config['data']} (it has "
+                f"{occurring:,} distinct items); they are trained and ranked as items all the same (number the items "
+                f"1..{occurring:,} to leave them out)")
 
     while state["epoch"] < config["epochs"] and state["epoch"] - state["best_epoch"] < config["patience"]:
         epoch = state["epoch"] + 1
