@@ -382,9 +382,15 @@ def rescore_recorded(cells_given=()):
     """Add both protocols (and the top-item share) to the record of every recorded cell whose run folder is still
     here, changing nothing else; print the cells whose folder is gone. A re-ranking whose all-items test metrics
     differ from the record's is refused (it would not be the recorded run)."""
-    gone = []
-    for path in sorted(glob.glob(os.path.join(RESULTS, "cells", "*.json"))):
-        entry = read_record(path)
+    records = [(path, read_record(path)) for path in sorted(glob.glob(os.path.join(RESULTS, "cells", "*.json")))]
+    unrecorded = [cell for cell in cells_given if cell not in {entry["cell"] for _, entry in records}]
+    if unrecorded:                                           # a typo rescored nothing and said nothing
+        known = cell_ids_known()
+        what = "has no record in results/cells/" if unrecorded[0] in known else \
+            "is not a cell (`experiments.py list all` prints them)"
+        raise R.ConfigError(f"'{unrecorded[0]}' {what}; nothing was rescored")
+    gone, rescored = [], 0
+    for path, entry in records:
         if cells_given and entry["cell"] not in cells_given:
             continue
         run_dir = os.path.join(HERE, entry["run_dir"])
@@ -401,6 +407,8 @@ def rescore_recorded(cells_given=()):
                                                      "config": {**entry["config"], "data_fingerprint": fingerprint}})
         print(f"rescored {entry['cell']} seed {entry['seed']}: history excluded, test NDCG@10 "
               f"{ranked['protocols']['history_excluded']['test']['NDCG@10']:.4f}")
+        rescored += 1
+    print(f"rescored {rescored} of {sum(not cells_given or e['cell'] in cells_given for _, e in records)} records")
     if gone:
         print(f"{len(gone)} recorded cells have no run folder here, so one protocol only: {', '.join(gone)}")
 
@@ -416,11 +424,16 @@ def in_use(run_dir):
         return True
 
 
+def cell_ids_known():
+    """Every cell id of every table and of the tuning grid."""
+    return cells("all", DATASETS, MODELS) + cells("tune", DATASETS, MODELS)
+
+
 def run_cell(cell, seed, device):
     """Train one cell (resuming it, or doing nothing when it is finished); `report` records it. A cell that another
     process is training is left to it: exit status 0, so that a job array or a second run_all.sh does not count
     it as a failure."""
-    if cell not in cells("all", DATASETS, MODELS) + cells("tune", DATASETS, MODELS):
+    if cell not in cell_ids_known():
         raise R.ConfigError(f"unknown cell '{cell}' (`experiments.py list all` prints them)")
     arguments = [*cell_arguments(cell, read_hyperparameters()), *seed_arguments(cell, seed)]
     run_dir = R.configure(arguments)[1]                                     # a ConfigError if its data file is missing

@@ -666,6 +666,9 @@ def test_a_damaged_metrics_file_is_one_line(tiny_cell, monkeypatch, capsys, metr
     (["list", "table1", "--seeds", "-1"], "--seeds must be from 1 to 20"),
     (["list", "table1", "--datasets", "beauty,nope"], "'nope' is not one of beauty"),
     (["list", "table1", "--models", ""], "'' is not one of gru4rec"),
+    # issue 33, item 8: rescore of a cell that is no cell, or has no record, printed nothing and exited 0
+    (["rescore", "no/such/cell"], "'no/such/cell' is not a cell (`experiments.py list all` prints them); nothing was"),
+    (["rescore", "tune/beauty/sasrec/bce/lr=1e-4,dim=64,layers=1"], "has no record in results/cells/; nothing was"),
 ])
 def test_an_argument_out_of_range_is_one_line(capsys, argv, expected):
     assert E.main(argv) == 2
