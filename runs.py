@@ -729,10 +729,10 @@ def data_path_of(config, fetch=False):
                             f"--data-dir {config['data_dir']}")
         return path
     if os.path.exists(config["data"]):
-        if not (os.path.isfile(config["data"]) or os.path.isdir(config["data"])):  # (a folder: read_sequences says so)
+        if not (os.path.isfile(config["data"]) or os.path.isdir(config["data"])):  # folders: read_sequences
             raise DataError(f"{config['data']} is not a regular file (a pipe, socket or device): a run's data is read "
-                            f"to train and again for its fingerprint, which a pipe cannot give twice; save it to a file "
-                            f"and give that")
+                            f"to train and again for its fingerprint, which a pipe cannot give twice; save it to a "
+                            f"file and give that")
         return config["data"]
     if os.sep in config["data"] or "." in config["data"]:
         raise DataError(f"no such data file: {config['data']}")
