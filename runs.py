@@ -60,6 +60,18 @@ def one_line(err, limit=200):
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+def say(line):
+    """Print a line of a run's output. A closed output (`uniform_seqrec.py ... | head -1`) ends the output, not the
+    run: what follows goes to /dev/null, and training goes on to its result."""
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:                     # Python ignores SIGPIPE, so a write to a closed pipe raises this
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the buffered rest and later lines too
+        except (OSError, ValueError):
+            pass
+
+
 def read_json(path, what):
     """A run folder's JSON file (config.json, metrics.json), or a RunFolderError naming it."""
     try:
@@ -723,7 +735,7 @@ def data_path_of(config, fetch=False):
     if config["data"] in BENCHMARKS:
         path = benchmark_path(config["data"], config["data_dir"])
         if not os.path.isfile(path) and fetch:
-            return download(config["data"], config["data_dir"], log=lambda line: print(line, flush=True))
+            return download(config["data"], config["data_dir"], log=say)
         if not os.path.isfile(path):
             raise DataError(f"{path} not found; get it with: python data_prep.py {config['data']} "
                             f"--data-dir {config['data_dir']}")
@@ -840,7 +852,7 @@ def main(argv=None):
             run_dir = extended_folder(config, run_dir)
         sequences = read_sequences(config["data_path"])                     # bad data fails before any folder exists
         check_memory(config, sequences)
-        lock = prepare_run_dir(config, run_dir)                             # noqa: F841 - held until main returns
+        lock = prepare_run_dir(config, run_dir, log=say)                    # noqa: F841 - held until main returns
         metrics_path = os.path.join(run_dir, "metrics.json")
         if os.path.isfile(metrics_path):
             finished = read_json(metrics_path, "remove it to test the run's best state again")
@@ -851,11 +863,11 @@ def main(argv=None):
                 raise RunFolderError(f"{metrics_path} has no test results; remove it to test the run's best state "
                                      f"again")
             if done >= config["epochs"] or done - best >= config["patience"]:
-                print(f"{run_dir} is finished: test " + "  ".join(f"{k} {v:.4f}" for k, v in test.items()))
-                print(f"its result: {metrics_path}")
+                say(f"{run_dir} is finished: test " + "  ".join(f"{k} {v:.4f}" for k, v in test.items()))
+                say(f"its result: {metrics_path}")
                 return 0
             os.remove(metrics_path)                                         # extended: a new result will replace it
-        run = RunFolder(run_dir, log=lambda line: print(line, flush=True),
+        run = RunFolder(run_dir, log=say,
                         statistics=epoch_statistics(config, sequences))
         settings = device_settings(config["device"])                        # once, before training
         run.finish(U.train(config, sequences, run), config, settings)

@@ -256,6 +256,21 @@ def test_errors_from_a_real_process_have_no_traceback(tmp_path):
         assert result.stderr.startswith("uniform_seqrec.py: error: ")
 
 
+def test_a_closed_output_ends_the_output_not_the_training(tmp_path):
+    """Issue 33, item 6: `uniform_seqrec.py ... | head -1` closes the output after the first line; the run trains on
+    to its result (it died with a BrokenPipeError after its first epoch)."""
+    run = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, os.path.join(HERE, "uniform_seqrec.py"), "--data",
+                                small_data(tmp_path), "--out", str(run), *SMALL, "--epochs", "3"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    first = process.stdout.readline()                                           # as head -1 does
+    process.stdout.close()
+    err = process.stderr.read()
+    assert process.wait(timeout=300) == 0 and "40 users, 30 items" in first and err == "", err
+    assert json.loads((run / "metrics.json").read_text())["epochs"] == 3
+
+
 def test_errors_stay_one_line_without_numpy():
     """numpy is not a dependency, and torch warns at import when it is missing: that warning must not become a
     second line of every error. The process below cannot import numpy, as on a machine with torch alone."""
