@@ -271,6 +271,29 @@ def test_a_closed_output_ends_the_output_not_the_training(tmp_path):
     assert json.loads((run / "metrics.json").read_text())["epochs"] == 3
 
 
+@pytest.mark.parametrize("args, expected", [
+    (["--steps", "0"], "--steps must be positive (got 0)"),                       # was a ZeroDivisionError
+    (["--length-groups", "0"], "--length-groups must be positive (got 0)"),       # was read as the default
+    (["--sections", "loss,bogus"], "--sections: unknown section 'bogus' (known: loss, train, eval, memory"),
+    (["--device", "tpu"], "--device 'tpu' is not a device name torch knows"),    # was a ConfigError traceback
+    (["--data-dir", "{tmp}"], "Beauty.txt not found; get it with: python data_prep.py beauty --data-dir"),
+    (["--data-dir", "{tmp}/bad"], "bad/Beauty.txt line 1: "),
+])
+def test_bench_refuses_bad_input_with_one_line(tmp_path, capsys, args, expected):
+    """Issue 33, item 7: bench.py's bad input is one line and exit 2, as for the other commands, before any
+    measurement (--sections bogus printed an empty table and exited 0)."""
+    import bench
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "Beauty.txt").write_text("1 1 2 x\n")
+    try:
+        code = bench.main([arg.format(tmp=tmp_path) for arg in args])
+    except SystemExit as exit:                                                      # argparse's error
+        code = exit.code
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and err.count("\n") == 1 and expected in err, err
+    assert err.startswith("bench.py: error: ")
+
+
 def test_errors_stay_one_line_without_numpy():
     """numpy is not a dependency, and torch warns at import when it is missing: that warning must not become a
     second line of every error. The process below cannot import numpy, as on a machine with torch alone."""
