@@ -879,3 +879,14 @@ def test_the_next_one():
                              str(tests)], capture_output=True, text=True, cwd=HERE, timeout=300)
     assert result.returncode == 130 and "interrupted (Ctrl-C)" in result.stdout, result.stdout + result.stderr
     assert not (tmp_path / "next_ran").exists()
+
+
+def test_the_readme_gives_the_cpu_only_torch_install_beside_requirements():
+    """Issue 33, item 11: `pip install -r requirements.txt` pulls torch's CUDA build on Linux, GPU or not; the README
+    and requirements.txt give the CPU-only install beside it, as a command to copy."""
+    command = "pip install torch --index-url https://download.pytorch.org/whl/cpu"
+    with open(os.path.join(HERE, "README.md")) as f:
+        setup = f.read().split("## Data")[0]
+    assert f"    {command} && pip install -r requirements.txt\n" in setup
+    with open(os.path.join(HERE, "requirements.txt")) as f:
+        assert command in f.read()
