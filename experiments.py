@@ -26,6 +26,12 @@ import warnings
 if __name__ == "__main__":  # started as a program: Ctrl-C while torch loads is one line (main takes over after)
     signal.signal(signal.SIGINT, lambda *_: (print("experiments.py: interrupted while starting; nothing was "
                                                    "changed", file=sys.stderr), sys.exit(130)))
+    try:  # a deleted working directory: importing torch would end in "oneMKL FATAL ERROR: Cannot load ..."
+        __import__("os").getcwd()
+    except FileNotFoundError:
+        print("experiments.py: error: the working directory no longer exists (deleted or moved); cd into a "
+              "folder that exists and run again", file=sys.stderr)
+        sys.exit(2)
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # before torch: see uniform_seqrec.py
 import torch
 

@@ -890,3 +890,17 @@ def test_the_readme_gives_the_cpu_only_torch_install_beside_requirements():
     assert f"    {command} && pip install -r requirements.txt\n" in setup
     with open(os.path.join(HERE, "requirements.txt")) as f:
         assert command in f.read()
+
+
+def test_a_deleted_working_directory_is_one_line(tmp_path):
+    """Issue 33, item 13: started in a folder that has been deleted, the programs ended in "Intel oneMKL FATAL ERROR:
+    Cannot load libtorch_cpu.so" while loading torch; they say what is wrong in one line first."""
+    for script in ("uniform_seqrec.py", "experiments.py"):
+        gone = tmp_path / f"gone-{script}"
+        gone.mkdir()
+        result = subprocess.run(["bash", "-c", 'cd "$1" && rmdir "$1" && exec "$2" "$3" --help', "-", str(gone),
+                                 sys.executable, os.path.join(HERE, script)], capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 2 and result.stderr == (
+            f"{script}: error: the working directory no longer exists (deleted or moved); cd into a folder that "
+            f"exists and run again\n"), result.stderr

@@ -21,6 +21,12 @@ import sys
 if __name__ == "__main__":  # started as a program: Ctrl-C while torch loads is one line (runs.main takes over after)
     signal.signal(signal.SIGINT, lambda *_: (print("uniform_seqrec.py: interrupted while starting; nothing was "
                                                    "changed", file=sys.stderr), sys.exit(130)))
+    try:  # a deleted working directory: importing torch would end in "oneMKL FATAL ERROR: Cannot load ..."
+        __import__("os").getcwd()
+    except FileNotFoundError:
+        print("uniform_seqrec.py: error: the working directory no longer exists (deleted or moved); cd into a "
+              "folder that exists and run again", file=sys.stderr)
+        sys.exit(2)
 import time
 import warnings
 from typing import NamedTuple
