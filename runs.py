@@ -15,6 +15,7 @@ and metrics.json (the result, and the device and settings that trained it).
 Its default name is runs/<data>-<model>-<loss>-<hash of the configuration>.
 """
 import argparse
+import errno
 import glob
 import hashlib
 import json
@@ -98,16 +99,26 @@ def save_atomically(obj, path):
         os.replace(partial, path)
         return
     except (OSError, RuntimeError) as err:           # torch.save reports a full disk as a RuntimeError, no errno
-        reason = err.strerror if isinstance(err, OSError) and err.strerror else one_line(err)
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else None
+        failure = one_line(err)
+    try:                                             # before the partial file is removed, which frees its space
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+    except OSError:
+        free = None
     try:                                             # (after the except clause, which kept torch's writer open)
         os.remove(partial)
     except OSError:
         pass
-    try:
-        free = f"; {shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free:,} bytes free on its disk"
-    except OSError:
-        free = ""
-    raise RunFolderError(f"cannot write {path} ({reason}){free}")
+    if reason is None:                               # torch's own words ("[enforce fail at inline_container.cc...")
+        reason = (os.strerror(errno.ENOSPC) if free is not None and free < FULL_DISK_BYTES else
+                  f"torch could not write it: {failure}")
+    raise RunFolderError(f"cannot write {path} ({reason})" + (f"; {free:,} bytes free on its disk" if free is not None
+                                                              else ""))
+
+
+# Free space below which a write that failed without saying why (torch.save's RuntimeError) is a full disk: less than
+# a checkpoint of the smallest model would need.
+FULL_DISK_BYTES = 1 << 20
 
 
 # =============================================================================================================
@@ -159,7 +170,9 @@ class RunFolder:
                              "best_model": best_model, "device": str(next(model.parameters()).device),
                              "resumed_on": self.resumed_on}, self.file("checkpoint.pt"))
         except RunFolderError as err:
-            raise RunFolderError(f"{err}; the run folder keeps the checkpoint of epoch {self.saved_epoch}") from None
+            kept = (f"the run folder keeps the checkpoint of epoch {self.saved_epoch}" if self.saved_epoch else
+                    "no epoch's checkpoint was written yet, so the same command starts the run from its beginning")
+            raise RunFolderError(f"{err}; {kept}") from None
         self.saved_epoch = state["epoch"]
         self.write_log(state["history"])
 

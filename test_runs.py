@@ -3,10 +3,12 @@ import errno
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import torch
@@ -406,6 +408,29 @@ def test_a_full_disk_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatc
     monkeypatch.setattr(torch, "save", real_save)
     assert R.main(args) == 0
     assert "resuming" in capsys.readouterr().out and (run / "metrics.json").is_file()
+
+
+def test_a_full_disk_in_torchs_words_is_said_plainly(tmp_path, capsys, monkeypatch):
+    """Issue 33, item 13: torch.save reports a full disk as a RuntimeError in its own words; the line says "No space
+    left on device", not torch's internals, and at the first epoch that no checkpoint is kept yet (it said "keeps the
+    checkpoint of epoch 0"). A failure with room on the disk still quotes torch."""
+    def save(obj, path, *args, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"PK\x03\x04 part of a checkpoint")
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", save)
+    free = {"bytes": 0}
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: types.SimpleNamespace(free=free["bytes"]))
+    run = tmp_path / "run"
+    args = ["--data", small_data(tmp_path), "--out", str(run), *SMALL, "--epochs", "2"]
+    err = one_line_error(capsys, R.main(args), f"cannot write {run / 'checkpoint.pt'} (No space left on device); 0 "
+                                               f"bytes free on its disk; no epoch's checkpoint was written yet, so "
+                                               f"the same command starts the run from its beginning")
+    assert "enforce fail" not in err and "epoch 0" not in err
+    assert sorted(os.listdir(run)) == [".lock", "config.json"]                     # no partial file
+    free["bytes"] = 10 ** 9
+    one_line_error(capsys, R.main(args), "(torch could not write it: RuntimeError: [enforce fail at inline_container")
 
 
 def real_load(path):
