@@ -236,14 +236,16 @@ def test_a_folder_instead_of_a_file(tmp_path, capsys):
     assert "is a folder, not a data file" in capsys.readouterr().err
 
 
-def test_data_that_is_not_a_regular_file_is_one_line(tmp_path, capsys):
+def test_data_that_is_not_a_regular_file_is_one_line(tmp_path):
     """Issue 33, item 4: a pipe (here a named one; --data /dev/stdin in a pipeline is another) gives its bytes once,
     so the run's fingerprint was of 0 bytes and a later run fed other data passed for it. It is refused, unopened
     (opening a named pipe would wait for a writer), and nothing is made."""
     pipe = tmp_path / "pipe"
     os.mkfifo(pipe)
-    code = R.main(["--data", str(pipe), "--out", str(tmp_path / "run"), *SMALL])
-    one_line_error(capsys, code, f"{pipe} is not a regular file (a pipe, socket or device)")
+    result = run_cli("--data", str(pipe), "--out", str(tmp_path / "run"), *SMALL, timeout=120)  # a process: opening
+    assert result.returncode == 2 and result.stderr == (                          # the pipe would wait forever
+        f"uniform_seqrec.py: error: {pipe} is not a regular file (a pipe, socket or device): a run's data is read to "
+        f"train and again for its fingerprint, which a pipe cannot give twice; save it to a file and give that\n")
     assert not (tmp_path / "run").exists()
     with pytest.raises(R.DataError, match="is not a regular file"):
         R.data_fingerprint(str(pipe))
