@@ -42,7 +42,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import runs as R
 import uniform_seqrec as U
-from data_prep import default_data_dir, read_sequences
+from data_prep import DataError, OneLineErrorParser, default_data_dir, read_sequences
 
 
 def synchronize(device):
@@ -477,20 +477,51 @@ def device_name(device):
     return f"{os.cpu_count()} CPU cores"
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+SECTIONS = ["loss", "train", "eval", "memory", "progress"]
+
+
+def parse_arguments(argv=None):
+    """The command line, every value checked: a bad one is one line (exit 2), as for the other commands."""
+    parser = OneLineErrorParser(prog="bench.py", description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--data-dir", default=default_data_dir())
     parser.add_argument("--steps", type=int, default=40, help="timed training batches per backbone and loss")
-    parser.add_argument("--sections", default="loss,train,eval,memory")
+    parser.add_argument("--sections", default="loss,train,eval,memory",
+                        help=f"comma-separated, of {', '.join(SECTIONS)} (progress only when named)")
     parser.add_argument("--length-groups", type=int,
                         help="train every backbone with this many length groups (default: training's, 8 and 1 for "
                              "Caser); on a GPU, compare 1 against 8")
     parser.add_argument("--memory-probe", choices=["train", "eval"], help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.steps < 1:                                                     # per-step times divide by it
+        parser.error(f"--steps must be positive (got {args.steps})")
+    if args.length_groups is not None and args.length_groups < 1:          # 0 was read as "the default"
+        parser.error(f"--length-groups must be positive (got {args.length_groups})")
+    unknown = [name for name in args.sections.split(",") if name not in SECTIONS]
+    if unknown:                                                            # an empty table, exit 0, before
+        parser.error(f"--sections: unknown section '{unknown[0]}' (known: {', '.join(SECTIONS)})")
+    return args
+
+
+def checked_device_and_data(args):
+    """The torch.device to measure on and the Beauty file's path, or a one-line ConfigError / DataError: a device
+    that is not there, a missing or malformed Beauty.txt (every section but the loss's reads it)."""
     device = torch.device(R.resolve_device(args.device))
-    R.device_settings(device)                                              # as a training run sets them
     path = os.path.join(args.data_dir, "Beauty.txt")
+    if not os.path.isfile(path):
+        raise DataError(f"{path} not found; get it with: python data_prep.py beauty --data-dir {args.data_dir}")
+    read_sequences(path)                                                   # a malformed file: its one line
+    return device, path
+
+
+def main(argv=None):
+    args = parse_arguments(argv)
+    try:
+        device, path = checked_device_and_data(args)
+    except (R.ConfigError, DataError) as err:
+        print(f"bench.py: error: {err}", file=sys.stderr)
+        return 2
+    R.device_settings(device)                                              # as a training run sets them
     if args.memory_probe:
         return memory_probe(args.memory_probe, path, device, args.steps, args.length_groups)
     sections = args.sections.split(",")
@@ -516,4 +547,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

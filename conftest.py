@@ -1,13 +1,49 @@
 """Shared by the test files: where the benchmark files are, and a slice of the real Beauty file (its first
-BEAUTY_SLICE_USERS users, set per file).
+BEAUTY_SLICE_USERS users, set per file); one torch thread; Ctrl-C stops the suite.
 
 The data folder is ./data next to this file (where `python data_prep.py all` puts the files), or the folder named
 by the environment variable UNIFORM_SEQREC_DATA, as for uniform_seqrec.py and data_prep.py. A test that needs a
 missing file is skipped, naming the file and the command that gets it."""
 import itertools
 import os
+import signal
 
 import pytest
+
+# One thread, in this process and in the programs the tests start, unless OMP_NUM_THREADS says otherwise: the tests'
+# trainings are small, and torch's default (a thread per core) made each epoch 150 to 220 s on a busy 2-core machine
+# where one thread finished the suite in minutes (issue 33).
+if not os.environ.get("OMP_NUM_THREADS", "").isdigit() or os.environ["OMP_NUM_THREADS"] == "0":
+    os.environ["OMP_NUM_THREADS"] = "1"
+import torch  # noqa: E402 - after the line above, which it reads
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+@pytest.fixture(autouse=True)
+def ctrl_c_stops_the_suite(monkeypatch):
+    """Ctrl-C during a test ends the whole run. The programs under test catch KeyboardInterrupt to end in one line
+    (exit 130), so pytest never saw it: the test failed and the next began. Every SIGINT handler installed during
+    the test (the default one, runs.main's) is wrapped to note the signal, and the run stops after the test."""
+    pressed, install = [], signal.signal
+
+    def noting(handler):
+        def handle(signum, frame):
+            pressed.append(signum)
+            if callable(handler):
+                return handler(signum, frame)
+            raise KeyboardInterrupt
+        return handle
+
+    def signal_noting(signum, handler):
+        return install(signum, noting(handler) if signum == signal.SIGINT and callable(handler) else handler)
+
+    before = install(signal.SIGINT, noting(signal.getsignal(signal.SIGINT)))
+    monkeypatch.setattr(signal, "signal", signal_noting)
+    yield
+    install(signal.SIGINT, before)
+    if pressed:
+        pytest.exit("interrupted (Ctrl-C)", returncode=130)
 
 from data_prep import DATA_DIR_VARIABLE, benchmark_path
 

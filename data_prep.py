@@ -28,6 +28,7 @@ import secrets
 import signal
 import statistics
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -257,12 +258,35 @@ def new_partial(data_dir, file_name):
 
     Created as open() creates files (0666 less the umask, usually 0644): tempfile.mkstemp's 0600 made the data
     files unreadable to anyone else sharing the folder."""
+    remove_stale_partials(data_dir, file_name)
     partial = os.path.join(data_dir, f".{file_name}.{secrets.token_hex(8)}.part")
     try:
         handle = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     except OSError as err:
         raise DataError(f"cannot write into the data folder {data_dir} ({err.strerror or err})") from None
     return os.fdopen(handle, "wb"), partial
+
+
+# A partial file untouched this long is a writer's that was killed (SIGKILL, a power cut: nothing could remove it).
+# A live writer touches its own with every block it writes, and another process may be writing one now (a second
+# `data_prep.py all`, perhaps on another machine sharing the folder), so a recent one is left alone.
+STALE_PARTIAL_SECONDS = 3600
+
+
+def remove_stale_partials(data_dir, file_name):
+    """Remove the `.<file_name>.<random>.part` files of `data_dir` left by killed writers (STALE_PARTIAL_SECONDS)."""
+    try:
+        names = os.listdir(data_dir)
+    except OSError:
+        return                                                              # no folder yet: nothing left behind
+    for name in names:
+        if name.startswith(f".{file_name}.") and name.endswith(".part"):
+            path = os.path.join(data_dir, name)
+            try:
+                if time.time() - os.path.getmtime(path) > STALE_PARTIAL_SECONDS:
+                    os.remove(path)
+            except OSError:                                                 # gone meanwhile, or not ours to remove
+                pass
 
 
 def land(partial, path):

@@ -27,6 +27,12 @@ import warnings
 if __name__ == "__main__":  # started as a program: Ctrl-C while torch loads is one line (main takes over after)
     signal.signal(signal.SIGINT, lambda *_: (print("experiments.py: interrupted while starting; nothing was "
                                                    "changed", file=sys.stderr), sys.exit(130)))
+    try:  # a deleted working directory: importing torch would end in "oneMKL FATAL ERROR: Cannot load ..."
+        __import__("os").getcwd()
+    except FileNotFoundError:
+        print("experiments.py: error: the working directory no longer exists (deleted or moved); cd into a "
+              "folder that exists and run again", file=sys.stderr)
+        sys.exit(2)
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # before torch: see uniform_seqrec.py
 import torch
 
@@ -377,12 +383,31 @@ def machine_label(machine):
                       *([f"{threads} thread{'s' * (threads != 1)}"] if on_cpu and isinstance(threads, int) else [])])
 
 
+def published_sha256(dataset):
+    """The SHA-256 of a benchmark's published file (data_prep.BENCHMARKS, docs/datasets.md)."""
+    return R.BENCHMARKS[dataset][1]
+
+
+def check_published(cell, fingerprint, data_path):
+    """A ConfigError unless the cell's run was trained on the published file of its benchmark: the results page puts
+    every record beside the paper's numbers, and a run on other data (an edited or rebuilt Beauty.txt in the data
+    folder) would take the benchmark's place on it."""
+    dataset = cell.split("/")[1]
+    if fingerprint["sha256"] != published_sha256(dataset):
+        raise R.ConfigError(f"its run was trained on {data_path} (SHA-256 {fingerprint['sha256'][:12]}...), which is "
+                            f"not the published {R.BENCHMARKS[dataset][0]} (SHA-256 "
+                            f"{published_sha256(dataset)[:12]}..., docs/datasets.md): only runs on the published "
+                            f"files are recorded for the results page")
+
+
 def record(cell, seed, run_dir):
     """Write the cell's JSON from its finished run folder: its metrics under both protocols, the best state's
-    validation metrics, the data file's fingerprint, and how often its top item is one of the user's own."""
+    validation metrics, the data file's fingerprint, and how often its top item is one of the user's own. A run on
+    other data than the published benchmark file is refused (check_published); its cell's record stays as it was."""
     metrics = read_metrics(run_dir)
     config = metrics["config"]
     fingerprint, data_path = run_data(cell, seed, config)
+    check_published(cell, fingerprint, data_path)
     log = read_log(run_dir)
     commit_file = os.path.join(run_dir, "commit.txt")
     commit = open(commit_file).read().strip() if os.path.isfile(commit_file) else git_commit()
@@ -400,9 +425,15 @@ def rescore_recorded(cells_given=()):
     """Add both protocols (and the top-item share) to the record of every recorded cell whose run folder is still
     here, changing nothing else; print the cells whose folder is gone. A re-ranking whose all-items test metrics
     differ from the record's is refused (it would not be the recorded run)."""
-    gone = []
-    for path in sorted(glob.glob(os.path.join(RESULTS, "cells", "*.json"))):
-        entry = read_record(path)
+    records = [(path, read_record(path)) for path in sorted(glob.glob(os.path.join(RESULTS, "cells", "*.json")))]
+    unrecorded = [cell for cell in cells_given if cell not in {entry["cell"] for _, entry in records}]
+    if unrecorded:                                           # a typo rescored nothing and said nothing
+        known = cell_ids_known()
+        what = "has no record in results/cells/" if unrecorded[0] in known else \
+            "is not a cell (`experiments.py list all` prints them)"
+        raise R.ConfigError(f"'{unrecorded[0]}' {what}; nothing was rescored")
+    gone, rescored = [], 0
+    for path, entry in records:
         if cells_given and entry["cell"] not in cells_given:
             continue
         run_dir = os.path.join(HERE, entry["run_dir"])
@@ -419,6 +450,8 @@ def rescore_recorded(cells_given=()):
                                                      "config": {**entry["config"], "data_fingerprint": fingerprint}})
         print(f"rescored {entry['cell']} seed {entry['seed']}: history excluded, test NDCG@10 "
               f"{ranked['protocols']['history_excluded']['test']['NDCG@10']:.4f}")
+        rescored += 1
+    print(f"rescored {rescored} of {sum(not cells_given or e['cell'] in cells_given for _, e in records)} records")
     if gone:
         print(f"{len(gone)} recorded cells have no run folder here, so one protocol only: {', '.join(gone)}")
 
@@ -434,11 +467,16 @@ def in_use(run_dir):
         return True
 
 
+def cell_ids_known():
+    """Every cell id of every table and of the tuning grid."""
+    return cells("all", DATASETS, MODELS) + cells("tune", DATASETS, MODELS)
+
+
 def run_cell(cell, seed, device):
     """Train one cell (resuming it, or doing nothing when it is finished); `report` records it. A cell that another
     process is training is left to it: exit status 0, so that a job array or a second run_all.sh does not count
     it as a failure."""
-    if cell not in cells("all", DATASETS, MODELS) + cells("tune", DATASETS, MODELS):
+    if cell not in cell_ids_known():
         raise R.ConfigError(f"unknown cell '{cell}' (`experiments.py list all` prints them)")
     arguments = [*cell_arguments(cell, read_hyperparameters()), *seed_arguments(cell, seed)]
     run_dir = R.configure(arguments)[1]                                     # a ConfigError if its data file is missing
@@ -481,9 +519,17 @@ def record_all(max_seed=MAX_SEED):
 # Hyperparameter choice from the tuning runs
 # ---------------------------------------------------------------------------------------------------------------
 
+CHOSEN_HEADER = ["# Chosen by `./run_all.sh tune`: best validation NDCG@10 over lr {1e-4, 2e-4, 3e-4}",
+                 "# x dim {64, 128} x layers = heads {1, 2} (Caser: lr x dim), beta 0.05, batch 256, max length 50,",
+                 "# dropout 0.5, seed 1.",
+                 "dataset\tmodel\tloss\tlr\tdim\tlayers\theads\tbeta\t# valid NDCG@10, grid points finished"]
+
+
 def choose():
-    """Pick, per (dataset, model, loss), the tuning point with the best validation NDCG@10; write the table.
-    A choice made before every point of its grid has finished says so, in its row and on the screen."""
+    """Pick, per (dataset, model, loss), the tuning point with the best validation NDCG@10, and put it in
+    results/hyperparameters.tsv in place of that cell's row. Only a cell with finished tuning runs gets a new row:
+    every other row (and comment) of the file is kept as it is, and the output names the rows that changed and
+    those kept. A choice made before every point of its grid has finished says so, in its row and on the screen."""
     best, finished, points = {}, {}, {}
     for cell in cells("tune", DATASETS, MODELS):
         key = tuple(cell.split("/")[1:4])                                   # (dataset, model, loss)
@@ -495,20 +541,42 @@ def choose():
         finished[key] = finished.get(key, 0) + 1
         if key not in best or metrics["valid"]["NDCG@10"] > best[key][1]:
             best[key] = (metrics["config"], metrics["valid"]["NDCG@10"])
-    lines = ["# Chosen by `./run_all.sh tune`: best validation NDCG@10 over lr {1e-4, 2e-4, 3e-4} x dim {64, 128} x",
-             "# layers = heads {1, 2} (Caser: lr x dim), beta 0.05, batch 256, max length 50, dropout 0.5, seed 1.",
-             "dataset\tmodel\tloss\tlr\tdim\tlayers\theads\tbeta\t# valid NDCG@10, grid points finished"]
-    for key, (config, ndcg) in sorted(best.items()):
-        lines.append("\t".join([*key, f"{config['lr']:g}", str(config["dim"]), str(config["layers"]),
-                                str(config["heads"]), f"{config['beta']:g}",
-                                f"# {ndcg:.4f}, {finished[key]} of {points[key]}"]))
-    with open(HYPERPARAMETERS, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print(f"wrote {HYPERPARAMETERS} ({len(best)} cells)")
+    before = read_hyperparameters()                                         # a malformed row: one line, no write
+    if not best:
+        print(f"no tuning run has finished: {HYPERPARAMETERS} is unchanged ({len(before)} rows kept; "
+              f"./run_all.sh tune trains them)")
+        return
+    rows = {key: "\t".join([*key, f"{config['lr']:g}", str(config["dim"]), str(config["layers"]),
+                            str(config["heads"]), f"{config['beta']:g}",
+                            f"# {ndcg:.4f}, {finished[key]} of {points[key]}"]) for key, (config, ndcg) in best.items()}
+    if os.path.isfile(HYPERPARAMETERS):
+        with open(HYPERPARAMETERS, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    else:
+        lines = list(CHOSEN_HEADER)
+    written, replaced = [], set()
+    for line in lines:
+        key = tuple(line.split("#")[0].split()[:3])
+        if key in rows:                                                     # a row of a cell chosen now
+            written.append(rows[key])
+            replaced.add(key)
+        else:
+            written.append(line)
+    written += [rows[key] for key in sorted(rows) if key not in replaced]  # cells that had no row
+    R.save_atomically("\n".join(written) + "\n", HYPERPARAMETERS)
+    after = read_hyperparameters()
+    print(f"wrote {HYPERPARAMETERS}: {len(best)} rows chosen from finished tuning runs, "
+          f"{len(before.keys() - best.keys())} kept")
     for key in sorted(best):
-        if finished[key] < points[key]:
-            print(f"  {'/'.join(key)}: chosen from {finished[key]} of {points[key]} grid points; "
-                  f"the rest have not finished")
+        old = " ".join(before[key]) if key in before else "the defaults (no row)"
+        new = " ".join(after[key])
+        what = f"changed from {old} to {new}" if old != new else f"unchanged, {new}"
+        partly = (f"; chosen from {finished[key]} of {points[key]} grid points, the rest have not finished"
+                  if finished[key] < points[key] else "")
+        print(f"  {'/'.join(key)}: {what}{partly}")
+    kept = sorted(before.keys() - best.keys())
+    if kept:
+        print(f"  kept (no finished tuning run): {', '.join('/'.join(key) for key in kept)}")
 
 
 # ---------------------------------------------------------------------------------------------------------------

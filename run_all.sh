@@ -17,12 +17,21 @@
 #                                                            see the README), no report
 #
 # Resumable: a finished cell is skipped, an interrupted one resumes from its last epoch; just run it again.
-# Logs: runs/logs/<cell>-seed<seed>.log. `tune` ends with `python experiments.py choose`, which rewrites
-# results/hyperparameters.tsv, the per-cell settings every table reads.
+# Logs: runs/logs/<cell>-seed<seed>.log. `tune` ends with `python experiments.py choose`, which puts each cell's
+# best finished tuning point into results/hyperparameters.tsv (the per-cell settings every table reads) in place of
+# that cell's row, keeping the rows of cells with no finished tuning run.
 # Exit status: 0 when every cell succeeded, 1 when some failed (the report still records the others), 2 for bad
 # input (one line on stderr, nothing run).
 set -euo pipefail
-cd "$(dirname "$0")"
+# Into the folder of the script itself, not of a symlink to it (~/bin/reproduce -> .../run_all.sh): experiments.py,
+# results/ and runs/ are beside the script. Each link is followed in turn (readlink -f is not on every system).
+script=$0
+while [ -L "$script" ]; do
+  target=$(readlink "$script")
+  case $target in /*) script=$target ;; *) script=$(dirname "$script")/$target ;; esac
+done
+cd "$(dirname "$script")"
+script=${script##*/}
 
 die() { echo "run_all.sh: error: $*" >&2; exit 2; }
 positive() {  # NAME VALUE: VALUE is a whole number >= 1, written plainly (bash reads 08 as a bad octal number)
@@ -41,7 +50,7 @@ names() {  # NAME VALUE KNOWN: VALUE is a comma-separated, non-empty list of nam
 # input, not the default: `DATASETS=$X` with an empty X must not run every dataset. DEVICE, OMP_NUM_THREADS and
 # SLURM_ARRAY_TASK_ID empty mean unset, as for their other readers.
 case ${1-all} in
-  -h|--help) sed -n '2,/^set -euo/{/^set -euo/d; s/^# \{0,1\}//; p}' "${0##*/}"; exit 0 ;;  # the header
+  -h|--help) sed -n '2,/^set -euo/{/^set -euo/d; s/^# \{0,1\}//; p}' "$script"; exit 0 ;;  # the header
   table1|table2|table3|figure1|infonce|caser-none|negatives|readme|tune|all) what=${1-all} ;;
   *) die "unknown argument ${1@Q} (one of table1 table2 table3 figure1 infonce caser-none negatives readme tune" \
          "all; see --help)" ;;

@@ -15,6 +15,7 @@ and metrics.json (the result, and the device and settings that trained it).
 Its default name is runs/<data>-<model>-<loss>-<hash of the configuration>.
 """
 import argparse
+import errno
 import glob
 import hashlib
 import json
@@ -61,6 +62,18 @@ def one_line(err, limit=200):
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+def say(line):
+    """Print a line of a run's output. A closed output (`uniform_seqrec.py ... | head -1`) ends the output, not the
+    run: what follows goes to /dev/null, and training goes on to its result."""
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:                     # Python ignores SIGPIPE, so a write to a closed pipe raises this
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the buffered rest and later lines too
+        except (OSError, ValueError):
+            pass
+
+
 def read_json(path, what):
     """A run folder's JSON file (config.json, metrics.json), or a RunFolderError naming it."""
     try:
@@ -87,16 +100,26 @@ def save_atomically(obj, path):
         os.replace(partial, path)
         return
     except (OSError, RuntimeError) as err:           # torch.save reports a full disk as a RuntimeError, no errno
-        reason = err.strerror if isinstance(err, OSError) and err.strerror else one_line(err)
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else None
+        failure = one_line(err)
+    try:                                             # before the partial file is removed, which frees its space
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+    except OSError:
+        free = None
     try:                                             # (after the except clause, which kept torch's writer open)
         os.remove(partial)
     except OSError:
         pass
-    try:
-        free = f"; {shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free:,} bytes free on its disk"
-    except OSError:
-        free = ""
-    raise RunFolderError(f"cannot write {path} ({reason}){free}")
+    if reason is None:                               # torch's own words ("[enforce fail at inline_container.cc...")
+        reason = (os.strerror(errno.ENOSPC) if free is not None and free < FULL_DISK_BYTES else
+                  f"torch could not write it: {failure}")
+    raise RunFolderError(f"cannot write {path} ({reason})" + (f"; {free:,} bytes free on its disk" if free is not None
+                                                              else ""))
+
+
+# Free space below which a write that failed without saying why (torch.save's RuntimeError) is a full disk: less than
+# a checkpoint of the smallest model would need.
+FULL_DISK_BYTES = 1 << 20
 
 
 # =============================================================================================================
@@ -148,7 +171,9 @@ class RunFolder:
                              "best_model": best_model, "device": str(next(model.parameters()).device),
                              "resumed_on": self.resumed_on}, self.file("checkpoint.pt"))
         except RunFolderError as err:
-            raise RunFolderError(f"{err}; the run folder keeps the checkpoint of epoch {self.saved_epoch}") from None
+            kept = (f"the run folder keeps the checkpoint of epoch {self.saved_epoch}" if self.saved_epoch else
+                    "no epoch's checkpoint was written yet, so the same command starts the run from its beginning")
+            raise RunFolderError(f"{err}; {kept}") from None
         self.saved_epoch = state["epoch"]
         self.write_log(state["history"])
 
@@ -221,46 +246,72 @@ def restore(checkpoint_path, model, optimizer):
 def prepare_run_dir(config, run_dir, log=print):
     """Create the run folder, or check that an existing one holds this same configuration, trained on the same data.
     A run asked for more epochs or patience than its folder has is extended: the folder's config.json takes the
-    larger values (and `config` too; a run is never shortened)."""
+    larger values (and `config` too; a run is never shortened). Returns the folder's lock (lock_run_dir), held
+    before anything in the folder changes: a folder that another process is training is refused as it is, without
+    an "extending" line or a rewritten config.json (which would have made that run's finished result look short)."""
     saved_path = os.path.join(run_dir, "config.json")
     config["data_fingerprint"] = data_fingerprint(config["data_path"])
     if os.path.isfile(saved_path):
-        saved = read_json(saved_path, "choose another --out, or remove the folder to start over")
-        differing = [k for k in config if k not in RUN_ONLY_KEYS + EXTENDABLE_KEYS
-                     and saved.get(k, LATER_KEYS.get(k)) != config[k]]
-        if differing:
-            key = differing[0]
-            raise ConfigError(f"{run_dir} holds a run with --{key.replace('_', '-')} {saved.get(key)}, not "
-                              f"{config[key]}; choose another --out")
-        check_same_data(config, saved, run_dir)
-        limits = {k: saved[k] for k in EXTENDABLE_KEYS if isinstance(saved.get(k), int) and saved[k] > config[k]}
-        config.update(limits)                                               # never shortened
-        if any(saved.get(k) != config[k] for k in EXTENDABLE_KEYS + ("data_fingerprint",)):
-            if any(saved.get(k) != config[k] for k in EXTENDABLE_KEYS):
-                log(f"extending {run_dir} to " + ", ".join(f"--{k} {config[k]} (was {saved.get(k)})"
-                                                          for k in EXTENDABLE_KEYS if saved.get(k) != config[k]))
-            save_atomically(json.dumps({**saved, **{k: config[k] for k in EXTENDABLE_KEYS + ("data_fingerprint",)}},
-                                       indent=2) + "\n", saved_path)
-    elif os.path.exists(run_dir) and not os.path.isdir(run_dir):
-        raise RunFolderError(f"{run_dir} is a file, not a run folder; choose another --out")
-    else:
-        missing = []                                                        # the folders this call creates
-        folder = os.path.abspath(run_dir)
-        while not os.path.exists(folder) and folder != os.path.dirname(folder):
-            missing.append(folder)
-            folder = os.path.dirname(folder)
+        lock = lock_run_dir(run_dir)
         try:
-            os.makedirs(run_dir, exist_ok=True)
+            extend_run_dir(config, run_dir, saved_path, log)
+        except BaseException:
+            lock.close()
+            raise
+        return lock
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise RunFolderError(f"{run_dir} is a file, not a run folder; choose another --out")
+    missing = []                                                            # the folders this call creates
+    folder = os.path.abspath(run_dir)
+    while not os.path.exists(folder) and folder != os.path.dirname(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    lock = None
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        lock = lock_run_dir(run_dir)              # a folder without config.json: another process may be starting it
+        if os.path.isfile(saved_path):            # ...and has written it meanwhile: judge it as an existing run's
+            extend_run_dir(config, run_dir, saved_path, log)
+        else:
             save_atomically(json.dumps(config, indent=2) + "\n", saved_path)
-        except (OSError, RunFolderError) as err:
-            for folder in missing:                                          # innermost first; only if still empty
+        return lock
+    except (OSError, ConfigError) as err:
+        if lock is not None:
+            lock.close()
+            if missing:                                                     # a folder this call made: leave none
                 try:
-                    os.rmdir(folder)
+                    os.remove(os.path.join(run_dir, ".lock"))
                 except OSError:
                     pass
-            if isinstance(err, RunFolderError):
-                raise
-            raise RunFolderError(f"cannot create the run folder {run_dir} ({err.strerror or err})") from None
+        for folder in missing:                                              # innermost first; only if still empty
+            try:
+                os.rmdir(folder)
+            except OSError:
+                pass
+        if isinstance(err, ConfigError):
+            raise
+        raise RunFolderError(f"cannot create the run folder {run_dir} ({err.strerror or err})") from None
+
+
+def extend_run_dir(config, run_dir, saved_path, log):
+    """prepare_run_dir for a folder that holds a run, its lock held: the same configuration and data, or a one-line
+    ConfigError; more epochs or patience are written into its config.json."""
+    saved = read_json(saved_path, "choose another --out, or remove the folder to start over")
+    differing = [k for k in config if k not in RUN_ONLY_KEYS + EXTENDABLE_KEYS
+                 and saved.get(k, LATER_KEYS.get(k)) != config[k]]
+    if differing:
+        key = differing[0]
+        raise ConfigError(f"{run_dir} holds a run with --{key.replace('_', '-')} {saved.get(key)}, not "
+                          f"{config[key]}; choose another --out")
+    check_same_data(config, saved, run_dir)
+    limits = {k: saved[k] for k in EXTENDABLE_KEYS if isinstance(saved.get(k), int) and saved[k] > config[k]}
+    config.update(limits)                                                   # never shortened
+    if any(saved.get(k) != config[k] for k in EXTENDABLE_KEYS + ("data_fingerprint",)):
+        if any(saved.get(k) != config[k] for k in EXTENDABLE_KEYS):
+            log(f"extending {run_dir} to " + ", ".join(f"--{k} {config[k]} (was {saved.get(k)})"
+                                                      for k in EXTENDABLE_KEYS if saved.get(k) != config[k]))
+        save_atomically(json.dumps({**saved, **{k: config[k] for k in EXTENDABLE_KEYS + ("data_fingerprint",)}},
+                                   indent=2) + "\n", saved_path)
 
 
 def lock_run_dir(run_dir):
@@ -682,7 +733,10 @@ def check_memory(config, sequences):
 
 
 def data_fingerprint(path):
-    """Size and SHA-256 of a data file: what a run folder records of the data it was trained on."""
+    """Size and SHA-256 of a data file: what a run folder records of the data it was trained on. Only of a regular
+    file: a pipe read a second time gives nothing, and "0 bytes" would let a run on other data pass for this one."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path} is not a regular file, so its data cannot be fingerprinted; save it to a file")
     try:
         return {"bytes": os.path.getsize(path), "sha256": sha256_of(path)}
     except OSError as err:
@@ -729,12 +783,16 @@ def data_path_of(config, fetch=False):
     if config["data"] in BENCHMARKS:
         path = benchmark_path(config["data"], config["data_dir"])
         if not os.path.isfile(path) and fetch:
-            return download(config["data"], config["data_dir"], log=lambda line: print(line, flush=True))
+            return download(config["data"], config["data_dir"], log=say)
         if not os.path.isfile(path):
             raise DataError(f"{path} not found; get it with: python data_prep.py {config['data']} "
                             f"--data-dir {config['data_dir']}")
         return path
     if os.path.exists(config["data"]):
+        if not (os.path.isfile(config["data"]) or os.path.isdir(config["data"])):  # folders: read_sequences
+            raise DataError(f"{config['data']} is not a regular file (a pipe, socket or device): a run's data is read "
+                            f"to train and again for its fingerprint, which a pipe cannot give twice; save it to a "
+                            f"file and give that")
         return config["data"]
     if os.sep in config["data"] or "." in config["data"]:
         raise DataError(f"no such data file: {config['data']}")
@@ -843,21 +901,22 @@ def main(argv=None):
             run_dir = extended_folder(config, run_dir)
         sequences = read_sequences(config["data_path"])                     # bad data fails before any folder exists
         check_memory(config, sequences)
-        prepare_run_dir(config, run_dir)
-        lock = lock_run_dir(run_dir)                                        # noqa: F841 - held until main returns
+        lock = prepare_run_dir(config, run_dir, log=say)                    # noqa: F841 - held until main returns
         metrics_path = os.path.join(run_dir, "metrics.json")
         if os.path.isfile(metrics_path):
             finished = read_json(metrics_path, "remove it to test the run's best state again")
             test, done, best = finished.get("test"), finished.get("epochs"), finished.get("best_epoch")
-            if not (isinstance(test, dict) and isinstance(done, int) and isinstance(best, int)):
+            number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+            if not (isinstance(test, dict) and test and all(number(v) for v in test.values())
+                    and isinstance(done, int) and isinstance(best, int)):
                 raise RunFolderError(f"{metrics_path} has no test results; remove it to test the run's best state "
                                      f"again")
             if done >= config["epochs"] or done - best >= config["patience"]:
-                print(f"{run_dir} is finished: test " + "  ".join(f"{k} {v:.4f}" for k, v in test.items()))
-                print(f"its result: {metrics_path}")
+                say(f"{run_dir} is finished: test " + "  ".join(f"{k} {v:.4f}" for k, v in test.items()))
+                say(f"its result: {metrics_path}")
                 return 0
             os.remove(metrics_path)                                         # extended: a new result will replace it
-        run = RunFolder(run_dir, log=lambda line: print(line, flush=True),
+        run = RunFolder(run_dir, log=say,
                         statistics=epoch_statistics(config, sequences))
         settings = device_settings(config["device"])                        # once, before training
         run.finish(U.train(config, sequences, run), config, settings)

@@ -579,6 +579,23 @@ def test_an_interruption_leaves_nothing_half_written_and_no_traceback(tmp_path, 
     assert os.listdir(tmp_path / "data") == []
 
 
+@pytest.mark.parametrize("flag", ["--url", "--from-raw"])
+def test_a_killed_writers_partial_file_is_removed_by_the_next_write(tmp_path, monkeypatch, sources, flag):
+    """Issue 33, item 13: SIGKILL mid-write leaves a hidden .part file that no handler could remove; the next write
+    of that file removes such leftovers. One touched recently may be another process's, writing now: it stays."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    killed, writing = data_dir / ".Beauty.txt.0123456789abcdef.part", data_dir / ".Beauty.txt.fedcba9876543210.part"
+    other = data_dir / ".Toys_and_Games.txt.0123456789abcdef.part"              # another file's: not this write's
+    for path in (killed, writing, other):
+        path.write_text("1 1 2")
+    long_ago = time.time() - 2 * D.STALE_PARTIAL_SECONDS
+    os.utime(killed, (long_ago, long_ago))
+    os.utime(other, (long_ago, long_ago))
+    assert D.main(["beauty", flag, sources[flag], "--data-dir", str(data_dir)]) == 0
+    assert sorted(os.listdir(data_dir)) == sorted(["Beauty.txt", writing.name, other.name])
+
+
 def test_a_terminated_download_leaves_nothing_half_written(tmp_path, web):
     """SIGTERM (a job scheduler, `kill`) mid-download: it once killed the process and left the .part file behind."""
     def stall(handler):

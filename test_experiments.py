@@ -98,12 +98,46 @@ def test_choose_keeps_the_best_validation_point_and_says_how_many_ran(tmp_path, 
     monkeypatch.setattr(E, "run_folder", lambda cell, seed, hyperparameters: str(folders.get(cell, tmp_path / "no")))
     monkeypatch.setattr(E, "HYPERPARAMETERS", str(tmp_path / "h.tsv"))
     E.choose()
-    assert "toys/sasrec/bce: chosen from 3 of 12 grid points" in capsys.readouterr().out
+    assert "toys/sasrec/bce: changed from the defaults (no row) to" in capsys.readouterr().out
     best = E.tuning_point(bce[5])
     assert E.read_hyperparameters(str(tmp_path / "h.tsv")) == {
         ("toys", "sasrec", "bce"): ["--lr", f"{float(best['lr']):g}", "--dim", best["dim"], "--layers",
                                     best["layers"], "--heads", best["layers"]]}
     assert "# 0.0300, 3 of 12" in (tmp_path / "h.tsv").read_text()
+
+
+def test_choose_replaces_only_the_rows_of_cells_with_finished_tuning_runs(tmp_path, monkeypatch, capsys):
+    """Issue 33, item 1: without a finished tuning run, choose leaves the committed per-cell settings as they are
+    (it wrote an empty table); with one cell's runs finished, only that cell's row changes, and the output says
+    which rows changed and which were kept."""
+    table = tmp_path / "h.tsv"
+    committed = open(E.HYPERPARAMETERS, encoding="utf-8").read()
+    table.write_text(committed)
+    monkeypatch.setattr(E, "HYPERPARAMETERS", str(table))
+    monkeypatch.setattr(E, "run_folder", lambda cell, seed, hyperparameters: str(tmp_path / "none"))
+    rows = E.read_hyperparameters(str(table))
+    assert len(rows) == 48
+    E.choose()
+    out = capsys.readouterr().out
+    assert table.read_text() == committed and "no tuning run has finished" in out and "(48 rows kept" in out
+    tuned = next(cell for cell in E.cells("tune", ["toys"], ["sasrec"]) if "/bce/lr=2e-4,dim=128,layers=1" in cell)
+    (tmp_path / "tuned").mkdir()
+    (tmp_path / "tuned" / "metrics.json").write_text(json.dumps({
+        "config": {"lr": 2e-4, "dim": 128, "layers": 1, "heads": 1, "beta": 0.05}, "valid": {"NDCG@10": 0.02},
+        "test": {"NDCG@10": 0.02}, "best_epoch": 3, "epochs": 23, "device": "cpu"}))
+    monkeypatch.setattr(E, "run_folder", lambda cell, seed, hyperparameters: str(
+        tmp_path / ("tuned" if cell == tuned else "none")))
+    E.choose()
+    out = capsys.readouterr().out
+    after = E.read_hyperparameters(str(table))
+    assert after.keys() == rows.keys()
+    assert {key for key in rows if after[key] != rows[key]} == {("toys", "sasrec", "bce")}
+    assert after["toys", "sasrec", "bce"][:6] == ["--lr", "0.0002", "--dim", "128", "--layers", "1"]
+    changed = [line for line, old in zip(table.read_text().splitlines(), committed.splitlines()) if line != old]
+    assert len(changed) == 1 and changed[0].startswith("toys\tsasrec\tbce\t")
+    assert "toys/sasrec/bce: changed from --lr 1e-3" in out
+    assert "1 rows chosen from finished tuning runs, 47 kept" in out
+    assert "kept (no finished tuning run): beauty/caser/bce, " in out
 
 
 @needs("beauty")
@@ -449,6 +483,8 @@ def tiny_cell(tmp_path, monkeypatch):
     monkeypatch.setattr(E, "HERE", str(tmp_path))
     monkeypatch.setattr(E, "read_hyperparameters", lambda path=None: {("beauty", "sasrec", "uniform"): TINY})
     monkeypatch.setattr(E, "cells", lambda what, datasets, models: ["table1/beauty/sasrec/uniform"])
+    published = sha256_of(str(data))
+    monkeypatch.setattr(E, "published_sha256", lambda dataset: published)     # records take only the published file
     assert E.run_cell("table1/beauty/sasrec/uniform", 1, "cpu") == 0
     return tmp_path / E.run_folder("table1/beauty/sasrec/uniform", 1, E.read_hyperparameters()), data
 
@@ -491,6 +527,25 @@ def test_a_report_ranks_again_only_a_run_its_record_does_not_hold(tiny_cell, mon
     open(path, "w").write(json.dumps(first))
     E.record_all(max_seed=1)
     assert len(ranked) == 2 and "protocols" in json.loads(open(path).read())
+
+
+def test_a_run_on_data_that_is_not_the_published_file_is_never_recorded(tiny_cell, monkeypatch, capsys):
+    """Issue 33, item 3: a run of a cell on a data file that is not the benchmark's published one (here the tiny
+    Beauty.txt, its fingerprint unlike docs/datasets.md's) leaves the cell's record as it was, and says so."""
+    run_dir, data = tiny_cell
+    E.record_all(max_seed=1)
+    path = E.record_path("table1/beauty/sasrec/uniform", 1)
+    recorded = open(path).read()
+    monkeypatch.setattr(E, "published_sha256", lambda dataset: R.BENCHMARKS[dataset][1])
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics["test"]["NDCG@10"] = 0.5                                              # the numbers it would record
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    capsys.readouterr()
+    assert E.record_all(max_seed=1) == 1
+    assert open(path).read() == recorded
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not recorded: table1/beauty/sasrec/uniform seed 1: its run was trained on" in err
+    assert f"not the published Beauty.txt (SHA-256 {R.BENCHMARKS['beauty'][1][:12]}" in err
 
 
 def test_a_run_trained_on_other_data_is_not_recorded_nor_reported_finished(tiny_cell, capsys):
@@ -669,6 +724,9 @@ def test_a_damaged_metrics_file_is_one_line(tiny_cell, monkeypatch, capsys, metr
     (["list", "table1", "--seeds", "-1"], "--seeds must be from 1 to 20"),
     (["list", "table1", "--datasets", "beauty,nope"], "'nope' is not one of beauty"),
     (["list", "table1", "--models", ""], "'' is not one of gru4rec"),
+    # issue 33, item 8: rescore of a cell that is no cell, or has no record, printed nothing and exited 0
+    (["rescore", "no/such/cell"], "'no/such/cell' is not a cell (`experiments.py list all` prints them); nothing was"),
+    (["rescore", "tune/beauty/sasrec/bce/lr=1e-4,dim=64,layers=1"], "has no record in results/cells/; nothing was"),
 ])
 def test_an_argument_out_of_range_is_one_line(capsys, argv, expected):
     assert E.main(argv) == 2

@@ -157,3 +157,23 @@ def test_a_narrowing_that_selects_nothing_is_one_line(run_all, tmp_path, what, e
     done = run_all(what, REAL_PYTHON=sys.executable, **environment)
     assert_refused(done, tmp_path, "nothing to run", f"'{what}' is empty",  # no report: RESULTS.md untouched
                    *[f"{name}={value}" for name, value in environment.items()])
+
+
+def test_run_through_a_symlink_works_in_the_scripts_own_folder(run_all, tmp_path):
+    """Issue 33, item 12: called through a symlink (here a link to a link, each relative, from another folder),
+    run_all.sh works in its own folder, where experiments.py is; it changed into the link's folder."""
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "bin").mkdir(parents=True)
+    (elsewhere / "bin" / "link").symlink_to(os.path.join("..", "..", "run_all.sh"))
+    (elsewhere / "reproduce").symlink_to(os.path.join("bin", "link"))
+    env = {k: v for k, v in os.environ.items() if k not in ("JOBS", "SEEDS", "DATASETS", "MODELS", "OMP_NUM_THREADS")}
+    env["PATH"] = f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}"
+    done = subprocess.run(["./reproduce", "--help"], cwd=elsewhere, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0 and "./run_all.sh WHAT" in done.stdout, done.stderr
+    done = subprocess.run(["./reproduce", "table1"], cwd=elsewhere, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert [call.split()[1] for call in calls(tmp_path)] == ["list", *["run"] * len(CELLS), "report"]
+    assert (tmp_path / "runs" / "logs").is_dir() and not (elsewhere / "runs").exists()
+    assert not (elsewhere / "calls.txt").exists()

@@ -3,10 +3,12 @@ import errno
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import torch
@@ -243,9 +245,40 @@ def test_a_seed_anywhere_in_torchs_range_trains_as_torch_takes_it(tmp_path):
     assert metrics["-1"] == metrics[str(2 ** 64 - 1)]
 
 
+def test_item_ids_that_never_occur_are_named_when_training_starts(tmp_path, capsys):
+    """Issue 33, item 5: ids with gaps (1, 5 and 1000 only) give an item table, negatives and rankings of every id up
+    to the largest; training says in one line how many of them never occur. Ids 1..N all used: no such line."""
+    gaps = tmp_path / "gaps.txt"
+    sequences = [[1, 5, 1000, 1, 5], [5, 1000, 1, 5, 1000], [1000, 5, 1, 5]]
+    gaps.write_text("".join(f"{u} " + " ".join(map(str, items)) + "\n" for u, items in enumerate(sequences, 1)))
+    largest, distinct = max(map(max, sequences)), len(set(sum(sequences, [])))
+    assert R.main(["--data", str(gaps), "--out", str(tmp_path / "run"), *SMALL, "--epochs", "1"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "never occur" in line]
+    assert lines == [f"{largest - distinct:,} of the item ids 1..{largest:,} never occur in {gaps} (it has {distinct} "
+                     f"distinct items); they are trained and ranked as items all the same (number the items "
+                     f"1..{distinct} to leave them out)"]
+    assert R.main(["--data", small_data(tmp_path), "--out", str(tmp_path / "dense"), *SMALL, "--epochs", "1"]) == 0
+    assert "never occur" not in capsys.readouterr().out
+
+
 def test_a_folder_instead_of_a_file(tmp_path, capsys):
     assert R.main(["--data", str(tmp_path), *SMALL]) == 2
     assert "is a folder, not a data file" in capsys.readouterr().err
+
+
+def test_data_that_is_not_a_regular_file_is_one_line(tmp_path):
+    """Issue 33, item 4: a pipe (here a named one; --data /dev/stdin in a pipeline is another) gives its bytes once,
+    so the run's fingerprint was of 0 bytes and a later run fed other data passed for it. It is refused, unopened
+    (opening a named pipe would wait for a writer), and nothing is made."""
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    result = run_cli("--data", str(pipe), "--out", str(tmp_path / "run"), *SMALL, timeout=120)  # a process: opening
+    assert result.returncode == 2 and result.stderr == (                          # the pipe would wait forever
+        f"uniform_seqrec.py: error: {pipe} is not a regular file (a pipe, socket or device): a run's data is read to "
+        f"train and again for its fingerprint, which a pipe cannot give twice; save it to a file and give that\n")
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(R.DataError, match="is not a regular file"):
+        R.data_fingerprint(str(pipe))
 
 
 def test_errors_from_a_real_process_have_no_traceback(tmp_path):
@@ -255,6 +288,44 @@ def test_errors_from_a_real_process_have_no_traceback(tmp_path):
         result = run_cli(*args)
         assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
         assert result.stderr.startswith("uniform_seqrec.py: error: ")
+
+
+def test_a_closed_output_ends_the_output_not_the_training(tmp_path):
+    """Issue 33, item 6: `uniform_seqrec.py ... | head -1` closes the output after the first line; the run trains on
+    to its result (it died with a BrokenPipeError after its first epoch)."""
+    run = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, os.path.join(HERE, "uniform_seqrec.py"), "--data",
+                                small_data(tmp_path), "--out", str(run), *SMALL, "--epochs", "3"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    first = process.stdout.readline()                                           # as head -1 does
+    process.stdout.close()
+    err = process.stderr.read()
+    assert process.wait(timeout=300) == 0 and "40 users, 30 items" in first and err == "", err
+    assert json.loads((run / "metrics.json").read_text())["epochs"] == 3
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--steps", "0"], "--steps must be positive (got 0)"),                       # was a ZeroDivisionError
+    (["--length-groups", "0"], "--length-groups must be positive (got 0)"),       # was read as the default
+    (["--sections", "loss,bogus"], "--sections: unknown section 'bogus' (known: loss, train, eval, memory"),
+    (["--device", "tpu"], "--device 'tpu' is not a device name torch knows"),    # was a ConfigError traceback
+    (["--data-dir", "{tmp}"], "Beauty.txt not found; get it with: python data_prep.py beauty --data-dir"),
+    (["--data-dir", "{tmp}/bad"], "bad/Beauty.txt line 1: "),
+])
+def test_bench_refuses_bad_input_with_one_line(tmp_path, capsys, args, expected):
+    """Issue 33, item 7: bench.py's bad input is one line and exit 2, as for the other commands, before any
+    measurement (--sections bogus printed an empty table and exited 0)."""
+    import bench
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "Beauty.txt").write_text("1 1 2 x\n")
+    try:
+        code = bench.main([arg.format(tmp=tmp_path) for arg in args])
+    except SystemExit as exit:                                                      # argparse's error
+        code = exit.code
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and err.count("\n") == 1 and expected in err, err
+    assert err.startswith("bench.py: error: ")
 
 
 def test_errors_stay_one_line_without_numpy():
@@ -389,6 +460,29 @@ def test_a_full_disk_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatc
     assert "resuming" in capsys.readouterr().out and (run / "metrics.json").is_file()
 
 
+def test_a_full_disk_in_torchs_words_is_said_plainly(tmp_path, capsys, monkeypatch):
+    """Issue 33, item 13: torch.save reports a full disk as a RuntimeError in its own words; the line says "No space
+    left on device", not torch's internals, and at the first epoch that no checkpoint is kept yet (it said "keeps the
+    checkpoint of epoch 0"). A failure with room on the disk still quotes torch."""
+    def save(obj, path, *args, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"PK\x03\x04 part of a checkpoint")
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", save)
+    free = {"bytes": 0}
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: types.SimpleNamespace(free=free["bytes"]))
+    run = tmp_path / "run"
+    args = ["--data", small_data(tmp_path), "--out", str(run), *SMALL, "--epochs", "2"]
+    err = one_line_error(capsys, R.main(args), f"cannot write {run / 'checkpoint.pt'} (No space left on device); 0 "
+                                               f"bytes free on its disk; no epoch's checkpoint was written yet, so "
+                                               f"the same command starts the run from its beginning")
+    assert "enforce fail" not in err and "epoch 0" not in err
+    assert sorted(os.listdir(run)) == [".lock", "config.json"]                     # no partial file
+    free["bytes"] = 10 ** 9
+    one_line_error(capsys, R.main(args), "(torch could not write it: RuntimeError: [enforce fail at inline_container")
+
+
 def real_load(path):
     return torch.load(path, map_location="cpu", weights_only=False)
 
@@ -451,6 +545,20 @@ def test_damaged_json_files_of_a_run_folder_are_one_line(finished_run, capsys):
     one_line_error(capsys, R.main(args), f"{run / 'config.json'} is damaged or unreadable (JSONDecodeError")
     one_line_error(capsys, R.main(["--resume", str(run)]), "this folder cannot be resumed")
     assert folder_state(run) == before
+
+
+@pytest.mark.parametrize("value", ["0.05", None, [0.05], True])
+def test_a_finished_runs_metrics_that_are_not_numbers_are_one_line(finished_run, capsys, value):
+    """Issue 33, item 8: a test metric that is not a number is a damaged metrics.json (one line), not a traceback in
+    the "is finished" line."""
+    run, args = finished_run
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["test"]["NDCG@10"] = value
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    before = folder_state(run)
+    for command in (args, ["--resume", str(run)]):
+        one_line_error(capsys, R.main(command), f"{run / 'metrics.json'} has no test results")
+        assert folder_state(run) == before
 
 
 def test_a_checkpoint_written_on_a_gpu_resumes_on_the_cpu(finished_run, capsys, monkeypatch):
@@ -580,22 +688,52 @@ def test_a_kill_between_the_checkpoint_and_the_log_leaves_a_complete_log_after_r
     assert final_metrics(run) == final_metrics(tmp_path / "whole")
 
 
+class HeldByAnotherProcess:
+    """The run folder's lock held by another process, as while it trains the run."""
+
+    def __init__(self, run):
+        self.run = run
+
+    def __enter__(self):
+        self.holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'w'); "
+                                        "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)",
+                                        str(self.run / ".lock")], stdout=subprocess.PIPE, text=True)
+        assert self.holder.stdout.readline().strip() == "locked"
+
+    def __exit__(self, *_):
+        self.holder.kill()
+        self.holder.wait()
+        self.holder.stdout.close()
+
+
 def test_a_run_folder_in_use_by_another_process_is_refused(tmp_path, capsys, beauty_slice):
     run = tmp_path / "run"
     args = ["--data", beauty_slice, "--epochs", "1", "--out", str(run), *SMALL]
     config, run_dir = R.configure(args)
     R.prepare_run_dir(config, run_dir)
-    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'w'); "
-                               "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)",
-                               str(run / ".lock")], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with HeldByAnotherProcess(run):
         assert R.main(args) == 2
         assert "is in use by another running process" in capsys.readouterr().err
-    finally:
-        holder.kill()
-        holder.wait()
     assert R.main(args) == 0                                                    # the lock dies with its process
+
+
+def test_extending_a_run_another_process_trains_changes_nothing_in_its_folder(tmp_path, capsys):
+    """Issue 33, item 2: asking for more epochs of a run that another process is training is refused before a line
+    says "extending" and before config.json takes the new limit; the other process's finished result then stays
+    the run's result (the rewritten limit had made the original command delete it and train on)."""
+    run = tmp_path / "run"
+    args = ["--data", small_data(tmp_path), *SMALL, "--out", str(run)]
+    assert R.main([*args, "--epochs", "1"]) == 0
+    before = folder_state(run)
+    capsys.readouterr()
+    with HeldByAnotherProcess(run):
+        code = R.main([*args, "--epochs", "3"])
+        out, err = capsys.readouterr()
+        assert code == 2 and "is in use by another running process" in err and "extending" not in out, (out, err)
+        assert folder_state(run) == before
+    assert R.main([*args, "--epochs", "1"]) == 0                                # the original command, later
+    assert "is finished" in capsys.readouterr().out
+    assert folder_state(run) == before
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -776,3 +914,68 @@ def test_ctrl_c_while_the_program_starts_is_one_line(tmp_path):
         process.send_signal(signal.SIGINT)
         out, err = process.communicate(timeout=60)
         assert process.returncode == 130 and err == f"{script}: interrupted while starting; nothing was changed\n"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The suite itself (conftest.py): one torch thread, and Ctrl-C stops it
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_the_tests_run_on_one_torch_thread_unless_told_otherwise():
+    """Issue 33, item 9: with torch's default threads the suite's trainings took 150 to 220 s an epoch on a busy
+    2-core machine; conftest.py sets one, for the tests and the programs they start (OMP_NUM_THREADS)."""
+    check = "import conftest, os, torch; print(torch.get_num_threads(), os.environ['OMP_NUM_THREADS'])"
+    for given, expected in ((None, "1 1"), ("2", "2 2")):
+        env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+        result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, cwd=HERE,
+                                env={**env, **({"OMP_NUM_THREADS": given} if given else {})}, timeout=120)
+        assert result.stdout.split("\n")[0] == expected, result.stderr
+
+
+def test_ctrl_c_stops_the_suite_even_where_the_code_under_test_catches_it(tmp_path):
+    """Issue 33, item 9: runs.main catches KeyboardInterrupt (one line, exit 130), so Ctrl-C during a test that
+    trains failed that test and the suite went on. Here a training is interrupted in a pytest run of two tests:
+    the run stops after the first (exit 130), and the second never starts."""
+    tests = tmp_path / "test_interrupted.py"
+    tests.write_text(f"""import os, signal, time
+import runs as R
+import uniform_seqrec as U
+
+
+def test_interrupted_training(tmp_path, monkeypatch):
+    (tmp_path / "data.txt").write_text({GOOD!r})
+    monkeypatch.setattr(U, "train", lambda *args: os.kill(os.getpid(), signal.SIGINT) or time.sleep(30))  # Ctrl-C
+    assert R.main(["--data", str(tmp_path / "data.txt"), "--out", str(tmp_path / "run"), "--dim", "8"]) == 130
+
+
+def test_the_next_one():
+    open({str(tmp_path / "next_ran")!r}, "w").close()
+""")
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "conftest",
+                             str(tests)], capture_output=True, text=True, cwd=HERE, timeout=300)
+    assert result.returncode == 130 and "interrupted (Ctrl-C)" in result.stdout, result.stdout + result.stderr
+    assert not (tmp_path / "next_ran").exists()
+
+
+def test_the_readme_gives_the_cpu_only_torch_install_beside_requirements():
+    """Issue 33, item 11: `pip install -r requirements.txt` pulls torch's CUDA build on Linux, GPU or not; the README
+    and requirements.txt give the CPU-only install beside it, as a command to copy."""
+    command = "pip install torch --index-url https://download.pytorch.org/whl/cpu"
+    with open(os.path.join(HERE, "README.md")) as f:
+        setup = f.read().split("## Data")[0]
+    assert f"    {command} && pip install -r requirements.txt\n" in setup
+    with open(os.path.join(HERE, "requirements.txt")) as f:
+        assert command in f.read()
+
+
+def test_a_deleted_working_directory_is_one_line(tmp_path):
+    """Issue 33, item 13: started in a folder that has been deleted, the programs ended in "Intel oneMKL FATAL ERROR:
+    Cannot load libtorch_cpu.so" while loading torch; they say what is wrong in one line first."""
+    for script in ("uniform_seqrec.py", "experiments.py"):
+        gone = tmp_path / f"gone-{script}"
+        gone.mkdir()
+        result = subprocess.run(["bash", "-c", 'cd "$1" && rmdir "$1" && exec "$2" "$3" --help', "-", str(gone),
+                                 sys.executable, os.path.join(HERE, script)], capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 2 and result.stderr == (
+            f"{script}: error: the working directory no longer exists (deleted or moved); cd into a folder that "
+            f"exists and run again\n"), result.stderr

@@ -27,6 +27,12 @@ import sys
 if __name__ == "__main__":  # started as a program: Ctrl-C while torch loads is one line (runs.main takes over after)
     signal.signal(signal.SIGINT, lambda *_: (print("uniform_seqrec.py: interrupted while starting; nothing was "
                                                    "changed", file=sys.stderr), sys.exit(130)))
+    try:  # a deleted working directory: importing torch would end in "oneMKL FATAL ERROR: Cannot load ..."
+        __import__("os").getcwd()
+    except FileNotFoundError:
+        print("uniform_seqrec.py: error: the working directory no longer exists (deleted or moved); cd into a "
+              "folder that exists and run again", file=sys.stderr)
+        sys.exit(2)
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -909,6 +915,11 @@ def train(config, sequences, run=None):
     state, best_model = run.resume(model, optimizer)
     run.log(f"{config['data']}: {len(lengths):,} users, {num_items:,} items, {len(data.target_at):,} training "
             f"examples; {config['model']} + {config['loss']} on {device}; {run}")
+    occurring = len(torch.unique(flat[1:]))                                # flat[0] is the padding
+    if occurring < num_items:    # every id up to N gets a row, is drawn as a negative and ranked, occurring or not
+        run.log(f"{num_items - occurring:,} of the item ids 1..{num_items:,} never occur in {config['data']} (it has "
+                f"{occurring:,} distinct items); they are trained and ranked as items all the same (number the items "
+                f"1..{occurring:,} to leave them out)")
 
     while state["epoch"] < config["epochs"] and state["epoch"] - state["best_epoch"] < config["patience"]:
         epoch = state["epoch"] + 1
