@@ -12,7 +12,9 @@ uniform_seqrec.py holds the paper; this file holds what a run needs around it:
 A run folder holds config.json (the resolved configuration), log.jsonl (one line per epoch), checkpoint.pt (model,
 optimizer, early-stopping state and best state, the device it was written on, written atomically after every epoch)
 and metrics.json (the result, and the device and settings that trained it).
-Its default name is runs/<data>-<model>-<loss>-<hash of the configuration>.
+Its default name is runs/<data>-<model>-<loss>-<hash of the configuration>, where a data file counts by its absolute
+path (tiny.txt, ./tiny.txt and /abs/tiny.txt are one folder; a folder named by a path as typed, as earlier ones were,
+is still found) and a benchmark by its name.
 """
 import argparse
 import errno
@@ -298,12 +300,13 @@ def extend_run_dir(config, run_dir, saved_path, log):
     ConfigError; more epochs or patience are written into its config.json."""
     saved = read_json(saved_path, "choose another --out, or remove the folder to start over")
     differing = [k for k in config if k not in RUN_ONLY_KEYS + EXTENDABLE_KEYS
-                 and saved.get(k, LATER_KEYS.get(k)) != config[k]]
+                 and not same_setting(k, saved.get(k, LATER_KEYS.get(k)), config[k])]
     if differing:
         key = differing[0]
         raise ConfigError(f"{run_dir} holds a run with --{key.replace('_', '-')} {saved.get(key)}, not "
                           f"{config[key]}; choose another --out")
     check_same_data(config, saved, run_dir)
+    config["data"] = saved["data"]                  # the folder's own spelling of its file: its name's hash stays
     limits = {k: saved[k] for k in EXTENDABLE_KEYS if isinstance(saved.get(k), int) and saved[k] > config[k]}
     config.update(limits)                                                   # never shortened
     if any(saved.get(k) != config[k] for k in EXTENDABLE_KEYS + ("data_fingerprint",)):
@@ -758,13 +761,27 @@ def check_same_data(config, saved, run_dir):
                           f"{current['sha256'][:12]}...); choose another --out, or give it the file it was trained on")
 
 
+def names_a_file(data):
+    """--data is a path (any spelling of it), not a benchmark's name."""
+    return isinstance(data, str) and data not in BENCHMARKS
+
+
+def same_setting(key, saved, value):
+    """A run folder's saved setting and a command's are the same: equal, or for --data two paths, however spelled
+    (tiny.txt, ./tiny.txt, its absolute path, or another copy of the file): whether they hold the same data is the
+    data fingerprint's to say (check_same_data), not the spelling's."""
+    return saved == value or (key == "data" and names_a_file(saved) and names_a_file(value))
+
+
 def extended_folder(config, run_dir):
     """The folder of a run of this same configuration started with fewer epochs or less patience, which the run
-    continues in (so that asking for more extends a run instead of starting over); run_dir when there is none."""
+    continues in (so that asking for more extends a run instead of starting over); run_dir when there is none. A
+    data file is the same when the folder's was the same file (its data_path), whatever the spelling of --data."""
     if os.path.exists(run_dir):
         return run_dir
-    same = lambda saved: all(saved.get(k, LATER_KEYS.get(k)) == v for k, v in config.items()
-                             if k not in RUN_ONLY_KEYS + EXTENDABLE_KEYS)
+    same = lambda saved: all(saved.get(k, LATER_KEYS.get(k)) == v or (
+        k == "data" and same_setting(k, saved.get(k), v) and saved.get("data_path") == config["data_path"])
+        for k, v in config.items() if k not in RUN_ONLY_KEYS + EXTENDABLE_KEYS)
     for path in sorted(glob.glob(os.path.join(os.path.dirname(run_dir), "*", "config.json"))):
         try:
             with open(path) as f:
@@ -842,11 +859,11 @@ def configure(argv, fetch=False):
         saved = {**LATER_KEYS, **read_json(saved_path, "this folder cannot be resumed")}
         check_saved_config(saved, saved_path)
         for key, value in given.items():
-            if key not in RUN_ONLY_KEYS + EXTENDABLE_KEYS and saved.get(key) != value:
+            if key not in RUN_ONLY_KEYS + EXTENDABLE_KEYS and not same_setting(key, saved.get(key), value):
                 raise ConfigError(f"--resume {config['resume']}: that run has --{key.replace('_', '-')} "
                                   f"{saved.get(key)}, this command asks for {value}")
-        config = {**saved, **{k: v for k, v in given.items() if k in RUN_ONLY_KEYS + EXTENDABLE_KEYS},
-                  "resume": config["resume"]}
+        config = {**saved, **{k: v for k, v in given.items() if k in RUN_ONLY_KEYS + EXTENDABLE_KEYS + ("data",)},
+                  "resume": config["resume"]}                  # --data: where its file is now (its fingerprint checked)
         config.setdefault("data_dir", default_data_dir())
     if config["model"] != "caser":
         typed = [key for key in ("caser_activation", "caser_users", "caser_output_table") if key in given]
@@ -864,14 +881,22 @@ def configure(argv, fetch=False):
     try:
         config["data_path"] = os.path.abspath(data_path_of(config, fetch))
     except (DataError, ConfigError):
-        started_with = config.get("data_path") if config["resume"] and "data_dir" not in given else None
+        started_with = config.get("data_path") if config["resume"] and not {"data", "data_dir"} & set(given) else None
         if not (isinstance(started_with, str) and os.path.isabs(started_with) and os.path.isfile(started_with)):
             raise
         config["data_path"] = started_with                # --resume from another working directory: the same file
+    as_typed = config["data"]
+    if names_a_file(as_typed):            # one file, one hash: tiny.txt, ./tiny.txt and /abs/tiny.txt alike
+        config["data"] = config["data_path"]
     config["device"] = resolve_device(config["device"])
-    name = config["data"] if config["data"] in BENCHMARKS else os.path.splitext(os.path.basename(config["data"]))[0]
-    run_dir = config["resume"] or config["out"] or os.path.join(
-        "runs", f"{name}-{config['model']}-{config['loss']}-{configuration_id(config)}")
+    name = as_typed if as_typed in BENCHMARKS else os.path.splitext(os.path.basename(as_typed))[0]
+    default = lambda data: os.path.join(
+        "runs", f"{name}-{config['model']}-{config['loss']}-{configuration_id({**config, 'data': data})}")
+    if config["resume"] or config["out"]:
+        return config, config["resume"] or config["out"]
+    run_dir = default(config["data"])
+    if not os.path.exists(run_dir) and os.path.exists(default(as_typed)):
+        run_dir = default(as_typed)       # a folder named by --data as typed, from before a file's paths were one
     return config, run_dir
 
 

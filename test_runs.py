@@ -851,6 +851,59 @@ def test_resume_works_from_another_working_directory(tmp_path, monkeypatch, caps
     assert json.loads((tmp_path / "a" / "run" / "metrics.json").read_text())["epochs"] == 2
 
 
+def test_a_files_spellings_are_one_run_folder_and_folders_named_as_typed_are_still_found(tmp_path, monkeypatch,
+                                                                                        capsys):
+    """tiny.txt, ./tiny.txt and its absolute path are one run folder (old code: three), named by the file's absolute
+    path: a path typed in that form keeps its hash. A folder named by a relative path as typed (as every earlier
+    one was) is still found, finished, extended and resumed from another working directory."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    small_data(tmp_path / "a")
+    absolute = str(tmp_path / "a" / "small.txt")
+    spellings = ["small.txt", "./small.txt", absolute]
+    one = lambda data, *more: R.configure(["--data", data, *SMALL, "--epochs", "1", *more])
+    assert len({one(data)[1] for data in spellings}) == 1
+    config, folder = one(absolute)
+    assert folder.endswith(R.configuration_id({**config, "data": absolute}))      # the hash old code gave it
+    assert R.main(["--data", "small.txt", *SMALL, "--epochs", "1"]) == 0
+    for data in spellings[1:]:
+        capsys.readouterr()
+        assert R.main(["--data", data, *SMALL, "--epochs", "1"]) == 0
+        assert f"{folder} is finished" in capsys.readouterr().out
+    assert os.listdir("runs") == [os.path.basename(folder)]
+
+    # a folder of old code, named by --data ./small.txt as typed and recording that spelling, with seed 2
+    config = one("./small.txt", "--seed", "2")[0]
+    old = os.path.join("runs", f"small-sasrec-{config['loss']}-"
+                               f"{R.configuration_id({**config, 'data': './small.txt'})}")
+    assert R.main(["--data", "small.txt", *SMALL, "--epochs", "1", "--seed", "2", "--out", old]) == 0
+    saved = json.loads(open(os.path.join(old, "config.json")).read())
+    open(os.path.join(old, "config.json"), "w").write(json.dumps({**saved, "data": "./small.txt"}))
+    assert one("./small.txt", "--seed", "2")[1] == old                            # found by its old name
+    capsys.readouterr()
+    assert R.main(["--data", "./small.txt", *SMALL, "--epochs", "1", "--seed", "2"]) == 0
+    assert f"{old} is finished" in capsys.readouterr().out
+    assert R.main(["--data", absolute, *SMALL, "--epochs", "2", "--seed", "2"]) == 0   # another spelling, more epochs
+    out = capsys.readouterr().out
+    assert f"extending {old} to --epochs 2 (was 1)" in out and f"resuming {old} after epoch 1" in out
+    assert json.loads(open(os.path.join(old, "config.json")).read())["data"] == "./small.txt"   # its own spelling
+    assert json.loads(open(os.path.join(old, "metrics.json")).read())["config"]["data"] == "./small.txt"
+    assert len(os.listdir("runs")) == 2
+    folder_of_old = os.path.abspath(old)
+    monkeypatch.chdir(tmp_path / "b")                                              # ./small.txt is not here
+    assert R.main(["--resume", folder_of_old, "--epochs", "3"]) == 0
+    assert f"resuming {folder_of_old} after epoch 2" in capsys.readouterr().out
+    assert R.main(["--resume", folder_of_old, "--epochs", "4", "--data", "../a/small.txt"]) == 0   # where it is now
+    assert json.loads(open(os.path.join(folder_of_old, "metrics.json")).read())["epochs"] == 4
+
+    # another file is other data, however alike its settings: a folder of its own, not a refusal
+    monkeypatch.chdir(tmp_path / "a")
+    (tmp_path / "a" / "other.txt").write_text(open(absolute).read() + "99 1 2 3 4 5\n")
+    assert R.main(["--data", "other.txt", *SMALL, "--epochs", "2"]) == 0
+    assert len(os.listdir("runs")) == 3
+
+
 @needs("beauty")
 def test_a_missing_benchmark_is_fetched_and_without_network_the_remedy_is_named(tmp_path, monkeypatch, capsys):
     real_download = R.download
