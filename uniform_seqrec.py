@@ -431,8 +431,7 @@ def score(h, items, cosine=False):
 def score_all(h, items, cosine=False, out=None):
     """Eq. 1 (or eq. 3) of every history with every one of the same M items: (B, d), (M, d) -> (B, M), as score()
     of (B, 1, d) and (M, d) would broadcast it, but one matrix product (never a (B, M, d) tensor), written into
-    `out` when given (evaluation reuses one (B, M) tensor: a fresh one every batch costs a CPU more than a third of
-    the product)."""
+    `out` when given: evaluation reuses one (B, M) tensor rather than allocate one per batch (docs/measurements.md)."""
     if cosine:
         h, items = torch.nn.functional.normalize(h, dim=-1), torch.nn.functional.normalize(items, dim=-1)
     return torch.matmul(h, items.T, out=out)                                 # (B, M)
@@ -555,7 +554,7 @@ def rank_of_targets(scores, targets):
     """Number of items other than the target scoring >= the target (ties count against it): (B, N+1), (B,) -> (B,).
     A target masked to -inf cannot be recommended: its rank is inf, never a hit. In float32, which every device has
     (MPS has no float64), and exact for up to 2**24 items. Overwrites `scores` with the comparison (1.0 where an item
-    scores >= the target): counting in place is several times faster on a CPU than summing a new bool tensor."""
+    scores >= the target), for speed: no new tensor to allocate and sum (docs/measurements.md)."""
     target_scores = scores.gather(1, targets[:, None])                      # (B, 1)
     ranks = scores.ge_(target_scores).sum(1) - 1                            # minus the target itself
     return ranks.masked_fill(target_scores[:, 0] == float("-inf"), float("inf"))
@@ -747,7 +746,8 @@ def encode_batch(model, flat, target_at, history_lengths, sizes, widths, users=N
 # but its histories are laid end to end in rows of `width` cells, several short ones to a row, and each position
 # attends only to the positions of its own history before it. Nothing is padded but the few cells a history leaves
 # of its slot, all of the batch is one pass through the blocks (length groups cost a pass each), and the loss is
-# the same; its float rounding and the dropout masks' draws are not (docs/performance.md measures it).
+# the same; its float rounding and the dropout masks' draws are not (bench.py times it; docs/performance.md has no
+# time recorded yet).
 
 
 def slot_sizes(width):
@@ -800,16 +800,11 @@ def train_epoch(model, optimizer, data, config, epoch, progress=None):
     host-device synchronisation in the loop); progress(done, total) is called before the first step and after each."""
     flat, target_at, history_lengths, users, owners, keys, num_items = data
     device = flat.device
-    # Dropout draws from torch's global generator, the order and the negatives from their own, both seeded alike:
-    # the two streams are the same 32-bit words (on a CPU, word k makes both the k-th uniform number of the epoch's
-    # first dropout masks, or half a 64-bit word of the packed path's, and the shuffle's k-th step, or, from
-    # k = E - 1 on, example k - E + 1's first negative).
-    # Harmless: each use reads a word its own way (a mask compares its low 24 bits, as a fraction, with p; the
-    # shuffle and the negatives take its remainder modulo the examples left, or N), and a word's two uses concern
-    # unrelated things (a mask entry in the first batches, the shuffle step or negative of an example in any batch).
-    # Measured on Beauty's E (131,413) at seeds 1, 2, 3, 42: masks and the order or negatives made of the same words
-    # correlate within sampling noise (|r| <= 0.0063; 1 / sqrt(E) = 0.0028). Seeding them apart would change every
-    # seeded run's numbers, so it stays.
+    # Dropout draws from torch's global generator, the order and the negatives from their own, both seeded alike,
+    # so the two streams are made of the same random words. Harmless: each use reads a word its own way, and a
+    # word's two uses concern unrelated things (a mask entry in the first batches; the shuffle step or negative of
+    # an example in any batch); docs/measurements.md ("Randomness") finds no correlation. Seeding them apart would
+    # change every seeded run's numbers, so it stays.
     torch.manual_seed(epoch_seed(config["seed"], epoch))                    # dropout
     generator = torch.Generator(device).manual_seed(epoch_seed(config["seed"], epoch))
     order = torch.randperm(len(target_at), device=device, generator=generator)  # (E,)
