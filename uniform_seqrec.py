@@ -6,7 +6,7 @@ Recommendation" (Chung & Kim).
 This file is the paper's method, top to bottom; `runs.py` runs it (command line, run folders, checkpoints, resume).
 From Python: `train(Config(model="sasrec", loss="uniform"), sequences)` (Config, section 5, holds the defaults).
   1. Data            leave-one-out split, training triplets (u, i, j), negatives          (appendix A, section 4)
-  2. Backbones       GRU4Rec, Caser, SASRec: encode(histories) -> (B, d)                  (section 5.1)
+  2. Backbones       GRU4Rec, Caser, SASRec: encode(histories) -> (B, d)                  (sections 2, 5.1)
   3. Scores, losses  score (eqs. 1, 3), BCE (eq. 2), BPR, InfoNCE, uniformity loss        (sections 2-4)
                      and, beyond the paper, CE: softmax over every item
   4. Evaluation      HR@K and NDCG@K ranking every item, under two protocols              (section 5.1)
@@ -14,16 +14,17 @@ From Python: `train(Config(model="sasrec", loss="uniform"), sequences)` (Config,
 
 Where the paper is silent, docs/spec.md decides ("spec §n"); docs/measurements.md has the numbers behind our own
 choices. Item ids: `histories` (B, T), `positives`, `negatives`, `targets` (B,); vectors: h, i, j (B, d) of the
-histories, positives and negatives. Speed only, to skip on a first read (each computes what the plain version
-would, up to float rounding and which random draws make the dropout masks): section 5's length groups and packed
-path (`epoch_batches`, `encode_batch`, `packed_batches`, `encode_packed`), which SequenceBackbone's `item_vectors`
-and SASRec's `states` serve; section 2's `Dropout` and the written-out attention (CausalSelfAttention) it makes
-possible; fused Adam (`adam`); `score_all`'s one matrix product and its `out` buffer; evaluation's in-place
-counting (`rank_of_targets`). At import nothing runs but one warnings filter; section 3 needs only `import torch`.
+histories, positives and negatives (the paper's h'_u, i'_i, i'_j). Speed only, to skip on a first read (each
+computes what a plain version would, up to float rounding and which random draws make the dropout masks): in
+section 2 `Dropout`, the attention written out to use it (CausalSelfAttention), and the hooks for section 5
+(`item_vectors`, SASRec's `states`); in section 3 `score_all`'s one matrix product and its `out`; in section 4
+`rank_of_targets`' in-place count; in section 5 the length groups, packing and fused Adam. At import nothing runs
+but one warnings filter.
 """
 import signal
 import sys
 
+# Program start-up, not the method (skip it): it must run before torch loads, so it comes before the imports.
 if __name__ == "__main__":  # started as a program: Ctrl-C while torch loads is one line (runs.main takes over after)
     signal.signal(signal.SIGINT, lambda *_: (print("uniform_seqrec.py: interrupted while starting; nothing was "
                                                    "changed", file=sys.stderr), sys.exit(130)))
@@ -157,7 +158,7 @@ def training_data(flat, starts, lengths, num_items, max_len, negatives="unseen")
 
 
 # =============================================================================================================
-# 2. Backbones (section 5.1): item ids in, one vector per history out, one item table for inputs and scoring
+# 2. Backbones (sections 2, 5.1): item ids in, one vector h'_u per history out, one item table for inputs and scoring
 # =============================================================================================================
 
 # Item and position tables start N(0, 0.02), as in S3-Rec and BERT: small vectors turn quickly under Adam, and learning
@@ -412,9 +413,10 @@ def build_model(config, num_items, num_users, max_len):
 # =============================================================================================================
 #
 # Eq. 1 scores a history and an item by the dot product of their vectors; on unit vectors (eq. 3) that is their
-# cosine. Every loss SUMS over the batch, as the paper writes them. `score`, the paper's four losses, `ce_loss` (a
-# fifth, beyond the paper: softmax over every item) and `gaussian_potential` need only `import torch`
-# (uniformity_loss's caveats travel in its docstring).
+# cosine. Every loss SUMS over the batch, as the paper writes them. `score`, `score_all`, the paper's four losses,
+# `ce_loss` (a fifth, beyond the paper: softmax over every item) and `gaussian_potential` need only `import torch`
+# (hence torch.nn.functional spelled out), so that they can be copied into another project alone; what to know
+# before using uniformity_loss elsewhere is in its docstring.
 
 
 def score(h, items, cosine=False):
