@@ -112,13 +112,14 @@ def training_item_keys(flat, starts, lengths, num_items):
 
 
 def sample_negatives(owners, keys, num_items, generator):
-    """One negative item id per example, uniform over 1..N minus the items `keys` (sorted owner * (N + 1) + item)
-    gives its owner; by default (spec §2) owners are users and keys training_item_keys(): never a training item of
-    the user. Vectorised rejection sampling: only the rejected slots are redrawn, until none is left."""
+    """One negative item id per example, uniform over 1..N but never an item its owner avoids; `keys` are the sorted
+    codes owner * (N + 1) + item of those (owner, item) pairs. By default (spec §2) an example's owner is its user
+    and `keys` training_item_keys(): never a training item of the user (training_data's "any" makes each example its
+    own owner). Vectorised rejection sampling: only the rejected slots are redrawn, until none is left."""
     negatives = torch.randint(1, num_items + 1, owners.shape, device=owners.device, generator=generator)
     while True:
         query = owners * (num_items + 1) + negatives
-        found = keys[torch.searchsorted(keys, query).clamp(max=len(keys) - 1)] == query
+        found = keys[torch.searchsorted(keys, query).clamp(max=len(keys) - 1)] == query  # clamp: a query past the end
         if not found.any():
             return negatives
         negatives[found] = torch.randint(1, num_items + 1, (int(found.sum()),), device=owners.device,
@@ -144,7 +145,7 @@ def training_data(flat, starts, lengths, num_items, max_len, negatives="unseen")
     if not len(target_at):
         raise DataError("no user has more than 3 items, so there is no training example (the last two items of each "
                         "user are held out, and the first has no history)")
-    if negatives == "any":                                                 # owner: the example itself
+    if negatives == "any":                     # owner: the example itself; one key each, in order, so sorted
         owners = torch.arange(len(target_at), device=flat.device)
         return TrainingData(flat, target_at, history_lengths, users, owners, owners * (num_items + 1) +
                             flat[target_at], num_items)
