@@ -201,9 +201,10 @@ class Backbone(nn.Module):
 
 class Dropout(nn.Dropout):
     """Speed only: nn.Dropout's inverted dropout, the mask drawn by comparing uniform numbers, faster on CPU than
-    torch's Bernoulli sampler (docs/measurements.md). With `from_bits` (set by the packed path of section 5) the
-    mask comes from random 16-bit integers instead, four to a random 64-bit word: fewer random draws, and p is
-    rounded to a multiple of 2**-16 (0.5 exactly)."""
+    torch's Bernoulli sampler (docs/measurements.md). With `from_bits` (train() sets it on every Dropout when the
+    packed path of section 5 is on) the mask comes from random 16-bit integers instead, four to a random 64-bit
+    word: fewer random draws, and p is rounded to a multiple of 2**-16 (0.5 exactly). The default path keeps its
+    uniform numbers: other draws there would change every seeded run's numbers."""
 
     from_bits = False
 
@@ -224,6 +225,7 @@ def random_keep(shape, p, device):
     for size in shape:
         count *= size
     words = torch.empty((count + 3) // 4, dtype=torch.int64, device=device).random_(-2 ** 63, None)  # all 64 bits
+    # int16 is signed, uniform over -2**15 .. 2**15 - 1: P(value >= round(p * 2**16) - 2**15) is 1 - p, rounded
     return words.view(torch.int16)[:count].view(shape) >= round(p * 2 ** 16) - 2 ** 15
 
 
@@ -266,7 +268,7 @@ class Caser(Backbone):
     h = 1..L, max-pooled over time); dropout; a fully connected layer to d with the original's ReLU. Two switches
     restore features of the original that the paper's setting leaves out: `num_users` > 0 its user embedding (joined
     by a second layer, RecBole's form, so vectors stay d-wide); `output_table` an output item table (its W2). One
-    departs from it: activation "none" drops the ReLU (docs/decisions.md measures all three)."""
+    departs from it: activation "none" drops the ReLU (docs/decisions.md measures these three against it)."""
 
     def __init__(self, num_items, dim=64, dropout=0.5, window=5, vertical_filters=4, horizontal_filters=16,
                  activation="relu", num_users=0, output_table=False):
@@ -336,11 +338,12 @@ class CausalSelfAttention(nn.Module):
 class TransformerBlock(nn.Module):
     """Attention and a point-wise feed-forward net, each as x + f(LN(x)): GPT-2's pre-LayerNorm block, our default.
     original=True builds the original SASRec's block instead (Kang & McAuley's code, model.py and modules.py, and
-    its PyTorch port before its norm_first switch): the attention's queries are LN(x) while its keys and values
-    come from the unnormalized x, and each residual adds the normalized input, LN(x) + f(...): y = LN(x) +
-    attention(LN(x), x), then LN(y) + feed_forward(LN(y)). (That code also zeroes padded positions after each
-    block and has no output projection after the heads; neither is copied: under right padding and the causal mask
-    no real position reads a padded one, and the projection is kept so that both blocks have the same weights.)
+    its PyTorch port pmixer/SASRec.pytorch before the port's norm_first switch): the attention's queries are LN(x)
+    while its keys and values come from the unnormalized x, and each residual adds the normalized input,
+    LN(x) + f(...): y = LN(x) + attention(LN(x), x), then LN(y) + feed_forward(LN(y)). (That code also zeroes
+    padded positions after each block and has no output projection after the heads; neither is copied: under right
+    padding and the causal mask no real position reads a padded one, and the projection is kept so that both blocks
+    have the same weights.)
     Dropout where the original has it: on the attention weights and twice in the feed-forward net, not on the
     attention's output (one more there slowed learning; docs/measurements.md)."""
 
@@ -405,7 +408,7 @@ def build_model(config, num_items, num_users, max_len):
                      output_table=config["caser_output_table"])
     if config["model"] == "sasrec":
         return SASRec(num_items, config["dim"], config["layers"], config["heads"], config["dropout"], max_len,
-                      config.get("block", "pre-ln"))                     # run folders from before --block: none
+                      config.get("block", "pre-ln"))                     # run folders from before --block have none
     raise ValueError(f"unknown model {config['model']!r}")
 
 
