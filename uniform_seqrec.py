@@ -596,21 +596,22 @@ def target_ranks(model, batches, cosine, masks=(False,)):
     was_training = model.training
     model.eval()
     table = model.output_items().weight                                     # (N + 1, d)
-    ranks, all_finite = [[] for _ in masks], True
+    ranks, all_finite = [[] for _ in masks], True                           # ranks[m]: each batch's, under masks[m]
     buffer = table.new_empty(max(len(histories) for histories, _, _ in batches), len(table))
     for histories, users, targets in batches:
         scores = score_all(model.encode(histories, users=users), table, cosine, out=buffer[:len(histories)])
-        low, high = torch.aminmax(scores)                                   # a NaN or an inf anywhere reaches these
-        all_finite = all_finite & torch.isfinite(low) & torch.isfinite(high)
+        low, high = torch.aminmax(scores)                                   # a NaN or an inf anywhere reaches these;
+        all_finite = all_finite & torch.isfinite(low) & torch.isfinite(high)  # read once at the end: no sync here
         scores[:, 0] = float("-inf")                                        # padding is no item
-        protocol = {mask: scores.scatter(1, histories, float("-inf")) if mask else scores for mask in set(masks)}
-        protocol = {mask: rank_of_targets(each, targets) for mask, each in protocol.items()}  # (each overwritten)
-        for found, mask in zip(ranks, masks):
-            found.append(protocol[mask])
+        # every masked copy is made before rank_of_targets overwrites `scores` (and each copy) with its comparison
+        by_mask = {mask: scores.scatter(1, histories, float("-inf")) if mask else scores for mask in set(masks)}
+        by_mask = {mask: rank_of_targets(each, targets) for mask, each in by_mask.items()}
+        for ranks_under_mask, mask in zip(ranks, masks):
+            ranks_under_mask.append(by_mask[mask])
     model.train(was_training)
     if not bool(all_finite):
         raise FloatingPointError("the model produced non-finite scores during evaluation")
-    return [torch.cat(found) for found in ranks]
+    return [torch.cat(ranks_under_mask) for ranks_under_mask in ranks]
 
 
 def evaluate(model, batches, cosine, mask_seen=False):
