@@ -644,8 +644,9 @@ class Config:
     no flag, whose parser (runs.py) takes its defaults from here; each flag sets the field of its name (--max-len:
     max_len). Where the paper names a grid the default is a point of it: lr 3e-4, d 64, 2 heads, beta 0.05 (its best
     in Table 3). What depends on other fields is resolved when the Config is made (__post_init__: a field left None,
-    the device "auto", and two values kept as run folders record them); runs.configure() resolves the command line
-    through it too, so that both give one configuration."""
+    the device "auto", and two settings that say one thing in several ways, a non-Caser's caser_activation and an
+    infonce_negatives of the whole batch, given one value, so that equal runs share a run folder); runs.configure()
+    resolves the command line through it too, so that both give one configuration."""
     # what to train
     model: str = "sasrec"                 # gru4rec, caser, sasrec
     loss: str = "uniform"                 # bce, bpr, infonce, uniform (the paper's eq. 6); ce (beyond the paper)
@@ -690,7 +691,7 @@ class Config:
         if self.length_groups is None:                   # Caser reads only its last L items: no padding to save
             self.length_groups = 1 if self.model == "caser" else 8
         if self.model != "caser":                        # read by Caser alone; "none" is what the other backbones'
-            self.caser_activation = "none"               # run folders record (runs.LATER_KEYS)
+            self.caser_activation = "none"               # runs recorded before it existed (runs.LATER_KEYS)
         if self.infonce_negatives is not None and self.infonce_negatives >= self.batch_size:
             self.infonce_negatives = None                # the whole batch, as the default (one run folder for both)
         if self.device == "auto":
@@ -729,6 +730,7 @@ def epoch_batches(order, history_lengths, batch_size, groups):
     groups. Returns [(example ids, group sizes, group widths)] with a single host-device synchronisation."""
     batches = [b[torch.argsort(history_lengths[b], stable=True)] for b in order.split(batch_size)]
     sizes = [group_sizes(len(b), groups) for b in batches]
+    # a group's width is the length of its last history, its longest (each batch is sorted by length)
     last_of_group = torch.tensor([start + sum(s[:g + 1]) - 1 for start, s in
                                   zip(range(0, len(order), batch_size), sizes) for g in range(len(s))])
     widths = iter(history_lengths[torch.cat(batches)[last_of_group.to(order.device)]].tolist())
@@ -758,7 +760,7 @@ def encode_batch(model, flat, target_at, history_lengths, sizes, widths, users=N
 
 
 def slot_sizes(width):
-    """The sizes of slot a row of `width` cells is cut into, ascending: width // k for k = 1 .. width, so that a
+    """The slot sizes a row of `width` cells may be cut into, ascending: width // k for k = 1 .. width, so that a
     row of slots of size s holds width // s of them and a history of length l takes the smallest s >= l."""
     return sorted({width // k for k in range(1, width + 1)})
 
@@ -772,15 +774,15 @@ def packed_batches(order, history_lengths, batch_size, width):
     sizes = torch.tensor(slot_sizes(width), device=device)
     per_row = width // sizes                                               # slots in a row of each size
     position = torch.arange(len(order), device=device)
-    kind = torch.searchsorted(sizes, history_lengths[order])               # each example's slot size (an index)
-    key = position // batch_size * len(sizes) + kind                       # (batch, slot size)
-    count = torch.bincount(key, minlength=-(-len(order) // batch_size) * len(sizes))
-    by_key = torch.argsort(key, stable=True)
-    rank = torch.empty_like(key)
-    rank[by_key] = position - (torch.cumsum(count, 0) - count)[key[by_key]]   # among its batch's of its size
-    rows = (count.view(-1, len(sizes)) + per_row - 1) // per_row           # (batches, sizes) rows of each size
-    first_row = (torch.cumsum(rows, 1) - rows).flatten()[key] + rank // per_row[kind]
-    first = first_row * width + rank % per_row[kind] * sizes[kind]
+    size_index = torch.searchsorted(sizes, history_lengths[order])         # each example's slot size, as an index
+    group = position // batch_size * len(sizes) + size_index               # its (batch, slot size) as one number
+    group_count = torch.bincount(group, minlength=-(-len(order) // batch_size) * len(sizes))
+    by_group = torch.argsort(group, stable=True)
+    nth = torch.empty_like(group)                                          # its place among its group's examples
+    nth[by_group] = position - (torch.cumsum(group_count, 0) - group_count)[group[by_group]]
+    rows = (group_count.view(-1, len(sizes)) + per_row - 1) // per_row     # (batches, sizes) rows of each size
+    first_row = (torch.cumsum(rows, 1) - rows).flatten()[group] + nth // per_row[size_index]
+    first = first_row * width + nth % per_row[size_index] * sizes[size_index]
     return list(zip(order.split(batch_size), first.split(batch_size), rows.sum(1).tolist()))
 
 
@@ -795,7 +797,8 @@ def encode_packed(model, flat, target_at, history_lengths, first, rows, width):
     real = within < length                                                 # the rest of a slot is padding
     items = flat[torch.where(real, target_at[owner] - length + within, 0)].view(rows, width)  # flat[0] == 0
     steps_back = (length - 1 - within).clamp(min=0).view(rows, width)
-    history = torch.where(real, owner, -1).view(rows, width)              # padding: -1, its own "history"
+    # padding: -1, a "history" of its own; it sees itself, so no softmax row is all -inf (which would be NaN)
+    history = torch.where(real, owner, -1).view(rows, width)
     future = torch.ones(width, width, dtype=torch.bool, device=flat.device).triu(1)
     hidden = (history[:, :, None] != history[:, None, :]) | future         # (rows, width, width)
     states = model.states(model.items(items), steps_back, hidden[:, None])  # (rows, width, d)
@@ -818,6 +821,7 @@ def train_epoch(model, optimizer, data, config, epoch, progress=None):
     # (E,) item ids, one per example. Drawn for CE too, which reads none: every loss's epoch then takes the same
     # draws from the generator, and a loss added beside the others moves none of their random streams.
     negatives = sample_negatives(owners, keys, num_items, generator)
+    # encode(example ids, *layout): the layout is what the batching gave, (first, rows) packed or (sizes, widths)
     if config.get("pack", False):
         width = int(history_lengths.max())
         batches = packed_batches(order, history_lengths, config["batch_size"], width)
@@ -908,7 +912,7 @@ def train(config, sequences, run=None):
     valid = evaluation_batches(flat, starts, lengths, max_len, "valid")
     torch.manual_seed(config["seed"])
     model = build_model(config, num_items, len(lengths), max_len).to(device)
-    if config.get("pack", False):                                            # the packed path's dropout (section 5)
+    if config.get("pack", False):                     # the packed path's dropout masks from random bits (Dropout)
         for module in model.modules():
             if isinstance(module, Dropout):
                 module.from_bits = True
