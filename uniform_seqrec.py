@@ -103,7 +103,7 @@ def gather_histories(flat, target_at, history_lengths, width):
 
 
 def training_item_keys(flat, starts, lengths, num_items):
-    """Sorted keys user * (N + 1) + item of every item in each user's training part s[:n-2] (no held-out item)."""
+    """Sorted codes user * (N + 1) + item of each user's training items s[:n-2] (sample_negatives looks them up)."""
     users = torch.repeat_interleave(torch.arange(len(lengths), device=flat.device), lengths - 2)
     first = torch.cumsum(lengths - 2, 0) - (lengths - 2)
     position = torch.arange(len(users), device=flat.device) - first[users]
@@ -178,10 +178,10 @@ def item_table(num_items, dim):
 
 class Backbone(nn.Module):
     """The contract: `items` is the (N + 1, d) item table (row 0 padding, kept at zero); `encode(histories, users)`
-    maps (B, T) right-padded item ids to (B, d) history vectors; padding never changes a real output. Only a Caser
-    with a user embedding reads `users` (B,), the histories' user ids; the others take them so that every backbone
-    is called alike. `output_items()` is the table items are scored with: the input table, but for a Caser with its
-    own output table."""
+    maps (B, T) right-padded item ids to (B, d) history vectors, the same however far a history is padded. Only a
+    Caser with a user embedding reads `users` (B,), the histories' user ids; the others take them so that every
+    backbone is called alike. `output_items()` is the table items are scored with: the input table, but for a
+    Caser with its own output table."""
 
     # Whether encode() also takes `item_vectors`, its histories' item vectors looked up already: section 5's length
     # groups then look up every group's items at once (speed only). SequenceBackbone's do; Caser's does not.
@@ -493,7 +493,7 @@ def uniformity_loss(h, i, j, beta=0.05, t=2.0, *, normalize=True, rec=True, hom=
     - The authors' code sums L_hom over the positives and over the negatives as two sets (about 3B^2/2 pairs,
       against 5B^2/2 here): the same beta weighs L_hom more here.
     - L_rec has 2B terms, L_hom about 5B^2/2, L_het B^2: beta's weight grows with B (the paper's 0.05 is for B = 256).
-    - Rank a model trained on cosines by cosines: the loss never sees the vectors' lengths, which nothing trained.
+    - Rank a model trained on cosines by cosines: the loss never sees the vectors' lengths, so nothing trained them.
     """
     if normalize:                                                            # eq. 3
         unit = torch.nn.functional.normalize
@@ -550,9 +550,9 @@ def scores_are_cosines(config):
 #
 # The paper ranks "the entire item pool" and does not say whether the items of the user's history take part. Both
 # protocols are computed from one scoring pass: every item ranked ("all_items"), and the history's items excluded
-# first ("history_excluded": the history as the model reads it, its last max_len items; S3-Rec's code zero-fills all of
-# the user's earlier items, the same on these files but for the few longer histories). A target that repeats one of
-# them then cannot be hit.
+# first ("history_excluded": the history as the model reads it, its last max_len items; S3-Rec's code zero-fills the
+# scores of all of the user's earlier items: the same items but for the few histories longer than max_len). A target
+# that repeats one of them then cannot be hit.
 PROTOCOLS = {"all_items": False, "history_excluded": True}                 # name -> mask_seen
 
 
@@ -592,7 +592,7 @@ def evaluation_batches(flat, starts, lengths, max_len, split, batch_size=1024):
 @torch.no_grad()
 def target_ranks(model, batches, cosine, masks=(False,)):
     """Every user's target rank in the batches' order, one (U,) tensor per entry of `masks` (True: the history's
-    items score -inf), from one scoring pass by `score` (cosines where training scored cosines)."""
+    items score -inf), from one scoring pass by `score_all` (cosines where training scored cosines)."""
     was_training = model.training
     model.eval()
     table = model.output_items().weight                                     # (N + 1, d)
@@ -622,7 +622,7 @@ def evaluate(model, batches, cosine, mask_seen=False):
 def evaluate_protocols(model, batches, cosine):
     """evaluate() under each of the PROTOCOLS, from one scoring pass: {protocol name: metrics}."""
     ranks = target_ranks(model, batches, cosine, tuple(PROTOCOLS.values()))
-    return {name: metrics_from_ranks(found) for name, found in zip(PROTOCOLS, ranks)}
+    return {name: metrics_from_ranks(protocol_ranks) for name, protocol_ranks in zip(PROTOCOLS, ranks)}
 
 
 # =============================================================================================================
@@ -755,8 +755,7 @@ def encode_batch(model, flat, target_at, history_lengths, sizes, widths, users=N
 # but its histories are laid end to end in rows of `width` cells, several short ones to a row, and each position
 # attends only to the positions of its own history before it. Nothing is padded but the few cells a history leaves
 # of its slot, all of the batch is one pass through the blocks (length groups cost a pass each), and the loss is
-# the same; its float rounding and the dropout masks' draws are not (bench.py times it; docs/performance.md has no
-# time recorded yet).
+# the same; its float rounding and the dropout masks' draws are not (bench.py times it; none recorded yet).
 
 
 def slot_sizes(width):
@@ -790,6 +789,7 @@ def encode_packed(model, flat, target_at, history_lengths, first, rows, width):
     """History vectors (B, d) of one packed batch (packed_batches) through a SASRec: each cell's item and steps
     back, and an attention mask that keeps every position within its own history, causally."""
     cells = torch.arange(rows * width, device=flat.device)
+    # a cell's slot starts at the last first cell at or before it in its row (cummax); owner: that slot's example
     slot_start = torch.full_like(cells, -1).index_put_((first,), first).view(rows, width).cummax(1).values.flatten()
     owner = torch.zeros_like(cells).index_put_((first,), torch.arange(len(first), device=flat.device))[slot_start]
     within = cells - slot_start                                            # offset in its slot (a row starts one)
@@ -856,7 +856,7 @@ def adam(model, lr, device):
 
 def history_limit(config, lengths):
     """The longest history a run reads: --max-len, capped at the longest user's test history (n - 1 items)."""
-    # SASRec's position table gets only rows that can be read; on the benchmarks (203 to 549 items) it changes nothing.
+    # SASRec's position table gets only readable rows; on the benchmarks (longest user: 203 to 549 items) no change.
     return min(config["max_len"], int(lengths.max()) - 1)
 
 
@@ -900,7 +900,7 @@ def train(config, sequences, run=None):
                                                            ones without a checkpoint); the checkpoint loaded
       run.save(model, optimizer, state, best_model)        after every epoch
       run.log(line), run.step(epoch, done, total)          what the user sees: a line per epoch, a progress line
-      run.statistics(model) -> {name: value}               what else each epoch's log row keeps (Figure 1's)
+      run.statistics(model) -> {name: value}               more for each epoch's log row: Figure 1's cosines, etc.
     No random-number state needs saving: every epoch re-seeds from (seed, epoch)."""
     if isinstance(config, Config):
         config = asdict(config)                      # the method reads config["key"], as runs.py's dicts hold them
