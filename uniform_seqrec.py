@@ -6,7 +6,7 @@ Recommendation" (Chung & Kim).
 This file is the paper's method, top to bottom; `runs.py` runs it (command line, run folders, checkpoints, resume).
 From Python: `train(Config(model="sasrec", loss="uniform"), sequences)` (Config, section 5, holds the defaults).
   1. Data            leave-one-out split, training triplets (u, i, j), negatives          (appendix A, section 4)
-  2. Backbones       GRU4Rec, Caser, SASRec: encode(histories) -> (B, d)                  (section 5.1)
+  2. Backbones       GRU4Rec, Caser, SASRec: encode(histories) -> (B, d)                  (sections 2, 5.1)
   3. Scores, losses  score (eqs. 1, 3), BCE (eq. 2), BPR, InfoNCE, uniformity loss        (sections 2-4)
                      and, beyond the paper, CE: softmax over every item
   4. Evaluation      HR@K and NDCG@K ranking every item, under two protocols              (section 5.1)
@@ -14,16 +14,17 @@ From Python: `train(Config(model="sasrec", loss="uniform"), sequences)` (Config,
 
 Where the paper is silent, docs/spec.md decides ("spec §n"); docs/measurements.md has the numbers behind our own
 choices. Item ids: `histories` (B, T), `positives`, `negatives`, `targets` (B,); vectors: h, i, j (B, d) of the
-histories, positives and negatives. Speed only, to skip on a first read (each computes what the plain version
-would, up to float rounding and which random draws make the dropout masks): section 5's length groups and packed
-path (`epoch_batches`, `encode_batch`, `packed_batches`, `encode_packed`), which SequenceBackbone's `item_vectors`
-and SASRec's `states` serve; section 2's `Dropout` and the written-out attention (CausalSelfAttention) it makes
-possible; fused Adam (`adam`); `score_all`'s one matrix product and its `out` buffer; evaluation's in-place
-counting (`rank_of_targets`). At import nothing runs but one warnings filter; section 3 needs only `import torch`.
+histories, positives and negatives (the paper's h'_u, i'_i, i'_j). Speed only, to skip on a first read (each
+computes what a plain version would, up to float rounding and which random draws make the dropout masks): in
+section 2 `Dropout`, the attention written out to use it (CausalSelfAttention), and the hooks for section 5
+(`item_vectors`, SASRec's `states`); in section 3 `score_all`'s one matrix product and its `out`; in section 4
+`rank_of_targets`' in-place count; in section 5 the length groups, packing and fused Adam. At import nothing runs
+but one warnings filter.
 """
 import signal
 import sys
 
+# Program start-up, not the method (skip it): it must run before torch loads, so it comes before the imports.
 if __name__ == "__main__":  # started as a program: Ctrl-C while torch loads is one line (runs.main takes over after)
     signal.signal(signal.SIGINT, lambda *_: (print("uniform_seqrec.py: interrupted while starting; nothing was "
                                                    "changed", file=sys.stderr), sys.exit(130)))
@@ -102,7 +103,7 @@ def gather_histories(flat, target_at, history_lengths, width):
 
 
 def training_item_keys(flat, starts, lengths, num_items):
-    """Sorted keys user * (N + 1) + item of every item in each user's training part s[:n-2] (no held-out item)."""
+    """Sorted codes user * (N + 1) + item of each user's training items s[:n-2] (sample_negatives looks them up)."""
     users = torch.repeat_interleave(torch.arange(len(lengths), device=flat.device), lengths - 2)
     first = torch.cumsum(lengths - 2, 0) - (lengths - 2)
     position = torch.arange(len(users), device=flat.device) - first[users]
@@ -111,13 +112,14 @@ def training_item_keys(flat, starts, lengths, num_items):
 
 
 def sample_negatives(owners, keys, num_items, generator):
-    """One negative item id per example, uniform over 1..N minus the items `keys` (sorted owner * (N + 1) + item)
-    gives its owner; by default (spec §2) owners are users and keys training_item_keys(): never a training item of
-    the user. Vectorised rejection sampling: only the rejected slots are redrawn, until none is left."""
+    """One negative item id per example, uniform over 1..N but never an item its owner avoids; `keys` are the sorted
+    codes owner * (N + 1) + item of those (owner, item) pairs. By default (spec §2) an example's owner is its user
+    and `keys` training_item_keys(): never a training item of the user (training_data's "any" makes each example its
+    own owner). Vectorised rejection sampling: only the rejected slots are redrawn, until none is left."""
     negatives = torch.randint(1, num_items + 1, owners.shape, device=owners.device, generator=generator)
     while True:
         query = owners * (num_items + 1) + negatives
-        found = keys[torch.searchsorted(keys, query).clamp(max=len(keys) - 1)] == query
+        found = keys[torch.searchsorted(keys, query).clamp(max=len(keys) - 1)] == query  # clamp: a query past the end
         if not found.any():
             return negatives
         negatives[found] = torch.randint(1, num_items + 1, (int(found.sum()),), device=owners.device,
@@ -143,7 +145,7 @@ def training_data(flat, starts, lengths, num_items, max_len, negatives="unseen")
     if not len(target_at):
         raise DataError("no user has more than 3 items, so there is no training example (the last two items of each "
                         "user are held out, and the first has no history)")
-    if negatives == "any":                                                 # owner: the example itself
+    if negatives == "any":                     # owner: the example itself; one key each, in order, so sorted
         owners = torch.arange(len(target_at), device=flat.device)
         return TrainingData(flat, target_at, history_lengths, users, owners, owners * (num_items + 1) +
                             flat[target_at], num_items)
@@ -157,7 +159,7 @@ def training_data(flat, starts, lengths, num_items, max_len, negatives="unseen")
 
 
 # =============================================================================================================
-# 2. Backbones (section 5.1): item ids in, one vector per history out, one item table for inputs and scoring
+# 2. Backbones (sections 2, 5.1): item ids in, one vector h'_u per history out, one item table for inputs and scoring
 # =============================================================================================================
 
 # Item and position tables start N(0, 0.02), as in S3-Rec and BERT: small vectors turn quickly under Adam, and learning
@@ -176,10 +178,10 @@ def item_table(num_items, dim):
 
 class Backbone(nn.Module):
     """The contract: `items` is the (N + 1, d) item table (row 0 padding, kept at zero); `encode(histories, users)`
-    maps (B, T) right-padded item ids to (B, d) history vectors; padding never changes a real output. Only a Caser
-    with a user embedding reads `users` (B,), the histories' user ids; the others take them so that every backbone
-    is called alike. `output_items()` is the table items are scored with: the input table, but for a Caser with its
-    own output table."""
+    maps (B, T) right-padded item ids to (B, d) history vectors, the same however far a history is padded. Only a
+    Caser with a user embedding reads `users` (B,), the histories' user ids; the others take them so that every
+    backbone is called alike. `output_items()` is the table items are scored with: the input table, but for a
+    Caser with its own output table."""
 
     # Whether encode() also takes `item_vectors`, its histories' item vectors looked up already: section 5's length
     # groups then look up every group's items at once (speed only). SequenceBackbone's do; Caser's does not.
@@ -199,9 +201,10 @@ class Backbone(nn.Module):
 
 class Dropout(nn.Dropout):
     """Speed only: nn.Dropout's inverted dropout, the mask drawn by comparing uniform numbers, faster on CPU than
-    torch's Bernoulli sampler (docs/measurements.md). With `from_bits` (set by the packed path of section 5) the
-    mask comes from random 16-bit integers instead, four to a random 64-bit word: fewer random draws, and p is
-    rounded to a multiple of 2**-16 (0.5 exactly)."""
+    torch's Bernoulli sampler (docs/measurements.md). With `from_bits` (train() sets it on every Dropout when the
+    packed path of section 5 is on) the mask comes from random 16-bit integers instead, four to a random 64-bit
+    word: fewer random draws, and p is rounded to a multiple of 2**-16 (0.5 exactly). The default path keeps its
+    uniform numbers: other draws there would change every seeded run's numbers."""
 
     from_bits = False
 
@@ -222,6 +225,7 @@ def random_keep(shape, p, device):
     for size in shape:
         count *= size
     words = torch.empty((count + 3) // 4, dtype=torch.int64, device=device).random_(-2 ** 63, None)  # all 64 bits
+    # int16 is signed, uniform over -2**15 .. 2**15 - 1: P(value >= round(p * 2**16) - 2**15) is 1 - p, rounded
     return words.view(torch.int16)[:count].view(shape) >= round(p * 2 ** 16) - 2 ** 15
 
 
@@ -264,7 +268,7 @@ class Caser(Backbone):
     h = 1..L, max-pooled over time); dropout; a fully connected layer to d with the original's ReLU. Two switches
     restore features of the original that the paper's setting leaves out: `num_users` > 0 its user embedding (joined
     by a second layer, RecBole's form, so vectors stay d-wide); `output_table` an output item table (its W2). One
-    departs from it: activation "none" drops the ReLU (docs/decisions.md measures all three)."""
+    departs from it: activation "none" drops the ReLU (docs/decisions.md measures these three against it)."""
 
     def __init__(self, num_items, dim=64, dropout=0.5, window=5, vertical_filters=4, horizontal_filters=16,
                  activation="relu", num_users=0, output_table=False):
@@ -334,11 +338,12 @@ class CausalSelfAttention(nn.Module):
 class TransformerBlock(nn.Module):
     """Attention and a point-wise feed-forward net, each as x + f(LN(x)): GPT-2's pre-LayerNorm block, our default.
     original=True builds the original SASRec's block instead (Kang & McAuley's code, model.py and modules.py, and
-    its PyTorch port before its norm_first switch): the attention's queries are LN(x) while its keys and values
-    come from the unnormalized x, and each residual adds the normalized input, LN(x) + f(...): y = LN(x) +
-    attention(LN(x), x), then LN(y) + feed_forward(LN(y)). (That code also zeroes padded positions after each
-    block and has no output projection after the heads; neither is copied: under right padding and the causal mask
-    no real position reads a padded one, and the projection is kept so that both blocks have the same weights.)
+    its PyTorch port pmixer/SASRec.pytorch before the port's norm_first switch): the attention's queries are LN(x)
+    while its keys and values come from the unnormalized x, and each residual adds the normalized input,
+    LN(x) + f(...): y = LN(x) + attention(LN(x), x), then LN(y) + feed_forward(LN(y)). (That code also zeroes
+    padded positions after each block and has no output projection after the heads; neither is copied: under right
+    padding and the causal mask no real position reads a padded one, and the projection is kept so that both blocks
+    have the same weights.)
     Dropout where the original has it: on the attention weights and twice in the feed-forward net, not on the
     attention's output (one more there slowed learning; docs/measurements.md)."""
 
@@ -403,7 +408,7 @@ def build_model(config, num_items, num_users, max_len):
                      output_table=config["caser_output_table"])
     if config["model"] == "sasrec":
         return SASRec(num_items, config["dim"], config["layers"], config["heads"], config["dropout"], max_len,
-                      config.get("block", "pre-ln"))                     # run folders from before --block: none
+                      config.get("block", "pre-ln"))                     # run folders from before --block have none
     raise ValueError(f"unknown model {config['model']!r}")
 
 
@@ -412,9 +417,10 @@ def build_model(config, num_items, num_users, max_len):
 # =============================================================================================================
 #
 # Eq. 1 scores a history and an item by the dot product of their vectors; on unit vectors (eq. 3) that is their
-# cosine. Every loss SUMS over the batch, as the paper writes them. `score`, the paper's four losses, `ce_loss` (a
-# fifth, beyond the paper: softmax over every item) and `gaussian_potential` need only `import torch`
-# (uniformity_loss's caveats travel in its docstring).
+# cosine. Every loss SUMS over the batch, as the paper writes them. `score`, `score_all`, the paper's four losses,
+# `ce_loss` (a fifth, beyond the paper: softmax over every item) and `gaussian_potential` need only `import torch`
+# (hence torch.nn.functional spelled out), so that they can be copied into another project alone; what to know
+# before using uniformity_loss elsewhere is in its docstring.
 
 
 def score(h, items, cosine=False):
@@ -431,8 +437,7 @@ def score(h, items, cosine=False):
 def score_all(h, items, cosine=False, out=None):
     """Eq. 1 (or eq. 3) of every history with every one of the same M items: (B, d), (M, d) -> (B, M), as score()
     of (B, 1, d) and (M, d) would broadcast it, but one matrix product (never a (B, M, d) tensor), written into
-    `out` when given (evaluation reuses one (B, M) tensor: a fresh one every batch costs a CPU more than a third of
-    the product)."""
+    `out` when given: evaluation reuses one (B, M) tensor rather than allocate one per batch (docs/measurements.md)."""
     if cosine:
         h, items = torch.nn.functional.normalize(h, dim=-1), torch.nn.functional.normalize(items, dim=-1)
     return torch.matmul(h, items.T, out=out)                                 # (B, M)
@@ -488,7 +493,7 @@ def uniformity_loss(h, i, j, beta=0.05, t=2.0, *, normalize=True, rec=True, hom=
     - The authors' code sums L_hom over the positives and over the negatives as two sets (about 3B^2/2 pairs,
       against 5B^2/2 here): the same beta weighs L_hom more here.
     - L_rec has 2B terms, L_hom about 5B^2/2, L_het B^2: beta's weight grows with B (the paper's 0.05 is for B = 256).
-    - Rank a model trained on cosines by cosines: the loss never sees the vectors' lengths, which nothing trained.
+    - Rank a model trained on cosines by cosines: the loss never sees the vectors' lengths, so nothing trained them.
     """
     if normalize:                                                            # eq. 3
         unit = torch.nn.functional.normalize
@@ -545,9 +550,9 @@ def scores_are_cosines(config):
 #
 # The paper ranks "the entire item pool" and does not say whether the items of the user's history take part. Both
 # protocols are computed from one scoring pass: every item ranked ("all_items"), and the history's items excluded
-# first ("history_excluded": the history as the model reads it, its last max_len items; S3-Rec's code zero-fills all of
-# the user's earlier items, the same on these files but for the few longer histories). A target that repeats one of
-# them then cannot be hit.
+# first ("history_excluded": the history as the model reads it, its last max_len items; S3-Rec's code zero-fills the
+# scores of all of the user's earlier items: the same items but for the few histories longer than max_len). A target
+# that repeats one of them then cannot be hit.
 PROTOCOLS = {"all_items": False, "history_excluded": True}                 # name -> mask_seen
 
 
@@ -555,7 +560,7 @@ def rank_of_targets(scores, targets):
     """Number of items other than the target scoring >= the target (ties count against it): (B, N+1), (B,) -> (B,).
     A target masked to -inf cannot be recommended: its rank is inf, never a hit. In float32, which every device has
     (MPS has no float64), and exact for up to 2**24 items. Overwrites `scores` with the comparison (1.0 where an item
-    scores >= the target): counting in place is several times faster on a CPU than summing a new bool tensor."""
+    scores >= the target), for speed: no new tensor to allocate and sum (docs/measurements.md)."""
     target_scores = scores.gather(1, targets[:, None])                      # (B, 1)
     ranks = scores.ge_(target_scores).sum(1) - 1                            # minus the target itself
     return ranks.masked_fill(target_scores[:, 0] == float("-inf"), float("inf"))
@@ -587,25 +592,26 @@ def evaluation_batches(flat, starts, lengths, max_len, split, batch_size=1024):
 @torch.no_grad()
 def target_ranks(model, batches, cosine, masks=(False,)):
     """Every user's target rank in the batches' order, one (U,) tensor per entry of `masks` (True: the history's
-    items score -inf), from one scoring pass by `score` (cosines where training scored cosines)."""
+    items score -inf), from one scoring pass by `score_all` (cosines where training scored cosines)."""
     was_training = model.training
     model.eval()
     table = model.output_items().weight                                     # (N + 1, d)
-    ranks, all_finite = [[] for _ in masks], True
+    ranks, all_finite = [[] for _ in masks], True                           # ranks[m]: each batch's, under masks[m]
     buffer = table.new_empty(max(len(histories) for histories, _, _ in batches), len(table))
     for histories, users, targets in batches:
         scores = score_all(model.encode(histories, users=users), table, cosine, out=buffer[:len(histories)])
-        low, high = torch.aminmax(scores)                                   # a NaN or an inf anywhere reaches these
-        all_finite = all_finite & torch.isfinite(low) & torch.isfinite(high)
+        low, high = torch.aminmax(scores)                                   # a NaN or an inf anywhere reaches these;
+        all_finite = all_finite & torch.isfinite(low) & torch.isfinite(high)  # read once at the end: no sync here
         scores[:, 0] = float("-inf")                                        # padding is no item
-        protocol = {mask: scores.scatter(1, histories, float("-inf")) if mask else scores for mask in set(masks)}
-        protocol = {mask: rank_of_targets(each, targets) for mask, each in protocol.items()}  # (each overwritten)
-        for found, mask in zip(ranks, masks):
-            found.append(protocol[mask])
+        # every masked copy is made before rank_of_targets overwrites `scores` (and each copy) with its comparison
+        by_mask = {mask: scores.scatter(1, histories, float("-inf")) if mask else scores for mask in set(masks)}
+        by_mask = {mask: rank_of_targets(each, targets) for mask, each in by_mask.items()}
+        for ranks_under_mask, mask in zip(ranks, masks):
+            ranks_under_mask.append(by_mask[mask])
     model.train(was_training)
     if not bool(all_finite):
         raise FloatingPointError("the model produced non-finite scores during evaluation")
-    return [torch.cat(found) for found in ranks]
+    return [torch.cat(ranks_under_mask) for ranks_under_mask in ranks]
 
 
 def evaluate(model, batches, cosine, mask_seen=False):
@@ -616,7 +622,7 @@ def evaluate(model, batches, cosine, mask_seen=False):
 def evaluate_protocols(model, batches, cosine):
     """evaluate() under each of the PROTOCOLS, from one scoring pass: {protocol name: metrics}."""
     ranks = target_ranks(model, batches, cosine, tuple(PROTOCOLS.values()))
-    return {name: metrics_from_ranks(found) for name, found in zip(PROTOCOLS, ranks)}
+    return {name: metrics_from_ranks(protocol_ranks) for name, protocol_ranks in zip(PROTOCOLS, ranks)}
 
 
 # =============================================================================================================
@@ -638,8 +644,9 @@ class Config:
     no flag, whose parser (runs.py) takes its defaults from here; each flag sets the field of its name (--max-len:
     max_len). Where the paper names a grid the default is a point of it: lr 3e-4, d 64, 2 heads, beta 0.05 (its best
     in Table 3). What depends on other fields is resolved when the Config is made (__post_init__: a field left None,
-    the device "auto", and two values kept as run folders record them); runs.configure() resolves the command line
-    through it too, so that both give one configuration."""
+    the device "auto", and two settings that say one thing in several ways, a non-Caser's caser_activation and an
+    infonce_negatives of the whole batch, given one value, so that equal runs share a run folder); runs.configure()
+    resolves the command line through it too, so that both give one configuration."""
     # what to train
     model: str = "sasrec"                 # gru4rec, caser, sasrec
     loss: str = "uniform"                 # bce, bpr, infonce, uniform (the paper's eq. 6); ce (beyond the paper)
@@ -684,7 +691,7 @@ class Config:
         if self.length_groups is None:                   # Caser reads only its last L items: no padding to save
             self.length_groups = 1 if self.model == "caser" else 8
         if self.model != "caser":                        # read by Caser alone; "none" is what the other backbones'
-            self.caser_activation = "none"               # run folders record (runs.LATER_KEYS)
+            self.caser_activation = "none"               # runs recorded before it existed (runs.LATER_KEYS)
         if self.infonce_negatives is not None and self.infonce_negatives >= self.batch_size:
             self.infonce_negatives = None                # the whole batch, as the default (one run folder for both)
         if self.device == "auto":
@@ -723,6 +730,7 @@ def epoch_batches(order, history_lengths, batch_size, groups):
     groups. Returns [(example ids, group sizes, group widths)] with a single host-device synchronisation."""
     batches = [b[torch.argsort(history_lengths[b], stable=True)] for b in order.split(batch_size)]
     sizes = [group_sizes(len(b), groups) for b in batches]
+    # a group's width is the length of its last history, its longest (each batch is sorted by length)
     last_of_group = torch.tensor([start + sum(s[:g + 1]) - 1 for start, s in
                                   zip(range(0, len(order), batch_size), sizes) for g in range(len(s))])
     widths = iter(history_lengths[torch.cat(batches)[last_of_group.to(order.device)]].tolist())
@@ -747,11 +755,11 @@ def encode_batch(model, flat, target_at, history_lengths, sizes, widths, users=N
 # but its histories are laid end to end in rows of `width` cells, several short ones to a row, and each position
 # attends only to the positions of its own history before it. Nothing is padded but the few cells a history leaves
 # of its slot, all of the batch is one pass through the blocks (length groups cost a pass each), and the loss is
-# the same; its float rounding and the dropout masks' draws are not (docs/performance.md measures it).
+# the same; its float rounding and the dropout masks' draws are not (bench.py times it; none recorded yet).
 
 
 def slot_sizes(width):
-    """The sizes of slot a row of `width` cells is cut into, ascending: width // k for k = 1 .. width, so that a
+    """The slot sizes a row of `width` cells may be cut into, ascending: width // k for k = 1 .. width, so that a
     row of slots of size s holds width // s of them and a history of length l takes the smallest s >= l."""
     return sorted({width // k for k in range(1, width + 1)})
 
@@ -765,15 +773,15 @@ def packed_batches(order, history_lengths, batch_size, width):
     sizes = torch.tensor(slot_sizes(width), device=device)
     per_row = width // sizes                                               # slots in a row of each size
     position = torch.arange(len(order), device=device)
-    kind = torch.searchsorted(sizes, history_lengths[order])               # each example's slot size (an index)
-    key = position // batch_size * len(sizes) + kind                       # (batch, slot size)
-    count = torch.bincount(key, minlength=-(-len(order) // batch_size) * len(sizes))
-    by_key = torch.argsort(key, stable=True)
-    rank = torch.empty_like(key)
-    rank[by_key] = position - (torch.cumsum(count, 0) - count)[key[by_key]]   # among its batch's of its size
-    rows = (count.view(-1, len(sizes)) + per_row - 1) // per_row           # (batches, sizes) rows of each size
-    first_row = (torch.cumsum(rows, 1) - rows).flatten()[key] + rank // per_row[kind]
-    first = first_row * width + rank % per_row[kind] * sizes[kind]
+    size_index = torch.searchsorted(sizes, history_lengths[order])         # each example's slot size, as an index
+    group = position // batch_size * len(sizes) + size_index               # its (batch, slot size) as one number
+    group_count = torch.bincount(group, minlength=-(-len(order) // batch_size) * len(sizes))
+    by_group = torch.argsort(group, stable=True)
+    nth = torch.empty_like(group)                                          # its place among its group's examples
+    nth[by_group] = position - (torch.cumsum(group_count, 0) - group_count)[group[by_group]]
+    rows = (group_count.view(-1, len(sizes)) + per_row - 1) // per_row     # (batches, sizes) rows of each size
+    first_row = (torch.cumsum(rows, 1) - rows).flatten()[group] + nth // per_row[size_index]
+    first = first_row * width + nth % per_row[size_index] * sizes[size_index]
     return list(zip(order.split(batch_size), first.split(batch_size), rows.sum(1).tolist()))
 
 
@@ -781,6 +789,7 @@ def encode_packed(model, flat, target_at, history_lengths, first, rows, width):
     """History vectors (B, d) of one packed batch (packed_batches) through a SASRec: each cell's item and steps
     back, and an attention mask that keeps every position within its own history, causally."""
     cells = torch.arange(rows * width, device=flat.device)
+    # a cell's slot starts at the last first cell at or before it in its row (cummax); owner: that slot's example
     slot_start = torch.full_like(cells, -1).index_put_((first,), first).view(rows, width).cummax(1).values.flatten()
     owner = torch.zeros_like(cells).index_put_((first,), torch.arange(len(first), device=flat.device))[slot_start]
     within = cells - slot_start                                            # offset in its slot (a row starts one)
@@ -788,7 +797,8 @@ def encode_packed(model, flat, target_at, history_lengths, first, rows, width):
     real = within < length                                                 # the rest of a slot is padding
     items = flat[torch.where(real, target_at[owner] - length + within, 0)].view(rows, width)  # flat[0] == 0
     steps_back = (length - 1 - within).clamp(min=0).view(rows, width)
-    history = torch.where(real, owner, -1).view(rows, width)              # padding: -1, its own "history"
+    # padding: -1, a "history" of its own; it sees itself, so no softmax row is all -inf (which would be NaN)
+    history = torch.where(real, owner, -1).view(rows, width)
     future = torch.ones(width, width, dtype=torch.bool, device=flat.device).triu(1)
     hidden = (history[:, :, None] != history[:, None, :]) | future         # (rows, width, width)
     states = model.states(model.items(items), steps_back, hidden[:, None])  # (rows, width, d)
@@ -800,22 +810,18 @@ def train_epoch(model, optimizer, data, config, epoch, progress=None):
     host-device synchronisation in the loop); progress(done, total) is called before the first step and after each."""
     flat, target_at, history_lengths, users, owners, keys, num_items = data
     device = flat.device
-    # Dropout draws from torch's global generator, the order and the negatives from their own, both seeded alike:
-    # the two streams are the same 32-bit words (on a CPU, word k makes both the k-th uniform number of the epoch's
-    # first dropout masks, or half a 64-bit word of the packed path's, and the shuffle's k-th step, or, from
-    # k = E - 1 on, example k - E + 1's first negative).
-    # Harmless: each use reads a word its own way (a mask compares its low 24 bits, as a fraction, with p; the
-    # shuffle and the negatives take its remainder modulo the examples left, or N), and a word's two uses concern
-    # unrelated things (a mask entry in the first batches, the shuffle step or negative of an example in any batch).
-    # Measured on Beauty's E (131,413) at seeds 1, 2, 3, 42: masks and the order or negatives made of the same words
-    # correlate within sampling noise (|r| <= 0.0063; 1 / sqrt(E) = 0.0028). Seeding them apart would change every
-    # seeded run's numbers, so it stays.
+    # Dropout draws from torch's global generator, the order and the negatives from their own, both seeded alike,
+    # so the two streams are made of the same random words. Harmless: each use reads a word its own way, and a
+    # word's two uses concern unrelated things (a mask entry in the first batches; the shuffle step or negative of
+    # an example in any batch); docs/measurements.md ("Randomness") finds no correlation. Seeding them apart would
+    # change every seeded run's numbers, so it stays.
     torch.manual_seed(epoch_seed(config["seed"], epoch))                    # dropout
     generator = torch.Generator(device).manual_seed(epoch_seed(config["seed"], epoch))
     order = torch.randperm(len(target_at), device=device, generator=generator)  # (E,)
     # (E,) item ids, one per example. Drawn for CE too, which reads none: every loss's epoch then takes the same
     # draws from the generator, and a loss added beside the others moves none of their random streams.
     negatives = sample_negatives(owners, keys, num_items, generator)
+    # encode(example ids, *layout): the layout is what the batching gave, (first, rows) packed or (sizes, widths)
     if config.get("pack", False):
         width = int(history_lengths.max())
         batches = packed_batches(order, history_lengths, config["batch_size"], width)
@@ -850,7 +856,7 @@ def adam(model, lr, device):
 
 def history_limit(config, lengths):
     """The longest history a run reads: --max-len, capped at the longest user's test history (n - 1 items)."""
-    # SASRec's position table gets only rows that can be read; on the benchmarks (203 to 549 items) it changes nothing.
+    # SASRec's position table gets only readable rows; on the benchmarks (longest user: 203 to 549 items) no change.
     return min(config["max_len"], int(lengths.max()) - 1)
 
 
@@ -894,7 +900,7 @@ def train(config, sequences, run=None):
                                                            ones without a checkpoint); the checkpoint loaded
       run.save(model, optimizer, state, best_model)        after every epoch
       run.log(line), run.step(epoch, done, total)          what the user sees: a line per epoch, a progress line
-      run.statistics(model) -> {name: value}               what else each epoch's log row keeps (Figure 1's)
+      run.statistics(model) -> {name: value}               more for each epoch's log row: Figure 1's cosines, etc.
     No random-number state needs saving: every epoch re-seeds from (seed, epoch)."""
     if isinstance(config, Config):
         config = asdict(config)                      # the method reads config["key"], as runs.py's dicts hold them
@@ -906,7 +912,7 @@ def train(config, sequences, run=None):
     valid = evaluation_batches(flat, starts, lengths, max_len, "valid")
     torch.manual_seed(config["seed"])
     model = build_model(config, num_items, len(lengths), max_len).to(device)
-    if config.get("pack", False):                                            # the packed path's dropout (section 5)
+    if config.get("pack", False):                     # the packed path's dropout masks from random bits (Dropout)
         for module in model.modules():
             if isinstance(module, Dropout):
                 module.from_bits = True
