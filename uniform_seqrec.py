@@ -755,7 +755,7 @@ def encode_batch(model, flat, target_at, history_lengths, sizes, widths, users=N
 # but its histories are laid end to end in rows of `width` cells, several short ones to a row, and each position
 # attends only to the positions of its own history before it. Nothing is padded but the few cells a history leaves
 # of its slot, all of the batch is one pass through the blocks (length groups cost a pass each), and the loss is
-# the same; its float rounding and the dropout masks' draws are not (bench.py times it; none recorded yet).
+# the same; its float rounding and the dropout masks' draws are not (docs/performance.md, "Against the bound").
 
 
 def slot_sizes(width):
