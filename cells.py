@@ -565,7 +565,7 @@ def best_state(run_dir, num_items, lengths):
     max_len = U.history_limit(config, lengths)
     model = U.build_model(config, num_items, len(lengths), max_len)
     try:  # whatever a damaged checkpoint, or one trained on other data, raises
-        checkpoint = torch.load(os.path.join(run_dir, "checkpoint.pt"), map_location="cpu", weights_only=False)
+        checkpoint = R.read_checkpoint(os.path.join(run_dir, "checkpoint.pt"), "cpu")
         model.load_state_dict(checkpoint["best_model"])
     except Exception as err:
         raise R.RunFolderError(f"{run_dir}/checkpoint.pt does not load onto this data's model ({R.one_line(err)})")
