@@ -44,20 +44,19 @@ def ndcg_by_repeat(ranks, kinds, k=10):
     return parts
 
 
-def ranks_and_repeats(score, flat, starts, lengths, split, max_len=50, mask_seen=False):
-    """Every user's target rank under a scoring function of ((B, T) histories, (B,) users), ranked like the models
-    (mask_seen: the history's items excluded), and whether the target repeats an item of its history
-    (repeat_kinds)."""
+def ranks_and_repeats(ranks, flat, starts, lengths, split, max_len=50):
+    """Every user's target rank, by `ranks` of the split's (histories, users, targets) batches (history length
+    max_len), and whether the target repeats an item of its history (repeat_kinds), in the same order."""
     batches = U.evaluation_batches(flat, starts, lengths, max_len, split)
-    return B.ranks(score, batches, mask_seen), torch.cat([repeat_kinds(h, targets) for h, _, targets in batches])
+    return ranks(batches), torch.cat([repeat_kinds(h, targets) for h, _, targets in batches])
 
 
-def best_state_scorer(run_dir, num_items, lengths):
-    """The scoring function of a run folder's best validation state, scoring as its evaluation does, and the
-    history length it was trained with."""
+def best_state_ranks(run_dir, num_items, lengths):
+    """The ranking of a run folder's best validation state, a function of evaluation batches: its evaluation's own
+    (uniform_seqrec.target_ranks, every item ranked, cosines where training scored cosines); and the history length
+    it was trained with."""
     model, config, max_len = C.best_state(run_dir, num_items, lengths)
-    cosine, table = U.scores_are_cosines(config), model.output_items().weight
-    return torch.no_grad()(lambda h, users: U.score(model.encode(h, users=users)[:, None], table, cosine)), max_len
+    return (lambda batches: U.target_ranks(model, batches, U.scores_are_cosines(config))[0]), max_len
 
 
 def repeats(dataset, run_dirs):
@@ -73,10 +72,11 @@ def repeats(dataset, run_dirs):
     transitions = B.item_transitions(flat, starts, lengths, num_items)
     by_transitions = lambda h, _: B.transition_scores(h, transitions, popularity, decay)
     last_first = lambda h, users: by_transitions(h, users).scatter_(1, B.recent_items(h, 1), float("inf"))
-    scorers = [("item transitions", by_transitions, 50), ("item transitions, last item first", last_first, 50)]
-    scorers += [(run_dir, *best_state_scorer(run_dir, num_items, lengths)) for run_dir in run_dirs]
-    for name, score, max_len in scorers:
-        ranks, kinds = ranks_and_repeats(score, flat, starts, lengths, "test", max_len)
+    rankings = [("item transitions", lambda batches: B.ranks(by_transitions, batches), 50),
+                ("item transitions, last item first", lambda batches: B.ranks(last_first, batches), 50)]
+    rankings += [(run_dir, *best_state_ranks(run_dir, num_items, lengths)) for run_dir in run_dirs]
+    for name, rank, max_len in rankings:
+        ranks, kinds = ranks_and_repeats(rank, flat, starts, lengths, "test", max_len)
         print(f"{name}: test NDCG@10 {U.metrics_from_ranks(ranks)['NDCG@10']:.4f}, of which")
         for kind, (share, hit_rate, first, part) in zip(REPEAT_KINDS, ndcg_by_repeat(ranks, kinds)):
             print(f"  {part:.4f} from the {share:.1%} of users whose target {kind} (HR@10 {hit_rate:.3f}, ranked "

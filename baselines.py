@@ -71,7 +71,9 @@ def transition_scores(histories, transitions, popularity, decay):
 
 def ranks(score, batches, mask_seen=False):
     """Every user's target rank in the (histories, users, targets) batches' order under a scoring function of
-    ((B, T) histories, (B,) users), ranked like the models (mask_seen: the history's items excluded)."""
+    ((B, T) histories, (B,) users) that returns a new (B, N + 1) tensor each call (uniform_seqrec.rank_of_targets
+    overwrites it). Ranked as uniform_seqrec.target_ranks ranks a model's scores (mask_seen: the history's items
+    excluded), which needs a model: a baseline has no vectors to score by."""
     found = []
     for histories, users, targets in batches:
         scores = score(histories, users)

@@ -585,7 +585,7 @@ def rescore(run_dir, sequences):
         for name, metrics in U.evaluate_protocols(model, batches, cosine).items():
             protocols[name][split] = metrics
         with torch.no_grad():
-            seen = [(histories == U.score(model.encode(histories, users=users)[:, None], table, cosine)[:, 1:]
+            seen = [(histories == U.score_all(model.encode(histories, users=users), table, cosine)[:, 1:]
                      .argmax(1, keepdim=True) + 1).any(1) for histories, users, _ in batches]
         top_seen[split] = torch.cat(seen).double().mean().item()
     return {"protocols": protocols, "top_item_in_history": top_seen}

@@ -343,6 +343,24 @@ def test_baselines_match_brute_force():
     assert found["transitions"]["valid"]["NDCG@10"] == max(found["transitions"]["valid_by_decay"].values())
 
 
+def test_a_baseline_is_ranked_as_uniform_seqrec_ranks_a_model():
+    """baselines.ranks, given a model's scores as a scoring function, gives uniform_seqrec.target_ranks' ranks under
+    both protocols (ties against the target, padding never an item)."""
+    g = random.Random(5)
+    sequences = [[g.randint(1, 9) for _ in range(g.randint(4, 8))] for _ in range(40)]
+    flat, starts, lengths, num_items = U.flatten_sequences(sequences, "cpu")
+    torch.manual_seed(0)
+    model = U.build_model({"model": "sasrec", "dim": 8, "layers": 1, "heads": 1, "dropout": 0.5}, num_items,
+                          len(lengths), 10).eval()
+    with torch.no_grad():
+        model.output_items().weight[3] = model.output_items().weight[4]   # a tie between two items
+    table = model.output_items().weight
+    score = torch.no_grad()(lambda h, users: U.score_all(model.encode(h, users=users), table))
+    batches = U.evaluation_batches(flat, starts, lengths, 10, "test", batch_size=16)
+    for mask_seen in (False, True):
+        assert torch.equal(B.ranks(score, batches, mask_seen), U.target_ranks(model, batches, False, (mask_seen,))[0])
+
+
 def test_a_slurm_array_task_runs_only_its_line_of_the_list(tmp_path):
     """With SLURM_ARRAY_TASK_ID=N, run_all.sh runs the N-th cell of the narrowed list and nothing else (no report);
     past the end of the list it does nothing and succeeds; a failed cell fails the task."""
@@ -443,7 +461,7 @@ def test_repeat_kinds_and_their_parts_of_ndcg_match_a_loop():
 
 
 def test_a_run_folders_best_state_ranks_as_its_test_did(tmp_path):
-    """best_state_scorer rebuilds a run's best state from its folder: ranked with ranks_and_repeats, the test
+    """best_state_ranks rebuilds a run's best state from its folder: ranked with ranks_and_repeats, the test
     metrics are the ones the run recorded (a repeat-heavy file, so every kind of target occurs)."""
     g = random.Random(2)
     data = tmp_path / "repeats.txt"
@@ -453,17 +471,17 @@ def test_a_run_folders_best_state_ranks_as_its_test_did(tmp_path):
     assert R.main(["--data", str(data), "--out", str(run), "--model", "sasrec", "--dim", "16", "--layers", "1",
                    "--heads", "1", "--device", "cpu", "--epochs", "3", "--loss", "uniform"]) == 0
     flat, starts, lengths, num_items = U.flatten_sequences(R.read_sequences(str(data)), "cpu")
-    score, max_len = A.best_state_scorer(str(run), num_items, lengths)
-    ranks, kinds = A.ranks_and_repeats(score, flat, starts, lengths, "test", max_len)
+    rank, max_len = A.best_state_ranks(str(run), num_items, lengths)
+    ranks, kinds = A.ranks_and_repeats(rank, flat, starts, lengths, "test", max_len)
     with open(run / "metrics.json") as f:
         recorded_test = json.load(f)["test"]
     assert U.metrics_from_ranks(ranks) == pytest.approx(recorded_test)
     assert set(kinds.tolist()) == {0, 1, 2}
     (run / "checkpoint.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(R.RunFolderError, match="does not load"):
-        A.best_state_scorer(str(run), num_items, lengths)
+        A.best_state_ranks(str(run), num_items, lengths)
     with pytest.raises(R.RunFolderError, match="no checkpoint.pt"):
-        A.best_state_scorer(str(tmp_path), num_items, lengths)
+        A.best_state_ranks(str(tmp_path), num_items, lengths)
 
 
 # ----------------------------------------------------------------------------------------------------------------
