@@ -343,6 +343,17 @@ def test_baselines_match_brute_force():
     assert found["transitions"]["valid"]["NDCG@10"] == max(found["transitions"]["valid_by_decay"].values())
 
 
+def test_popularity_counts_every_training_item_with_its_repeats():
+    """training_part_items reads uniform_seqrec.training_item_keys' part (s[:n-2]) but keeps an item a user had twice
+    (Yelp's revisits), as a loop over the training parts does."""
+    g = random.Random(4)
+    sequences = [[g.randint(1, 6) for _ in range(g.randint(3, 9))] for _ in range(50)]   # repeats, 3 items or more
+    flat, starts, lengths, num_items = U.flatten_sequences(sequences, "cpu")
+    assert B.training_part_items(flat, starts, lengths).tolist() == [i for s in sequences for i in s[:-2]]
+    popularity = B.item_popularity(flat, starts, lengths, num_items)
+    assert popularity.tolist() == [sum(s[:-2].count(i) for s in sequences) for i in range(num_items + 1)]
+
+
 def test_a_baseline_is_ranked_as_uniform_seqrec_ranks_a_model():
     """baselines.ranks, given a model's scores as a scoring function, gives uniform_seqrec.target_ranks' ranks under
     both protocols (ties against the target, padding never an item)."""
