@@ -14,6 +14,7 @@ import baselines as B
 import cells as C
 import runs as R
 import uniform_seqrec as U
+from data_prep import default_data_dir, read_sequences
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -63,11 +64,11 @@ def repeats(dataset, run_dirs):
     """Print, for the test split of a dataset, how much of each NDCG@10 comes from targets that repeat a history
     item: the item-transition baseline (its decay from results/baselines.json), the same with the history's last
     item ranked first, and the best state of each given run folder."""
-    data_path = R.data_path_of({"data": dataset, "data_dir": R.default_data_dir()})
+    data_path = R.data_path_of({"data": dataset, "data_dir": default_data_dir()})
     decay = B.read_baselines().get(dataset, {}).get("transitions", {}).get("decay")
     if decay is None:
         raise R.ConfigError(f"{B.BASELINES} has no {dataset}: run python experiments.py baselines first")
-    flat, starts, lengths, num_items = U.flatten_sequences(R.read_sequences(data_path), "cpu")
+    flat, starts, lengths, num_items = U.flatten_sequences(read_sequences(data_path), "cpu")
     popularity = B.item_popularity(flat, starts, lengths, num_items)
     transitions = B.item_transitions(flat, starts, lengths, num_items)
     by_transitions = lambda h, _: B.transition_scores(h, transitions, popularity, decay)

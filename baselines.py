@@ -18,6 +18,7 @@ import torch
 import cells as C
 import runs as R
 import uniform_seqrec as U
+from data_prep import benchmark_path, default_data_dir, read_sequences
 
 BASELINES = os.path.join(C.RESULTS, "baselines.json")
 RECENT_ITEMS = 3                                   # the item-transition baseline looks at the last 3 items
@@ -123,12 +124,12 @@ def baselines(path=None):
     """Write results/baselines.json for every dataset whose file is present (seconds each, CPU)."""
     found = {}
     for dataset in C.DATASETS:
-        data_path = R.benchmark_path(dataset, R.default_data_dir())
+        data_path = benchmark_path(dataset, default_data_dir())
         if not os.path.isfile(data_path):
             print(f"  {dataset}: {data_path} not found, skipped (python data_prep.py {dataset})")
             continue
         started = time.time()
-        found[dataset] = dataset_baselines(R.read_sequences(data_path))
+        found[dataset] = dataset_baselines(read_sequences(data_path))
         found[dataset]["seconds"] = round(time.time() - started, 1)
         print(f"  {dataset}: popularity test NDCG@10 {found[dataset]['popularity']['test']['NDCG@10']:.4f}, "
               f"item transitions {found[dataset]['transitions']['test']['NDCG@10']:.4f} "

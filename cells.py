@@ -22,6 +22,7 @@ import torch
 
 import runs as R
 import uniform_seqrec as U
+from data_prep import BENCHMARKS, DataError, read_sequences
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -212,7 +213,7 @@ def run_folder(cell, seed, hyperparameters):
     """The default run folder uniform_seqrec.py gives a cell, or None when its data file is missing."""
     try:
         return R.configure([*cell_arguments(cell, hyperparameters), *seed_arguments(cell, seed)])[1]
-    except (R.ConfigError, R.DataError):
+    except (R.ConfigError, DataError):
         return None
 
 
@@ -358,7 +359,7 @@ def machine_of(metrics):
 
 def published_sha256(dataset):
     """The SHA-256 of a benchmark's published file (data_prep.BENCHMARKS, docs/datasets.md)."""
-    return R.BENCHMARKS[dataset][1]
+    return BENCHMARKS[dataset][1]
 
 
 def check_published(cell, fingerprint, data_path):
@@ -368,7 +369,7 @@ def check_published(cell, fingerprint, data_path):
     dataset = cell.split("/")[1]
     if fingerprint["sha256"] != published_sha256(dataset):
         raise R.ConfigError(f"its run was trained on {data_path} (SHA-256 {fingerprint['sha256'][:12]}...), which is "
-                            f"not the published {R.BENCHMARKS[dataset][0]} (SHA-256 "
+                            f"not the published {BENCHMARKS[dataset][0]} (SHA-256 "
                             f"{published_sha256(dataset)[:12]}..., docs/datasets.md): only runs on the published "
                             f"files are recorded for the results page")
 
@@ -385,7 +386,7 @@ def record(cell, seed, run_dir):
     commit_file = os.path.join(run_dir, "commit.txt")
     commit = open(commit_file).read().strip() if os.path.isfile(commit_file) else git_commit()
     ranked = (recorded_ranking(cell, seed, run_dir, metrics, fingerprint)
-              or rescore(run_dir, R.read_sequences(data_path)))
+              or rescore(run_dir, read_sequences(data_path)))
     ranked["protocols"] = metrics.get("protocols") or ranked["protocols"]  # as ranked on the training device
     entry = {"cell": cell, "seed": seed, "test": metrics["test"], "valid": metrics["valid"], **ranked,
              "best_epoch": metrics["best_epoch"], "epochs": metrics["epochs"], "device": metrics["device"],
@@ -415,7 +416,7 @@ def rescore_recorded(cells_given=()):
             continue
         folder_config = R.read_json(os.path.join(run_dir, "config.json"), "not a run folder of uniform_seqrec.py?")
         fingerprint, data_path = run_data(entry["cell"], entry["seed"], folder_config)
-        ranked = rescore(run_dir, R.read_sequences(data_path))
+        ranked = rescore(run_dir, read_sequences(data_path))
         again = ranked["protocols"]["all_items"]["test"]
         if max(abs(again[k] - entry["test"][k]) for k in entry["test"]) > 2e-4:  # a few users (a GPU run's rounding)
             raise R.RunFolderError(f"{run_dir} ranks differently from {path}: not the recorded run")

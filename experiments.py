@@ -25,7 +25,7 @@ if __name__ == "__main__":  # started as a program: Ctrl-C while torch loads is 
         print("experiments.py: error: the working directory no longer exists (deleted or moved); cd into a "
               "folder that exists and run again", file=sys.stderr)
         sys.exit(2)
-warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # before torch (imported below): see uniform_seqrec.py
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # before torch (the modules below import it)
 
 import analyses as A
 import baselines as B
@@ -33,10 +33,11 @@ import cells as C
 import figures as F
 import report as P
 import runs as R
+from data_prep import DataError, OneLineErrorParser
 
 
 def main(argv=None):
-    parser = R.OneLineErrorParser(prog="experiments.py", description=__doc__.split("\n")[0])
+    parser = OneLineErrorParser(prog="experiments.py", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     listing = commands.add_parser("list", help="print cell ids, one per line (seeds as a second field)")
     listing.add_argument("what", choices=["table1", "table2", "table3", "figure1", "infonce", "caser-none",
@@ -68,7 +69,7 @@ def main(argv=None):
     signal.signal(signal.SIGINT, signal.default_int_handler)               # Ctrl-C is KeyboardInterrupt again
     try:
         return command(args)
-    except (R.ConfigError, R.DataError) as err:                            # bad input: one line, never a traceback
+    except (R.ConfigError, DataError) as err:                            # bad input: one line, never a traceback
         print(f"experiments.py: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -249,7 +249,8 @@ def claims(protocol="all_items"):
                  + (" (none yet)" if not against_ce else "")
                  + "".join(f"; {group}: uniformity {u:.4f}, CE {c:.4f}" for group, u, c in against_ce))
     for column, d in enumerate(("beauty", "toys")):
-        lines.append(order_against_paper(f"Table 2 on {d}", {row: mean_ndcg(f"table2/{d}/{row}") for row in C.ABLATIONS},
+        lines.append(order_against_paper(f"Table 2 on {d}",
+                                         {row: mean_ndcg(f"table2/{d}/{row}") for row in C.ABLATIONS},
                                          {row: C.PAPER_TABLE2[row][column][1] for row in C.ABLATIONS}, "rows"))
         lines.append(order_against_paper(f"Table 3 on {d}", {b: mean_ndcg(f"table3/{d}/{b}") for b in C.BETAS},
                                          {b: C.PAPER_TABLE3[b][column][1] for b in C.BETAS}, "betas", peak="beta"))
@@ -257,7 +258,8 @@ def claims(protocol="all_items"):
         ours = {m: mean_ndcg(f"table1/{d}/{m}/uniform") for m in C.MODELS}
         if any(v is not None for v in ours.values()):
             lines.append(order_against_paper(f"Backbones with the uniformity loss on {d}", ours,
-                                             {m: C.PAPER_TABLE1[m, "uniform"][column][1] for m in C.MODELS}, "backbones"))
+                                             {m: C.PAPER_TABLE1[m, "uniform"][column][1] for m in C.MODELS},
+                                             "backbones"))
     return lines
 
 
