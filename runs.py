@@ -209,6 +209,15 @@ class RunFolder:
         self.log(f"its result: {self.file('metrics.json')}")
 
 
+def read_checkpoint(checkpoint_path, device):
+    """What a run folder's checkpoint.pt holds (RunFolder.save writes it): {"model", "optimizer", "state" (early
+    stopping), "best_model", and where written since, "device" and "resumed_on"}, loaded onto `device`
+    (map_location: a checkpoint written on any device, a GPU or the CPU, loads onto any). The one reader of the file:
+    restore() and experiments' re-ranking of a finished run (cells.best_state) read it here, and each names in one
+    line whatever a truncated, foreign or garbled file raises."""
+    return torch.load(checkpoint_path, map_location=device, weights_only=False)
+
+
 def restore(checkpoint_path, model, optimizer):
     """Load the last checkpoint into model and optimizer, if any. Returns (early-stopping state, best model, what
     the checkpoint records of its devices: {"device": where it was written, "resumed_on": [...]}, empty when there
@@ -222,7 +231,7 @@ def restore(checkpoint_path, model, optimizer):
     chosen = [{k: group[k] for k in ("fused", "foreach", "capturable") if k in group} for group in
               optimizer.param_groups]
     try:  # map_location: a checkpoint written on any device (a GPU, the CPU) loads onto this run's device
-        checkpoint = torch.load(checkpoint_path, map_location=next(model.parameters()).device, weights_only=False)
+        checkpoint = read_checkpoint(checkpoint_path, next(model.parameters()).device)
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         for group, choice in zip(optimizer.param_groups, chosen):

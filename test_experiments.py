@@ -10,7 +10,12 @@ import sys
 
 import pytest
 
+import analyses as A
+import baselines as B
+import cells as C
 import experiments as E
+import figures as F
+import report as P
 import torch
 import runs as R
 import uniform_seqrec as U
@@ -21,17 +26,17 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def test_the_tables_have_the_papers_cells():
-    table1 = E.cells("table1", E.DATASETS, E.MODELS)
-    paper = [f"table1/{d}/{m}/{loss}" for d in E.DATASETS for m in E.MODELS for loss in ("bce", "bpr", "infonce",
+    table1 = C.cells("table1", C.DATASETS, C.MODELS)
+    paper = [f"table1/{d}/{m}/{loss}" for d in C.DATASETS for m in C.MODELS for loss in ("bce", "bpr", "infonce",
                                                                                           "uniform")]
     assert table1[:len(paper)] == paper                                       # every paper cell on its old line
-    assert table1[len(paper):] == [f"table1/{d}/{m}/ce" for d in E.DATASETS for m in E.MODELS]  # then CE's
-    everything = E.cells("all", E.DATASETS, E.MODELS)
-    assert everything[-len(E.DATASETS) * len(E.MODELS):] == table1[len(paper):]  # last in `all` too
-    assert len(E.cells("table2", E.DATASETS, E.MODELS)) == 14
-    assert len(E.cells("table3", E.DATASETS, E.MODELS)) == 10
-    assert E.cells("table2", ["sports"], E.MODELS) == [] and E.cells("table2", E.DATASETS, ["gru4rec"]) == []
-    assert len(E.cells("tune", ["beauty"], E.MODELS)) == 4 * (12 + 12 + 6)
+    assert table1[len(paper):] == [f"table1/{d}/{m}/ce" for d in C.DATASETS for m in C.MODELS]  # then CE's
+    everything = C.cells("all", C.DATASETS, C.MODELS)
+    assert everything[-len(C.DATASETS) * len(C.MODELS):] == table1[len(paper):]  # last in `all` too
+    assert len(C.cells("table2", C.DATASETS, C.MODELS)) == 14
+    assert len(C.cells("table3", C.DATASETS, C.MODELS)) == 10
+    assert C.cells("table2", ["sports"], C.MODELS) == [] and C.cells("table2", C.DATASETS, ["gru4rec"]) == []
+    assert len(C.cells("tune", ["beauty"], C.MODELS)) == 4 * (12 + 12 + 6)
 
 
 def test_run_all_runs_every_listed_cell_with_its_own_log(tmp_path):
@@ -60,13 +65,13 @@ def test_cell_arguments_follow_the_papers_rows():
     tuned = {("toys", "sasrec", "uniform"): ["--lr", "2e-4", "--dim", "128", "--layers", "1", "--heads", "1",
                                              "--beta", "0.01"],
              ("toys", "sasrec", "bce"): ["--lr", "1e-4", "--dim", "64", "--layers", "2", "--heads", "2"]}
-    assert E.cell_arguments("table1/toys/caser/bpr", tuned) == ["--data", "toys", "--model", "caser", "--loss", "bpr"]
-    assert E.cell_arguments("table2/toys/a", tuned)[-8:] == tuned["toys", "sasrec", "bce"]
-    assert E.cell_arguments("table2/toys/b", tuned)[-2:] == ["--no-hom", "--no-het"]
-    assert E.cell_arguments("table2/toys/g", tuned)[6:] == [*tuned["toys", "sasrec", "uniform"], "--no-normalize"]
-    table3 = E.cell_arguments("table3/toys/0.005", tuned)
+    assert C.cell_arguments("table1/toys/caser/bpr", tuned) == ["--data", "toys", "--model", "caser", "--loss", "bpr"]
+    assert C.cell_arguments("table2/toys/a", tuned)[-8:] == tuned["toys", "sasrec", "bce"]
+    assert C.cell_arguments("table2/toys/b", tuned)[-2:] == ["--no-hom", "--no-het"]
+    assert C.cell_arguments("table2/toys/g", tuned)[6:] == [*tuned["toys", "sasrec", "uniform"], "--no-normalize"]
+    table3 = C.cell_arguments("table3/toys/0.005", tuned)
     assert table3.count("--beta") == 1 and table3[-2:] == ["--beta", "0.005"] and "128" in table3
-    assert E.cell_arguments("tune/yelp/gru4rec/infonce/lr=3e-4,dim=128,layers=2", {})[6:] == [
+    assert C.cell_arguments("tune/yelp/gru4rec/infonce/lr=3e-4,dim=128,layers=2", {})[6:] == [
         "--lr", "3e-4", "--dim", "128", "--layers", "2", "--heads", "2"]
 
 
@@ -75,19 +80,19 @@ def test_hyperparameter_table_is_read(tmp_path):
     path.write_text("# comment\ndataset\tmodel\tloss\tlr\tdim\tlayers\theads\tbeta\n"
                     "beauty\tsasrec\tuniform\t1e-3\t64\t2\t2\t0.05\t# 0.0400\n"
                     "beauty\tcaser\tbce\t1e-4\t32\t1\t1\t0.05\n")
-    table = E.read_hyperparameters(str(path))
+    table = C.read_hyperparameters(str(path))
     assert table["beauty", "sasrec", "uniform"] == ["--lr", "1e-3", "--dim", "64", "--layers", "2", "--heads", "2",
                                                     "--beta", "0.05"]
     assert "--beta" not in table["beauty", "caser", "bce"]
 
 
 def test_choose_keeps_the_best_validation_point_and_says_how_many_ran(tmp_path, monkeypatch, capsys):
-    grid = E.cells("tune", ["toys"], ["sasrec"])
+    grid = C.cells("tune", ["toys"], ["sasrec"])
     bce = [cell for cell in grid if "/bce/" in cell]
     scores = {bce[0]: 0.010, bce[5]: 0.030, bce[7]: 0.020}                 # 3 of 12 points of one cell finished
     folders = {}
     for i, (cell, ndcg) in enumerate(scores.items()):
-        values = E.tuning_point(cell)
+        values = C.tuning_point(cell)
         folders[cell] = tmp_path / f"run{i}"
         folders[cell].mkdir()
         config = {"lr": float(values["lr"]), "dim": int(values["dim"]), "layers": int(values["layers"]),
@@ -95,12 +100,12 @@ def test_choose_keeps_the_best_validation_point_and_says_how_many_ran(tmp_path, 
         (folders[cell] / "metrics.json").write_text(json.dumps({"config": config, "valid": {"NDCG@10": ndcg},
                                                                 "test": {"NDCG@10": ndcg}, "best_epoch": 3,
                                                                 "epochs": 23, "device": "cpu"}))
-    monkeypatch.setattr(E, "run_folder", lambda cell, seed, hyperparameters: str(folders.get(cell, tmp_path / "no")))
-    monkeypatch.setattr(E, "HYPERPARAMETERS", str(tmp_path / "h.tsv"))
-    E.choose()
+    monkeypatch.setattr(C, "run_folder", lambda cell, seed, hyperparameters: str(folders.get(cell, tmp_path / "no")))
+    monkeypatch.setattr(C, "HYPERPARAMETERS", str(tmp_path / "h.tsv"))
+    C.choose()
     assert "toys/sasrec/bce: changed from the defaults (no row) to" in capsys.readouterr().out
-    best = E.tuning_point(bce[5])
-    assert E.read_hyperparameters(str(tmp_path / "h.tsv")) == {
+    best = C.tuning_point(bce[5])
+    assert C.read_hyperparameters(str(tmp_path / "h.tsv")) == {
         ("toys", "sasrec", "bce"): ["--lr", f"{float(best['lr']):g}", "--dim", best["dim"], "--layers",
                                     best["layers"], "--heads", best["layers"]]}
     assert "# 0.0300, 3 of 12" in (tmp_path / "h.tsv").read_text()
@@ -111,25 +116,25 @@ def test_choose_replaces_only_the_rows_of_cells_with_finished_tuning_runs(tmp_pa
     (it wrote an empty table); with one cell's runs finished, only that cell's row changes, and the output says
     which rows changed and which were kept."""
     table = tmp_path / "h.tsv"
-    committed = open(E.HYPERPARAMETERS, encoding="utf-8").read()
+    committed = open(C.HYPERPARAMETERS, encoding="utf-8").read()
     table.write_text(committed)
-    monkeypatch.setattr(E, "HYPERPARAMETERS", str(table))
-    monkeypatch.setattr(E, "run_folder", lambda cell, seed, hyperparameters: str(tmp_path / "none"))
-    rows = E.read_hyperparameters(str(table))
-    assert len(rows) == 60                                                   # the paper's 48 cells and CE's 12
-    E.choose()
+    monkeypatch.setattr(C, "HYPERPARAMETERS", str(table))
+    monkeypatch.setattr(C, "run_folder", lambda cell, seed, hyperparameters: str(tmp_path / "none"))
+    rows = C.read_hyperparameters(str(table))
+    assert len(rows) == 60                                                  # 48 cells of the paper's losses, 12 CE
+    C.choose()
     out = capsys.readouterr().out
     assert table.read_text() == committed and "no tuning run has finished" in out and "(60 rows kept" in out
-    tuned = next(cell for cell in E.cells("tune", ["toys"], ["sasrec"]) if "/bce/lr=2e-4,dim=128,layers=1" in cell)
+    tuned = next(cell for cell in C.cells("tune", ["toys"], ["sasrec"]) if "/bce/lr=2e-4,dim=128,layers=1" in cell)
     (tmp_path / "tuned").mkdir()
     (tmp_path / "tuned" / "metrics.json").write_text(json.dumps({
         "config": {"lr": 2e-4, "dim": 128, "layers": 1, "heads": 1, "beta": 0.05}, "valid": {"NDCG@10": 0.02},
         "test": {"NDCG@10": 0.02}, "best_epoch": 3, "epochs": 23, "device": "cpu"}))
-    monkeypatch.setattr(E, "run_folder", lambda cell, seed, hyperparameters: str(
+    monkeypatch.setattr(C, "run_folder", lambda cell, seed, hyperparameters: str(
         tmp_path / ("tuned" if cell == tuned else "none")))
-    E.choose()
+    C.choose()
     out = capsys.readouterr().out
-    after = E.read_hyperparameters(str(table))
+    after = C.read_hyperparameters(str(table))
     assert after.keys() == rows.keys()
     assert {key for key in rows if after[key] != rows[key]} == {("toys", "sasrec", "bce")}
     assert after["toys", "sasrec", "bce"][:6] == ["--lr", "0.0002", "--dim", "128", "--layers", "1"]
@@ -143,9 +148,9 @@ def test_choose_replaces_only_the_rows_of_cells_with_finished_tuning_runs(tmp_pa
 @needs("beauty")
 def test_cells_sharing_a_configuration_train_once(monkeypatch):
     monkeypatch.setenv("UNIFORM_SEQREC_DATA", DATA_DIR)
-    monkeypatch.setattr(E.R, "default_data_dir", lambda: DATA_DIR)
-    monkeypatch.setattr(E, "read_hyperparameters", lambda path=None: {})
-    kept = E.unique_runs(["table1/beauty/sasrec/uniform", "table2/beauty/e", "table3/beauty/0.05",
+    monkeypatch.setattr(R, "default_data_dir", lambda: DATA_DIR)
+    monkeypatch.setattr(C, "read_hyperparameters", lambda path=None: {})
+    kept = C.unique_runs(["table1/beauty/sasrec/uniform", "table2/beauty/e", "table3/beauty/0.05",
                           "table3/beauty/0.1", "table2/beauty/a", "table1/beauty/sasrec/bce"], seed=1)
     assert kept == ["table1/beauty/sasrec/uniform", "table3/beauty/0.1", "table2/beauty/a"]
 
@@ -161,12 +166,12 @@ def write_cell(results, cell, seed, hr, ndcg):
 
 
 def test_results_page_shows_ours_beside_the_papers(tmp_path, monkeypatch):
-    monkeypatch.setattr(E, "RESULTS", str(tmp_path))
+    monkeypatch.setattr(C, "RESULTS", str(tmp_path))
     write_cell(tmp_path, "table1/beauty/sasrec/uniform", 1, 0.0800, 0.0400)
     write_cell(tmp_path, "table1/beauty/sasrec/uniform", 2, 0.0842, 0.0420)
     for loss, ndcg in (("bce", 0.02), ("bpr", 0.03), ("infonce", 0.035)):
         write_cell(tmp_path, f"table1/beauty/sasrec/{loss}", 1, 0.05, ndcg)
-    E.report(str(tmp_path / "RESULTS.md"))
+    P.report(str(tmp_path / "RESULTS.md"))
     page = (tmp_path / "RESULTS.md").read_text()
     row = next(line for line in page.splitlines() if line.startswith("| sasrec uniform |"))
     # Beauty: paper .0821 / .0371; ours mean .0821 (sd .0030) and .0410 (sd .0014), +0% and +11%
@@ -184,18 +189,17 @@ def test_results_page_shows_ours_beside_the_papers(tmp_path, monkeypatch):
 def test_ce_is_a_row_without_a_paper_number_and_stays_out_of_the_papers_claim(tmp_path, monkeypatch):
     """CE above the uniformity loss does not turn "the uniformity loss is best" (of the paper's four) into a "no":
     it is shown beside that count, with its own."""
-    monkeypatch.setattr(E, "RESULTS", str(tmp_path))
+    monkeypatch.setattr(C, "RESULTS", str(tmp_path))
     for loss, ndcg in (("bce", 0.02), ("bpr", 0.03), ("infonce", 0.035), ("uniform", 0.04), ("ce", 0.05)):
         write_cell(tmp_path, f"table1/beauty/sasrec/{loss}", 1, 0.06, ndcg)
     write_cell(tmp_path, "table1/toys/gru4rec/ce", 1, 0.07, 0.03)             # CE alone in its group
-    lines = E.claims()
-    assert "win in 0, tie in 0, loss in 0 of 1 complete groups; not decided (one seed) in 1" in lines[0]
-    assert ("  - sasrec on beauty: not decided: one seed (uniform 0.0400, 1 seed; infonce 0.0350, 1 seed)"
-            in lines)                                                        # the two best of the paper's four
+    lines = P.claims()
+    assert lines[0].endswith("win in 0, tie in 0, loss in 0 of 1 complete groups; not decided (one seed) in 1")
+    assert lines[1] == "  - sasrec on beauty: not decided: one seed (uniform 0.0400, 1 seed; infonce 0.0350, 1 seed)"
     assert ("- Beside it, beyond the paper (CE, softmax over every item, is not one of the four losses counted above): "
             "the uniformity loss above CE (test NDCG@10) in 0 of 1 backbone x dataset groups where both have run; "
             "sasrec on beauty: uniformity 0.0400, CE 0.0500") in lines
-    E.report(str(tmp_path / "RESULTS.md"))
+    P.report(str(tmp_path / "RESULTS.md"))
     page = (tmp_path / "RESULTS.md").read_text()
     rows = [line for line in page.splitlines() if line.startswith("| sasrec ce |")]
     assert len(rows) == 2                                                     # one per protocol's Table 1
@@ -207,7 +211,7 @@ def test_ce_is_a_row_without_a_paper_number_and_stays_out_of_the_papers_claim(tm
 
 
 def test_claims_compare_the_order_of_what_has_run(tmp_path, monkeypatch):
-    monkeypatch.setattr(E, "RESULTS", str(tmp_path))
+    monkeypatch.setattr(C, "RESULTS", str(tmp_path))
     # Table 2 on Beauty, three rows; the paper's NDCG@10 order of these is e (.0371) > a (.0278) > b (.0113)
     for row, ndcg in (("a", 0.030), ("b", 0.040), ("e", 0.020)):
         write_cell(tmp_path, f"table2/beauty/{row}", 1, 0.05, ndcg)
@@ -217,7 +221,7 @@ def test_claims_compare_the_order_of_what_has_run(tmp_path, monkeypatch):
         write_cell(tmp_path, f"table3/toys/{beta}", 1, 0.05, ndcg)
     for loss, ndcg in (("bce", 0.01), ("bpr", 0.03)):                       # paper: bpr .0140 > bce .0125
         write_cell(tmp_path, f"table1/toys/caser/{loss}", 1, 0.05, ndcg)
-    lines = E.claims()
+    lines = P.claims()
     assert "- Table 2 on beauty, rows run so far (a, b, e), by NDCG@10: ours b > a > e; paper e > a > b" in lines
     assert ("  - caser on toys, partial (ranked this way so far: bce, bpr): not decided: one seed (bpr 0.0300, 1 seed; "
             "bce 0.0100, 1 seed); the paper's order bpr > bce") in lines
@@ -229,8 +233,8 @@ def test_claims_compare_the_order_of_what_has_run(tmp_path, monkeypatch):
 
 
 def test_results_page_lists_unfinished_runs_apart(tmp_path, monkeypatch):
-    monkeypatch.setattr(E, "RESULTS", str(tmp_path))
-    E.report(str(tmp_path / "RESULTS.md"), unfinished=[("table1/beauty/sasrec/bpr", 1, 17, 15, 0.01834)])
+    monkeypatch.setattr(C, "RESULTS", str(tmp_path))
+    P.report(str(tmp_path / "RESULTS.md"), unfinished=[("table1/beauty/sasrec/bpr", 1, 17, 15, 0.01834)])
     page = (tmp_path / "RESULTS.md").read_text()
     assert "| table1/beauty/sasrec/bpr | 1 | 17 | 15 | 0.0183 |" in page
     row = next(line for line in page.splitlines() if line.startswith("| sasrec bpr |"))
@@ -243,20 +247,20 @@ def test_unfinished_runs_are_found_from_their_logs(tmp_path, monkeypatch):
     sequences.mkdir()
     (sequences / "Beauty.txt").write_text("".join(f"{u} 1 2 3 4\n" for u in range(1, 6)))
     monkeypatch.setenv("UNIFORM_SEQREC_DATA", str(sequences))
-    monkeypatch.setattr(E, "read_hyperparameters", lambda: {})
-    run_dir = E.run_folder("table1/beauty/sasrec/bpr", 1, {})
+    monkeypatch.setattr(C, "read_hyperparameters", lambda: {})
+    run_dir = C.run_folder("table1/beauty/sasrec/bpr", 1, {})
     os.makedirs(run_dir)
     rows = [{"epoch": e, "valid_NDCG@10": v} for e, v in ((1, 0.01), (2, 0.03), (3, 0.02))]
     with open(os.path.join(run_dir, "log.jsonl"), "w") as f:
         f.write("".join(json.dumps(r) + "\n" for r in rows))
-    assert E.unfinished_runs(max_seed=2) == [("table1/beauty/sasrec/bpr", 1, 3, 2, 0.03)]
+    assert P.unfinished_runs(max_seed=2) == [("table1/beauty/sasrec/bpr", 1, 3, 2, 0.03)]
     open(os.path.join(run_dir, "metrics.json"), "w").write("{}")
-    assert E.unfinished_runs(max_seed=2) == []
+    assert P.unfinished_runs(max_seed=2) == []
 
 
 def test_figure1_numbers_are_written_without_matplotlib(tmp_path, monkeypatch):
-    monkeypatch.setattr(E, "RESULTS", str(tmp_path))
-    monkeypatch.setattr(E, "HERE", str(tmp_path))
+    monkeypatch.setattr(C, "RESULTS", str(tmp_path))
+    monkeypatch.setattr(C, "HERE", str(tmp_path))
     histogram = [0] * 40
     for row in ("a", "b"):
         run = tmp_path / "runs" / row
@@ -270,7 +274,7 @@ def test_figure1_numbers_are_written_without_matplotlib(tmp_path, monkeypatch):
         entry = json.loads(path.read_text())
         path.write_text(json.dumps({**entry, "run_dir": f"runs/{row}"}))
     monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)       # as if it were not installed
-    E.figure1(str(tmp_path))
+    F.figure1(str(tmp_path))
     data = json.loads((tmp_path / "figure1.json").read_text())
     assert data["validation_ndcg10"]["unnormalized BCE"] == [0.01, 0.02, 0.03]
     assert (data["early_epoch"], data["late_epoch"]) == (1, 2)                # late = best validation epoch of (b)
@@ -280,17 +284,17 @@ def test_figure1_numbers_are_written_without_matplotlib(tmp_path, monkeypatch):
 
 
 def test_figure1_falls_back_to_an_unfinished_run_folder(tmp_path, monkeypatch):
-    monkeypatch.setattr(E, "RESULTS", str(tmp_path / "results"))
-    monkeypatch.setattr(E, "HERE", str(tmp_path))
+    monkeypatch.setattr(C, "RESULTS", str(tmp_path / "results"))
+    monkeypatch.setattr(C, "HERE", str(tmp_path))
     histogram = [1] * 40
     folders = {"table2/beauty/a": None, "table2/beauty/b": tmp_path / "runs" / "b"}
-    monkeypatch.setattr(E, "run_folder", lambda cell, seed, hyperparameters: folders[cell] and str(folders[cell]))
+    monkeypatch.setattr(C, "run_folder", lambda cell, seed, hyperparameters: folders[cell] and str(folders[cell]))
     folders["table2/beauty/b"].mkdir(parents=True)
     rows = [{"epoch": e, "valid_NDCG@10": 0.01 * e, "history_cosine_histogram": histogram,
              "item_cosine_histogram": histogram, "history_uniformity": -e} for e in (1, 2)]
     (folders["table2/beauty/b"] / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
-    E.figure1(str(tmp_path))
+    F.figure1(str(tmp_path))
     data = json.loads((tmp_path / "figure1.json").read_text())
     assert data["validation_ndcg10"] == {"normalized BCE": [0.01, 0.02]}   # row (a) has no run at all
     assert data["finished"] == {"normalized BCE": False}
@@ -331,13 +335,42 @@ def test_baselines_match_brute_force():
     sequences = [[g.randint(1, 12) for _ in range(g.randint(5, 9))] for _ in range(40)]
     sequences = [list(dict.fromkeys(s)) for s in sequences]                 # no repeats, as on Amazon
     sequences = [s for s in sequences if len(s) >= 5]
-    found = E.dataset_baselines(sequences)
+    found = B.dataset_baselines(sequences)
     for split in ("valid", "test"):
         expected = brute_force_baseline(sequences, split, found["transitions"]["decay"])
         for name in ("popularity", "transitions"):
             for key, value in expected[name].items():
                 assert found[name][split][key] == pytest.approx(value), (split, name, key)
     assert found["transitions"]["valid"]["NDCG@10"] == max(found["transitions"]["valid_by_decay"].values())
+
+
+def test_popularity_counts_every_training_item_with_its_repeats():
+    """training_part_items reads uniform_seqrec.training_item_keys' part (s[:n-2]) but keeps an item a user had twice
+    (Yelp's revisits), as a loop over the training parts does."""
+    g = random.Random(4)
+    sequences = [[g.randint(1, 6) for _ in range(g.randint(3, 9))] for _ in range(50)]   # repeats, 3 items or more
+    flat, starts, lengths, num_items = U.flatten_sequences(sequences, "cpu")
+    assert B.training_part_items(flat, starts, lengths).tolist() == [i for s in sequences for i in s[:-2]]
+    popularity = B.item_popularity(flat, starts, lengths, num_items)
+    assert popularity.tolist() == [sum(s[:-2].count(i) for s in sequences) for i in range(num_items + 1)]
+
+
+def test_a_baseline_is_ranked_as_uniform_seqrec_ranks_a_model():
+    """baselines.ranks, given a model's scores as a scoring function, gives uniform_seqrec.target_ranks' ranks under
+    both protocols (ties against the target, padding never an item)."""
+    g = random.Random(5)
+    sequences = [[g.randint(1, 9) for _ in range(g.randint(4, 8))] for _ in range(40)]
+    flat, starts, lengths, num_items = U.flatten_sequences(sequences, "cpu")
+    torch.manual_seed(0)
+    model = U.build_model({"model": "sasrec", "dim": 8, "layers": 1, "heads": 1, "dropout": 0.5}, num_items,
+                          len(lengths), 10).eval()
+    with torch.no_grad():
+        model.output_items().weight[3] = model.output_items().weight[4]   # a tie between two items
+    table = model.output_items().weight
+    score = torch.no_grad()(lambda h, users: U.score_all(model.encode(h, users=users), table))
+    batches = U.evaluation_batches(flat, starts, lengths, 10, "test", batch_size=16)
+    for mask_seen in (False, True):
+        assert torch.equal(B.ranks(score, batches, mask_seen), U.target_ranks(model, batches, False, (mask_seen,))[0])
 
 
 def test_a_slurm_array_task_runs_only_its_line_of_the_list(tmp_path):
@@ -367,7 +400,7 @@ def test_a_slurm_array_task_runs_only_its_line_of_the_list(tmp_path):
 
 def test_an_unknown_cell_or_a_missing_data_file_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("UNIFORM_SEQREC_DATA", str(tmp_path))                # no data files there
-    monkeypatch.setattr(E.R, "main", lambda argv: pytest.fail("trained a cell that cannot run"))
+    monkeypatch.setattr(R, "main", lambda argv: pytest.fail("trained a cell that cannot run"))
     for cell in ["bogus", "table1/beauty/sasrec", "table1/nope/sasrec/uniform", "table2/beauty/z"]:
         assert E.main(["run", cell]) == 2
         assert capsys.readouterr().err == f"experiments.py: error: unknown cell '{cell}' (`experiments.py list " \
@@ -382,34 +415,34 @@ def test_a_cell_another_process_is_training_is_left_to_it(tmp_path, monkeypatch,
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "Beauty.txt").write_text("".join(f"{u} 1 2 3 4\n" for u in range(1, 6)))
     monkeypatch.setenv("UNIFORM_SEQREC_DATA", str(tmp_path / "data"))
-    monkeypatch.setattr(E, "read_hyperparameters", lambda: {})
-    run_dir = E.run_folder("table1/beauty/sasrec/bpr", 1, {})
+    monkeypatch.setattr(C, "read_hyperparameters", lambda: {})
+    run_dir = C.run_folder("table1/beauty/sasrec/bpr", 1, {})
     os.makedirs(run_dir)
     held = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'w'); "
                              "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)",
                              os.path.join(run_dir, ".lock")], stdout=subprocess.PIPE, text=True)
     try:
         assert held.stdout.readline() == "locked\n"
-        monkeypatch.setattr(E.R, "main", lambda argv: pytest.fail("trained a folder another process holds"))
-        assert E.run_cell("table1/beauty/sasrec/bpr", 1, None) == 0
+        monkeypatch.setattr(R, "main", lambda argv: pytest.fail("trained a folder another process holds"))
+        assert C.run_cell("table1/beauty/sasrec/bpr", 1, None) == 0
         assert "is being trained by another process; left to it" in capsys.readouterr().out
     finally:
         held.kill()
         held.wait()
-    assert not E.in_use(run_dir)
+    assert not C.in_use(run_dir)
 
 
 def test_alignment_figure_keeps_the_runs_that_logged_alignment(tmp_path, monkeypatch):
-    monkeypatch.setattr(E, "RESULTS", str(tmp_path / "results"))
+    monkeypatch.setattr(C, "RESULTS", str(tmp_path / "results"))
     logs = {"table1/toys/sasrec/uniform": [{"epoch": e, "valid_NDCG@10": v, "alignment": 1.0 - 0.1 * e,
                                             "history_uniformity": -e, "item_uniformity": -2 * e}
                                            for e, v in ((1, 0.01), (2, 0.03), (3, 0.02))],
             "table1/toys/sasrec/bce": [{"epoch": 1, "valid_NDCG@10": 0.01, "history_uniformity": -1,
                                         "item_uniformity": -1}]}              # from before the statistic existed
-    monkeypatch.setattr(E, "figure_run_log", lambda cell: (logs[cell], cell.endswith("uniform")) if cell in logs
+    monkeypatch.setattr(F, "figure_run_log", lambda cell: (logs[cell], cell.endswith("uniform")) if cell in logs
                         else None)
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    E.figure_alignment("toys")
+    F.figure_alignment("toys")
     data = json.loads((tmp_path / "results" / "alignment_uniformity_toys.json").read_text())
     assert list(data) == ["uniformity loss"]
     run = data["uniformity loss"]
@@ -425,10 +458,10 @@ def test_repeat_kinds_and_their_parts_of_ndcg_match_a_loop():
         histories.append(history + [0] * (5 - len(history)))                # right-padded, as evaluation gives them
         targets.append(g.randint(1, 6))
         ranks.append(g.choice([0, 1, 3, 9, 10, 40]))
-    kinds = E.repeat_kinds(torch.tensor(histories), torch.tensor(targets))
+    kinds = A.repeat_kinds(torch.tensor(histories), torch.tensor(targets))
     expected = [0 if [i for i in h if i][-1] == t else 1 if t in h else 2 for h, t in zip(histories, targets)]
     assert kinds.tolist() == expected
-    parts = E.ndcg_by_repeat(torch.tensor(ranks, dtype=torch.float64), kinds)
+    parts = A.ndcg_by_repeat(torch.tensor(ranks, dtype=torch.float64), kinds)
     for kind, (share, hit_rate, first, part) in enumerate(parts):
         mine = [r for r, k in zip(ranks, expected) if k == kind]
         assert share == pytest.approx(len(mine) / len(ranks))
@@ -440,7 +473,7 @@ def test_repeat_kinds_and_their_parts_of_ndcg_match_a_loop():
 
 
 def test_a_run_folders_best_state_ranks_as_its_test_did(tmp_path):
-    """best_state_scorer rebuilds a run's best state from its folder: ranked with ranks_and_repeats, the test
+    """best_state_ranks rebuilds a run's best state from its folder: ranked with ranks_and_repeats, the test
     metrics are the ones the run recorded (a repeat-heavy file, so every kind of target occurs)."""
     g = random.Random(2)
     data = tmp_path / "repeats.txt"
@@ -450,17 +483,17 @@ def test_a_run_folders_best_state_ranks_as_its_test_did(tmp_path):
     assert R.main(["--data", str(data), "--out", str(run), "--model", "sasrec", "--dim", "16", "--layers", "1",
                    "--heads", "1", "--device", "cpu", "--epochs", "3", "--loss", "uniform"]) == 0
     flat, starts, lengths, num_items = U.flatten_sequences(R.read_sequences(str(data)), "cpu")
-    score, max_len = E.best_state_scorer(str(run), num_items, lengths)
-    ranks, kinds = E.ranks_and_repeats(score, flat, starts, lengths, "test", max_len)
+    rank, max_len = A.best_state_ranks(str(run), num_items, lengths)
+    ranks, kinds = A.ranks_and_repeats(rank, flat, starts, lengths, "test", max_len)
     with open(run / "metrics.json") as f:
         recorded_test = json.load(f)["test"]
     assert U.metrics_from_ranks(ranks) == pytest.approx(recorded_test)
     assert set(kinds.tolist()) == {0, 1, 2}
     (run / "checkpoint.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(R.RunFolderError, match="does not load"):
-        E.best_state_scorer(str(run), num_items, lengths)
+        A.best_state_ranks(str(run), num_items, lengths)
     with pytest.raises(R.RunFolderError, match="no checkpoint.pt"):
-        E.best_state_scorer(str(tmp_path), num_items, lengths)
+        A.best_state_ranks(str(tmp_path), num_items, lengths)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -481,22 +514,22 @@ def tiny_cell(tmp_path, monkeypatch):
                             for u in range(1, 81)))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("UNIFORM_SEQREC_DATA", str(data.parent))
-    monkeypatch.setattr(E, "RESULTS", str(tmp_path / "results"))
-    monkeypatch.setattr(E, "HERE", str(tmp_path))
-    monkeypatch.setattr(E, "read_hyperparameters", lambda path=None: {("beauty", "sasrec", "uniform"): TINY})
-    monkeypatch.setattr(E, "cells", lambda what, datasets, models: ["table1/beauty/sasrec/uniform"])
+    monkeypatch.setattr(C, "RESULTS", str(tmp_path / "results"))
+    monkeypatch.setattr(C, "HERE", str(tmp_path))
+    monkeypatch.setattr(C, "read_hyperparameters", lambda path=None: {("beauty", "sasrec", "uniform"): TINY})
+    monkeypatch.setattr(C, "cells", lambda what, datasets, models: ["table1/beauty/sasrec/uniform"])
     published = sha256_of(str(data))
-    monkeypatch.setattr(E, "published_sha256", lambda dataset: published)     # records take only the published file
-    assert E.run_cell("table1/beauty/sasrec/uniform", 1, "cpu") == 0
-    return tmp_path / E.run_folder("table1/beauty/sasrec/uniform", 1, E.read_hyperparameters()), data
+    monkeypatch.setattr(C, "published_sha256", lambda dataset: published)     # records take only the published file
+    assert C.run_cell("table1/beauty/sasrec/uniform", 1, "cpu") == 0
+    return tmp_path / C.run_folder("table1/beauty/sasrec/uniform", 1, C.read_hyperparameters()), data
 
 
 def test_a_record_holds_both_protocols_and_its_data(tiny_cell):
     run_dir, data = tiny_cell
-    E.record_all(max_seed=1)
-    entry = json.loads(open(E.record_path("table1/beauty/sasrec/uniform", 1)).read())
+    C.record_all(max_seed=1)
+    entry = json.loads(open(C.record_path("table1/beauty/sasrec/uniform", 1)).read())
     flat, starts, lengths, num_items = U.flatten_sequences(R.read_sequences(str(data)), "cpu")
-    model, config, max_len = E.best_state(str(run_dir), num_items, lengths)
+    model, config, max_len = C.best_state(str(run_dir), num_items, lengths)
     for split in ("test", "valid"):
         batches = U.evaluation_batches(flat, starts, lengths, max_len, split)
         for protocol, mask_seen in U.PROTOCOLS.items():
@@ -512,22 +545,22 @@ def test_a_record_holds_both_protocols_and_its_data(tiny_cell):
 
 def test_a_report_ranks_again_only_a_run_its_record_does_not_hold(tiny_cell, monkeypatch):
     run_dir, _ = tiny_cell
-    E.record_all(max_seed=1)
-    path = E.record_path("table1/beauty/sasrec/uniform", 1)
+    C.record_all(max_seed=1)
+    path = C.record_path("table1/beauty/sasrec/uniform", 1)
     first = json.loads(open(path).read())
-    ranked, rescore = [], E.rescore
-    monkeypatch.setattr(E, "rescore", lambda *args: ranked.append(args) or rescore(*args))
-    E.record_all(max_seed=1)                                                      # the same run: nothing ranked
+    ranked, rescore = [], C.rescore
+    monkeypatch.setattr(C, "rescore", lambda *args: ranked.append(args) or rescore(*args))
+    C.record_all(max_seed=1)                                                      # the same run: nothing ranked
     assert ranked == [] and json.loads(open(path).read()) == first
     metrics_path = run_dir / "metrics.json"
     metrics = json.loads(metrics_path.read_text())
     metrics["epochs"] += 1                                                        # as if the run was extended
     metrics_path.write_text(json.dumps(metrics))
-    E.record_all(max_seed=1)
+    C.record_all(max_seed=1)
     assert len(ranked) == 1 and json.loads(open(path).read())["epochs"] == first["epochs"] + 1
     del first["protocols"]                                                        # a record from before: ranked
     open(path, "w").write(json.dumps(first))
-    E.record_all(max_seed=1)
+    C.record_all(max_seed=1)
     assert len(ranked) == 2 and "protocols" in json.loads(open(path).read())
 
 
@@ -535,15 +568,15 @@ def test_a_run_on_data_that_is_not_the_published_file_is_never_recorded(tiny_cel
     """Issue 33, item 3: a run of a cell on a data file that is not the benchmark's published one (here the tiny
     Beauty.txt, its fingerprint unlike docs/datasets.md's) leaves the cell's record as it was, and says so."""
     run_dir, data = tiny_cell
-    E.record_all(max_seed=1)
-    path = E.record_path("table1/beauty/sasrec/uniform", 1)
+    C.record_all(max_seed=1)
+    path = C.record_path("table1/beauty/sasrec/uniform", 1)
     recorded = open(path).read()
-    monkeypatch.setattr(E, "published_sha256", lambda dataset: R.BENCHMARKS[dataset][1])
+    monkeypatch.setattr(C, "published_sha256", lambda dataset: R.BENCHMARKS[dataset][1])
     metrics = json.loads((run_dir / "metrics.json").read_text())
     metrics["test"]["NDCG@10"] = 0.5                                              # the numbers it would record
     (run_dir / "metrics.json").write_text(json.dumps(metrics))
     capsys.readouterr()
-    assert E.record_all(max_seed=1) == 1
+    assert C.record_all(max_seed=1) == 1
     assert open(path).read() == recorded
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not recorded: table1/beauty/sasrec/uniform seed 1: its run was trained on" in err
@@ -553,39 +586,39 @@ def test_a_run_on_data_that_is_not_the_published_file_is_never_recorded(tiny_cel
 def test_a_run_trained_on_other_data_is_not_recorded_nor_reported_finished(tiny_cell, capsys):
     run_dir, data = tiny_cell
     data.write_text(data.read_text() + "81 1 2 3 4 5\n")                           # the file changed since
-    E.record_all(max_seed=1)
-    assert not os.path.exists(E.record_path("table1/beauty/sasrec/uniform", 1))
+    C.record_all(max_seed=1)
+    assert not os.path.exists(C.record_path("table1/beauty/sasrec/uniform", 1))
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not recorded: table1/beauty/sasrec/uniform seed 1" in err
     assert "trained on other data" in err
-    code = R.main([*E.cell_arguments("table1/beauty/sasrec/uniform", E.read_hyperparameters()), "--seed", "1"])
+    code = R.main([*C.cell_arguments("table1/beauty/sasrec/uniform", C.read_hyperparameters()), "--seed", "1"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "was trained on other data" in err
 
 
 def test_rescore_adds_both_protocols_and_changes_nothing_else(tiny_cell, capsys):
     run_dir, _ = tiny_cell
-    E.record_all(max_seed=1)
-    path = E.record_path("table1/beauty/sasrec/uniform", 1)
+    C.record_all(max_seed=1)
+    path = C.record_path("table1/beauty/sasrec/uniform", 1)
     full = json.loads(open(path).read())
     legacy = {k: v for k, v in full.items() if k not in ("protocols", "top_item_in_history")}
     legacy["config"] = {k: v for k, v in full["config"].items() if k != "data_fingerprint"}
     legacy["commit"] = "0000000"                                                 # something only the record has
     open(path, "w").write(json.dumps(legacy))
     gone = {**legacy, "cell": "table1/beauty/caser/bce", "run_dir": "runs/no-such-folder"}
-    open(E.record_path("table1/beauty/caser/bce", 1), "w").write(json.dumps(gone))
-    E.rescore_recorded()
+    open(C.record_path("table1/beauty/caser/bce", 1), "w").write(json.dumps(gone))
+    C.rescore_recorded()
     assert json.loads(open(path).read()) == {**full, "commit": "0000000"}
     assert "table1/beauty/caser/bce seed 1" in capsys.readouterr().out
-    assert E.ranked_one_way() == ["table1/beauty/caser/bce seed 1"]
+    assert P.ranked_one_way() == ["table1/beauty/caser/bce seed 1"]
 
 
 def test_the_results_page_shows_both_protocols(tiny_cell, tmp_path):
-    E.record_all(max_seed=1)
+    C.record_all(max_seed=1)
     write_cell(str(tmp_path / "results"), "table1/beauty/caser/bce", 1, 0.03, 0.015)  # ranked one way only
-    E.report(str(tmp_path / "RESULTS.md"))
+    P.report(str(tmp_path / "RESULTS.md"))
     page = (tmp_path / "RESULTS.md").read_text()
-    entry = json.loads(open(E.record_path("table1/beauty/sasrec/uniform", 1)).read())
+    entry = json.loads(open(C.record_path("table1/beauty/sasrec/uniform", 1)).read())
     masked = entry["protocols"]["history_excluded"]["test"]["NDCG@10"]
     first, second = page.index("## Table 1: backbones x losses (every item ranked)"), page.index(
         "## Table 1: backbones x losses (the history's items excluded)")
@@ -602,15 +635,15 @@ def test_the_results_page_shows_both_protocols(tiny_cell, tmp_path):
 
 
 def test_a_fresh_clone_keeps_the_pages_runs_in_progress(tmp_path, monkeypatch):
-    monkeypatch.setattr(E, "HERE", str(tmp_path))                                # no runs/ folder here
-    monkeypatch.setattr(E, "RESULTS", str(tmp_path / "results"))
+    monkeypatch.setattr(C, "HERE", str(tmp_path))                                # no runs/ folder here
+    monkeypatch.setattr(C, "RESULTS", str(tmp_path / "results"))
     page = tmp_path / "RESULTS.md"
-    page.write_text(f"# old page\n\n{E.UNFINISHED_TITLE}\n\n| cell | seed |\n| table2/toys/c | 1 |\n")
-    E.report(str(page))
-    assert page.read_text().endswith(f"{E.UNFINISHED_TITLE}\n\n| cell | seed |\n| table2/toys/c | 1 |\n")
+    page.write_text(f"# old page\n\n{P.UNFINISHED_TITLE}\n\n| cell | seed |\n| table2/toys/c | 1 |\n")
+    P.report(str(page))
+    assert page.read_text().endswith(f"{P.UNFINISHED_TITLE}\n\n| cell | seed |\n| table2/toys/c | 1 |\n")
     (tmp_path / "runs").mkdir()                                                  # local runs: the list is theirs
-    E.report(str(page))
-    assert E.UNFINISHED_TITLE not in page.read_text()
+    P.report(str(page))
+    assert P.UNFINISHED_TITLE not in page.read_text()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -638,7 +671,7 @@ HEADER = "dataset\tmodel\tloss\tlr\tdim\tlayers\theads\tbeta\n"
 def test_a_malformed_hyperparameter_row_is_one_line_naming_its_line(tmp_path, monkeypatch, capsys, row, expected):
     table = tmp_path / "h.tsv"
     table.write_text("# comment\n" + HEADER + row + "\n")
-    monkeypatch.setattr(E, "HYPERPARAMETERS", str(table))
+    monkeypatch.setattr(C, "HYPERPARAMETERS", str(table))
     assert E.main(["run", "table1/beauty/sasrec/bce"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"experiments.py: error: {table} line ") and expected in err
@@ -647,10 +680,10 @@ def test_a_malformed_hyperparameter_row_is_one_line_naming_its_line(tmp_path, mo
 def test_the_committed_hyperparameter_table_reads():
     """A row for every Table 1 cell, and each CE row at its backbone x dataset group's setting (the paper's four
     share one), so that CE is compared on the same footing."""
-    chosen = E.read_hyperparameters()
-    assert set(chosen) == {tuple(cell.split("/")[1:]) for cell in E.cells("table1", E.DATASETS, E.MODELS)}
-    for d in E.DATASETS:
-        for m in E.MODELS:
+    chosen = C.read_hyperparameters()
+    assert set(chosen) == {tuple(cell.split("/")[1:]) for cell in C.cells("table1", C.DATASETS, C.MODELS)}
+    for d in C.DATASETS:
+        for m in C.MODELS:
             assert chosen[d, m, "ce"] == chosen[d, m, "bce"] == chosen[d, m, "bpr"] == chosen[d, m, "infonce"]
 
 
@@ -660,12 +693,12 @@ def test_every_recorded_cell_still_names_its_run_folder(tmp_path, monkeypatch):
     for name, *_ in R.BENCHMARKS.values():
         (tmp_path / name).touch()                                             # configure() checks only that it exists
     monkeypatch.setenv("UNIFORM_SEQREC_DATA", str(tmp_path))
-    hyperparameters, records = E.read_hyperparameters(), sorted(glob.glob(os.path.join(HERE, "results", "cells",
+    hyperparameters, records = C.read_hyperparameters(), sorted(glob.glob(os.path.join(HERE, "results", "cells",
                                                                                       "*.json")))
     assert records
     for path in records:
-        entry = E.read_record(path)
-        assert E.run_folder(entry["cell"], entry["seed"], hyperparameters) == entry["run_dir"], path
+        entry = C.read_record(path)
+        assert C.run_folder(entry["cell"], entry["seed"], hyperparameters) == entry["run_dir"], path
 
 
 @pytest.mark.parametrize("damage, expected", [
@@ -677,13 +710,13 @@ def test_every_recorded_cell_still_names_its_run_folder(tmp_path, monkeypatch):
     (lambda e: {**e, "config": {**e["config"], "lr": None}}, "no valid config lr"),
 ])
 def test_a_damaged_record_is_one_line_naming_it(tmp_path, monkeypatch, capsys, damage, expected):
-    monkeypatch.setattr(E, "RESULTS", str(tmp_path))
-    monkeypatch.setattr(E, "HERE", str(tmp_path))
+    monkeypatch.setattr(C, "RESULTS", str(tmp_path))
+    monkeypatch.setattr(C, "HERE", str(tmp_path))
     write_cell(str(tmp_path), "table1/beauty/sasrec/bce", 1, 0.04, 0.02)
     path = tmp_path / "cells" / "table1__beauty__sasrec__bce-seed1.json"
     damaged = damage(json.loads(path.read_text()))
     path.write_text(damaged if isinstance(damaged, str) else json.dumps(damaged))
-    monkeypatch.setattr(E, "record_all", lambda: 0)
+    monkeypatch.setattr(C, "record_all", lambda: 0)
     assert E.main(["report"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(path) in err and expected in err and "restore it from git" in err
@@ -698,9 +731,9 @@ def test_a_damaged_log_is_one_line(tmp_path, monkeypatch, capsys, contents, expe
     run = tmp_path / "run"
     run.mkdir()
     (run / "log.jsonl").write_text(contents)
-    monkeypatch.setattr(E, "run_folder", lambda cell, seed, hyperparameters: str(run))
-    monkeypatch.setattr(E, "record_all", lambda: 0)
-    monkeypatch.setattr(E, "RESULTS", str(tmp_path))
+    monkeypatch.setattr(C, "run_folder", lambda cell, seed, hyperparameters: str(run))
+    monkeypatch.setattr(C, "record_all", lambda: 0)
+    monkeypatch.setattr(C, "RESULTS", str(tmp_path))
     assert E.main(["report"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "log.jsonl" in err and expected in err
@@ -743,14 +776,14 @@ def test_the_readme_cells_are_the_readmes_command_exactly(tmp_path, monkeypatch)
     readme = open(os.path.join(os.path.dirname(E.__file__), "README.md")).read()
     assert "python uniform_seqrec.py --model sasrec --loss uniform --data beauty" in readme
     typed = R.configure(["--model", "sasrec", "--loss", "uniform", "--data", "beauty"])
-    assert E.run_folder("readme/beauty/uniform", 1, {("beauty", "sasrec", "uniform"): ["--lr", "1"]}) == typed[1]
+    assert C.run_folder("readme/beauty/uniform", 1, {("beauty", "sasrec", "uniform"): ["--lr", "1"]}) == typed[1]
     assert typed[0]["lr"] == 3e-4 and typed[0]["seed"] == 42
-    assert E.run_folder("readme/beauty/uniform", 2, {}) == R.configure(
+    assert C.run_folder("readme/beauty/uniform", 2, {}) == R.configure(
         ["--model", "sasrec", "--loss", "uniform", "--data", "beauty", "--seed", "2"])[1]
-    assert E.cells("readme", E.DATASETS, E.MODELS) == ["readme/beauty/uniform", "readme/beauty/bce"]
-    assert E.cell_arguments("negatives/toys/bce", {}) == [*E.cell_arguments("table1/toys/sasrec/bce", {}),
+    assert C.cells("readme", C.DATASETS, C.MODELS) == ["readme/beauty/uniform", "readme/beauty/bce"]
+    assert C.cell_arguments("negatives/toys/bce", {}) == [*C.cell_arguments("table1/toys/sasrec/bce", {}),
                                                          "--negatives", "any"]
-    assert set(E.cells("readme", E.DATASETS, E.MODELS)) <= set(E.cells("all", E.DATASETS, E.MODELS))
+    assert set(C.cells("readme", C.DATASETS, C.MODELS)) <= set(C.cells("all", C.DATASETS, C.MODELS))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -775,21 +808,21 @@ T_TABLE = {  # df -> {alpha: t}
 def test_student_t_matches_the_t_table(df):
     for alpha, t in T_TABLE[df].items():
         # the table rounds t to 3 decimals: the exact quantile lies within 0.0005 of it, so p brackets 2 alpha there
-        assert E.student_t_two_sided(t + 0.0005, df) < 2 * alpha < E.student_t_two_sided(t - 0.0005, df)
+        assert P.student_t_two_sided(t + 0.0005, df) < 2 * alpha < P.student_t_two_sided(t - 0.0005, df)
 
 
 def test_student_t_matches_its_closed_forms():
     """df 1 is the Cauchy distribution, P(|T| >= t) = 1 - 2 atan(t) / pi; df 2 has P(|T| >= t) = 1 - t / sqrt(2 +
     t^2); and I_x(a, 1) = x^a, I_x(1, b) = 1 - (1 - x)^b check both branches of the continued fraction."""
     for t in (0.0, 0.01, 0.3, 1.0, 2.5, 7.0, 40.0, 1e4):
-        assert E.student_t_two_sided(t, 1) == pytest.approx(1 - 2 * math.atan(t) / math.pi, rel=1e-12, abs=1e-15)
-        assert E.student_t_two_sided(-t, 2) == pytest.approx(1 - t / math.sqrt(2 + t * t), rel=1e-12, abs=1e-15)
+        assert P.student_t_two_sided(t, 1) == pytest.approx(1 - 2 * math.atan(t) / math.pi, rel=1e-12, abs=1e-15)
+        assert P.student_t_two_sided(-t, 2) == pytest.approx(1 - t / math.sqrt(2 + t * t), rel=1e-12, abs=1e-15)
     for a in (0.5, 1.0, 3.7, 20.0):
         for x in (0.001, 0.2, 0.5, 0.8, 0.999):
-            assert E.incomplete_beta(a, 1.0, x) == pytest.approx(x ** a, rel=1e-12)
-            assert E.incomplete_beta(1.0, a, x) == pytest.approx(1 - (1 - x) ** a, rel=1e-12)
-    assert E.incomplete_beta(2.0, 3.0, 0.0) == 0.0 and E.incomplete_beta(2.0, 3.0, 1.0) == 1.0
-    assert E.student_t_two_sided(math.inf, 3.3) == 0.0
+            assert P.incomplete_beta(a, 1.0, x) == pytest.approx(x ** a, rel=1e-12)
+            assert P.incomplete_beta(1.0, a, x) == pytest.approx(1 - (1 - x) ** a, rel=1e-12)
+    assert P.incomplete_beta(2.0, 3.0, 0.0) == 0.0 and P.incomplete_beta(2.0, 3.0, 1.0) == 1.0
+    assert P.student_t_two_sided(math.inf, 3.3) == 0.0
 
 
 def t_density(x, df):
@@ -805,21 +838,21 @@ def test_student_t_matches_a_brute_force_integral_of_its_density():
             n, h = 4000, t / 4000
             simpson = h / 3 * sum((1 if i in (0, n) else 4 if i % 2 else 2) * t_density(i * h, df)
                                   for i in range(n + 1))
-            assert E.student_t_two_sided(t, df) == pytest.approx(1 - 2 * simpson, rel=1e-8, abs=1e-12)
+            assert P.student_t_two_sided(t, df) == pytest.approx(1 - 2 * simpson, rel=1e-8, abs=1e-12)
 
 
 def test_welch_is_students_test_where_the_seeds_spread_alike():
     """Equal sizes and equal variances: Welch's t is Student's pooled t and its df is n1 + n2 - 2; and it does not
     change when every value is scaled or shifted alike."""
     first, second = [0.031, 0.034, 0.037], [0.030, 0.027, 0.033]                 # both: sd 0.003
-    t, df, p = E.welch(first, second)
+    t, df, p = P.welch(first, second)
     pooled = math.sqrt((statistics_variance(first) + statistics_variance(second)) / 2 * (1 / 3 + 1 / 3))
     assert t == pytest.approx((sum(first) - sum(second)) / 3 / pooled) and df == pytest.approx(4)
-    assert p == pytest.approx(E.student_t_two_sided(t, 4))
-    scaled = E.welch([10 * x + 1 for x in first], [10 * x + 1 for x in second])
+    assert p == pytest.approx(P.student_t_two_sided(t, 4))
+    scaled = P.welch([10 * x + 1 for x in first], [10 * x + 1 for x in second])
     assert scaled == pytest.approx((t, df, p))
-    assert E.welch(second, first) == pytest.approx((-t, df, p))
-    assert E.welch([0.03, 0.03], [0.02, 0.02])[2] == 0.0 and E.welch([0.03, 0.03], [0.03, 0.03])[2] == 1.0
+    assert P.welch(second, first) == pytest.approx((-t, df, p))
+    assert P.welch([0.03, 0.03], [0.02, 0.02])[2] == 0.0 and P.welch([0.03, 0.03], [0.03, 0.03])[2] == 1.0
 
 
 def statistics_variance(values):
@@ -834,7 +867,7 @@ def write_group(results, dataset, model, seeds_by_loss):
 
 
 def test_the_rule_says_win_tie_loss_or_not_decided(tmp_path, monkeypatch):
-    monkeypatch.setattr(E, "RESULTS", str(tmp_path))
+    monkeypatch.setattr(C, "RESULTS", str(tmp_path))
     others = {"bce": [0.010, 0.011], "bpr": [0.012]}                              # far below: never the two best
     # clearly separated seeds: a win; overlapping ones: a tie; one seed of the runner-up: not decided; InfoNCE
     # clearly ahead: a loss
@@ -845,7 +878,7 @@ def test_the_rule_says_win_tie_loss_or_not_decided(tmp_path, monkeypatch):
     write_group(tmp_path, "sports", "sasrec", {**others, "uniform": [0.040, 0.041, 0.042], "infonce": [0.030]})
     write_group(tmp_path, "yelp", "sasrec", {**others, "uniform": [0.020, 0.021], "infonce": [0.030, 0.031]})
     write_group(tmp_path, "yelp", "caser", {**others, "uniform": [0.005], "infonce": [0.020, 0.021, 0.022]})
-    lines = E.claims()
+    lines = P.claims()
     verdict = lambda group: next(line for line in lines if line.startswith(f"  - {group}: ")).split(": ", 1)[1]
     assert verdict("sasrec on beauty").startswith("win (uniform 0.0410 ± 0.0010, 3 seeds; infonce 0.0310 ± 0.0010, "
                                                   "3 seeds; Welch's t 12.25, df 4.0, p ")
@@ -859,25 +892,25 @@ def test_the_rule_says_win_tie_loss_or_not_decided(tmp_path, monkeypatch):
     assert "win in 1, tie in 1, loss in 1 of 5 complete groups; not decided (one seed) in 2" in lines[0]
     assert "p < 0.05 a win, else a tie" in lines[0]
     p = float(verdict("sasrec on beauty").split(" p ")[1].rstrip(")"))
-    assert p < E.LEVEL and p == pytest.approx(E.welch([0.040, 0.041, 0.042], [0.030, 0.031, 0.032])[2], rel=0.03)
+    assert p < P.LEVEL and p == pytest.approx(P.welch([0.040, 0.041, 0.042], [0.030, 0.031, 0.032])[2], rel=0.03)
 
 
 def test_a_records_machine_is_shown_and_never_guessed(tmp_path, monkeypatch):
-    monkeypatch.setattr(E, "RESULTS", str(tmp_path))
+    monkeypatch.setattr(C, "RESULTS", str(tmp_path))
     write_cell(tmp_path, "table1/beauty/sasrec/bce", 1, 0.05, 0.02)               # an old record: no machine
     write_cell(tmp_path, "table1/beauty/sasrec/bpr", 1, 0.05, 0.02)
-    path = E.record_path("table1/beauty/sasrec/bpr", 1)
+    path = C.record_path("table1/beauty/sasrec/bpr", 1)
     entry = json.loads(open(path).read())
     metrics = {"device_settings": {"device": "cpu", "torch": "2.13.0", "threads": 1, "cpu": "Some CPU 1234",
                                    "cpu_capability": "AVX2"}}
-    open(path, "w").write(json.dumps({**entry, "machine": E.machine_of(metrics)}))
-    E.report(str(tmp_path / "RESULTS.md"))
+    open(path, "w").write(json.dumps({**entry, "machine": C.machine_of(metrics)}))
+    P.report(str(tmp_path / "RESULTS.md"))
     page = (tmp_path / "RESULTS.md").read_text()
     assert "| 5 / 25 | cpu | machine not recorded | 10 min |" in page
     assert "| 5 / 25 | cpu | Some CPU 1234, AVX2, torch 2.13.0, 1 thread | 10 min |" in page
     gpu = {"device": "cuda", "torch": "2.13.0", "threads": 16, "cpu": "Some CPU", "name": "Some GPU"}
-    assert E.machine_label(E.machine_of({"device_settings": gpu})) == "Some GPU, torch 2.13.0"
+    assert P.machine_label(C.machine_of({"device_settings": gpu})) == "Some GPU, torch 2.13.0"
     before = {"device": "cpu", "torch": "2.13.0", "threads": 2}                   # metrics.json before the CPU model
-    assert E.machine_label(E.machine_of({"device_settings": before})) == "cpu (model not recorded), torch 2.13.0, " \
+    assert P.machine_label(C.machine_of({"device_settings": before})) == "cpu (model not recorded), torch 2.13.0, " \
                                                                           "2 threads"
-    assert E.machine_of({}) is None
+    assert C.machine_of({}) is None

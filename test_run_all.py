@@ -152,7 +152,8 @@ def test_an_empty_omp_num_threads_means_unset(run_all, tmp_path):
                                                ("figure1", {"DATASETS": "toys", "MODELS": "sasrec"})])
 def test_a_narrowing_that_selects_nothing_is_one_line(run_all, tmp_path, what, environment):
     """With the real experiments.py list: an empty list says which narrowing emptied it, and runs nothing."""
-    for name in ["experiments.py", "uniform_seqrec.py", "runs.py", "data_prep.py"]:
+    for name in ["experiments.py", "cells.py", "baselines.py", "analyses.py", "report.py", "figures.py",
+                 "uniform_seqrec.py", "runs.py", "data_prep.py"]:
         shutil.copy(os.path.join(HERE, name), tmp_path)
     done = run_all(what, REAL_PYTHON=sys.executable, **environment)
     assert_refused(done, tmp_path, "nothing to run", f"'{what}' is empty",  # no report: RESULTS.md untouched
