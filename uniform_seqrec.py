@@ -769,25 +769,39 @@ def packed_batches(order, history_lengths, batch_size, width):
     batch's rows of `width` cells, each row holding slots of one size. Returns [(example ids, first cells, rows)]:
     example b's history fills cells first[b] .. first[b] + length - 1 of the batch's rows * width cells, counted row
     by row. A single host-device synchronisation."""
-    device = order.device
+    position = torch.arange(len(order), device=order.device)
+    first, rows = packed_slots(position // batch_size, history_lengths[order], -(-len(order) // batch_size), width)
+    return list(zip(order.split(batch_size), first.split(batch_size), rows.sum(1).tolist()))
+
+
+def packed_slots(batch, lengths, batches, width):
+    """The slots of histories of `lengths` (U,), in batches `batch` (U,) (ascending, 0 .. batches - 1), in rows of
+    `width` cells, each row holding slots of one size: returns (first, rows): first (U,) each history's first cell,
+    counted row by row from its batch's first row; rows (batches, slot sizes) the rows of each size in each batch."""
+    device = lengths.device
     sizes = torch.tensor(slot_sizes(width), device=device)
     per_row = width // sizes                                               # slots in a row of each size
-    position = torch.arange(len(order), device=device)
-    size_index = torch.searchsorted(sizes, history_lengths[order])         # each example's slot size, as an index
-    group = position // batch_size * len(sizes) + size_index               # its (batch, slot size) as one number
-    group_count = torch.bincount(group, minlength=-(-len(order) // batch_size) * len(sizes))
+    position = torch.arange(len(lengths), device=device)
+    size_index = torch.searchsorted(sizes, lengths)                        # each history's slot size, as an index
+    group = batch * len(sizes) + size_index                                # its (batch, slot size) as one number
+    group_count = torch.bincount(group, minlength=batches * len(sizes))
     by_group = torch.argsort(group, stable=True)
-    nth = torch.empty_like(group)                                          # its place among its group's examples
+    nth = torch.empty_like(group)                                          # its place among its group's histories
     nth[by_group] = position - (torch.cumsum(group_count, 0) - group_count)[group[by_group]]
     rows = (group_count.view(-1, len(sizes)) + per_row - 1) // per_row     # (batches, sizes) rows of each size
     first_row = (torch.cumsum(rows, 1) - rows).flatten()[group] + nth // per_row[size_index]
-    first = first_row * width + nth % per_row[size_index] * sizes[size_index]
-    return list(zip(order.split(batch_size), first.split(batch_size), rows.sum(1).tolist()))
+    return first_row * width + nth % per_row[size_index] * sizes[size_index], rows
 
 
 def encode_packed(model, flat, target_at, history_lengths, first, rows, width):
     """History vectors (B, d) of one packed batch (packed_batches) through a SASRec: each cell's item and steps
     back, and an attention mask that keeps every position within its own history, causally."""
+    states = packed_states(model, flat, target_at, history_lengths, first, rows, width)
+    return states[first + history_lengths - 1]                             # each history's last position
+
+
+def packed_states(model, flat, target_at, history_lengths, first, rows, width):
+    """(rows * width, d) the SASRec states of every cell of one packed batch, row by row (encode_packed)."""
     cells = torch.arange(rows * width, device=flat.device)
     # a cell's slot starts at the last first cell at or before it in its row (cummax); owner: that slot's example
     slot_start = torch.full_like(cells, -1).index_put_((first,), first).view(rows, width).cummax(1).values.flatten()
@@ -802,7 +816,7 @@ def encode_packed(model, flat, target_at, history_lengths, first, rows, width):
     future = torch.ones(width, width, dtype=torch.bool, device=flat.device).triu(1)
     hidden = (history[:, :, None] != history[:, None, :]) | future         # (rows, width, width)
     states = model.states(model.items(items), steps_back, hidden[:, None])  # (rows, width, d)
-    return states.flatten(0, 1)[first + history_lengths - 1]              # each history's last position
+    return states.flatten(0, 1)
 
 
 def train_epoch(model, optimizer, data, config, epoch, progress=None):
