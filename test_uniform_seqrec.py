@@ -1030,6 +1030,7 @@ def test_flags_added_later_leave_earlier_run_folders_where_they_were(tmp_path):
                                 "negatives": "any", "length_groups": 2}),
     (["--pack", "--max-len", "20", "--no-het", "--beta", "0.01", "--epochs", "5", "--patience", "2", "--dropout",
       "0.2"], {"pack": True, "max_len": 20, "het": False, "beta": 0.01, "epochs": 5, "patience": 2, "dropout": 0.2}),
+    (["--model", "gru4rec", "--examples", "users"], {"model": "gru4rec", "examples": "users"}),
 ])
 def test_a_config_is_what_the_command_line_resolves(tmp_path, args, fields):
     """The method's settings of a command line, resolved by configure(), are the Config of the same fields: every
