@@ -19,6 +19,9 @@
   progress  (only when named) train_epoch with the progress line, drawn on a pseudo-terminal, against without it
   profile   (only when named) where a SASRec + uniform step's time goes, by kind of work (torch's profiler), with
          length groups and packed (--pack)
+  regime    (only when named) seconds per epoch of train_epoch itself, per-prefix (--examples prefixes) against
+         per-user (--examples users), interleaved rounds, SASRec + BCE and + uniform, GRU4Rec + BCE: each epoch's
+         batching, then `--steps` real steps after 3 to warm up, scaled to the epoch's steps
 
 Timings are medians of repeated runs where a section is cheap enough to repeat; ratios are measured side by side.
 Every section runs under the settings a training run sets on the device (runs.device_settings: on CUDA no TF32,
@@ -26,6 +29,7 @@ cuDNN's deterministic algorithms, no cuDNN benchmarking), so that it times what 
 """
 import argparse
 import collections
+import dataclasses
 import os
 import platform
 import statistics
@@ -471,6 +475,74 @@ def bench_memory(args, device, rows):
         rows.append(("memory", f"{label} ({what})", f"{int(peak):,} MiB", extra))
 
 
+class EnoughSteps(Exception):
+    """Raised by bench_regime's progress callback to end train_epoch after the steps it times."""
+
+
+def epoch_seconds(model, optimizer, data, config, epoch, device, steps, warmup=3):
+    """(seconds per epoch, steps per epoch) of U.train_epoch: the time to its first step (order, negatives, the
+    batching) plus its mean step over `steps` steps after `warmup`, times its steps."""
+    marks = {}
+
+    def progress(done, total):
+        synchronize(device)
+        marks[done], marks["total"] = time.perf_counter(), total
+        if done == warmup + steps:
+            raise EnoughSteps
+
+    synchronize(device)
+    started = time.perf_counter()
+    try:
+        U.train_epoch(model, optimizer, data, config, epoch, progress)
+    except EnoughSteps:
+        pass
+    per_step = (marks[warmup + steps] - marks[warmup]) / steps
+    return marks[0] - started + per_step * marks["total"], marks["total"]
+
+
+# bench_regime's rows: (backbone, loss, --pack, --examples), each per-user one after the per-prefix ones it is set
+# against (its ratio is to the first of them: training's default layout)
+REGIMES = [("sasrec", "bce", False, "prefixes"), ("sasrec", "bce", True, "prefixes"), ("sasrec", "bce", True, "users"),
+           ("sasrec", "uniform", False, "prefixes"), ("sasrec", "uniform", True, "prefixes"),
+           ("sasrec", "uniform", True, "users"), ("gru4rec", "bce", False, "prefixes"),
+           ("gru4rec", "bce", False, "users")]
+
+
+def bench_regime(path, device, steps, rows, rounds=3):
+    """Seconds per Beauty epoch (batch 256, paper settings) of each of REGIMES, through train_epoch, in `rounds`
+    interleaved rounds (every regime once a round, each round a new epoch); the median of the rounds, and each
+    per-user regime's ratio to the per-prefix default of the same backbone and loss, per round."""
+    flat, starts, lengths, num_items = U.flatten_sequences(read_sequences(path), device)
+    data = U.training_data(flat, starts, lengths, num_items, 50)
+    trainers = []
+    for model_name, loss, pack, examples in REGIMES:
+        config = dataclasses.asdict(U.Config(model=model_name, loss=loss, pack=pack, examples=examples, lr=1e-3, seed=1,
+                                   device=str(device)))
+        torch.manual_seed(0)
+        model = paper_model(model_name, num_items, device)
+        for module in model.modules():                                     # as uniform_seqrec.train sets it
+            if isinstance(module, U.Dropout):
+                module.from_bits = pack
+        trainers.append((model, U.adam(model, 1e-3, device), config))
+    seconds = [[] for _ in REGIMES]
+    epoch_steps = [0] * len(REGIMES)
+    for epoch in range(1, rounds + 1):
+        for r, (model, optimizer, config) in enumerate(trainers):
+            took, epoch_steps[r] = epoch_seconds(model, optimizer, data, config, epoch, device, steps)
+            seconds[r].append(took)
+    baseline = None
+    for (model_name, loss, pack, examples), times, count in zip(REGIMES, seconds, epoch_steps):
+        how = f"{'packed' if pack else 'length groups 8'}, {examples}"
+        ratio = ""
+        if examples == "prefixes" and not pack:
+            baseline = times
+        else:
+            ratios = [b / t for b, t in zip(baseline, times)]
+            ratio = f"{statistics.median(ratios):.2f}x faster (rounds: {', '.join(f'{x:.2f}' for x in ratios)})"
+        rows.append(("regime", f"{model_name} + {loss} ({how}; {count} steps)",
+                     f"{statistics.median(times):.1f} s/epoch", ratio))
+
+
 def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -479,7 +551,7 @@ def device_name(device):
     return f"{os.cpu_count()} CPU cores"
 
 
-SECTIONS = ["loss", "train", "eval", "memory", "progress", "profile"]
+SECTIONS = ["loss", "train", "eval", "memory", "progress", "profile", "regime"]
 
 
 def parse_arguments(argv=None):
@@ -489,7 +561,8 @@ def parse_arguments(argv=None):
     parser.add_argument("--data-dir", default=default_data_dir())
     parser.add_argument("--steps", type=int, default=40, help="timed training batches per backbone and loss")
     parser.add_argument("--sections", default="loss,train,eval,memory",
-                        help=f"comma-separated, of {', '.join(SECTIONS)} (progress and profile only when named)")
+                        help=f"comma-separated, of {', '.join(SECTIONS)} (progress, profile and regime only when "
+                             f"named)")
     parser.add_argument("--length-groups", type=int,
                         help="train every backbone with this many length groups (default: training's, 8 and 1 for "
                              "Caser); on a GPU, compare 1 against 8")
@@ -542,6 +615,8 @@ def main(argv=None):
         bench_progress(path, device, rows)
     if "profile" in sections:
         bench_profile(setup, device, rows)
+    if "regime" in sections:
+        bench_regime(path, device, args.steps, rows)
     print(f"device: {device} ({device_name(device)}), torch {torch.__version__}, {torch.get_num_threads()} threads")
     print("| section | what | time | ratio |\n|---|---|---|---|")
     for row in rows:

@@ -508,6 +508,12 @@ def build_parser():
                      help="SASRec: lay each batch's histories end to end, several to a row, each attending only "
                           "to its own; speed only (about 2x per epoch on a CPU; the loss is the same, its float "
                           "rounding and dropout draws differ; see docs/performance.md)")
+    fit.add_argument("--examples", choices=["prefixes", "users"],
+                     help="prefixes: one triplet per prefix of each user's training part, each encoded alone (the "
+                          "paper's authors' reading; every recorded cell); users: GRU4Rec and SASRec read each "
+                          "user's training part in one causal pass, a triplet at every position (the same pairs, "
+                          "windows of MAX_LEN inputs, batches of whole users of about BATCH_SIZE triplets; with "
+                          "SASRec add --pack; faster, quality not measured yet: README, \"Train\")")
     fit.add_argument("--seed", type=int, help="every random draw follows from it")
     fit.add_argument("--device", help="auto (cuda, then mps, then cpu), or a torch device")
     evaluation = parser.add_argument_group("evaluation")
@@ -532,7 +538,8 @@ EXTENDABLE_KEYS = ("epochs", "patience")
 # Keys added after runs had been recorded, with the value that every earlier run had without saying so. At that value
 # a key stays out of the configuration's hash, so the run folders of earlier configurations keep their names.
 LATER_KEYS = {"infonce_negatives": None, "caser_activation": "none", "caser_users": False,
-              "caser_output_table": False, "negatives": "unseen", "block": "pre-ln", "pack": False}
+              "caser_output_table": False, "negatives": "unseen", "block": "pre-ln", "pack": False,
+              "examples": "prefixes"}
 
 
 SEE_DEVICES = ("see which there are with: python -c \"import torch; print(torch.cuda.device_count(), 'CUDA', "
@@ -881,6 +888,8 @@ def configure(argv, fetch=False):
     if config["pack"] and config["model"] != "sasrec":
         raise ConfigError("--pack only applies to --model sasrec (GRU4Rec's recurrence cannot share a row; Caser "
                           "reads only its last L items)")
+    if config["examples"] == "users" and config["model"] not in ("gru4rec", "sasrec"):
+        raise ConfigError("--examples users only applies to GRU4Rec and SASRec")
     if config["model"] != "sasrec" and "block" in given:
         raise ConfigError("--block only applies to --model sasrec")
     # the method's settings resolved as a notebook's Config resolves them (layers, length groups, Caser's activation,

@@ -579,6 +579,180 @@ def test_pack_leaves_earlier_run_folders_and_is_refused_elsewhere(tmp_path):
         configured(tmp_path, "--model", "gru4rec", "--pack")
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The per-user regime (--examples users): one causal pass over each user's training part
+# ----------------------------------------------------------------------------------------------------------------
+
+def numbered_sequences(users=40, seed=0):
+    """Sequences of 5 to 40 items whose ids are all distinct, so that an id names its place in `flat`."""
+    g = torch.Generator().manual_seed(seed)
+    sequences, next_id = [], 1
+    for length in torch.randint(5, 41, (users,), generator=g).tolist():
+        sequences.append(list(range(next_id, next_id + length)))
+        next_id += length
+    return sequences
+
+
+class Identity(torch.nn.Module):
+    """A stand-in backbone whose state at a cell is the item there (its id), for checking what the layouts read."""
+
+    def __init__(self, num_items):
+        super().__init__()
+        self.items = torch.nn.Embedding.from_pretrained(torch.arange(num_items + 1.0)[:, None])
+
+    def states(self, x, steps_back, hidden):
+        return x
+
+    def sequence_states(self, x, histories):
+        return x
+
+
+def user_epoch(sequences, max_len, batch_size, groups, seed=0):
+    """(flat, data, batches) of the per-user regime's epoch on `sequences`: packed (groups None) or grouped."""
+    flat, starts, lengths, num_items = U.flatten_sequences(sequences, "cpu")
+    data = U.training_data(flat, starts, lengths, num_items, max_len)
+    order = torch.randperm(len(data.window_ends), generator=torch.Generator().manual_seed(seed))
+    return flat, data, U.user_batches(data.window_ends[order], data.history_lengths, batch_size, data.widest, groups)
+
+
+def wide_model(name, num_items):
+    """make_model's backbone, with a position table for windows of up to 50 inputs."""
+    torch.manual_seed(0)
+    block = "original" if name == "sasrec-original" else "pre-ln"
+    return backbone(name.split("-")[0], num_items, max_len=50, block=block).eval()
+
+
+def batch_states(model, flat, data, windows, first, layout):
+    at, lengths = data.target_at[windows], data.history_lengths[windows]
+    if len(layout) == 1:
+        return U.packed_states(model, flat, at, lengths, first, *layout, data.widest)
+    return U.grouped_states(model, flat, at, lengths, *layout)
+
+
+@pytest.mark.parametrize("groups", [None, 3])
+@pytest.mark.parametrize("max_len", [50, 7])
+def test_user_batches_hold_every_prefix_pair_once_in_batches_of_whole_windows(groups, max_len):
+    """An epoch of the per-user regime trains exactly the per-prefix (history's last item, positive) pairs, each
+    once (a multiset comparison); in batches of whole windows of about batch_size triplets; a triplet's cell holds
+    its history's last item, its example names its positive; with max_len 7 users are cut into windows, counted back
+    from their last input, and every pair is still there once."""
+    sequences = numbered_sequences()
+    flat, data, batches = user_epoch(sequences, max_len, 64, groups)
+    model = Identity(int(flat.max()))
+    expected = sorted((s[t - 1], s[t]) for s in sequences for t in range(1, len(s) - 2))
+    produced, windows_seen = [], []
+    for windows, first, examples, cells, layout in batches:
+        read = batch_states(model, flat, data, windows, first, layout)[cells, 0].long()   # the item at each cell
+        assert torch.equal(read, flat[data.target_at[examples] - 1])                   # the history's last item
+        produced += list(zip(read.tolist(), flat[data.target_at[examples]].tolist()))
+        windows_seen += windows.tolist()
+        assert len(examples) == int(data.history_lengths[windows].sum())           # every triplet of its windows
+    assert sorted(produced) == expected
+    assert sorted(windows_seen) == data.window_ends.tolist()                     # each window once
+    sizes = [len(examples) for _, _, examples, _, _ in batches]
+    window = int(data.history_lengths.max())
+    assert all(64 - window < size < 64 + window for size in sizes[:-1]) and sum(sizes) == len(data.target_at)
+    lengths = data.history_lengths[data.window_ends]
+    assert lengths.max() <= max_len and (max_len == 50) == (len(data.window_ends) == len(sequences))
+    ends = data.target_at[data.window_ends]
+    user_ends = {int(U.flatten_sequences(sequences, "cpu")[1][u]) + len(s) - 3 for u, s in enumerate(sequences)}
+    assert user_ends <= set(ends.tolist())                                       # a user's last window ends its part
+
+
+@pytest.mark.parametrize("name,groups", [("sasrec", None), ("sasrec", 3), ("sasrec-original", None),
+                                         ("gru4rec", 3)])
+def test_a_per_user_state_is_the_per_prefix_vector_of_its_window_with_positions_zeroed(name, groups):
+    """float64: every per-user state equals the history vector encode() gives the same items alone, the window's
+    items up to its cell (all of the prefix within max_len), once SASRec's position table is zeroed; with the table,
+    only at a window's last cell (steps back 0 in both), since earlier cells count back from the window's end. The
+    gradients agree too."""
+    sequences = numbered_sequences(users=12)
+    for max_len in (50, 6):
+        model = wide_model(name, sum(map(len, sequences))).double()
+        flat, data, batches = user_epoch(sequences, max_len, 40, groups)
+        for zeroed in (False, True) if name != "gru4rec" else (False,):
+            if zeroed:
+                torch.nn.init.zeros_(model.positions.weight)
+            for windows, first, examples, cells, layout in batches:
+                states = batch_states(model, flat, data, windows, first, layout)[cells]
+                window_first = torch.repeat_interleave(windows - data.history_lengths[windows] + 1,
+                                                       data.history_lengths[windows])
+                seen = examples - window_first + 1                              # the window's items up to the cell
+                alone = torch.cat([model.encode(U.gather_histories(flat, data.target_at[e:e + 1], seen[j:j + 1],
+                                                                   int(seen[j]))) for j, e in enumerate(examples)])
+                last = torch.isin(examples, windows)
+                assert torch.allclose(states[last], alone[last], atol=1e-10)
+                if zeroed or name == "gru4rec":
+                    assert torch.allclose(states, alone, atol=1e-10)
+                    states.square().sum().backward()
+                    per_user, model.items.weight.grad = model.items.weight.grad.clone(), None
+                    alone.square().sum().backward()
+                    assert torch.allclose(per_user, model.items.weight.grad, atol=1e-10)
+                    model.zero_grad(set_to_none=True)
+                else:
+                    assert not torch.allclose(states[~last], alone[~last], atol=1e-6)
+                if max_len == 50:
+                    assert torch.equal(seen, data.history_lengths[examples])      # the whole prefix
+
+
+@pytest.mark.parametrize("name,groups", [("sasrec", None), ("sasrec", 3), ("gru4rec", 3)])
+def test_a_per_user_state_never_sees_a_later_item(name, groups):
+    """Changing a user's later inputs leaves every state before them as it was (positions and all) and changes
+    those at and after them."""
+    sequences = numbered_sequences(users=12)
+    model = wide_model(name, sum(map(len, sequences)))
+    flat, data, batches = user_epoch(sequences, 50, 40, groups)
+    windows, first, examples, cells, layout = batches[0]
+    window = int(windows[torch.argmax(data.history_lengths[windows])])
+    changed_from = int(data.target_at[window]) - 3                          # the window's last three inputs
+    other = flat.clone()
+    other[changed_from:changed_from + 3] = torch.tensor([1, 2, 3])
+    with torch.no_grad():
+        before = batch_states(model, flat, data, windows, first, layout)[cells]
+        after = batch_states(model, other, data, windows, first, layout)[cells]
+    inputs = data.target_at[examples] - 1
+    same_window = (examples <= window) & (examples > window - data.history_lengths[window])
+    earlier = ~same_window | (inputs < changed_from)
+    assert torch.allclose(before[earlier], after[earlier], atol=1e-6)
+    assert not torch.isclose(before[~earlier], after[~earlier], atol=1e-6).all(1).any()
+
+
+@pytest.mark.parametrize("name,pack", [("sasrec", True), ("sasrec", False), ("gru4rec", False)])
+def test_per_user_training_learns(name, pack):
+    """A per-user epoch on a toy problem (next = previous + 1) lowers the loss as the per-prefix one does; the
+    epoch's steps are about as many as per-prefix (batches of about batch_size triplets)."""
+    torch.manual_seed(0)
+    sequences = [[(start + k) % 30 + 1 for k in range(length)] for start, length in
+                 zip(torch.randint(0, 30, (80,)).tolist(), torch.randint(5, 15, (80,)).tolist())]
+    flat, starts, lengths, num_items = U.flatten_sequences(sequences, "cpu")
+    data = U.training_data(flat, starts, lengths, num_items, 12)
+    config = {"seed": 1, "batch_size": 64, "length_groups": 4, "loss": "bce", "beta": 0.05, "t": 2.0,
+              "normalize": True, "rec": True, "hom": True, "het": True, "infonce_negatives": None, "pack": pack}
+    losses = {}
+    for examples in ("prefixes", "users"):
+        torch.manual_seed(0)
+        model = backbone(name, num_items, max_len=12, layers=1, dropout=0.1)
+        optimizer = U.adam(model, 1e-2, torch.device("cpu"))
+        losses[examples] = [U.train_epoch(model, optimizer, data, {**config, "examples": examples}, epoch)
+                            for epoch in range(1, 9)]
+    for epochs in losses.values():
+        assert epochs[-1].sum() < 0.7 * epochs[0].sum()
+    assert abs(len(losses["users"][0]) - len(losses["prefixes"][0])) <= 2
+
+
+def test_examples_users_gets_its_own_run_folder_and_is_refused_for_caser(tmp_path):
+    setting = ["--loss", "uniform", "--lr", "1e-3", "--dim", "64", "--layers", "2", "--heads", "2", "--seed", "1",
+               "--beta", "0.05"]
+    assert configured(tmp_path, *setting, "--examples", "prefixes")[1] == "runs/beauty-sasrec-uniform-cf8b73ff"
+    users, folder = configured(tmp_path, *setting, "--examples", "users", "--pack")
+    assert users["examples"] == "users" and folder not in ("runs/beauty-sasrec-uniform-cf8b73ff",
+                                                           configured(tmp_path, *setting, "--pack")[1])
+    with pytest.raises(R.ConfigError, match="^--examples users only applies to GRU4Rec and SASRec$"):
+        configured(tmp_path, "--model", "caser", "--examples", "users")
+    with pytest.raises(ValueError, match="only applies to GRU4Rec and SASRec"):
+        U.Config(model="caser", examples="users")
+
+
 @pytest.mark.parametrize("name", ["gru4rec", "caser", "sasrec", "sasrec-original"])
 def test_padding_does_not_change_history_vectors(name):
     model = make_model(name)
@@ -856,6 +1030,7 @@ def test_flags_added_later_leave_earlier_run_folders_where_they_were(tmp_path):
                                 "negatives": "any", "length_groups": 2}),
     (["--pack", "--max-len", "20", "--no-het", "--beta", "0.01", "--epochs", "5", "--patience", "2", "--dropout",
       "0.2"], {"pack": True, "max_len": 20, "het": False, "beta": 0.01, "epochs": 5, "patience": 2, "dropout": 0.2}),
+    (["--model", "gru4rec", "--examples", "users"], {"model": "gru4rec", "examples": "users"}),
 ])
 def test_a_config_is_what_the_command_line_resolves(tmp_path, args, fields):
     """The method's settings of a command line, resolved by configure(), are the Config of the same fields: every

@@ -135,6 +135,8 @@ class TrainingData(NamedTuple):
     owners: torch.Tensor             # (E,) whose items an example's negative avoids (sample_negatives)
     keys: torch.Tensor               # sorted codes owner * (N + 1) + item: each (owner, item) a negative avoids
     num_items: int                   # N
+    window_ends: Optional[torch.Tensor] = None  # (W,) --examples users: the example ending each window (user_windows)
+    widest: int = 0                  # the longest history (and window): the packed rows' width
 
 
 def training_data(flat, starts, lengths, num_items, max_len, negatives="unseen"):
@@ -148,14 +150,56 @@ def training_data(flat, starts, lengths, num_items, max_len, negatives="unseen")
     if negatives == "any":                     # owner: the example itself; one key each, in order, so sorted
         owners = torch.arange(len(target_at), device=flat.device)
         return TrainingData(flat, target_at, history_lengths, users, owners, owners * (num_items + 1) +
-                            flat[target_at], num_items)
+                            flat[target_at], num_items, user_windows(users, len(lengths), max_len),
+                            int(history_lengths.max()))
     if negatives != "unseen":
         raise ValueError(f"negatives are 'unseen' or 'any', not {negatives!r}")
     keys = training_item_keys(flat, starts, lengths, num_items)
     full_users = (torch.bincount(keys // (num_items + 1), minlength=len(lengths)) == num_items).nonzero()
     if len(full_users):
         raise DataError(f"user on line {int(full_users[0]) + 1} has every item in training: no negative can be drawn")
-    return TrainingData(flat, target_at, history_lengths, users, users, keys, num_items)
+    return TrainingData(flat, target_at, history_lengths, users, users, keys, num_items,
+                        user_windows(users, len(lengths), max_len), int(history_lengths.max()))
+
+
+# The per-user regime (--examples users; spec §2's "all prefixes of a user in one causal pass"). A user's training
+# part s[0 .. n-3] is read once, inputs s[0 .. n-4], and the state at every input position p is a history vector,
+# its positive s[p + 1]: the same (history, positive) pairs as the prefixes t = 1 .. n-3, each once an epoch, each
+# with its own negative (drawn per example as in the per-prefix regime), the loss summed over a batch's triplets by
+# the same loss functions. What changes:
+# - A user with more than max_len inputs (n - 3 > max_len) is cut into windows of max_len consecutive inputs,
+#   counted back from its last one: the last window is the original SASRec's input (its last max_len items), the
+#   first may be shorter, and every prefix is still trained once an epoch. A state sees only its own window's
+#   earlier items: prefix t's history is s[:t] cut at its window's start, so up to max_len items but as few as one
+#   at a later window's start, where the per-prefix example has the last max_len (on Beauty 127 users, 0.6%, have
+#   more than one window; 7,301 of the 131,413 examples, 5.6%, see fewer items than per-prefix). The alternative,
+#   the original's last max_len inputs only, would drop 3,382 examples (2.6%) from every epoch.
+# - A window is exactly the history of the example at its end (its history lengths are the window's), so the
+#   windows are those examples, and a window's states come from the same code as a history's: packed rows (--pack)
+#   or length groups, every real position's state read instead of only the last.
+# - SASRec's positions count back from the window's last input (0), the only position the per-prefix regime and
+#   evaluation also read there (where 0 is the history's last item): so the evaluated model is the one trained, one
+#   position table for both. The original SASRec counts the same way (its input left-padded to max_len, positions
+#   absolute in the padded row). An earlier state is read while the later positions of its window exist: under the
+#   causal mask it never sees a later item (their ids, vectors, or anything computed from them), but its own items'
+#   positions count back from the window's end, so they carry how many inputs of the window come after it (their
+#   number, never which). Its vector therefore differs from the per-prefix vector of the same history by the
+#   position vectors only (tested: equal with the position table zeroed). GRU4Rec has no positions: its state is
+#   the per-prefix vector itself, within the window.
+# - A batch is whole windows in a random order, closed by the window whose last triplet reaches the next multiple
+#   of batch_size: about batch_size triplets (the paper's batch of triplets, between batch_size - max_len + 1 and
+#   batch_size + max_len - 1) and about as many steps an epoch as per-prefix. The triplets of one user share the
+#   batch and one dropout mask per input position.
+
+
+def user_windows(users, num_users, max_len):
+    """(W,) the example ending each window of the per-user regime: each user's examples (in order) cut into windows of
+    max_len, counted back from its last example. Such an example's history is its window's inputs: the first window
+    has fewer than max_len (its end's history is all of the user's items before it), the others max_len."""
+    per_user = torch.bincount(users, minlength=num_users)
+    first = torch.cumsum(per_user, 0) - per_user
+    later = per_user[users] - 1 - (torch.arange(len(users), device=users.device) - first[users])  # examples after it
+    return (later % max_len == 0).nonzero().squeeze(1)
 
 
 # =============================================================================================================
@@ -678,6 +722,7 @@ class Config:
     patience: int = 20                    # stop after this many epochs without a better validation NDCG@10
     length_groups: Optional[int] = None   # speed only (below); None: 8, and 1 for Caser
     pack: bool = False                    # SASRec's packed path, speed only (below)
+    examples: str = "prefixes"            # "prefixes" (spec §2), or "users": GRU4Rec, SASRec (user_windows)
     seed: int = 42                        # every random draw follows from it
     device: str = "auto"                  # a torch device; "auto": cuda, then mps, then cpu
     # evaluation
@@ -688,6 +733,10 @@ class Config:
             raise ValueError(f"unknown model {self.model!r}: one of {', '.join(ORIGINAL_LAYERS)}")
         if self.layers is None:
             self.layers = ORIGINAL_LAYERS[self.model]
+        if self.examples not in ("prefixes", "users"):
+            raise ValueError(f"examples are 'prefixes' or 'users', not {self.examples!r}")
+        if self.examples == "users" and self.model == "caser":
+            raise ValueError("examples='users' only applies to GRU4Rec and SASRec (Caser reads only its last L items)")
         if self.length_groups is None:                   # Caser reads only its last L items: no padding to save
             self.length_groups = 1 if self.model == "caser" else 8
         if self.model != "caser":                        # read by Caser alone; "none" is what the other backbones'
@@ -769,25 +818,39 @@ def packed_batches(order, history_lengths, batch_size, width):
     batch's rows of `width` cells, each row holding slots of one size. Returns [(example ids, first cells, rows)]:
     example b's history fills cells first[b] .. first[b] + length - 1 of the batch's rows * width cells, counted row
     by row. A single host-device synchronisation."""
-    device = order.device
+    position = torch.arange(len(order), device=order.device)
+    first, rows = packed_slots(position // batch_size, history_lengths[order], -(-len(order) // batch_size), width)
+    return list(zip(order.split(batch_size), first.split(batch_size), rows.sum(1).tolist()))
+
+
+def packed_slots(batch, lengths, batches, width):
+    """The slots of histories of `lengths` (U,), in batches `batch` (U,) (ascending, 0 .. batches - 1), in rows of
+    `width` cells, each row holding slots of one size: returns (first, rows): first (U,) each history's first cell,
+    counted row by row from its batch's first row; rows (batches, slot sizes) the rows of each size in each batch."""
+    device = lengths.device
     sizes = torch.tensor(slot_sizes(width), device=device)
     per_row = width // sizes                                               # slots in a row of each size
-    position = torch.arange(len(order), device=device)
-    size_index = torch.searchsorted(sizes, history_lengths[order])         # each example's slot size, as an index
-    group = position // batch_size * len(sizes) + size_index               # its (batch, slot size) as one number
-    group_count = torch.bincount(group, minlength=-(-len(order) // batch_size) * len(sizes))
+    position = torch.arange(len(lengths), device=device)
+    size_index = torch.searchsorted(sizes, lengths)                        # each history's slot size, as an index
+    group = batch * len(sizes) + size_index                                # its (batch, slot size) as one number
+    group_count = torch.bincount(group, minlength=batches * len(sizes))
     by_group = torch.argsort(group, stable=True)
-    nth = torch.empty_like(group)                                          # its place among its group's examples
+    nth = torch.empty_like(group)                                          # its place among its group's histories
     nth[by_group] = position - (torch.cumsum(group_count, 0) - group_count)[group[by_group]]
     rows = (group_count.view(-1, len(sizes)) + per_row - 1) // per_row     # (batches, sizes) rows of each size
     first_row = (torch.cumsum(rows, 1) - rows).flatten()[group] + nth // per_row[size_index]
-    first = first_row * width + nth % per_row[size_index] * sizes[size_index]
-    return list(zip(order.split(batch_size), first.split(batch_size), rows.sum(1).tolist()))
+    return first_row * width + nth % per_row[size_index] * sizes[size_index], rows
 
 
 def encode_packed(model, flat, target_at, history_lengths, first, rows, width):
     """History vectors (B, d) of one packed batch (packed_batches) through a SASRec: each cell's item and steps
     back, and an attention mask that keeps every position within its own history, causally."""
+    states = packed_states(model, flat, target_at, history_lengths, first, rows, width)
+    return states[first + history_lengths - 1]                             # each history's last position
+
+
+def packed_states(model, flat, target_at, history_lengths, first, rows, width):
+    """(rows * width, d) the SASRec states of every cell of one packed batch, row by row (encode_packed)."""
     cells = torch.arange(rows * width, device=flat.device)
     # a cell's slot starts at the last first cell at or before it in its row (cummax); owner: that slot's example
     slot_start = torch.full_like(cells, -1).index_put_((first,), first).view(rows, width).cummax(1).values.flatten()
@@ -802,13 +865,77 @@ def encode_packed(model, flat, target_at, history_lengths, first, rows, width):
     future = torch.ones(width, width, dtype=torch.bool, device=flat.device).triu(1)
     hidden = (history[:, :, None] != history[:, None, :]) | future         # (rows, width, width)
     states = model.states(model.items(items), steps_back, hidden[:, None])  # (rows, width, d)
-    return states.flatten(0, 1)[first + history_lengths - 1]              # each history's last position
+    return states.flatten(0, 1)
+
+
+def user_batches(windows, history_lengths, batch_size, width, groups=None):
+    """--examples users: cut `windows` (the examples ending them, user_windows, in a random order) into batches of
+    whole windows of about `batch_size` triplets (a batch closes with the window whose last triplet reaches the next
+    multiple of batch_size) and lay each batch out: packed rows of `width` cells (groups None; packed_slots) or each
+    batch sorted by length and cut into `groups` length groups (as epoch_batches). Returns [(windows, first,
+    examples, cells, layout)]: the batch's windows (the examples ending them; in group order when grouped), each
+    window's first cell, and for each of its triplets its example (its positive and negative) and the cell whose
+    state is its history vector, cells counted over the batch's rows (packed) or its groups' cells one group after
+    the other, each row by row; layout is (rows,) packed, (sizes, widths) grouped. A single host-device
+    synchronisation, no loop over windows."""
+    device = windows.device
+    lengths = history_lengths[windows]                                    # (W,) each window's triplets
+    examples_total = len(history_lengths)                                 # the windows hold every example once
+    batches = -(-examples_total // batch_size)
+    batch = (torch.cumsum(lengths, 0) - 1) // batch_size                   # (W,) ascending; an empty batch is skipped
+    count = torch.bincount(batch, minlength=batches)                      # windows per batch
+    if groups is None:
+        first, rows = packed_slots(batch, lengths, batches, width)
+        shape = [rows.sum(1)]
+    else:                                      # within each batch, by length; near-equal groups (group_sizes)
+        by_length = torch.argsort(batch * (width + 1) + lengths, stable=True)
+        windows, batch, lengths = windows[by_length], batch[by_length], lengths[by_length]
+        position = torch.arange(len(windows), device=device)
+        rank, k = position - (torch.cumsum(count, 0) - count)[batch], count[batch]  # place in its batch, its size
+        g = k.clamp(max=groups)
+        small, bigger = k // g, k % g                                     # the first `bigger` groups hold one more
+        group = torch.where(rank < (small + 1) * bigger, rank // (small + 1), bigger + (rank - (small + 1) * bigger)
+                            // small)
+        group = batch * groups + group                                    # ascending, as the windows are sorted
+        group_count = torch.bincount(group, minlength=batches * groups)
+        group_width = torch.zeros_like(group_count).scatter_reduce_(0, group, lengths, "amax")  # its longest
+        group_cells = (group_count * group_width).view(batches, groups)
+        offset = (torch.cumsum(group_cells, 1) - group_cells).flatten()   # a group's first cell in its batch
+        first = offset[group] + (position - (torch.cumsum(group_count, 0) - group_count)[group]) * group_width[group]
+        shape = [group_count, group_width]
+    start = torch.cumsum(lengths, 0) - lengths
+    within = torch.arange(examples_total, device=device) - torch.repeat_interleave(start, lengths,
+                                                                                   output_size=examples_total)
+    cells = torch.repeat_interleave(first, lengths, output_size=examples_total) + within
+    examples = torch.repeat_interleave(windows - lengths + 1, lengths, output_size=examples_total) + within
+    triplets = torch.zeros_like(count).index_add_(0, batch, lengths)
+    host = torch.cat([count, triplets, *shape]).tolist()                  # the one synchronisation
+    count, triplets, shape = host[:batches], host[batches:2 * batches], host[2 * batches:]
+    if groups is None:
+        layouts = [(rows,) for rows in shape]
+    else:
+        sizes, widths = shape[:batches * groups], shape[batches * groups:]
+        layouts = [([c for c in sizes[b * groups:(b + 1) * groups] if c],
+                    [w for c, w in zip(sizes[b * groups:(b + 1) * groups], widths[b * groups:(b + 1) * groups]) if c])
+                   for b in range(batches)]
+    parts = zip(windows.split(count), first.split(count), examples.split(triplets), cells.split(triplets), layouts)
+    return [(w, f, e, c, layout) for (w, f, e, c, layout), n in zip(parts, count) if n]
+
+
+def grouped_states(model, flat, target_at, history_lengths, sizes, widths):
+    """(cells, d) the states of every cell of a batch of histories in length groups (GRU4Rec, SASRec), one group's
+    (B_g, T_g) cells after the other, each row by row; one item lookup for all groups, as encode_batch."""
+    groups = [gather_histories(flat, group_at, group_lengths, width) for group_at, group_lengths, width
+              in zip(target_at.split(sizes), history_lengths.split(sizes), widths)]
+    vectors = model.items(torch.cat([group.flatten() for group in groups])).split([g.numel() for g in groups])
+    return torch.cat([model.sequence_states(x.view(*group.shape, -1), group).flatten(0, 1)
+                      for group, x in zip(groups, vectors)])
 
 
 def train_epoch(model, optimizer, data, config, epoch, progress=None):
     """One pass over the examples in a fresh random order with fresh negatives. Returns every step's loss (no
     host-device synchronisation in the loop); progress(done, total) is called before the first step and after each."""
-    flat, target_at, history_lengths, users, owners, keys, num_items = data
+    flat, target_at, history_lengths, users, owners, keys, num_items = data[:7]
     device = flat.device
     # Dropout draws from torch's global generator, the order and the negatives from their own, both seeded alike,
     # so the two streams are made of the same random words. Harmless: each use reads a word its own way, and a
@@ -817,12 +944,28 @@ def train_epoch(model, optimizer, data, config, epoch, progress=None):
     # change every seeded run's numbers, so it stays.
     torch.manual_seed(epoch_seed(config["seed"], epoch))                    # dropout
     generator = torch.Generator(device).manual_seed(epoch_seed(config["seed"], epoch))
-    order = torch.randperm(len(target_at), device=device, generator=generator)  # (E,)
+    per_user = config.get("examples", "prefixes") == "users"
+    # (E,) the examples, or (W,) the per-user regime's windows (user_windows), in a random order
+    order = torch.randperm(len(data.window_ends if per_user else target_at), device=device, generator=generator)
     # (E,) item ids, one per example. Drawn for CE too, which reads none: every loss's epoch then takes the same
     # draws from the generator, and a loss added beside the others moves none of their random streams.
     negatives = sample_negatives(owners, keys, num_items, generator)
     # encode(example ids, *layout): the layout is what the batching gave, (first, rows) packed or (sizes, widths)
-    if config.get("pack", False):
+    if per_user:                               # batch: (its windows, their first cells, each triplet's example)
+        pack = config.get("pack", False)
+        batches = [((windows, first, examples), cells, *layout) for windows, first, examples, cells, layout in
+                   user_batches(data.window_ends[order], history_lengths, config["batch_size"], data.widest,
+                                None if pack else config["length_groups"])]
+
+        def encode(batch, cells, *layout):
+            windows, first, _ = batch
+            if pack:
+                states = packed_states(model, flat, target_at[windows], history_lengths[windows], first, *layout,
+                                       data.widest)
+            else:
+                states = grouped_states(model, flat, target_at[windows], history_lengths[windows], *layout)
+            return states[cells]                                             # (triplets, d)
+    elif config.get("pack", False):
         width = int(history_lengths.max())
         batches = packed_batches(order, history_lengths, config["batch_size"], width)
         encode = lambda batch, first, rows: encode_packed(model, flat, target_at[batch], history_lengths[batch],
@@ -836,7 +979,8 @@ def train_epoch(model, optimizer, data, config, epoch, progress=None):
         progress(0, len(batches))
     for step, (batch, *layout) in enumerate(batches):
         h = encode(batch, *layout)                                           # (B, d)
-        loss = batch_loss(model, h, flat[target_at[batch]], negatives[batch], config)
+        examples = batch[2] if per_user else batch                           # (B,) the triplets' examples
+        loss = batch_loss(model, h, flat[target_at[examples]], negatives[examples], config)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
