@@ -577,6 +577,8 @@ def test_pack_leaves_earlier_run_folders_and_is_refused_elsewhere(tmp_path):
     assert packed["pack"] and folder != "runs/beauty-sasrec-uniform-cf8b73ff"
     with pytest.raises(R.ConfigError, match="--pack only applies to --model sasrec"):
         configured(tmp_path, "--model", "gru4rec", "--pack")
+    with pytest.raises(ValueError, match="pack=True only applies to SASRec"):
+        U.Config(model="caser", pack=True)                                   # from Python as from the command line
 
 
 # ----------------------------------------------------------------------------------------------------------------

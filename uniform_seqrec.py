@@ -14,12 +14,13 @@ From Python: `train(Config(model="sasrec", loss="uniform"), sequences)` (Config,
 
 Where the paper is silent, docs/spec.md decides ("spec §n"); docs/measurements.md has the numbers behind our own
 choices. Item ids: `histories` (B, T), `positives`, `negatives`, `targets` (B,); vectors: h, i, j (B, d) of the
-histories, positives and negatives (the paper's h'_u, i'_i, i'_j). Speed only, to skip on a first read (each
-computes what a plain version would, up to float rounding and which random draws make the dropout masks): in
-section 2 `Dropout`, the attention written out to use it (CausalSelfAttention), and the hooks for section 5
-(`item_vectors`, SASRec's `states`); in section 3 `score_all`'s one matrix product and its `out`; in section 4
-`rank_of_targets`' in-place count; in section 5 the length groups, packing and fused Adam. At import nothing runs
-but one warnings filter.
+histories, positives and negatives (the paper's h'_u, i'_i, i'_j). Some code is written for speed; what it
+computes is what a plain version would, up to float rounding and which random draws make the dropout masks, so on
+a first read take it as the plain version: in section 2 `Dropout` (nn.Dropout), the attention written out
+(scaled dot-product attention) and the `item_vectors` hook; in section 3 `score_all`'s one matrix product and its
+`out`; in section 4 `rank_of_targets`' in-place count; in section 5 the length groups and packing (a batch encoded
+as one padded tensor) and fused Adam. Skip outright the per-user regime of section 1 (`--examples users`, not the
+paper's and not measured for quality yet). At import nothing runs but one warnings filter.
 """
 import signal
 import sys
@@ -162,7 +163,9 @@ def training_data(flat, starts, lengths, num_items, max_len, negatives="unseen")
                         user_windows(users, len(lengths), max_len), int(history_lengths.max()))
 
 
-# The per-user regime (--examples users; spec §2's "all prefixes of a user in one causal pass"). A user's training
+# The per-user regime (--examples users), beyond the paper and not used by any recorded cell: spec §2 admits "all
+# prefixes of a user in one causal pass" only once a side-by-side run shows validation metrics unchanged, and that
+# comparison has not been made yet (README, "Train"); a first read can skip to section 2. A user's training
 # part s[0 .. n-3] is read once, inputs s[0 .. n-4], and the state at every input position p is a history vector,
 # its positive s[p + 1]: the same (history, positive) pairs as the prefixes t = 1 .. n-3, each once an epoch, each
 # with its own negative (drawn per example as in the per-prefix regime), the loss summed over a batch's triplets by
@@ -186,16 +189,17 @@ def training_data(flat, starts, lengths, num_items, max_len, negatives="unseen")
 #   number, never which). Its vector therefore differs from the per-prefix vector of the same history by the
 #   position vectors only (tested: equal with the position table zeroed). GRU4Rec has no positions: its state is
 #   the per-prefix vector itself, within the window.
-# - A batch is whole windows in a random order, closed by the window whose last triplet reaches the next multiple
-#   of batch_size: about batch_size triplets (the paper's batch of triplets, between batch_size - max_len + 1 and
-#   batch_size + max_len - 1) and about as many steps an epoch as per-prefix. The triplets of one user share the
-#   batch and one dropout mask per input position.
+# - A batch is whole windows in a random order; a window whose triplets would cross the next multiple of
+#   batch_size opens the next batch: about batch_size triplets (the paper's batch of triplets, between
+#   batch_size - max_len + 1 and batch_size + max_len - 1) and about as many steps an epoch as per-prefix. The
+#   triplets of one user share the batch and one dropout mask per input position, so the in-batch terms change
+#   too: L_hom and L_het (and InfoNCE's batch negatives) now meet one user's successive prefixes in one batch.
 
 
 def user_windows(users, num_users, max_len):
     """(W,) the example ending each window of the per-user regime: each user's examples (in order) cut into windows of
     max_len, counted back from its last example. Such an example's history is its window's inputs: the first window
-    has fewer than max_len (its end's history is all of the user's items before it), the others max_len."""
+    has at most max_len (its end's history is all of the user's items before it), the others max_len."""
     per_user = torch.bincount(users, minlength=num_users)
     first = torch.cumsum(per_user, 0) - per_user
     later = per_user[users] - 1 - (torch.arange(len(users), device=users.device) - first[users])  # examples after it
@@ -312,7 +316,8 @@ class Caser(Backbone):
     h = 1..L, max-pooled over time); dropout; a fully connected layer to d with the original's ReLU. Two switches
     restore features of the original that the paper's setting leaves out: `num_users` > 0 its user embedding (joined
     by a second layer, RecBole's form, so vectors stay d-wide); `output_table` an output item table (its W2). One
-    departs from it: activation "none" drops the ReLU (docs/decisions.md measures these three against it)."""
+    departs from it: activation "none" drops the ReLU of the fully connected layer (the horizontal convolutions keep
+    theirs; docs/decisions.md measures these three against the original)."""
 
     def __init__(self, num_items, dim=64, dropout=0.5, window=5, vertical_filters=4, horizontal_filters=16,
                  activation="relu", num_users=0, output_table=False):
@@ -380,12 +385,13 @@ class CausalSelfAttention(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Attention and a point-wise feed-forward net, each as x + f(LN(x)): GPT-2's pre-LayerNorm block, our default.
-    original=True builds the original SASRec's block instead (Kang & McAuley's code, model.py and modules.py, and
+    """Attention and a point-wise feed-forward net, each as x + f(LN(x)): GPT-2's pre-LayerNorm block, our default
+    (not the original SASRec's: every recorded cell was trained with it, and the two have not been compared yet;
+    docs/decisions.md). original=True builds the original SASRec's block instead (Kang & McAuley's code, model.py and modules.py, and
     its PyTorch port pmixer/SASRec.pytorch before the port's norm_first switch): the attention's queries are LN(x)
     while its keys and values come from the unnormalized x, and each residual adds the normalized input,
-    LN(x) + f(...): y = LN(x) + attention(LN(x), x), then LN(y) + feed_forward(LN(y)). (That code also zeroes
-    padded positions after each block and has no output projection after the heads; neither is copied: under right
+    LN(x) + f(...): y = LN(x) + attention(LN(x), x), then LN(y) + feed_forward(LN(y)). (Kang's TensorFlow code
+    also zeroes padded positions after each block and has no output projection after the heads; neither is copied: under right
     padding and the causal mask no real position reads a padded one, and the projection is kept so that both blocks
     have the same weights.)
     Dropout where the original has it: on the attention weights and twice in the feed-forward net, not on the
@@ -511,8 +517,8 @@ def ce_loss(all_scores, positives):
     """Beyond the paper: full-softmax cross-entropy, each history's positive against every item, temperature 1:
     sum_b [ log sum_{n=1..N} e^{s_bn} - s_b,pos ].  all_scores (B, N + 1), history b's score for every id, column 0
     the padding id (never a class: left out of the softmax); positives (B,) item ids in 1..N -> scalar.
-    Here because it is what practitioners train SASRec with: RecBole's SASRec default (loss_type "CE"; its softmax
-    also has the padding id as a class, of score 0), and Klenitskiy & Vasilev (RecSys 2023, "Turning Dross Into Gold
+    Here because it is what practitioners train SASRec with: RecBole's SASRec default (loss_type "CE"; unlike ours, its
+    softmax keeps the padding id as a class, of score 0), and Klenitskiy & Vasilev (RecSys 2023, "Turning Dross Into Gold
     Loss") found it lifts SASRec far above its BCE form. It needs no sampled negatives, but B x N logits and their
     gradient (256 x 20,033 on Yelp)."""
     return (torch.logsumexp(all_scores[:, 1:], 1) - all_scores.gather(1, positives[:, None])[:, 0]).sum()
@@ -594,9 +600,11 @@ def scores_are_cosines(config):
 #
 # The paper ranks "the entire item pool" and does not say whether the items of the user's history take part. Both
 # protocols are computed from one scoring pass: every item ranked ("all_items"), and the history's items excluded
-# first ("history_excluded": the history as the model reads it, its last max_len items; S3-Rec's code zero-fills the
-# scores of all of the user's earlier items: the same items but for the few histories longer than max_len). A target
-# that repeats one of them then cannot be hit.
+# first ("history_excluded": the history as the model reads it, its last max_len items; S3-Rec's code sets the
+# scores of all of the user's earlier items to 0: the same items but for the few histories longer than max_len; 0
+# rather than our -inf, which with cosines could still rank one above items of negative score). A target that
+# repeats one of them then cannot be hit. Training's early stopping reads every item ranked unless --mask-seen
+# (the README says why: the evidence favours it as the paper's protocol).
 PROTOCOLS = {"all_items": False, "history_excluded": True}                 # name -> mask_seen
 
 
@@ -737,6 +745,9 @@ class Config:
             raise ValueError(f"examples are 'prefixes' or 'users', not {self.examples!r}")
         if self.examples == "users" and self.model == "caser":
             raise ValueError("examples='users' only applies to GRU4Rec and SASRec (Caser reads only its last L items)")
+        if self.pack and self.model != "sasrec":
+            raise ValueError("pack=True only applies to SASRec (GRU4Rec's recurrence cannot share a row; Caser reads "
+                             "only its last L items)")
         if self.length_groups is None:                   # Caser reads only its last L items: no padding to save
             self.length_groups = 1 if self.model == "caser" else 8
         if self.model != "caser":                        # read by Caser alone; "none" is what the other backbones'
