@@ -53,6 +53,20 @@ K_CORE = 5     # users and items with fewer interactions are dropped (paper appe
 YELP_FIRST, YELP_LAST = "2019-01-01 00:00:00", "2019-12-31 00:00:00"  # S3-Rec's Yelp window
 
 
+
+def start_program(name):
+    """What a program of this project does first, before torch loads (which takes seconds): Ctrl-C meanwhile is one
+    line, and a working directory that no longer exists is said plainly (importing torch there ends in "oneMKL FATAL
+    ERROR: Cannot load ..."). The program's own handling takes over once it runs."""
+    signal.signal(signal.SIGINT, lambda *_: (print(f"{name}: interrupted while starting; nothing was changed",
+                                                   file=sys.stderr), sys.exit(130)))
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        print(f"{name}: error: the working directory no longer exists (deleted or moved); cd into a folder that "
+              f"exists and run again", file=sys.stderr)
+        sys.exit(2)
+
 class DataError(ValueError):
     """A data file or data name that cannot be used; the message is one line naming the problem."""
 

@@ -16,15 +16,9 @@ import signal
 import sys
 import warnings
 
-if __name__ == "__main__":  # started as a program: Ctrl-C while torch loads is one line (main takes over after)
-    signal.signal(signal.SIGINT, lambda *_: (print("experiments.py: interrupted while starting; nothing was "
-                                                   "changed", file=sys.stderr), sys.exit(130)))
-    try:  # a deleted working directory: importing torch would end in "oneMKL FATAL ERROR: Cannot load ..."
-        __import__("os").getcwd()
-    except FileNotFoundError:
-        print("experiments.py: error: the working directory no longer exists (deleted or moved); cd into a "
-              "folder that exists and run again", file=sys.stderr)
-        sys.exit(2)
+if __name__ == "__main__":                     # before torch loads: Ctrl-C and a deleted directory (data_prep.py)
+    from data_prep import start_program
+    start_program("experiments.py")
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # before torch (the modules below import it)
 
 import analyses as A

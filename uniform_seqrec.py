@@ -22,19 +22,11 @@ a first read take it as the plain version: in section 2 `Dropout` (nn.Dropout), 
 as one padded tensor) and fused Adam. Skip outright the per-user regime of section 1 (`--examples users`, not the
 paper's and not measured for quality yet). At import nothing runs but one warnings filter.
 """
-import signal
 import sys
 
-# Program start-up, not the method (skip it): it must run before torch loads, so it comes before the imports.
-if __name__ == "__main__":  # started as a program: Ctrl-C while torch loads is one line (runs.main takes over after)
-    signal.signal(signal.SIGINT, lambda *_: (print("uniform_seqrec.py: interrupted while starting; nothing was "
-                                                   "changed", file=sys.stderr), sys.exit(130)))
-    try:  # a deleted working directory: importing torch would end in "oneMKL FATAL ERROR: Cannot load ..."
-        __import__("os").getcwd()
-    except FileNotFoundError:
-        print("uniform_seqrec.py: error: the working directory no longer exists (deleted or moved); cd into a "
-              "folder that exists and run again", file=sys.stderr)
-        sys.exit(2)
+if __name__ == "__main__":                     # program start-up, not the method: before torch loads (data_prep.py)
+    from data_prep import start_program
+    start_program("uniform_seqrec.py")
 import time
 import warnings
 from dataclasses import asdict, dataclass
