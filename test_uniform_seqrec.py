@@ -602,7 +602,7 @@ class Identity(torch.nn.Module):
         super().__init__()
         self.items = torch.nn.Embedding.from_pretrained(torch.arange(num_items + 1.0)[:, None])
 
-    def states(self, x, steps_back, hidden):
+    def states(self, x, steps_back, blocked):
         return x
 
     def sequence_states(self, x, histories):

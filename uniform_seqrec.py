@@ -359,10 +359,10 @@ class CausalSelfAttention(nn.Module):
         self.dropout = Dropout(dropout)                                    # on the attention weights
         self.out = nn.Linear(dim, dim)
 
-    def forward(self, x, hidden, keys=None):                               # (B, T, d) -> (B, T, d)
-        """hidden: bool, True where position i may not attend to position j: (T, T) the causal mask's future, or
-        (B, 1, T, T) when each row has a mask of its own (the packed path of section 5). keys: what keys and values
-        are computed from, when not x (the original SASRec block's)."""
+    def forward(self, x, blocked, keys=None):                              # (B, T, d) -> (B, T, d)
+        """blocked: bool, True where position i may not attend to position j: (T, T) the causal mask's future, or
+        (B, 1, T, T) when each row has a mask of its own (the packed path of section 5, where other histories of a
+        row are blocked too). keys: what keys and values are computed from, when not x (the original block's)."""
         B, T, d = x.shape
         h = self.heads
         if keys is None:
@@ -371,7 +371,7 @@ class CausalSelfAttention(nn.Module):
             weight, bias = self.qkv.weight, self.qkv.bias
             q = F.linear(x, weight[:d], bias[:d]).view(B, T, h, d // h).transpose(1, 2)           # (B, h, T, d/h)
             k, v = F.linear(keys, weight[d:], bias[d:]).view(B, T, 2, h, d // h).permute(2, 0, 3, 1, 4)
-        scores = (q @ k.transpose(-1, -2) / (d // h) ** 0.5).masked_fill(hidden, float("-inf"))  # (B, h, T, T)
+        scores = (q @ k.transpose(-1, -2) / (d // h) ** 0.5).masked_fill(blocked, float("-inf"))  # (B, h, T, T)
         y = self.dropout(scores.softmax(-1)) @ v                           # (B, h, T, d/h)
         return self.out(y.transpose(1, 2).reshape(B, T, d))
 
@@ -379,13 +379,13 @@ class CausalSelfAttention(nn.Module):
 class TransformerBlock(nn.Module):
     """Attention and a point-wise feed-forward net, each as x + f(LN(x)): GPT-2's pre-LayerNorm block, our default
     (not the original SASRec's: every recorded cell was trained with it, and the two have not been compared yet;
-    docs/decisions.md). original=True builds the original SASRec's block instead (Kang & McAuley's code, model.py and modules.py, and
-    its PyTorch port pmixer/SASRec.pytorch before the port's norm_first switch): the attention's queries are LN(x)
-    while its keys and values come from the unnormalized x, and each residual adds the normalized input,
-    LN(x) + f(...): y = LN(x) + attention(LN(x), x), then LN(y) + feed_forward(LN(y)). (Kang's TensorFlow code
-    also zeroes padded positions after each block and has no output projection after the heads; neither is copied: under right
-    padding and the causal mask no real position reads a padded one, and the projection is kept so that both blocks
-    have the same weights.)
+    docs/decisions.md). original=True builds the original SASRec's block instead (Kang & McAuley's code, model.py
+    and modules.py, and its PyTorch port pmixer/SASRec.pytorch before the port's norm_first switch): the attention's
+    queries are LN(x) while its keys and values come from the unnormalized x, and each residual adds the normalized
+    input, LN(x) + f(...): y = LN(x) + attention(LN(x), x), then LN(y) + feed_forward(LN(y)). (Kang's TensorFlow code
+    also zeroes padded positions after each block and has no output projection after the heads; neither is copied:
+    under right padding and the causal mask no real position reads a padded one, and the projection is kept so that
+    both blocks have the same weights.)
     Dropout where the original has it: on the attention weights and twice in the feed-forward net, not on the
     attention's output (one more there slowed learning; docs/measurements.md)."""
 
@@ -397,12 +397,12 @@ class TransformerBlock(nn.Module):
         self.feed_forward = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), Dropout(dropout), nn.Linear(dim, dim),
                                           Dropout(dropout))
 
-    def forward(self, x, hidden):                                          # (B, T, d) -> (B, T, d)
+    def forward(self, x, blocked):                                          # (B, T, d) -> (B, T, d)
         if self.original:                                                  # SASRec's: LN(x) + f(LN(x), x)
             queries = self.attention_norm(x)
-            x = self.feed_forward_norm(queries + self.attention(queries, hidden, keys=x))
+            x = self.feed_forward_norm(queries + self.attention(queries, blocked, keys=x))
             return x + self.feed_forward(x)
-        x = x + self.attention(self.attention_norm(x), hidden)
+        x = x + self.attention(self.attention_norm(x), blocked)
         return x + self.feed_forward(self.feed_forward_norm(x))
 
 
@@ -431,12 +431,12 @@ class SASRec(SequenceBackbone):
         future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)  # [i, j] = j > i
         return self.states(x, steps_back, future)
 
-    def states(self, x, steps_back, hidden):
+    def states(self, x, steps_back, blocked):
         """(B, T, d) item vectors, (B, T) each position's steps back from its history's last item, and the attention
-        mask `hidden` (CausalSelfAttention) -> (B, T, d) states."""
+        mask `blocked` (CausalSelfAttention) -> (B, T, d) states."""
         x = self.dropout(x * self.scale + self.positions(steps_back))      # (B, T, d)
         for block in self.blocks:
-            x = block(x, hidden)
+            x = block(x, blocked)
         return self.final_norm(x)
 
 
@@ -509,15 +509,17 @@ def ce_loss(all_scores, positives):
     """Beyond the paper: full-softmax cross-entropy, each history's positive against every item, temperature 1:
     sum_b [ log sum_{n=1..N} e^{s_bn} - s_b,pos ].  all_scores (B, N + 1), history b's score for every id, column 0
     the padding id (never a class: left out of the softmax); positives (B,) item ids in 1..N -> scalar.
-    Here because it is what practitioners train SASRec with: RecBole's SASRec default (loss_type "CE"; unlike ours, its
-    softmax keeps the padding id as a class, of score 0), and Klenitskiy & Vasilev (RecSys 2023, "Turning Dross Into Gold
-    Loss") found it lifts SASRec far above its BCE form. It needs no sampled negatives, but B x N logits and their
-    gradient (256 x 20,033 on Yelp)."""
+    Here because it is what practitioners train SASRec with: RecBole's SASRec default (loss_type "CE"; unlike ours,
+    its softmax keeps the padding id as a class, of score 0), and Klenitskiy & Vasilev (RecSys 2023, "Turning Dross
+    Into Gold Loss") found it lifts SASRec far above its BCE form. It needs no sampled negatives, but B x N logits
+    and their gradient (256 x 20,033 on Yelp)."""
     return (torch.logsumexp(all_scores[:, 1:], 1) - all_scores.gather(1, positives[:, None])[:, 0]).sum()
 
 
 def gaussian_potential(x, y, t=2.0):
-    """G(x, y) = exp(-t ||x - y||^2) for every pair of rows: (n, d), (m, d) -> (n, m). The kernel of eqs. 4-5."""
+    """G(x, y) = exp(-t ||x - y||^2) for every pair of rows: (n, d), (m, d) -> (n, m). The kernel of eqs. 4-5.
+    cdist never builds the (n, m, d) differences; its gradient stays finite at distance 0, where an item appears
+    twice in a batch (tested)."""
     return torch.exp(-t * torch.cdist(x, y).square())
 
 
@@ -554,7 +556,9 @@ def uniformity_loss(h, i, j, beta=0.05, t=2.0, *, normalize=True, rec=True, hom=
 
 def infonce_candidates(batch_size, k, device):
     """(B, K) batch slots of each history's InfoNCE negatives: its own, then the next K - 1 (cyclically). Every
-    slot's negative is an independent uniform draw, so these are K random negatives whatever the slots' order."""
+    slot's negative is an independent uniform draw, so these are K random negatives whatever the slots' order; each
+    was drawn to avoid its own example's user's training items, so another slot's may be one of this user's (only a
+    candidate equal to the positive is masked, spec §4)."""
     return (torch.arange(batch_size, device=device)[:, None] + torch.arange(k, device=device)) % batch_size
 
 
@@ -866,8 +870,8 @@ def packed_states(model, flat, target_at, history_lengths, first, rows, width):
     # padding: -1, a "history" of its own; it sees itself, so no softmax row is all -inf (which would be NaN)
     history = torch.where(real, owner, -1).view(rows, width)
     future = torch.ones(width, width, dtype=torch.bool, device=flat.device).triu(1)
-    hidden = (history[:, :, None] != history[:, None, :]) | future         # (rows, width, width)
-    states = model.states(model.items(items), steps_back, hidden[:, None])  # (rows, width, d)
+    blocked = (history[:, :, None] != history[:, None, :]) | future         # (rows, width, width)
+    states = model.states(model.items(items), steps_back, blocked[:, None])  # (rows, width, d)
     return states.flatten(0, 1)
 
 
