@@ -55,7 +55,8 @@ from data_prep import DataError
 # All users' items live in one flat tensor `flat`, with a 0 (padding) at index 0. An example is a pair
 # (target_at, history length): its target is flat[target_at] and its history the `length` items just before it,
 # flat[target_at - length : target_at]. Histories are cut to the last `max_len` items and right-padded with 0
-# (spec §1), to the width of their batch (in training, of their length group; spec §2). `lengths` are the users'
+# (spec §1), to the width of their batch (in training, of their length group: section 5; groups sort within a
+# batch, so they never change which triplets share one). `lengths` are the users'
 # sequence lengths n, `history_lengths` the examples'; E is the number of training examples; N the largest item id
 # (the benchmark files number their items 1..N).
 
@@ -533,7 +534,8 @@ def uniformity_loss(h, i, j, beta=0.05, t=2.0, *, normalize=True, rec=True, hom=
              (positives and negatives together); an item twice in a batch is two slots.
       L_het  eq. 5: G summed over all B x B pairs (history, negative), each history's own negative included.
     Worth knowing before using it elsewhere:
-    - L_hom counts each unordered pair once and no vector with itself: half of eq. 4's double sum read literally.
+    - L_hom counts each unordered pair once and no vector with itself: half of eq. 4's double sum read literally,
+      less its 3B self-pair terms (each exp(0) = 1: a constant, no gradient).
     - The authors' code sums L_hom over the positives and over the negatives as two sets (about 3B^2/2 pairs,
       against 5B^2/2 here): the same beta weighs L_hom more here.
     - L_rec has 2B terms, L_hom about 5B^2/2, L_het B^2: beta's weight grows with B (the paper's 0.05 is for B = 256).
@@ -597,10 +599,10 @@ def scores_are_cosines(config):
 # The paper ranks "the entire item pool" and does not say whether the items of the user's history take part. Both
 # protocols are computed from one scoring pass: every item ranked ("all_items"), and the history's items excluded
 # first ("history_excluded": the history as the model reads it, its last max_len items; S3-Rec's code sets the
-# scores of all of the user's earlier items to 0: the same items but for the few histories longer than max_len; 0
-# rather than our -inf, which with cosines could still rank one above items of negative score). A target that
-# repeats one of them then cannot be hit. Training's early stopping reads every item ranked unless --mask-seen
-# (the README says why: the evidence favours it as the paper's protocol).
+# scores of all of the user's earlier items to 0: the same items but for the few histories longer than max_len; a
+# score of 0 can still rank above items that score below 0, where our -inf never does). A target that repeats one of
+# them then cannot be hit. Training's early stopping, and the `test` and `valid` that train() returns, use every item
+# ranked unless mask_seen: the README says why every item ranked is the protocol the evidence favours as the paper's.
 PROTOCOLS = {"all_items": False, "history_excluded": True}                 # name -> mask_seen
 
 
@@ -730,7 +732,7 @@ class Config:
     seed: int = 42                        # every random draw follows from it
     device: str = "auto"                  # a torch device; "auto": cuda, then mps, then cpu
     # evaluation
-    mask_seen: bool = False               # early stopping's validation with the history's items excluded
+    mask_seen: bool = False               # the history's items excluded in early stopping and in train()'s test/valid
 
     def __post_init__(self):
         if self.model not in ORIGINAL_LAYERS:
@@ -771,8 +773,9 @@ def epoch_seed(seed, epoch):
 
 # Length groups, a speed path (the next three functions): a batch is a random set of B triplets as always, but its
 # histories are sorted by length and encoded in `length_groups` groups, each padded only to its own longest. Every
-# loss sums over the batch: the loss is the same, its float rounding and the dropout masks' draws are not, and far
-# less padding is computed (docs/measurements.md).
+# loss sums over the batch: the loss is the same (but for InfoNCE with --infonce-negatives K < B, whose K slots are
+# other draws once the batch is sorted: the same distribution), its float rounding and the dropout masks' draws are
+# not, and far less padding is computed (docs/measurements.md).
 
 
 def group_sizes(batch_size, groups):
@@ -807,7 +810,7 @@ def encode_batch(model, flat, target_at, history_lengths, sizes, widths, users=N
                       for group, u, x in zip(groups, group_users, vectors)])
 
 
-# Packing, a speed path for SASRec (--pack; the next three functions): a batch is the same random set of B triplets,
+# Packing, a speed path for SASRec (--pack; the next five functions): a batch is the same random set of B triplets,
 # but its histories are laid end to end in rows of `width` cells, several short ones to a row, and each position
 # attends only to the positions of its own history before it. Nothing is padded but the few cells a history leaves
 # of its slot, all of the batch is one pass through the blocks (length groups cost a pass each), and the loss is
@@ -1007,7 +1010,7 @@ def adam(model, lr, device):
 
 def history_limit(config, lengths):
     """The longest history a run reads: --max-len, capped at the longest user's test history (n - 1 items)."""
-    # SASRec's position table gets only readable rows; on the benchmarks (longest user: 203 to 549 items) no change.
+    # SASRec's position table gets only readable rows; no change on the benchmarks (longest test history: 203 to 549).
     return min(config["max_len"], int(lengths.max()) - 1)
 
 
