@@ -307,7 +307,8 @@ class GRU4Rec(SequenceBackbone):
 class Caser(Backbone):
     """Tang & Wang: the last L item vectors as an L x d "image"; vertical (L x 1) and horizontal convolutions (h x d,
     h = 1..L, max-pooled over time); dropout; a fully connected layer to d with the original's ReLU. Two switches
-    restore features of the original that the paper's setting leaves out: `num_users` > 0 its user embedding (joined
+    restore features of the original that we read the paper's setting (histories, one item table; spec §3) to leave
+    out, both off by default: `num_users` > 0 its user embedding (joined
     by a second layer, RecBole's form, so vectors stay d-wide); `output_table` an output item table (its W2). One
     departs from it: activation "none" drops the ReLU of the fully connected layer (the horizontal convolutions keep
     theirs; docs/decisions.md measures these three against the original)."""
@@ -684,7 +685,8 @@ def evaluate_protocols(model, batches, cosine):
 # metric: Adam and NDCG@10 are ours.
 
 # The number of layers of each backbone's original (Kang & McAuley: 2 blocks; Hidasi et al.: 1 GRU layer). Caser
-# has no such depth; its value is only recorded.
+# has no such depth; its value is only recorded. Its keys are also the backbones there are (Config checks a model
+# against them).
 ORIGINAL_LAYERS = {"sasrec": 2, "gru4rec": 1, "caser": 1}
 
 
@@ -945,7 +947,7 @@ def grouped_states(model, flat, target_at, history_lengths, sizes, widths):
 def train_epoch(model, optimizer, data, config, epoch, progress=None):
     """One pass over the examples in a fresh random order with fresh negatives. Returns every step's loss (no
     host-device synchronisation in the loop); progress(done, total) is called before the first step and after each."""
-    flat, target_at, history_lengths, users, owners, keys, num_items = data[:7]
+    flat, target_at, history_lengths, users, owners, keys, num_items = data[:7]          # TrainingData's first seven
     device = flat.device
     # Dropout draws from torch's global generator, the order and the negatives from their own, both seeded alike,
     # so the two streams are made of the same random words. Harmless: each use reads a word its own way, and a
@@ -1001,7 +1003,10 @@ def train_epoch(model, optimizer, data, config, epoch, progress=None):
 
 
 def adam(model, lr, device):
-    """Adam, with its fused kernel (the same update in one kernel) on CPU, CUDA and MPS where torch has it."""
+    """Adam, with its fused kernel (the same update in one kernel) on CPU, CUDA and MPS where torch has it. torch's
+    defaults otherwise (betas 0.9 / 0.999, eps 1e-8, no weight decay; the original SASRec used beta2 0.98), and no
+    gradient clipping: the paper names none of these. Layers other than the item and position tables keep torch's
+    default initialization."""
     try:
         return torch.optim.Adam(model.parameters(), lr=lr, fused=device.type in ("cpu", "cuda", "mps"))
     except RuntimeError:                                                     # "fused=True requires ... devices"
