@@ -773,7 +773,7 @@ def epoch_seed(seed, epoch):
     return (seed * 1_000_003 + epoch) % 2 ** 64
 
 
-# Length groups, a speed path (the next three functions): a batch is a random set of B triplets as always, but its
+# Length groups, a speed path (the next five functions): a batch is a random set of B triplets as always, but its
 # histories are sorted by length and encoded in `length_groups` groups, each padded only to its own longest. Every
 # loss sums over the batch: the loss is the same (but for InfoNCE with --infonce-negatives K < B, whose K slots are
 # other draws once the batch is sorted: the same distribution), its float rounding and the dropout masks' draws are
@@ -802,14 +802,24 @@ def encode_batch(model, flat, target_at, history_lengths, sizes, widths, users=N
     """History vectors (B, d) of a length-sorted batch, group by group through model.encode. A sequence model gets
     all groups' item vectors from one lookup (each lookup's gradient is a whole (N + 1, d) table); Caser reads only
     its last L items and looks up its own."""
-    groups = [gather_histories(flat, group_at, group_lengths, width) for group_at, group_lengths, width
-              in zip(target_at.split(sizes), history_lengths.split(sizes), widths)]  # G groups of (B_g, T_g) item ids
+    groups = group_histories(flat, target_at, history_lengths, sizes, widths)
     group_users = [None] * len(groups) if users is None else users.split(sizes)
     if not model.takes_item_vectors:
         return torch.cat([model.encode(group, users=u) for group, u in zip(groups, group_users)])
+    return torch.cat([model.encode(group, users=u, item_vectors=x)
+                      for group, u, x in zip(groups, group_users, group_item_vectors(model, groups))])
+
+
+def group_histories(flat, target_at, history_lengths, sizes, widths):
+    """The G groups of a length-sorted batch as (B_g, T_g) right-padded item ids, group g padded to widths[g]."""
+    return [gather_histories(flat, group_at, group_lengths, width) for group_at, group_lengths, width
+            in zip(target_at.split(sizes), history_lengths.split(sizes), widths)]
+
+
+def group_item_vectors(model, groups):
+    """Each group's (B_g, T_g, d) item vectors from one lookup: each lookup's gradient is a whole (N + 1, d) table."""
     vectors = model.items(torch.cat([group.flatten() for group in groups])).split([g.numel() for g in groups])
-    return torch.cat([model.encode(group, users=u, item_vectors=x.view(*group.shape, -1))
-                      for group, u, x in zip(groups, group_users, vectors)])
+    return [x.view(*group.shape, -1) for group, x in zip(groups, vectors)]
 
 
 # Packing, a speed path for SASRec (--pack; the next five functions): a batch is the same random set of B triplets,
@@ -882,9 +892,10 @@ def packed_states(model, flat, target_at, history_lengths, first, rows, width):
 
 def user_batches(windows, history_lengths, batch_size, width, groups=None):
     """--examples users: cut `windows` (the examples ending them, user_windows, in a random order) into batches of
-    whole windows of about `batch_size` triplets (a batch closes with the window whose last triplet reaches the next
-    multiple of batch_size) and lay each batch out: packed rows of `width` cells (groups None; packed_slots) or each
-    batch sorted by length and cut into `groups` length groups (as epoch_batches). Returns [(windows, first,
+    whole windows of about `batch_size` triplets (a window belongs to the batch its last triplet falls in, so one
+    that crosses a multiple of batch_size opens the next batch) and lay each batch out: packed rows of `width` cells
+    (groups None; packed_slots) or each batch sorted by length and cut into `groups` length groups (as
+    epoch_batches). Returns [(windows, first,
     examples, cells, layout)]: the batch's windows (the examples ending them; in group order when grouped), each
     window's first cell, and for each of its triplets its example (its positive and negative) and the cell whose
     state is its history vector, cells counted over the batch's rows (packed) or its groups' cells one group after
@@ -937,11 +948,9 @@ def user_batches(windows, history_lengths, batch_size, width, groups=None):
 def grouped_states(model, flat, target_at, history_lengths, sizes, widths):
     """(cells, d) the states of every cell of a batch of histories in length groups (GRU4Rec, SASRec), one group's
     (B_g, T_g) cells after the other, each row by row; one item lookup for all groups, as encode_batch."""
-    groups = [gather_histories(flat, group_at, group_lengths, width) for group_at, group_lengths, width
-              in zip(target_at.split(sizes), history_lengths.split(sizes), widths)]
-    vectors = model.items(torch.cat([group.flatten() for group in groups])).split([g.numel() for g in groups])
-    return torch.cat([model.sequence_states(x.view(*group.shape, -1), group).flatten(0, 1)
-                      for group, x in zip(groups, vectors)])
+    groups = group_histories(flat, target_at, history_lengths, sizes, widths)
+    return torch.cat([model.sequence_states(x, group).flatten(0, 1)
+                      for group, x in zip(groups, group_item_vectors(model, groups))])
 
 
 def train_epoch(model, optimizer, data, config, epoch, progress=None):
@@ -978,10 +987,9 @@ def train_epoch(model, optimizer, data, config, epoch, progress=None):
                 states = grouped_states(model, flat, target_at[windows], history_lengths[windows], *layout)
             return states[cells]                                             # (triplets, d)
     elif config.get("pack", False):
-        width = int(history_lengths.max())
-        batches = packed_batches(order, history_lengths, config["batch_size"], width)
+        batches = packed_batches(order, history_lengths, config["batch_size"], data.widest)
         encode = lambda batch, first, rows: encode_packed(model, flat, target_at[batch], history_lengths[batch],
-                                                          first, rows, width)
+                                                          first, rows, data.widest)
     else:
         batches = epoch_batches(order, history_lengths, config["batch_size"], config["length_groups"])
         encode = lambda batch, sizes, widths: encode_batch(model, flat, target_at[batch], history_lengths[batch],
