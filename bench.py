@@ -235,9 +235,9 @@ def arithmetic_bound(run, batches, device):
     seconds = 0.0
     for key, count in recorder.calls.items():
         func = key[0]
-        args, kwargs = pytree.tree_map(lambda a: fresh_tensor(a, device) if isinstance(a, tuple) and a and
-                                       a[0] == "tensor" else a, recorder.specs[key],
-                                       is_leaf=lambda a: isinstance(a, tuple) and bool(a) and a[0] == "tensor")
+        is_spec = lambda a: isinstance(a, tuple) and bool(a) and a[0] == "tensor"    # a recorded tensor's layout
+        args, kwargs = pytree.tree_map(lambda a: fresh_tensor(a, device) if is_spec(a) else a, recorder.specs[key],
+                                       is_leaf=is_spec)
         seconds += count * timed(lambda: func(*args, **kwargs), device, repeats=5)
     return counter.get_total_flops(), seconds
 
