@@ -28,12 +28,12 @@ TIE_BREAK = 1e-3  # popularity / (max + 1) scaled below any difference of transi
 
 def training_part_items(flat, starts, lengths):
     """The item ids of every user's training part s[:n-2], user by user, repeats kept (a Yelp user can visit a place
-    twice). The part is the one uniform_seqrec.training_item_keys reads, which keeps each (user, item) once: given
-    every position's own index as its "item" (all distinct, so none is dropped), its keys user * (P + 1) + position
+    twice). The part is the one uniform_seqrec.training_item_codes reads, which keeps each (user, item) once: given
+    every position's own index as its "item" (all distinct, so none is dropped), its codes user * (P + 1) + position
     give back the positions."""
     positions = torch.arange(len(flat))                                     # P = len(flat) "items", 0 .. P - 1
-    keys = U.training_item_keys(positions, starts, lengths, len(flat))
-    return flat[keys % (len(flat) + 1)]
+    codes = U.training_item_codes(positions, starts, lengths, len(flat))
+    return flat[codes % (len(flat) + 1)]
 
 
 def item_popularity(flat, starts, lengths, num_items):

@@ -144,14 +144,14 @@ def paper_model(name, num_items, device):
 def training_setup(path, device):
     flat, starts, lengths, num_items = U.flatten_sequences(read_sequences(path), device)
     ends, history_lengths, users = U.training_examples(starts, lengths, 50)
-    keys = U.training_item_keys(flat, starts, lengths, num_items)
-    return flat, starts, lengths, num_items, ends, history_lengths, users, keys
+    codes = U.training_item_codes(flat, starts, lengths, num_items)
+    return flat, starts, lengths, num_items, ends, history_lengths, users, codes
 
 
 def training_step(setup, device, model_name, loss, length_groups, pack=False, batches=43):
     """A freshly initialized backbone and `run(some)`, which trains it on some of `batches` real Beauty batches of a
     random epoch order (batch 256), laid out as training lays them out: in length groups, or packed."""
-    flat, _, _, num_items, ends, history_lengths, users, keys = setup
+    flat, _, _, num_items, ends, history_lengths, users, codes = setup
     torch.manual_seed(0)
     model = paper_model(model_name, num_items, device)
     for module in model.modules():                                         # as uniform_seqrec.train sets it
@@ -162,7 +162,7 @@ def training_step(setup, device, model_name, loss, length_groups, pack=False, ba
               "infonce_negatives": None}
     generator = torch.Generator(device).manual_seed(0)
     order = torch.randperm(len(ends), device=device, generator=generator)[:256 * batches]
-    negatives = U.sample_negatives(users, keys, num_items, generator)
+    negatives = U.sample_negatives(users, codes, num_items, generator)
     width = int(history_lengths.max())
     if pack:
         layout = U.packed_batches(order, history_lengths, 256, width)
@@ -513,7 +513,7 @@ def bench_regime(path, device, steps, rows, rounds=3):
     interleaved rounds (every regime once a round, each round a new epoch); the median of the rounds, and each
     per-user regime's ratio to the per-prefix default of the same backbone and loss, per round."""
     flat, starts, lengths, num_items = U.flatten_sequences(read_sequences(path), device)
-    data = U.training_data(flat, starts, lengths, num_items, 50)
+    data = U.training_data(flat, starts, lengths, num_items, 50, examples="users")  # the per-user rows read windows
     trainers = []
     for model_name, loss, pack, examples in REGIMES:
         config = dataclasses.asdict(U.Config(model=model_name, loss=loss, pack=pack, examples=examples, lr=1e-3, seed=1,

@@ -148,7 +148,7 @@ class RunFolder:
         checkpoint resumed on the CPU) gets a line saying so and an entry in the run's resumed_on (metrics.json):
         the random streams of the epochs from there on are another device's, so the run's numbers are neither
         device's uninterrupted ones. (A checkpoint from before checkpoints named their device says nothing.)"""
-        state, best_model, recorded = restore(self.file("checkpoint.pt"), model, optimizer)
+        state, best_weights, recorded = restore(self.file("checkpoint.pt"), model, optimizer)
         self.saved_epoch = state["epoch"]
         self.resumed_on = list(recorded.get("resumed_on", []))              # [{after_epoch, from, to}]
         for name in ("checkpoint.pt.partial", "log.jsonl.partial", "metrics.json.partial"):  # a kill mid-write
@@ -165,12 +165,12 @@ class RunFolder:
                 self.log(f"its checkpoint was written on {written_on}, and this run continues on {here}: the random "
                          f"streams (order, negatives, dropout) differ from epoch {state['epoch'] + 1} on, so its "
                          f"numbers will be neither device's uninterrupted ones (recorded in metrics.json, resumed_on)")
-        return state, best_model
+        return state, best_weights
 
-    def save(self, model, optimizer, state, best_model):
-        try:
+    def save(self, model, optimizer, state, best_weights):
+        try:                                    # "best_model": the best weights' key since the first checkpoint
             save_atomically({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state,
-                             "best_model": best_model, "device": str(next(model.parameters()).device),
+                             "best_model": best_weights, "device": str(next(model.parameters()).device),
                              "resumed_on": self.resumed_on}, self.file("checkpoint.pt"))
         except RunFolderError as err:
             kept = (f"the run folder keeps the checkpoint of epoch {self.saved_epoch}" if self.saved_epoch else

@@ -345,7 +345,7 @@ def test_baselines_match_brute_force():
 
 
 def test_popularity_counts_every_training_item_with_its_repeats():
-    """training_part_items reads uniform_seqrec.training_item_keys' part (s[:n-2]) but keeps an item a user had twice
+    """training_part_items reads uniform_seqrec.training_item_codes' part (s[:n-2]) but keeps an item a user had twice
     (Yelp's revisits), as a loop over the training parts does."""
     g = random.Random(4)
     sequences = [[g.randint(1, 6) for _ in range(g.randint(3, 9))] for _ in range(50)]   # repeats, 3 items or more

@@ -374,7 +374,7 @@ def test_flattened_sequences_and_training_data_hold_what_they_say():
     assert data.flat is flat and data.num_items == num_items
     assert torch.equal(data.target_at, ends) and torch.equal(data.history_lengths, history_lengths)
     assert torch.equal(data.users, users)
-    assert torch.equal(data.keys, U.training_item_keys(flat, starts, lengths, num_items))
+    assert torch.equal(data.avoided, U.training_item_codes(flat, starts, lengths, num_items))
 
 
 def test_training_examples_are_exactly_the_prefixes_of_the_training_part():
@@ -418,7 +418,7 @@ def test_negatives_avoid_each_users_training_items():
     sequences = [torch.randperm(num_items, generator=g)[:int(torch.randint(3, 11, (1,), generator=g))].add(1).tolist()
                  for _ in range(50)]
     flat, starts, lengths, num_items = U.flatten_sequences(sequences, "cpu")
-    keys = U.training_item_keys(flat, starts, lengths, num_items)
+    keys = U.training_item_codes(flat, starts, lengths, num_items)
     users = torch.arange(len(sequences)).repeat_interleave(200)
     negatives = U.sample_negatives(users, keys, num_items, torch.Generator().manual_seed(2))
     for user, negative in zip(users.tolist(), negatives.tolist()):
@@ -612,7 +612,7 @@ class Identity(torch.nn.Module):
 def user_epoch(sequences, max_len, batch_size, groups, seed=0):
     """(flat, data, batches) of the per-user regime's epoch on `sequences`: packed (groups None) or grouped."""
     flat, starts, lengths, num_items = U.flatten_sequences(sequences, "cpu")
-    data = U.training_data(flat, starts, lengths, num_items, max_len)
+    data = U.training_data(flat, starts, lengths, num_items, max_len, examples="users")
     order = torch.randperm(len(data.window_ends), generator=torch.Generator().manual_seed(seed))
     return flat, data, U.user_batches(data.window_ends[order], data.history_lengths, batch_size, data.widest, groups)
 
@@ -727,7 +727,7 @@ def test_per_user_training_learns(name, pack):
     sequences = [[(start + k) % 30 + 1 for k in range(length)] for start, length in
                  zip(torch.randint(0, 30, (80,)).tolist(), torch.randint(5, 15, (80,)).tolist())]
     flat, starts, lengths, num_items = U.flatten_sequences(sequences, "cpu")
-    data = U.training_data(flat, starts, lengths, num_items, 12)
+    data = U.training_data(flat, starts, lengths, num_items, 12, examples="users")
     config = {"seed": 1, "batch_size": 64, "length_groups": 4, "loss": "bce", "beta": 0.05, "t": 2.0,
               "normalize": True, "rec": True, "hom": True, "het": True, "infonce_negatives": None, "pack": pack}
     losses = {}
@@ -1143,7 +1143,7 @@ def two_epochs(config, flat, starts, lengths, num_items, dropout_seed_shift=0):
     """Each step's loss of epochs 1 and 2 of a fresh model, and the model; dropout_seed_shift draws other dropout
     masks (the same order and negatives): a real change of the computation, for the tolerance's own check."""
     max_len = U.history_limit(config, lengths)
-    data = U.training_data(flat, starts, lengths, num_items, max_len)
+    data = U.training_data(flat, starts, lengths, num_items, max_len, examples=config.get("examples", "prefixes"))
     torch.manual_seed(config["seed"])
     model = U.build_model(config, num_items, len(lengths), max_len)
     optimizer = U.adam(model, config["lr"], torch.device("cpu"))
@@ -1201,7 +1201,7 @@ def test_negatives_any_avoid_only_the_examples_own_positive():
         data = U.training_data(flat, starts, lengths, num_items, 10, kind)
         positives = flat[data.target_at]
         for seed in range(200):
-            negatives = U.sample_negatives(data.owners, data.keys, num_items, torch.Generator().manual_seed(seed))
+            negatives = U.sample_negatives(data.owners, data.avoided, num_items, torch.Generator().manual_seed(seed))
             assert not (negatives == positives).any()
             drawn[kind] |= {(int(e), int(n)) for e, n in enumerate(negatives)}
     own = {(e, i) for e, u in enumerate(U.training_data(flat, starts, lengths, num_items, 10).users.tolist())

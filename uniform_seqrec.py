@@ -19,7 +19,7 @@ computes is what a plain version would, up to float rounding and which random dr
 a first read take it as the plain version: in section 2 `Dropout` (nn.Dropout), the attention written out
 (scaled dot-product attention) and the `item_vectors` hook; in section 3 `score_all`'s one matrix product and its
 `out`; in section 4 `rank_of_targets`' in-place count; in section 5 the length groups and packing (a batch encoded
-as one padded tensor) and fused Adam. Skip outright the per-user regime of section 1 (`--examples users`, not the
+as one padded tensor) and fused Adam. Skip outright the per-user regime of section 5 (`--examples users`, not the
 paper's and not measured for quality yet). At import nothing runs but one warnings filter.
 """
 import sys
@@ -96,7 +96,7 @@ def gather_histories(flat, target_at, history_lengths, width):
     return flat[torch.where(real, index, 0)]                               # flat[0] == 0: padding
 
 
-def training_item_keys(flat, starts, lengths, num_items):
+def training_item_codes(flat, starts, lengths, num_items):
     """Sorted codes user * (N + 1) + item of each user's training items s[:n-2] (sample_negatives looks them up)."""
     users = torch.repeat_interleave(torch.arange(len(lengths), device=flat.device), lengths - 2)
     first = torch.cumsum(lengths - 2, 0) - (lengths - 2)
@@ -105,15 +105,15 @@ def training_item_keys(flat, starts, lengths, num_items):
     return torch.unique(users * (num_items + 1) + items)                   # unique() also sorts
 
 
-def sample_negatives(owners, keys, num_items, generator):
-    """One negative item id per example, uniform over 1..N but never an item its owner avoids; `keys` are the sorted
+def sample_negatives(owners, avoided, num_items, generator):
+    """One negative item id per example, uniform over 1..N but never an item its owner avoids; `avoided` are the sorted
     codes owner * (N + 1) + item of those (owner, item) pairs. By default (spec §2) an example's owner is its user
-    and `keys` training_item_keys(): never a training item of the user (training_data's "any" makes each example its
+    and `avoided` training_item_codes(): never a training item of the user (training_data's "any" makes each example its
     own owner). Vectorised rejection sampling: only the rejected slots are redrawn, until none is left."""
     negatives = torch.randint(1, num_items + 1, owners.shape, device=owners.device, generator=generator)
     while True:
         query = owners * (num_items + 1) + negatives
-        found = keys[torch.searchsorted(keys, query).clamp(max=len(keys) - 1)] == query  # clamp: a query past the end
+        found = avoided[torch.searchsorted(avoided, query).clamp(max=len(avoided) - 1)] == query  # clamp: a query past the end
         if not found.any():
             return negatives
         negatives[found] = torch.randint(1, num_items + 1, (int(found.sum()),), device=owners.device,
@@ -127,76 +127,35 @@ class TrainingData(NamedTuple):
     history_lengths: torch.Tensor    # (E,) history lengths, at most max_len
     users: torch.Tensor              # (E,) the user of each example
     owners: torch.Tensor             # (E,) whose items an example's negative avoids (sample_negatives)
-    keys: torch.Tensor               # sorted codes owner * (N + 1) + item: each (owner, item) a negative avoids
+    avoided: torch.Tensor            # sorted codes owner * (N + 1) + item: each (owner, item) a negative avoids
     num_items: int                   # N
-    window_ends: Optional[torch.Tensor] = None  # (W,) --examples users: the example ending each window (user_windows)
+    window_ends: Optional[torch.Tensor] = None  # (W,) examples="users" only: the example ending each window
+                                                # (user_windows, section 5)
     widest: int = 0                  # the longest history (and window): the packed rows' width
 
 
-def training_data(flat, starts, lengths, num_items, max_len, negatives="unseen"):
+def training_data(flat, starts, lengths, num_items, max_len, negatives="unseen", examples="prefixes"):
     """TrainingData of every user's training part; a DataError when a user leaves no item to draw as a negative.
     negatives: "unseen", none of the user's training items (spec §2); "any", any item but the example's
-    own positive, as RecBole and the authors' code draw them (the user's other items included)."""
+    own positive, as RecBole and the authors' code draw them (the user's other items included). examples: "users"
+    adds the per-user regime's windows (section 5)."""
     target_at, history_lengths, users = training_examples(starts, lengths, max_len)
+    windows = user_windows(users, len(lengths), max_len) if examples == "users" else None
     if not len(target_at):
         raise DataError("no user has more than 3 items, so there is no training example (the last two items of each "
                         "user are held out, and the first has no history)")
-    if negatives == "any":                     # owner: the example itself; one key each, in order, so sorted
+    if negatives == "any":                     # owner: the example itself; one code each, in order, so sorted
         owners = torch.arange(len(target_at), device=flat.device)
         return TrainingData(flat, target_at, history_lengths, users, owners, owners * (num_items + 1) +
-                            flat[target_at], num_items, user_windows(users, len(lengths), max_len),
-                            int(history_lengths.max()))
+                            flat[target_at], num_items, windows, int(history_lengths.max()))
     if negatives != "unseen":
         raise ValueError(f"negatives are 'unseen' or 'any', not {negatives!r}")
-    keys = training_item_keys(flat, starts, lengths, num_items)
-    full_users = (torch.bincount(keys // (num_items + 1), minlength=len(lengths)) == num_items).nonzero()
+    avoided = training_item_codes(flat, starts, lengths, num_items)
+    full_users = (torch.bincount(avoided // (num_items + 1), minlength=len(lengths)) == num_items).nonzero()
     if len(full_users):
         raise DataError(f"user on line {int(full_users[0]) + 1} has every item in training: no negative can be drawn")
-    return TrainingData(flat, target_at, history_lengths, users, users, keys, num_items,
-                        user_windows(users, len(lengths), max_len), int(history_lengths.max()))
-
-
-# The per-user regime (--examples users), beyond the paper and not used by any recorded cell: spec §2 admits "all
-# prefixes of a user in one causal pass" only once a side-by-side run shows validation metrics unchanged, and that
-# comparison has not been made yet (README, "Train"); a first read can skip to section 2. A user's training
-# part s[0 .. n-3] is read once, inputs s[0 .. n-4], and the state at every input position p is a history vector,
-# its positive s[p + 1]: the same (history, positive) pairs as the prefixes t = 1 .. n-3, each once an epoch, each
-# with its own negative (drawn per example as in the per-prefix regime), the loss summed over a batch's triplets by
-# the same loss functions. What changes:
-# - A user with more than max_len inputs (n - 3 > max_len) is cut into windows of max_len consecutive inputs,
-#   counted back from its last one: the last window is the original SASRec's input (its last max_len items), the
-#   first may be shorter, and every prefix is still trained once an epoch. A state sees only its own window's
-#   earlier items: prefix t's history is s[:t] cut at its window's start, so up to max_len items but as few as one
-#   at a later window's start, where the per-prefix example has the last max_len (on Beauty 127 users, 0.6%, have
-#   more than one window; 7,301 of the 131,413 examples, 5.6%, see fewer items than per-prefix). The alternative,
-#   the original's last max_len inputs only, would drop 3,382 examples (2.6%) from every epoch.
-# - A window is exactly the history of the example at its end (its history lengths are the window's), so the
-#   windows are those examples, and a window's states come from the same code as a history's: packed rows (--pack)
-#   or length groups, every real position's state read instead of only the last.
-# - SASRec's positions count back from the window's last input (0), the only position the per-prefix regime and
-#   evaluation also read there (where 0 is the history's last item): so the evaluated model is the one trained, one
-#   position table for both. The original SASRec counts the same way (its input left-padded to max_len, positions
-#   absolute in the padded row). An earlier state is read while the later positions of its window exist: under the
-#   causal mask it never sees a later item (their ids, vectors, or anything computed from them), but its own items'
-#   positions count back from the window's end, so they carry how many inputs of the window come after it (their
-#   number, never which). Its vector therefore differs from the per-prefix vector of the same history by the
-#   position vectors only (tested: equal with the position table zeroed). GRU4Rec has no positions: its state is
-#   the per-prefix vector itself, within the window.
-# - A batch is whole windows in a random order; a window whose triplets would cross the next multiple of
-#   batch_size opens the next batch: about batch_size triplets (the paper's batch of triplets, between
-#   batch_size - max_len + 1 and batch_size + max_len - 1) and about as many steps an epoch as per-prefix. The
-#   triplets of one user share the batch and one dropout mask per input position, so the in-batch terms change
-#   too: L_hom and L_het (and InfoNCE's batch negatives) now meet one user's successive prefixes in one batch.
-
-
-def user_windows(users, num_users, max_len):
-    """(W,) the example ending each window of the per-user regime: each user's examples (in order) cut into windows of
-    max_len, counted back from its last example. Such an example's history is its window's inputs: the first window
-    has at most max_len (its end's history is all of the user's items before it), the others max_len."""
-    per_user = torch.bincount(users, minlength=num_users)
-    first = torch.cumsum(per_user, 0) - per_user
-    later = per_user[users] - 1 - (torch.arange(len(users), device=users.device) - first[users])  # examples after it
-    return (later % max_len == 0).nonzero().squeeze(1)
+    return TrainingData(flat, target_at, history_lengths, users, users, avoided, num_items, windows,
+                        int(history_lengths.max()))
 
 
 # =============================================================================================================
@@ -351,8 +310,8 @@ class Caser(Backbone):
 
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention in which position j attends to positions 0..j only. Written out rather than
-    F.scaled_dot_product_attention so that the attention weights get the faster Dropout above. `keys`, when given,
-    is what keys and values are read from (queries from x): the original SASRec's block needs the two apart."""
+    F.scaled_dot_product_attention so that the attention weights get the faster Dropout above. `context`, when
+    given, is what keys and values are read from (queries from x): the original SASRec's block needs the two apart."""
 
     def __init__(self, dim, heads, dropout):
         super().__init__()
@@ -361,18 +320,18 @@ class CausalSelfAttention(nn.Module):
         self.dropout = Dropout(dropout)                                    # on the attention weights
         self.out = nn.Linear(dim, dim)
 
-    def forward(self, x, blocked, keys=None):                              # (B, T, d) -> (B, T, d)
+    def forward(self, x, blocked, context=None):                           # (B, T, d) -> (B, T, d)
         """blocked: bool, True where position i may not attend to position j: (T, T) the causal mask's future, or
         (B, 1, T, T) when each row has a mask of its own (the packed path of section 5, where other histories of a
-        row are blocked too). keys: what keys and values are computed from, when not x (the original block's)."""
+        row are blocked too). context: what keys and values are computed from, when not x (the original block's)."""
         B, T, d = x.shape
         h = self.heads
-        if keys is None:
+        if context is None:
             q, k, v = self.qkv(x).view(B, T, 3, h, d // h).permute(2, 0, 3, 1, 4)  # 3 x (B, h, T, d/h)
         else:                                                              # the same weights: q's rows read x only
             weight, bias = self.qkv.weight, self.qkv.bias
             q = F.linear(x, weight[:d], bias[:d]).view(B, T, h, d // h).transpose(1, 2)           # (B, h, T, d/h)
-            k, v = F.linear(keys, weight[d:], bias[d:]).view(B, T, 2, h, d // h).permute(2, 0, 3, 1, 4)
+            k, v = F.linear(context, weight[d:], bias[d:]).view(B, T, 2, h, d // h).permute(2, 0, 3, 1, 4)
         scores = (q @ k.transpose(-1, -2) / (d // h) ** 0.5).masked_fill(blocked, float("-inf"))  # (B, h, T, T)
         y = self.dropout(scores.softmax(-1)) @ v                           # (B, h, T, d/h)
         return self.out(y.transpose(1, 2).reshape(B, T, d))
@@ -402,7 +361,7 @@ class TransformerBlock(nn.Module):
     def forward(self, x, blocked):                                          # (B, T, d) -> (B, T, d)
         if self.original:                                                  # SASRec's: LN(x) + f(LN(x), x)
             queries = self.attention_norm(x)
-            x = self.feed_forward_norm(queries + self.attention(queries, blocked, keys=x))
+            x = self.feed_forward_norm(queries + self.attention(queries, blocked, context=x))
             return x + self.feed_forward(x)
         x = x + self.attention(self.attention_norm(x), blocked)
         return x + self.feed_forward(self.feed_forward_norm(x))
@@ -685,20 +644,22 @@ def evaluate_protocols(model, batches, cosine):
 # metric: Adam and NDCG@10 are ours.
 
 # The number of layers of each backbone's original (Kang & McAuley: 2 blocks; Hidasi et al.: 1 GRU layer). Caser
-# has no such depth; its value is only recorded. Its keys are also the backbones there are (Config checks a model
-# against them).
+# has no such depth; its value is only recorded. Its names are the backbones there are: Config refuses any other
+# model.
 ORIGINAL_LAYERS = {"sasrec": 2, "gru4rec": 1, "caser": 1}
 
 
 @dataclass
 class Config:
-    """Every setting the method reads, with the paper's defaults (appendix B): Config() is the README's command with
-    no flag, whose parser (runs.py) takes its defaults from here; each flag sets the field of its name (--max-len:
-    max_len). Where the paper names a grid the default is a point of it: lr 3e-4, d 64, 2 heads, beta 0.05 (its best
-    in Table 3). What depends on other fields is resolved when the Config is made (__post_init__: a field left None,
-    the device "auto", and two settings that say one thing in several ways, a non-Caser's caser_activation and an
-    infonce_negatives of the whole batch, given one value, so that equal runs share a run folder); runs.configure()
-    resolves the command line through it too, so that both give one configuration."""
+    """Every setting the method reads, with the paper's defaults (appendix B). Config() is the README's command with
+    no flag: runs.py's parser takes its defaults from here, and each flag sets the field of its name (--max-len sets
+    max_len). Where the paper names a grid, the default is a point of it: lr 3e-4, d 64, 2 heads, beta 0.05 (its best
+    in Table 3). Making a Config refuses a switch its model cannot take and fills in (__post_init__):
+      - layers None: the original's depth (ORIGINAL_LAYERS); length_groups None: 8, and 1 for Caser;
+      - device "auto": cuda, then mps, then cpu;
+      - one value for a setting that can be said two ways, so that equal runs share a run folder: a GRU4Rec's or
+        SASRec's caser_activation becomes "none", an infonce_negatives of the whole batch or more becomes None.
+    runs.configure() builds the command line's configuration through a Config too: both give the same one."""
     # what to train
     model: str = "sasrec"                 # gru4rec, caser, sasrec
     loss: str = "uniform"                 # bce, bpr, infonce, uniform (the paper's eq. 6); ce (beyond the paper)
@@ -890,6 +851,50 @@ def packed_states(model, flat, target_at, history_lengths, first, rows, width):
     return states.flatten(0, 1)
 
 
+# The per-user regime (--examples users; the next three functions), beyond the paper and not used by any recorded
+# cell: spec §2 admits "all
+# prefixes of a user in one causal pass" only once a side-by-side run shows validation metrics unchanged, and that
+# comparison has not been made yet (README, "Train"); a first read can skip to train_epoch. A user's training
+# part s[0 .. n-3] is read once, inputs s[0 .. n-4], and the state at every input position p is a history vector,
+# its positive s[p + 1]: the same (history, positive) pairs as the prefixes t = 1 .. n-3, each once an epoch, each
+# with its own negative (drawn per example as in the per-prefix regime), the loss summed over a batch's triplets by
+# the same loss functions. What changes:
+# - A user with more than max_len inputs (n - 3 > max_len) is cut into windows of max_len consecutive inputs,
+#   counted back from its last one: the last window is the original SASRec's input (its last max_len items), the
+#   first may be shorter, and every prefix is still trained once an epoch. A state sees only its own window's
+#   earlier items: prefix t's history is s[:t] cut at its window's start, so up to max_len items but as few as one
+#   at a later window's start, where the per-prefix example has the last max_len (on Beauty 127 users, 0.6%, have
+#   more than one window; 7,301 of the 131,413 examples, 5.6%, see fewer items than per-prefix). The alternative,
+#   the original's last max_len inputs only, would drop 3,382 examples (2.6%) from every epoch.
+# - A window is exactly the history of the example at its end (its history lengths are the window's), so the
+#   windows are those examples, and a window's states come from the same code as a history's: packed rows (--pack)
+#   or length groups, every real position's state read instead of only the last.
+# - SASRec's positions count back from the window's last input (0), the only position the per-prefix regime and
+#   evaluation also read there (where 0 is the history's last item): so the evaluated model is the one trained, one
+#   position table for both. The original SASRec counts the same way (its input left-padded to max_len, positions
+#   absolute in the padded row). An earlier state is read while the later positions of its window exist: under the
+#   causal mask it never sees a later item (their ids, vectors, or anything computed from them), but its own items'
+#   positions count back from the window's end, so they carry how many inputs of the window come after it (their
+#   number, never which). Its vector therefore differs from the per-prefix vector of the same history by the
+#   position vectors only (tested: equal with the position table zeroed). GRU4Rec has no positions: its state is
+#   the per-prefix vector itself, within the window.
+# - A batch is whole windows in a random order; a window whose triplets would cross the next multiple of
+#   batch_size opens the next batch: about batch_size triplets (the paper's batch of triplets, between
+#   batch_size - max_len + 1 and batch_size + max_len - 1) and about as many steps an epoch as per-prefix. The
+#   triplets of one user share the batch and one dropout mask per input position, so the in-batch terms change
+#   too: L_hom and L_het (and InfoNCE's batch negatives) now meet one user's successive prefixes in one batch.
+
+
+def user_windows(users, num_users, max_len):
+    """(W,) the example ending each window of the per-user regime: each user's examples (in order) cut into windows of
+    max_len, counted back from its last example. Such an example's history is its window's inputs: the first window
+    has at most max_len (its end's history is all of the user's items before it), the others max_len."""
+    per_user = torch.bincount(users, minlength=num_users)
+    first = torch.cumsum(per_user, 0) - per_user
+    later = per_user[users] - 1 - (torch.arange(len(users), device=users.device) - first[users])  # examples after it
+    return (later % max_len == 0).nonzero().squeeze(1)
+
+
 def user_batches(windows, history_lengths, batch_size, width, groups=None):
     """--examples users: cut `windows` (the examples ending them, user_windows, in a random order) into batches of
     whole windows of about `batch_size` triplets (a window belongs to the batch its last triplet falls in, so one
@@ -956,7 +961,7 @@ def grouped_states(model, flat, target_at, history_lengths, sizes, widths):
 def train_epoch(model, optimizer, data, config, epoch, progress=None):
     """One pass over the examples in a fresh random order with fresh negatives. Returns every step's loss (no
     host-device synchronisation in the loop); progress(done, total) is called before the first step and after each."""
-    flat, target_at, history_lengths, users, owners, keys, num_items = data[:7]          # TrainingData's first seven
+    flat, target_at, history_lengths, users, owners, avoided, num_items = data[:7]          # TrainingData's first seven
     device = flat.device
     # Dropout draws from torch's global generator, the order and the negatives from their own, both seeded alike,
     # so the two streams are made of the same random words. Harmless: each use reads a word its own way, and a
@@ -970,7 +975,7 @@ def train_epoch(model, optimizer, data, config, epoch, progress=None):
     order = torch.randperm(len(data.window_ends if per_user else target_at), device=device, generator=generator)
     # (E,) item ids, one per example. Drawn for CE too, which reads none: every loss's epoch then takes the same
     # draws from the generator, and a loss added beside the others moves none of their random streams.
-    negatives = sample_negatives(owners, keys, num_items, generator)
+    negatives = sample_negatives(owners, avoided, num_items, generator)
     # encode(example ids, *layout): the layout is what the batching gave, (first, rows) packed or (sizes, widths)
     if per_user:                               # batch: (its windows, their first cells, each triplet's example)
         pack = config.get("pack", False)
@@ -1045,7 +1050,7 @@ class PrintedRun:
     def resume(self, model, optimizer):
         return early_stopping_state(), {k: v.clone() for k, v in model.state_dict().items()}
 
-    def save(self, model, optimizer, state, best_model):
+    def save(self, model, optimizer, state, best_weights):
         pass
 
     def step(self, epoch, done, total):
@@ -1063,11 +1068,12 @@ def train(config, sequences, run=None):
 
     `run` keeps what must survive an interruption (runs.RunFolder keeps it in a folder; by default a PrintedRun
     keeps nothing and prints a line per epoch):
-      run.resume(model, optimizer) -> (state, best_model)  the early-stopping state and best state so far (fresh
-                                                           ones without a checkpoint); the checkpoint loaded
-      run.save(model, optimizer, state, best_model)        after every epoch
-      run.log(line), run.step(epoch, done, total)          what the user sees: a line per epoch, a progress line
-      run.statistics(model) -> {name: value}               more for each epoch's log row: Figure 1's cosines, etc.
+      run.resume(model, optimizer) -> (state, best_weights)  the early-stopping state and the best state's weights
+                                                             so far (fresh ones without a checkpoint); the
+                                                             checkpoint loaded into model and optimizer
+      run.save(model, optimizer, state, best_weights)        after every epoch
+      run.log(line), run.step(epoch, done, total)            what the user sees: a line per epoch, a progress line
+      run.statistics(model) -> {name: value}                 more for each epoch's log row: Figure 1's cosines, etc.
     No random-number state needs saving: every epoch re-seeds from (seed, epoch)."""
     if isinstance(config, Config):
         config = asdict(config)                      # the method reads config["key"], as runs.py's dicts hold them
@@ -1075,7 +1081,8 @@ def train(config, sequences, run=None):
     device = torch.device(config["device"])
     flat, starts, lengths, num_items = flatten_sequences(sequences, device)
     max_len = history_limit(config, lengths)
-    data = training_data(flat, starts, lengths, num_items, max_len, config["negatives"])
+    data = training_data(flat, starts, lengths, num_items, max_len, config["negatives"],
+                         config.get("examples", "prefixes"))
     valid = evaluation_batches(flat, starts, lengths, max_len, "valid")
     torch.manual_seed(config["seed"])
     model = build_model(config, num_items, len(lengths), max_len).to(device)
@@ -1085,7 +1092,7 @@ def train(config, sequences, run=None):
                 module.from_bits = True
     optimizer = adam(model, config["lr"], device)
     cosine = scores_are_cosines(config)
-    state, best_model = run.resume(model, optimizer)
+    state, best_weights = run.resume(model, optimizer)
     run.log(f"{config['data']}: {len(lengths):,} users, {num_items:,} items, {len(data.target_at):,} training "
             f"examples; {config['model']} + {config['loss']} on {device}; {run}")
     occurring = len(torch.unique(flat[1:]))                                # flat[0] is the padding
@@ -1111,13 +1118,13 @@ def train(config, sequences, run=None):
         state["epoch"] = epoch
         if metrics["NDCG@10"] > state["best_ndcg"]:
             state["best_epoch"], state["best_ndcg"] = epoch, metrics["NDCG@10"]
-            best_model = {k: v.clone() for k, v in model.state_dict().items()}
-        run.save(model, optimizer, state, best_model)
+            best_weights = {k: v.clone() for k, v in model.state_dict().items()}
+        run.save(model, optimizer, state, best_weights)
         run.log(f"epoch {epoch:3d}  loss {row['loss']:.4f}  valid HR@10 {metrics['HR@10']:.4f} NDCG@10 "
                 f"{metrics['NDCG@10']:.4f}  best epoch {state['best_epoch']}  {train_seconds:.1f}s + "
                 f"{row['eval_seconds']:.1f}s")
 
-    model.load_state_dict(best_model)
+    model.load_state_dict(best_weights)
     test = evaluation_batches(flat, starts, lengths, max_len, "test")
     on_test, on_valid = evaluate_protocols(model, test, cosine), evaluate_protocols(model, valid, cosine)
     protocols = {name: {"test": on_test[name], "valid": on_valid[name]} for name in PROTOCOLS}
