@@ -15,12 +15,15 @@ From Python: `train(Config(model="sasrec", loss="uniform"), sequences)` (Config,
 Where the paper is silent, docs/spec.md decides ("spec §n"); docs/measurements.md has the numbers behind our own
 choices. Item ids: `histories` (B, T), `positives`, `negatives`, `targets` (B,); vectors: h, i, j (B, d) of the
 histories, positives and negatives (the paper's h'_u, i'_i, i'_j). Some code is written for speed; what it
-computes is what a plain version would, up to float rounding and which random draws make the dropout masks, so on
-a first read take it as the plain version: in section 2 `Dropout` (nn.Dropout), the attention written out
-(scaled dot-product attention) and the `item_vectors` hook; in section 3 `score_all`'s one matrix product and its
-`out`; in section 4 `rank_of_targets`' in-place count; in section 5 the length groups and packing (a batch encoded
-as one padded tensor) and fused Adam. Skip outright the per-user regime of section 5 (`--examples users`, not the
-paper's and not measured for quality yet). At import nothing runs but one warnings filter.
+computes is what a plain version would, up to float rounding and random draws (which draws make the dropout masks;
+under length groups, which K candidates an InfoNCE history meets when K < B; packing's dropout rate rounded to a
+multiple of 2**-16), so on a first read take each as its plain version, named in parentheses: in section 2 `Dropout`
+(nn.Dropout), the attention written out (F.scaled_dot_product_attention) and the `item_vectors` hook (one lookup
+per history); in section 3 `score_all`'s one matrix product and its `out` (score); in section 4
+`rank_of_targets`' in-place count (a sum of comparisons); in section 5 the length groups and packing (the whole
+batch as one padded tensor) and fused Adam (Adam). Skip outright the per-user regime (`--examples users`, not
+the paper's and not measured for quality yet): section 5's user_windows, user_batches, grouped_states and
+train_epoch's `per_user` branch. At import nothing runs but one warnings filter.
 """
 import sys
 
@@ -113,7 +116,8 @@ def sample_negatives(owners, avoided, num_items, generator):
     negatives = torch.randint(1, num_items + 1, owners.shape, device=owners.device, generator=generator)
     while True:
         query = owners * (num_items + 1) + negatives
-        found = avoided[torch.searchsorted(avoided, query).clamp(max=len(avoided) - 1)] == query  # clamp: a query past the end
+        at = torch.searchsorted(avoided, query).clamp(max=len(avoided) - 1)   # clamp: a query past the last code
+        found = avoided[at] == query
         if not found.any():
             return negatives
         negatives[found] = torch.randint(1, num_items + 1, (int(found.sum()),), device=owners.device,
@@ -134,22 +138,22 @@ class TrainingData(NamedTuple):
     widest: int = 0                  # the longest history (and window): the packed rows' width
 
 
-def training_data(flat, starts, lengths, num_items, max_len, negatives="unseen", examples="prefixes"):
+def training_data(flat, starts, lengths, num_items, max_len, negatives_from="unseen", examples="prefixes"):
     """TrainingData of every user's training part; a DataError when a user leaves no item to draw as a negative.
-    negatives: "unseen", none of the user's training items (spec §2); "any", any item but the example's
-    own positive, as RecBole and the authors' code draw them (the user's other items included). examples: "users"
-    adds the per-user regime's windows (section 5)."""
+    negatives_from (Config.negatives): "unseen", none of the user's training items (spec §2); "any", any item but
+    the example's own positive, as RecBole and the authors' code draw them (the user's other items included).
+    examples: "users" adds the per-user regime's windows (section 5)."""
     target_at, history_lengths, users = training_examples(starts, lengths, max_len)
     windows = user_windows(users, len(lengths), max_len) if examples == "users" else None
     if not len(target_at):
         raise DataError("no user has more than 3 items, so there is no training example (the last two items of each "
                         "user are held out, and the first has no history)")
-    if negatives == "any":                     # owner: the example itself; one code each, in order, so sorted
+    if negatives_from == "any":                # owner: the example itself; one code each, in order, so sorted
         owners = torch.arange(len(target_at), device=flat.device)
         return TrainingData(flat, target_at, history_lengths, users, owners, owners * (num_items + 1) +
                             flat[target_at], num_items, windows, int(history_lengths.max()))
-    if negatives != "unseen":
-        raise ValueError(f"negatives are 'unseen' or 'any', not {negatives!r}")
+    if negatives_from != "unseen":
+        raise ValueError(f"negatives are 'unseen' or 'any', not {negatives_from!r}")
     avoided = training_item_codes(flat, starts, lengths, num_items)
     full_users = (torch.bincount(avoided // (num_items + 1), minlength=len(lengths)) == num_items).nonzero()
     if len(full_users):
@@ -162,8 +166,9 @@ def training_data(flat, starts, lengths, num_items, max_len, negatives="unseen",
 # 2. Backbones (sections 2, 5.1): item ids in, one vector h'_u per history out, one item table for inputs and scoring
 # =============================================================================================================
 
-# Item and position tables start N(0, 0.02), as in S3-Rec and BERT: small vectors turn quickly under Adam, and learning
-# was faster than from N(0, 1/d) (docs/measurements.md).
+# Every embedding table (items, SASRec's positions, Caser's users and output items) starts N(0, 0.02), as in S3-Rec
+# and BERT: small vectors turn quickly under Adam, and learning was faster than from N(0, 1/d)
+# (docs/measurements.md). Every other layer keeps torch's default initialization.
 EMBEDDING_INIT_STD = 0.02
 
 
@@ -265,12 +270,12 @@ class GRU4Rec(SequenceBackbone):
 
 class Caser(Backbone):
     """Tang & Wang: the last L item vectors as an L x d "image"; vertical (L x 1) and horizontal convolutions (h x d,
-    h = 1..L, max-pooled over time); dropout; a fully connected layer to d with the original's ReLU. Two switches
-    restore features of the original that we read the paper's setting (histories, one item table; spec §3) to leave
-    out, both off by default: `num_users` > 0 its user embedding (joined
-    by a second layer, RecBole's form, so vectors stay d-wide); `output_table` an output item table (its W2). One
-    departs from it: activation "none" drops the ReLU of the fully connected layer (the horizontal convolutions keep
-    theirs; docs/decisions.md measures these three against the original)."""
+    h = 1..L, max-pooled over time); dropout; a fully connected layer to d with the original's ReLU. Three switches,
+    each at our default when off. Two restore features of the original that we leave out because the paper scores
+    histories against one item table (spec §3): `num_users` > 0 adds its user embedding (joined by a second layer,
+    RecBole's form, so vectors stay d-wide), and `output_table` an output item table (its W2). The third departs
+    from the original: activation "none" drops the ReLU of the fully connected layer (the horizontal convolutions
+    keep theirs). docs/decisions.md measures all three against the original."""
 
     def __init__(self, num_items, dim=64, dropout=0.5, window=5, vertical_filters=4, horizontal_filters=16,
                  activation="relu", num_users=0, output_table=False):
@@ -339,14 +344,14 @@ class CausalSelfAttention(nn.Module):
 
 class TransformerBlock(nn.Module):
     """Attention and a point-wise feed-forward net, each as x + f(LN(x)): GPT-2's pre-LayerNorm block, our default
-    (not the original SASRec's: every recorded cell was trained with it, and the two have not been compared yet;
-    docs/decisions.md). original=True builds the original SASRec's block instead (Kang & McAuley's code, model.py
-    and modules.py, and its PyTorch port pmixer/SASRec.pytorch before the port's norm_first switch): the attention's
-    queries are LN(x) while its keys and values come from the unnormalized x, and each residual adds the normalized
-    input, LN(x) + f(...): y = LN(x) + attention(LN(x), x), then LN(y) + feed_forward(LN(y)). (Kang's TensorFlow code
-    also zeroes padded positions after each block and has no output projection after the heads; neither is copied:
-    under right padding and the causal mask no real position reads a padded one, and the projection is kept so that
-    both blocks have the same weights.)
+    (not the original SASRec's: every result on the results page was trained with this block, and the two blocks
+    have not been compared yet; docs/decisions.md). original=True builds the original SASRec's block instead (Kang &
+    McAuley's code, model.py and modules.py, and its PyTorch port pmixer/SASRec.pytorch before the port's norm_first
+    switch): the attention's queries are LN(x) while its keys and values come from the unnormalized x, and each
+    residual adds the normalized input, LN(x) + f(...): y = LN(x) + attention(LN(x), x), then LN(y) +
+    feed_forward(LN(y)). (Kang's TensorFlow code also zeroes padded positions after each block and has no output
+    projection after the heads; neither is copied: under right padding and the causal mask no real position reads a
+    padded one, and the projection is kept so that both blocks have the same weights.)
     Dropout where the original has it: on the attention weights and twice in the feed-forward net, not on the
     attention's output (one more there slowed learning; docs/measurements.md)."""
 
@@ -494,8 +499,9 @@ def uniformity_loss(h, i, j, beta=0.05, t=2.0, *, normalize=True, rec=True, hom=
              (positives and negatives together); an item twice in a batch is two slots.
       L_het  eq. 5: G summed over all B x B pairs (history, negative), each history's own negative included.
     Worth knowing before using it elsewhere:
-    - L_hom counts each unordered pair once and no vector with itself: half of eq. 4's double sum read literally,
-      less its 3B self-pair terms (each exp(0) = 1: a constant, no gradient).
+    - L_hom counts each unordered pair once and no vector with itself: (S - 3B) / 2, where S is eq. 4's double sum
+      over ordered pairs read literally and its 3B self-pairs are exp(0) = 1 each (a constant, no gradient). So at a
+      given beta, L_hom pulls half as hard as the literal reading of eq. 4 (spec §4).
     - The authors' code sums L_hom over the positives and over the negatives as two sets (about 3B^2/2 pairs,
       against 5B^2/2 here): the same beta weighs L_hom more here.
     - L_rec has 2B terms, L_hom about 5B^2/2, L_het B^2: beta's weight grows with B (the paper's 0.05 is for B = 256).
@@ -685,7 +691,8 @@ class Config:
     infonce_negatives: Optional[int] = None  # InfoNCE: each history's own negative and K - 1 more; None: all B
     # training
     lr: float = 3e-4                      # Adam's
-    negatives: str = "unseen"             # "unseen" (spec §2) or "any" (see training_data)
+    negatives: str = "unseen"             # which items a negative is drawn from: "unseen" (spec §2) or "any"
+                                          # (training_data); not the (B,) `negatives` item ids of batch_loss
     batch_size: int = 256                 # triplets per batch
     epochs: int = 300                     # at most
     patience: int = 20                    # stop after this many epochs without a better validation NDCG@10
@@ -711,8 +718,9 @@ class Config:
                              "only its last L items)")
         if self.length_groups is None:                   # Caser reads only its last L items: no padding to save
             self.length_groups = 1 if self.model == "caser" else 8
-        if self.model != "caser":                        # read by Caser alone; "none" is what the other backbones'
-            self.caser_activation = "none"               # runs recorded before it existed (runs.LATER_KEYS)
+        if self.model != "caser":    # only Caser reads it; for the others one fixed value, so that equal runs are
+            self.caser_activation = "none"   # equal: "none", what folders from before the field are read as
+                                             # (runs.LATER_KEYS). It changes nothing in a GRU4Rec or SASRec.
         if self.infonce_negatives is not None and self.infonce_negatives >= self.batch_size:
             self.infonce_negatives = None                # the whole batch, as the default (one run folder for both)
         if self.device == "auto":
@@ -851,8 +859,8 @@ def packed_states(model, flat, target_at, history_lengths, first, rows, width):
     return states.flatten(0, 1)
 
 
-# The per-user regime (--examples users; the next three functions), beyond the paper and not used by any recorded
-# cell: spec §2 admits "all
+# The per-user regime (--examples users; the next three functions), beyond the paper and not used by any result
+# on the results page: spec §2 admits "all
 # prefixes of a user in one causal pass" only once a side-by-side run shows validation metrics unchanged, and that
 # comparison has not been made yet (README, "Train"); a first read can skip to train_epoch. A user's training
 # part s[0 .. n-3] is read once, inputs s[0 .. n-4], and the state at every input position p is a history vector,
@@ -951,8 +959,9 @@ def user_batches(windows, history_lengths, batch_size, width, groups=None):
 
 
 def grouped_states(model, flat, target_at, history_lengths, sizes, widths):
-    """(cells, d) the states of every cell of a batch of histories in length groups (GRU4Rec, SASRec), one group's
-    (B_g, T_g) cells after the other, each row by row; one item lookup for all groups, as encode_batch."""
+    """--examples users only: (cells, d) the states of every cell of a batch of windows in length groups (GRU4Rec,
+    SASRec), one group's (B_g, T_g) cells after the other, each row by row; one item lookup for all groups, as
+    encode_batch, which reads only each history's last state."""
     groups = group_histories(flat, target_at, history_lengths, sizes, widths)
     return torch.cat([model.sequence_states(x, group).flatten(0, 1)
                       for group, x in zip(groups, group_item_vectors(model, groups))])
@@ -1004,8 +1013,8 @@ def train_epoch(model, optimizer, data, config, epoch, progress=None):
         progress(0, len(batches))
     for step, (batch, *layout) in enumerate(batches):
         h = encode(batch, *layout)                                           # (B, d)
-        examples = batch[2] if per_user else batch                           # (B,) the triplets' examples
-        loss = batch_loss(model, h, flat[target_at[examples]], negatives[examples], config)
+        example_ids = batch[2] if per_user else batch                        # (B,) the triplets' examples
+        loss = batch_loss(model, h, flat[target_at[example_ids]], negatives[example_ids], config)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -1018,8 +1027,7 @@ def train_epoch(model, optimizer, data, config, epoch, progress=None):
 def adam(model, lr, device):
     """Adam, with its fused kernel (the same update in one kernel) on CPU, CUDA and MPS where torch has it. torch's
     defaults otherwise (betas 0.9 / 0.999, eps 1e-8, no weight decay; the original SASRec used beta2 0.98), and no
-    gradient clipping: the paper names none of these. Layers other than the item and position tables keep torch's
-    default initialization."""
+    gradient clipping: the paper names none of these."""
     try:
         return torch.optim.Adam(model.parameters(), lr=lr, fused=device.type in ("cpu", "cuda", "mps"))
     except RuntimeError:                                                     # "fused=True requires ... devices"
