@@ -14,16 +14,16 @@ From Python: `train(Config(model="sasrec", loss="uniform"), sequences)` (Config,
 
 Where the paper is silent, docs/spec.md decides ("spec §n"); docs/measurements.md has the numbers behind our own
 choices. Item ids: `histories` (B, T), `positives`, `negatives`, `targets` (B,); vectors: h, i, j (B, d) of the
-histories, positives and negatives (the paper's h'_u, i'_i, i'_j). Some code is written for speed; what it
-computes is what a plain version would, up to float rounding and random draws (which draws make the dropout masks;
-under length groups, which K candidates an InfoNCE history meets when K < B; packing's dropout rate rounded to a
-multiple of 2**-16), so on a first read take each as its plain version, named in parentheses: in section 2 `Dropout`
-(nn.Dropout), the attention written out (F.scaled_dot_product_attention) and the `item_vectors` hook (one lookup
-per history); in section 3 `score_all`'s one matrix product and its `out` (score); in section 4
+histories, positives and negatives (the paper's h'_u, i'_i, i'_j). Some code is written for speed; what it computes
+is what a plain version would, up to float rounding and random draws (which draws make the dropout masks; under
+length groups, which candidates an InfoNCE history meets when --infonce-negatives is under B; packing's dropout rate
+rounded to a multiple of 2**-16), so on a first read take each as its plain version, named in parentheses: in
+section 2 `Dropout` (nn.Dropout), the attention written out (F.scaled_dot_product_attention) and the `item_vectors`
+hook (one lookup per history); in section 3 `score_all`'s one matrix product and its `out` (score); in section 4
 `rank_of_targets`' in-place count (a sum of comparisons); in section 5 the length groups and packing (the whole
-batch as one padded tensor) and fused Adam (Adam). Skip outright the per-user regime (`--examples users`, not
-the paper's and not measured for quality yet): section 5's user_windows, user_batches, grouped_states and
-train_epoch's `per_user` branch. At import nothing runs but one warnings filter.
+batch as one padded tensor) and fused Adam (Adam). Skip outright the per-user regime (`--examples users`, not the
+paper's and not measured for quality yet): section 5's user_windows, user_batches, grouped_states and train_epoch's
+`per_user` branch. At import nothing runs but one warnings filter.
 """
 import sys
 
@@ -59,9 +59,10 @@ from data_prep import DataError
 # (target_at, history length): its target is flat[target_at] and its history the `length` items just before it,
 # flat[target_at - length : target_at]. Histories are cut to the last `max_len` items and right-padded with 0
 # (spec §1), to the width of their batch (in training, of their length group: section 5; groups sort within a
-# batch, so they never change which triplets share one). `lengths` are the users'
-# sequence lengths n, `history_lengths` the examples'; E is the number of training examples; N the largest item id
-# (the benchmark files number their items 1..N).
+# batch, so they never change which triplets share one). `lengths` are the users' sequence lengths n,
+# `history_lengths` the examples'; E is the number of training examples; N the largest item id (the benchmark files
+# number their items 1..N). Appendix A's 5-core filter is applied where the data files are made (data_prep.py,
+# K_CORE): the sequences read here are already 5-core.
 
 
 def flatten_sequences(sequences, device):
@@ -76,9 +77,9 @@ def flatten_sequences(sequences, device):
 
 def training_examples(starts, lengths, max_len):
     """Every prefix of every user's training part. Returns (target_at, history_lengths, users), each (E,)."""
-    per_user = (lengths - 3).clamp(min=0)                                  # t = 1 .. n-3
-    users = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), per_user)
-    first = torch.cumsum(per_user, 0) - per_user
+    examples_per_user = (lengths - 3).clamp(min=0)                         # t = 1 .. n-3
+    users = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), examples_per_user)
+    first = torch.cumsum(examples_per_user, 0) - examples_per_user
     t = torch.arange(len(users), device=lengths.device) - first[users] + 1  # 1 .. n-3 within each user
     return starts[users] + t, t.clamp(max=max_len), users
 
@@ -111,7 +112,9 @@ def training_item_codes(flat, starts, lengths, num_items):
 def sample_negatives(owners, avoided, num_items, generator):
     """One negative item id per example, uniform over 1..N but never an item its owner avoids; `avoided` are the sorted
     codes owner * (N + 1) + item of those (owner, item) pairs. By default (spec §2) an example's owner is its user
-    and `avoided` training_item_codes(): never a training item of the user (training_data's "any" makes each example its
+    and `avoided` training_item_codes(): never a training item of the user. The paper's j is any item "unobserved"
+    by u; the user's validation and test items stay drawable, because excluding them would let held-out data shape
+    training (spec §2). (training_data's "any" makes each example its
     own owner). Vectorised rejection sampling: only the rejected slots are redrawn, until none is left."""
     negatives = torch.randint(1, num_items + 1, owners.shape, device=owners.device, generator=generator)
     while True:
@@ -141,7 +144,8 @@ class TrainingData(NamedTuple):
 def training_data(flat, starts, lengths, num_items, max_len, negatives_from="unseen", examples="prefixes"):
     """TrainingData of every user's training part; a DataError when a user leaves no item to draw as a negative.
     negatives_from (Config.negatives): "unseen", none of the user's training items (spec §2); "any", any item but
-    the example's own positive, as RecBole and the authors' code draw them (the user's other items included).
+    the example's own positive, as RecBole and the authors' production code (jovis-model's L2Rec, an archive that
+    does not run as published; shared/docs/anchors.md §3) draw them (the user's other items included).
     examples: "users" adds the per-user regime's windows (section 5)."""
     target_at, history_lengths, users = training_examples(starts, lengths, max_len)
     windows = user_windows(users, len(lengths), max_len) if examples == "users" else None
@@ -502,10 +506,12 @@ def uniformity_loss(h, i, j, beta=0.05, t=2.0, *, normalize=True, rec=True, hom=
     - L_hom counts each unordered pair once and no vector with itself: (S - 3B) / 2, where S is eq. 4's double sum
       over ordered pairs read literally and its 3B self-pairs are exp(0) = 1 each (a constant, no gradient). So at a
       given beta, L_hom pulls half as hard as the literal reading of eq. 4 (spec §4).
-    - The authors' code sums L_hom over the positives and over the negatives as two sets (about 3B^2/2 pairs,
-      against 5B^2/2 here): the same beta weighs L_hom more here.
+    - The authors' production code (jovis-model's L2Rec, an archive that does not run as published: a statement of
+      intent) sums L_hom over the positives and over the negatives as two sets (about 3B^2/2 pairs, against 5B^2/2
+      here): the same beta weighs L_hom more here.
     - L_rec has 2B terms, L_hom about 5B^2/2, L_het B^2: beta's weight grows with B (the paper's 0.05 is for B = 256).
-    - Rank a model trained on cosines by cosines: the loss never sees the vectors' lengths, so nothing trained them.
+    - Rank a model trained on cosines by cosines: the loss sees only the directions of h, i and j, so their lengths
+      carry nothing it trained for ranking (an item row's length matters only as an encoder input).
     """
     if normalize:                                                            # eq. 3
         unit = torch.nn.functional.normalize
@@ -660,11 +666,13 @@ class Config:
     """Every setting the method reads, with the paper's defaults (appendix B). Config() is the README's command with
     no flag: runs.py's parser takes its defaults from here, and each flag sets the field of its name (--max-len sets
     max_len). Where the paper names a grid, the default is a point of it: lr 3e-4, d 64, 2 heads, beta 0.05 (its best
-    in Table 3). Making a Config refuses a switch its model cannot take and fills in (__post_init__):
+    in Table 3). Making a Config refuses an unknown model, pack=True but for SASRec and examples="users" for Caser
+    (a field only another backbone reads is accepted and ignored), and fills in (__post_init__):
       - layers None: the original's depth (ORIGINAL_LAYERS); length_groups None: 8, and 1 for Caser;
       - device "auto": cuda, then mps, then cpu;
       - one value for a setting that can be said two ways, so that equal runs share a run folder: a GRU4Rec's or
-        SASRec's caser_activation becomes "none", an infonce_negatives of the whole batch or more becomes None.
+        SASRec's caser_activation becomes "none" (what runs.py reads a folder from before the field as; it changes
+        nothing in those models), an infonce_negatives of the whole batch or more becomes None.
     runs.configure() builds the command line's configuration through a Config too: both give the same one."""
     # what to train
     model: str = "sasrec"                 # gru4rec, caser, sasrec
@@ -814,21 +822,22 @@ def packed_batches(order, history_lengths, batch_size, width):
     return list(zip(order.split(batch_size), first.split(batch_size), rows.sum(1).tolist()))
 
 
-def packed_slots(batch, lengths, batches, width):
-    """The slots of histories of `lengths` (U,), in batches `batch` (U,) (ascending, 0 .. batches - 1), in rows of
-    `width` cells, each row holding slots of one size: returns (first, rows): first (U,) each history's first cell,
-    counted row by row from its batch's first row; rows (batches, slot sizes) the rows of each size in each batch."""
-    device = lengths.device
+def packed_slots(batch_index, history_lengths, num_batches, width):
+    """The slots of H histories of `history_lengths` (H,), history h in batch batch_index[h] (ascending, 0 ..
+    num_batches - 1), in rows of `width` cells, each row holding slots of one size: returns (first, rows): first (H,)
+    each history's first cell, counted row by row from its batch's first row; rows (num_batches, slot sizes) the rows
+    of each size in each batch."""
+    device = history_lengths.device
     sizes = torch.tensor(slot_sizes(width), device=device)
     per_row = width // sizes                                               # slots in a row of each size
-    position = torch.arange(len(lengths), device=device)
-    size_index = torch.searchsorted(sizes, lengths)                        # each history's slot size, as an index
-    group = batch * len(sizes) + size_index                                # its (batch, slot size) as one number
-    group_count = torch.bincount(group, minlength=batches * len(sizes))
+    position = torch.arange(len(history_lengths), device=device)
+    size_index = torch.searchsorted(sizes, history_lengths)                # each history's slot size, as an index
+    group = batch_index * len(sizes) + size_index                          # its (batch, slot size) as one number
+    group_count = torch.bincount(group, minlength=num_batches * len(sizes))
     by_group = torch.argsort(group, stable=True)
     nth = torch.empty_like(group)                                          # its place among its group's histories
     nth[by_group] = position - (torch.cumsum(group_count, 0) - group_count)[group[by_group]]
-    rows = (group_count.view(-1, len(sizes)) + per_row - 1) // per_row     # (batches, sizes) rows of each size
+    rows = (group_count.view(-1, len(sizes)) + per_row - 1) // per_row     # (num_batches, sizes) rows of each size
     first_row = (torch.cumsum(rows, 1) - rows).flatten()[group] + nth // per_row[size_index]
     return first_row * width + nth % per_row[size_index] * sizes[size_index], rows
 
@@ -877,9 +886,9 @@ def packed_states(model, flat, target_at, history_lengths, first, rows, width):
 # - A window is exactly the history of the example at its end (its history lengths are the window's), so the
 #   windows are those examples, and a window's states come from the same code as a history's: packed rows (--pack)
 #   or length groups, every real position's state read instead of only the last.
-# - SASRec's positions count back from the window's last input (0), the only position the per-prefix regime and
-#   evaluation also read there (where 0 is the history's last item): so the evaluated model is the one trained, one
-#   position table for both. The original SASRec counts the same way (its input left-padded to max_len, positions
+# - SASRec's positions count back from the window's last input, which gets position 0. The per-prefix regime and
+#   evaluation read only position 0 (a history's last item), so training and evaluation share one position table
+#   and one convention. The original SASRec counts the same way (its input left-padded to max_len, positions
 #   absolute in the padded row). An earlier state is read while the later positions of its window exist: under the
 #   causal mask it never sees a later item (their ids, vectors, or anything computed from them), but its own items'
 #   positions count back from the window's end, so they carry how many inputs of the window come after it (their
@@ -897,9 +906,10 @@ def user_windows(users, num_users, max_len):
     """(W,) the example ending each window of the per-user regime: each user's examples (in order) cut into windows of
     max_len, counted back from its last example. Such an example's history is its window's inputs: the first window
     has at most max_len (its end's history is all of the user's items before it), the others max_len."""
-    per_user = torch.bincount(users, minlength=num_users)
-    first = torch.cumsum(per_user, 0) - per_user
-    later = per_user[users] - 1 - (torch.arange(len(users), device=users.device) - first[users])  # examples after it
+    examples_per_user = torch.bincount(users, minlength=num_users)
+    first = torch.cumsum(examples_per_user, 0) - examples_per_user
+    position = torch.arange(len(users), device=users.device) - first[users]      # the example's place in its user's
+    later = examples_per_user[users] - 1 - position                               # examples after it
     return (later % max_len == 0).nonzero().squeeze(1)
 
 
@@ -908,52 +918,53 @@ def user_batches(windows, history_lengths, batch_size, width, groups=None):
     whole windows of about `batch_size` triplets (a window belongs to the batch its last triplet falls in, so one
     that crosses a multiple of batch_size opens the next batch) and lay each batch out: packed rows of `width` cells
     (groups None; packed_slots) or each batch sorted by length and cut into `groups` length groups (as
-    epoch_batches). Returns [(windows, first,
-    examples, cells, layout)]: the batch's windows (the examples ending them; in group order when grouped), each
-    window's first cell, and for each of its triplets its example (its positive and negative) and the cell whose
-    state is its history vector, cells counted over the batch's rows (packed) or its groups' cells one group after
-    the other, each row by row; layout is (rows,) packed, (sizes, widths) grouped. A single host-device
-    synchronisation, no loop over windows."""
+    epoch_batches). Returns [(windows, first, examples, cells, layout)]: the batch's windows (the examples ending
+    them; in group order when grouped), each window's first cell, and for each of its triplets its example (its
+    positive and negative) and the cell whose state is its history vector, cells counted over the batch's rows
+    (packed) or its groups' cells one group after the other, each row by row; layout is (rows,) packed, (sizes,
+    widths) grouped. A single host-device synchronisation, no loop over windows."""
     device = windows.device
-    lengths = history_lengths[windows]                                    # (W,) each window's triplets
+    window_triplets = history_lengths[windows]                            # (W,) each window's triplets
     examples_total = len(history_lengths)                                 # the windows hold every example once
-    batches = -(-examples_total // batch_size)
-    batch = (torch.cumsum(lengths, 0) - 1) // batch_size                   # (W,) ascending; an empty batch is skipped
-    count = torch.bincount(batch, minlength=batches)                      # windows per batch
+    num_batches = -(-examples_total // batch_size)
+    batch_index = (torch.cumsum(window_triplets, 0) - 1) // batch_size    # (W,) ascending; an empty batch is skipped
+    count = torch.bincount(batch_index, minlength=num_batches)            # windows per batch
     if groups is None:
-        first, rows = packed_slots(batch, lengths, batches, width)
+        first, rows = packed_slots(batch_index, window_triplets, num_batches, width)
         shape = [rows.sum(1)]
     else:                                      # within each batch, by length; near-equal groups (group_sizes)
-        by_length = torch.argsort(batch * (width + 1) + lengths, stable=True)
-        windows, batch, lengths = windows[by_length], batch[by_length], lengths[by_length]
+        by_length = torch.argsort(batch_index * (width + 1) + window_triplets, stable=True)
+        windows, batch_index, window_triplets = windows[by_length], batch_index[by_length], window_triplets[by_length]
         position = torch.arange(len(windows), device=device)
-        rank, k = position - (torch.cumsum(count, 0) - count)[batch], count[batch]  # place in its batch, its size
+        rank = position - (torch.cumsum(count, 0) - count)[batch_index]  # its place in its batch
+        k = count[batch_index]                                            # its batch's size
         g = k.clamp(max=groups)
         small, bigger = k // g, k % g                                     # the first `bigger` groups hold one more
         group = torch.where(rank < (small + 1) * bigger, rank // (small + 1), bigger + (rank - (small + 1) * bigger)
                             // small)
-        group = batch * groups + group                                    # ascending, as the windows are sorted
-        group_count = torch.bincount(group, minlength=batches * groups)
-        group_width = torch.zeros_like(group_count).scatter_reduce_(0, group, lengths, "amax")  # its longest
-        group_cells = (group_count * group_width).view(batches, groups)
+        group = batch_index * groups + group                              # ascending, as the windows are sorted
+        group_count = torch.bincount(group, minlength=num_batches * groups)
+        group_width = torch.zeros_like(group_count).scatter_reduce_(0, group, window_triplets, "amax")  # its longest
+        group_cells = (group_count * group_width).view(num_batches, groups)
         offset = (torch.cumsum(group_cells, 1) - group_cells).flatten()   # a group's first cell in its batch
         first = offset[group] + (position - (torch.cumsum(group_count, 0) - group_count)[group]) * group_width[group]
         shape = [group_count, group_width]
-    start = torch.cumsum(lengths, 0) - lengths
-    within = torch.arange(examples_total, device=device) - torch.repeat_interleave(start, lengths,
+    start = torch.cumsum(window_triplets, 0) - window_triplets
+    within = torch.arange(examples_total, device=device) - torch.repeat_interleave(start, window_triplets,
                                                                                    output_size=examples_total)
-    cells = torch.repeat_interleave(first, lengths, output_size=examples_total) + within
-    examples = torch.repeat_interleave(windows - lengths + 1, lengths, output_size=examples_total) + within
-    triplets = torch.zeros_like(count).index_add_(0, batch, lengths)
+    cells = torch.repeat_interleave(first, window_triplets, output_size=examples_total) + within
+    examples = torch.repeat_interleave(windows - window_triplets + 1, window_triplets,
+                                       output_size=examples_total) + within
+    triplets = torch.zeros_like(count).index_add_(0, batch_index, window_triplets)
     host = torch.cat([count, triplets, *shape]).tolist()                  # the one synchronisation
-    count, triplets, shape = host[:batches], host[batches:2 * batches], host[2 * batches:]
+    count, triplets, shape = host[:num_batches], host[num_batches:2 * num_batches], host[2 * num_batches:]
     if groups is None:
         layouts = [(rows,) for rows in shape]
     else:
-        sizes, widths = shape[:batches * groups], shape[batches * groups:]
+        sizes, widths = shape[:num_batches * groups], shape[num_batches * groups:]
         layouts = [([c for c in sizes[b * groups:(b + 1) * groups] if c],
                     [w for c, w in zip(sizes[b * groups:(b + 1) * groups], widths[b * groups:(b + 1) * groups]) if c])
-                   for b in range(batches)]
+                   for b in range(num_batches)]
     parts = zip(windows.split(count), first.split(count), examples.split(triplets), cells.split(triplets), layouts)
     return [(w, f, e, c, layout) for (w, f, e, c, layout), n in zip(parts, count) if n]
 
