@@ -4,26 +4,31 @@ Recommendation" (Chung & Kim).
     python uniform_seqrec.py --model sasrec --loss uniform --data beauty
 
 This file is the paper's method, top to bottom; `runs.py` runs it (command line, run folders, checkpoints, resume).
-From Python: `train(Config(model="sasrec", loss="uniform"), sequences)` (Config, section 5, holds the defaults).
-  1. Data            leave-one-out split, training triplets (u, i, j), negatives          (appendix A, section 4)
-  2. Backbones       GRU4Rec, Caser, SASRec: encode(histories) -> (B, d)                  (sections 2, 5.1)
-  3. Scores, losses  score (eqs. 1, 3), BCE (eq. 2), BPR, InfoNCE, uniformity loss        (sections 2-4)
+From Python: `train(Config(model="sasrec", loss="uniform"), sequences)` (Config, part 5, holds the defaults).
+The file has five parts; beside each, the paper's sections it follows (§: the paper's; "spec §": docs/spec.md's):
+  1. Data            leave-one-out split, training triplets (u, i, j), negatives          (appendix A, §4)
+  2. Backbones       GRU4Rec, Caser, SASRec: encode(histories) -> (B, d)                  (§2, §5.1)
+  3. Scores, losses  score (eqs. 1, 3), BCE (eq. 2), BPR, InfoNCE, uniformity loss        (§2-§4)
                      and, beyond the paper, CE: softmax over every item
-  4. Evaluation      HR@K and NDCG@K ranking every item, under two protocols              (section 5.1)
+  4. Evaluation      HR@K and NDCG@K ranking every item, under two protocols              (§5.1)
   5. Training        batches of triplets, early stopping, the best state tested           (appendix B)
 
 Where the paper is silent, docs/spec.md decides ("spec §n"); docs/measurements.md has the numbers behind our own
 choices. Item ids: `histories` (B, T), `positives`, `negatives`, `targets` (B,); vectors: h, i, j (B, d) of the
-histories, positives and negatives (the paper's h'_u, i'_i, i'_j). Some code is written for speed; what it computes
-is what a plain version would, up to float rounding and random draws (which draws make the dropout masks; under
-length groups, which candidates an InfoNCE history meets when --infonce-negatives is under B; packing's dropout rate
-rounded to a multiple of 2**-16), so on a first read take each as its plain version, named in parentheses: in
-section 2 `Dropout` (nn.Dropout), the attention written out (F.scaled_dot_product_attention) and the `item_vectors`
-hook (one lookup per history); in section 3 `score_all`'s one matrix product and its `out` (score); in section 4
-`rank_of_targets`' in-place count (a sum of comparisons); in section 5 the length groups and packing (the whole
-batch as one padded tensor) and fused Adam (Adam). Skip outright the per-user regime (`--examples users`, not the
-paper's and not measured for quality yet): section 5's user_windows, user_batches, grouped_states and train_epoch's
-`per_user` branch. At import nothing runs but one warnings filter.
+histories, positives and negatives (the paper's h'_u, i'_i, i'_j).
+
+Some code is written for speed. On a first read take each as its plain version, named in parentheses: in part 2
+`Dropout` (nn.Dropout), the attention written out (F.scaled_dot_product_attention) and the `item_vectors` hook (one
+lookup per history); in part 3 `score_all`'s one matrix product and its `out` (score); in part 4 `rank_of_targets`'
+in-place count (a sum of comparisons); in part 5 the length groups and packing (the whole batch as one padded
+tensor) and fused Adam (Adam). What they compute differs from the plain version only in
+  - float rounding;
+  - which random numbers make the dropout masks;
+  - with length groups and --infonce-negatives under B, which candidates an InfoNCE history meets;
+  - with --pack, the dropout rate, rounded to a multiple of 2**-16 (0.5 exactly).
+Skip outright the per-user regime (`--examples users`, not the paper's and not measured for quality yet): part 5's
+user_windows, user_batches, grouped_states and train_epoch's `per_user` branch. At import nothing runs but one
+warnings filter.
 """
 import sys
 
@@ -45,7 +50,7 @@ from data_prep import DataError
 
 
 # =============================================================================================================
-# 1. Data: leave-one-out split and training triplets (paper appendix A and section 4; spec §1-2)
+# 1. Data: leave-one-out split and training triplets (paper appendix A and §4; spec §1-2)
 # =============================================================================================================
 #
 #   s = [ s0 s1 ... s(n-4) s(n-3) | s(n-2) | s(n-1) ]
@@ -57,12 +62,12 @@ from data_prep import DataError
 #
 # All users' items live in one flat tensor `flat`, with a 0 (padding) at index 0. An example is a pair
 # (target_at, history length): its target is flat[target_at] and its history the `length` items just before it,
-# flat[target_at - length : target_at]. Histories are cut to the last `max_len` items and right-padded with 0
-# (spec §1), to the width of their batch (in training, of their length group: section 5; groups sort within a
-# batch, so they never change which triplets share one). `lengths` are the users' sequence lengths n,
-# `history_lengths` the examples'; E is the number of training examples; N the largest item id (the benchmark files
-# number their items 1..N). Appendix A's 5-core filter is applied where the data files are made (data_prep.py,
-# K_CORE): the sequences read here are already 5-core.
+# flat[target_at - length : target_at]. Histories are cut to the last `max_len` items and right-padded with 0 (spec
+# §1), to the width of their batch (in training, to the width of their length group or packed slot, part 5:
+# histories are sorted or packed within each batch, so which triplets share a batch is unchanged). `lengths` are the
+# users' sequence lengths n, `history_lengths` the examples'; E is the number of training examples; N the largest
+# item id (the benchmark files number their items 1..N). Appendix A's 5-core filter is applied where the data files
+# are made (data_prep.py, K_CORE): the sequences read here are already 5-core.
 
 
 def flatten_sequences(sequences, device):
@@ -137,7 +142,7 @@ class TrainingData(NamedTuple):
     avoided: torch.Tensor            # sorted codes owner * (N + 1) + item: each (owner, item) a negative avoids
     num_items: int                   # N
     window_ends: Optional[torch.Tensor] = None  # (W,) examples="users" only: the example ending each window
-                                                # (user_windows, section 5)
+                                                # (user_windows, part 5)
     widest: int = 0                  # the longest history (and window): the packed rows' width
 
 
@@ -146,7 +151,7 @@ def training_data(flat, starts, lengths, num_items, max_len, negatives_from="uns
     negatives_from (Config.negatives): "unseen", none of the user's training items (spec §2); "any", any item but
     the example's own positive, as RecBole and the authors' production code (jovis-model's L2Rec, an archive that
     does not run as published; shared/docs/anchors.md §3) draw them (the user's other items included).
-    examples: "users" adds the per-user regime's windows (section 5)."""
+    examples: "users" adds the per-user regime's windows (part 5)."""
     target_at, history_lengths, users = training_examples(starts, lengths, max_len)
     windows = user_windows(users, len(lengths), max_len) if examples == "users" else None
     if not len(target_at):
@@ -167,12 +172,12 @@ def training_data(flat, starts, lengths, num_items, max_len, negatives_from="uns
 
 
 # =============================================================================================================
-# 2. Backbones (sections 2, 5.1): item ids in, one vector h'_u per history out, one item table for inputs and scoring
+# 2. Backbones (paper §2, §5.1): item ids in, one vector h'_u per history out, one item table for inputs and scoring
 # =============================================================================================================
 
-# Every embedding table (items, SASRec's positions, Caser's users and output items) starts N(0, 0.02), as in S3-Rec
-# and BERT: small vectors turn quickly under Adam, and learning was faster than from N(0, 1/d)
-# (docs/measurements.md). Every other layer keeps torch's default initialization.
+# Every embedding table (items, SASRec's positions, Caser's users and output items) starts with std 0.02, as in
+# S3-Rec and BERT: small vectors turn quickly under Adam, and learning was faster than from std 1/sqrt(d) (0.125 at
+# d = 64; docs/measurements.md). Every other layer keeps torch's default initialization.
 EMBEDDING_INIT_STD = 0.02
 
 
@@ -192,7 +197,7 @@ class Backbone(nn.Module):
     backbone is called alike. `output_items()` is the table items are scored with: the input table, but for a
     Caser with its own output table."""
 
-    # Whether encode() also takes `item_vectors`, its histories' item vectors looked up already: section 5's length
+    # Whether encode() also takes `item_vectors`, its histories' item vectors looked up already: part 5's length
     # groups then look up every group's items at once (speed only). SequenceBackbone's do; Caser's does not.
     takes_item_vectors = False
 
@@ -211,7 +216,7 @@ class Backbone(nn.Module):
 class Dropout(nn.Dropout):
     """Speed only: nn.Dropout's inverted dropout, the mask drawn by comparing uniform numbers, faster on CPU than
     torch's Bernoulli sampler (docs/measurements.md). With `from_bits` (train() sets it on every Dropout when the
-    packed path of section 5 is on) the mask comes from random 16-bit integers instead, four to a random 64-bit
+    packed path of part 5 is on) the mask comes from random 16-bit integers instead, four to a random 64-bit
     word: fewer random draws, and p is rounded to a multiple of 2**-16 (0.5 exactly). The default path keeps its
     uniform numbers: other draws there would change every seeded run's numbers."""
 
@@ -246,7 +251,7 @@ def last_real_state(states, histories):
 
 class SequenceBackbone(Backbone):
     """GRU4Rec and SASRec: the history vector is the state at the last real position. `item_vectors`, when given,
-    is self.items(histories) looked up already: the length groups of section 5 look up all their groups at once."""
+    is self.items(histories) looked up already: the length groups of part 5 look up all their groups at once."""
 
     takes_item_vectors = True
 
@@ -275,7 +280,7 @@ class GRU4Rec(SequenceBackbone):
 class Caser(Backbone):
     """Tang & Wang: the last L item vectors as an L x d "image"; vertical (L x 1) and horizontal convolutions (h x d,
     h = 1..L, max-pooled over time); dropout; a fully connected layer to d with the original's ReLU. Three switches,
-    each at our default when off. Two restore features of the original that we leave out because the paper scores
+    each at Config's default unless set. Two restore features of the original that we leave out because the paper scores
     histories against one item table (spec §3): `num_users` > 0 adds its user embedding (joined by a second layer,
     RecBole's form, so vectors stay d-wide), and `output_table` an output item table (its W2). The third departs
     from the original: activation "none" drops the ReLU of the fully connected layer (the horizontal convolutions
@@ -331,7 +336,7 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, blocked, context=None):                           # (B, T, d) -> (B, T, d)
         """blocked: bool, True where position i may not attend to position j: (T, T) the causal mask's future, or
-        (B, 1, T, T) when each row has a mask of its own (the packed path of section 5, where other histories of a
+        (B, 1, T, T) when each row has a mask of its own (the packed path of part 5, where other histories of a
         row are blocked too). context: what keys and values are computed from, when not x (the original block's)."""
         B, T, d = x.shape
         h = self.heads
@@ -347,15 +352,16 @@ class CausalSelfAttention(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Attention and a point-wise feed-forward net, each as x + f(LN(x)): GPT-2's pre-LayerNorm block, our default
-    (not the original SASRec's: every result on the results page was trained with this block, and the two blocks
-    have not been compared yet; docs/decisions.md). original=True builds the original SASRec's block instead (Kang &
-    McAuley's code, model.py and modules.py, and its PyTorch port pmixer/SASRec.pytorch before the port's norm_first
-    switch): the attention's queries are LN(x) while its keys and values come from the unnormalized x, and each
-    residual adds the normalized input, LN(x) + f(...): y = LN(x) + attention(LN(x), x), then LN(y) +
-    feed_forward(LN(y)). (Kang's TensorFlow code also zeroes padded positions after each block and has no output
-    projection after the heads; neither is copied: under right padding and the causal mask no real position reads a
-    padded one, and the projection is kept so that both blocks have the same weights.)
+    """Attention and a point-wise feed-forward net (SASRec's: d -> d -> d with ReLU, SASRec's dropouts), each as x +
+    f(LN(x)): GPT-2's pre-LayerNorm arrangement, our default (not the original SASRec's: every result on the results
+    page was trained with this block, and the two blocks have not been compared yet; docs/decisions.md).
+    original=True builds the original SASRec's block instead (Kang & McAuley's code, model.py and modules.py, and
+    its PyTorch port pmixer/SASRec.pytorch before the port's norm_first switch): the attention's queries are LN(x)
+    while its keys and values come from the unnormalized x, and each residual adds the normalized input, LN(x) +
+    f(...): y = LN(x) + attention(LN(x), x), then LN(y) + feed_forward(LN(y)). (Kang's TensorFlow code also zeroes
+    padded positions after each block and has no output projection after the heads; neither is copied: under right
+    padding and the causal mask no real position reads a padded one, and the projection is kept so that both blocks
+    have the same weights.)
     Dropout where the original has it: on the attention weights and twice in the feed-forward net, not on the
     attention's output (one more there slowed learning; docs/measurements.md)."""
 
@@ -425,14 +431,14 @@ def build_model(config, num_items, num_users, max_len):
 
 
 # =============================================================================================================
-# 3. Scores and losses (sections 2-4, eqs. 1-6; spec §4)
+# 3. Scores and losses (paper §2-§4, eqs. 1-6; spec §4)
 # =============================================================================================================
 #
 # Eq. 1 scores a history and an item by the dot product of their vectors; on unit vectors (eq. 3) that is their
-# cosine. Every loss SUMS over the batch, as the paper writes them. `score`, `score_all`, the paper's four losses,
-# `ce_loss` (a fifth, beyond the paper: softmax over every item) and `gaussian_potential` need only `import torch`
-# (hence torch.nn.functional spelled out), so that they can be copied into another project alone; what to know
-# before using uniformity_loss elsewhere is in its docstring.
+# cosine. Every loss sums over the batch (no mean), as the paper writes them. `score`, `score_all`, the paper's four
+# losses, `ce_loss` (a fifth, beyond the paper: softmax over every item) and `gaussian_potential` need only `import
+# torch` (hence torch.nn.functional spelled out), so that they can be copied into another project alone; what to
+# know before using uniformity_loss elsewhere is in its docstring.
 
 
 def score(h, items, cosine=False):
@@ -503,12 +509,13 @@ def uniformity_loss(h, i, j, beta=0.05, t=2.0, *, normalize=True, rec=True, hom=
              (positives and negatives together); an item twice in a batch is two slots.
       L_het  eq. 5: G summed over all B x B pairs (history, negative), each history's own negative included.
     Worth knowing before using it elsewhere:
-    - L_hom counts each unordered pair once and no vector with itself: (S - 3B) / 2, where S is eq. 4's double sum
-      over ordered pairs read literally and its 3B self-pairs are exp(0) = 1 each (a constant, no gradient). So at a
-      given beta, L_hom pulls half as hard as the literal reading of eq. 4 (spec §4).
-    - The authors' production code (jovis-model's L2Rec, an archive that does not run as published: a statement of
-      intent) sums L_hom over the positives and over the negatives as two sets (about 3B^2/2 pairs, against 5B^2/2
-      here): the same beta weighs L_hom more here.
+    - Eq. 4's sum over x, y is read as unordered pairs of distinct slots, as the authors' code computes it
+      (torch.pdist: each pair once, no diagonal; spec §4, shared/docs/anchors.md §3). Read literally, over ordered
+      pairs with self-pairs, it would be 2 * L_hom + 3B (each self-pair exp(0) = 1, a constant): the same optimum,
+      with the gradients of 2 * beta.
+    - The authors' code (their production code, jovis-model's L2Rec: an archive that does not run as published, a
+      statement of intent) sums L_hom over the positives and over the negatives as two sets (about 3B^2/2 pairs,
+      against 5B^2/2 here): the same beta weighs L_hom more here.
     - L_rec has 2B terms, L_hom about 5B^2/2, L_het B^2: beta's weight grows with B (the paper's 0.05 is for B = 256).
     - Rank a model trained on cosines by cosines: the loss sees only the directions of h, i and j, so their lengths
       carry nothing it trained for ranking (an item row's length matters only as an encoder input).
@@ -530,9 +537,10 @@ def uniformity_loss(h, i, j, beta=0.05, t=2.0, *, normalize=True, rec=True, hom=
 
 def infonce_candidates(batch_size, k, device):
     """(B, K) batch slots of each history's InfoNCE negatives: its own, then the next K - 1 (cyclically). Every
-    slot's negative is an independent uniform draw, so these are K random negatives whatever the slots' order; each
-    was drawn to avoid its own example's user's training items, so another slot's may be one of this user's (only a
-    candidate equal to the positive is masked, spec §4)."""
+    slot's negative is an independent uniform draw, so these are K random negatives whatever the slots' order, but
+    for one thing: each was drawn to avoid its own example's user's training items, so another slot's may be one of
+    this user's (only a candidate equal to the positive is masked, spec §4), and which users' items the K avoid
+    depends on the order (sorted by length, neighbours tend to be similar users, or one user's prefixes)."""
     return (torch.arange(batch_size, device=device)[:, None] + torch.arange(k, device=device)) % batch_size
 
 
@@ -565,12 +573,13 @@ def scores_are_cosines(config):
 
 
 # =============================================================================================================
-# 4. Evaluation (section 5.1; spec §5): rank the target against every item, for ALL users
+# 4. Evaluation (paper §5.1; spec §5): rank the target against every item, for ALL users
 # =============================================================================================================
 #
 # The paper ranks "the entire item pool" and does not say whether the items of the user's history take part. Both
 # protocols are computed from one scoring pass: every item ranked ("all_items"), and the history's items excluded
-# first ("history_excluded": the history as the model reads it, its last max_len items; S3-Rec's code sets the
+# first ("history_excluded": the history passed to encode(), its last max_len items, though Caser itself reads only
+# its last L; S3-Rec's code sets the
 # scores of all of the user's earlier items to 0: the same items but for the few histories longer than max_len; a
 # score of 0 can still rank above items that score below 0, where our -inf never does). A target that repeats one of
 # them then cannot be hit. Training's early stopping, and the `test` and `valid` that train() returns, use every item
@@ -648,7 +657,7 @@ def evaluate_protocols(model, batches, cosine):
 
 
 # =============================================================================================================
-# 5. Training (appendix B; spec §6): batches of triplets, early stopping, the best state tested once
+# 5. Training (paper appendix B; spec §6): batches of triplets, early stopping, the best state tested once
 # =============================================================================================================
 #
 # Appendix B names the batch (256), the history length (50), dropout (0.5), the grids, and early stopping when
@@ -684,7 +693,7 @@ class Config:
     heads: int = 2                        # SASRec attention heads (must divide dim)
     dropout: float = 0.5
     max_len: int = 50                     # histories keep their last max_len items
-    block: str = "pre-ln"                 # SASRec: GPT-2's pre-LayerNorm blocks, or "original" (TransformerBlock)
+    block: str = "pre-ln"                 # SASRec: GPT-2's pre-LayerNorm arrangement, or "original" (TransformerBlock)
     caser_window: int = 5                 # Caser: the last L items it convolves
     caser_activation: str = "relu"        # Caser: the original's "relu", or "none" (docs/decisions.md)
     caser_users: bool = False             # Caser: the original's user embedding
@@ -726,9 +735,11 @@ class Config:
                              "only its last L items)")
         if self.length_groups is None:                   # Caser reads only its last L items: no padding to save
             self.length_groups = 1 if self.model == "caser" else 8
-        if self.model != "caser":    # only Caser reads it; for the others one fixed value, so that equal runs are
-            self.caser_activation = "none"   # equal: "none", what folders from before the field are read as
-                                             # (runs.LATER_KEYS). It changes nothing in a GRU4Rec or SASRec.
+        # Only Caser reads caser_activation. Run folders written before the field existed are read as "none"
+        # (runs.LATER_KEYS: the first Caser had no activation); GRU4Rec and SASRec, which ignore it, get that same
+        # value so that identical runs match those folders.
+        if self.model != "caser":
+            self.caser_activation = "none"
         if self.infonce_negatives is not None and self.infonce_negatives >= self.batch_size:
             self.infonce_negatives = None                # the whole batch, as the default (one run folder for both)
         if self.device == "auto":
@@ -753,8 +764,8 @@ def epoch_seed(seed, epoch):
 # Length groups, a speed path (the next five functions): a batch is a random set of B triplets as always, but its
 # histories are sorted by length and encoded in `length_groups` groups, each padded only to its own longest. Every
 # loss sums over the batch: the loss is the same (but for InfoNCE with --infonce-negatives K < B, whose K slots are
-# other draws once the batch is sorted: the same distribution), its float rounding and the dropout masks' draws are
-# not, and far less padding is computed (docs/measurements.md).
+# other draws once the batch is sorted: nearly the same distribution, infonce_candidates), its float rounding and
+# the dropout masks' draws are not, and far less padding is computed (docs/measurements.md).
 
 
 def group_sizes(batch_size, groups):
@@ -858,13 +869,13 @@ def packed_states(model, flat, target_at, history_lengths, first, rows, width):
     within = cells - slot_start                                            # offset in its slot (a row starts one)
     length = history_lengths[owner]
     real = within < length                                                 # the rest of a slot is padding
-    items = flat[torch.where(real, target_at[owner] - length + within, 0)].view(rows, width)  # flat[0] == 0
+    cell_items = flat[torch.where(real, target_at[owner] - length + within, 0)].view(rows, width)  # flat[0] == 0
     steps_back = (length - 1 - within).clamp(min=0).view(rows, width)
-    # padding: -1, a "history" of its own; it sees itself, so no softmax row is all -inf (which would be NaN)
-    history = torch.where(real, owner, -1).view(rows, width)
+    # each cell's example; padding -1, an owner of its own: it sees itself, so no softmax row is all -inf (NaN)
+    cell_owner = torch.where(real, owner, -1).view(rows, width)
     future = torch.ones(width, width, dtype=torch.bool, device=flat.device).triu(1)
-    blocked = (history[:, :, None] != history[:, None, :]) | future         # (rows, width, width)
-    states = model.states(model.items(items), steps_back, blocked[:, None])  # (rows, width, d)
+    blocked = (cell_owner[:, :, None] != cell_owner[:, None, :]) | future   # (rows, width, width)
+    states = model.states(model.items(cell_items), steps_back, blocked[:, None])  # (rows, width, d)
     return states.flatten(0, 1)
 
 
