@@ -280,11 +280,12 @@ class GRU4Rec(SequenceBackbone):
 class Caser(Backbone):
     """Tang & Wang: the last L item vectors as an L x d "image"; vertical (L x 1) and horizontal convolutions (h x d,
     h = 1..L, max-pooled over time); dropout; a fully connected layer to d with the original's ReLU. Three switches,
-    each at Config's default unless set. Two restore features of the original that we leave out because the paper scores
-    histories against one item table (spec §3): `num_users` > 0 adds its user embedding (joined by a second layer,
-    RecBole's form, so vectors stay d-wide), and `output_table` an output item table (its W2). The third departs
-    from the original: activation "none" drops the ReLU of the fully connected layer (the horizontal convolutions
-    keep theirs). docs/decisions.md measures all three against the original."""
+    each at Config's default unless set. Two restore features of the original that we leave out: its user embedding
+    (`num_users` > 0; joined by a second layer, RecBole's form, so vectors stay d-wide), because the paper's eq. 1
+    scores a history vector alone; and its output item table W2 (`output_table`), because spec §3 (the paper is
+    silent) uses one item table for inputs and scoring. The third departs from the original: activation "none"
+    drops the ReLU of the fully connected layer (the horizontal convolutions keep theirs). docs/decisions.md
+    measures all three against the original."""
 
     def __init__(self, num_items, dim=64, dropout=0.5, window=5, vertical_filters=4, horizontal_filters=16,
                  activation="relu", num_users=0, output_table=False):
@@ -540,7 +541,9 @@ def infonce_candidates(batch_size, k, device):
     slot's negative is an independent uniform draw, so these are K random negatives whatever the slots' order, but
     for one thing: each was drawn to avoid its own example's user's training items, so another slot's may be one of
     this user's (only a candidate equal to the positive is masked, spec §4), and which users' items the K avoid
-    depends on the order (sorted by length, neighbours tend to be similar users, or one user's prefixes)."""
+    depends on the order: after length groups sort a batch, a history's next K - 1 slots hold examples of similar
+    history lengths (in the per-user regime, often the same user's other prefixes), not a random mix of users. With
+    the default K = B the order does not matter."""
     return (torch.arange(batch_size, device=device)[:, None] + torch.arange(k, device=device)) % batch_size
 
 
@@ -577,13 +580,14 @@ def scores_are_cosines(config):
 # =============================================================================================================
 #
 # The paper ranks "the entire item pool" and does not say whether the items of the user's history take part. Both
-# protocols are computed from one scoring pass: every item ranked ("all_items"), and the history's items excluded
-# first ("history_excluded": the history passed to encode(), its last max_len items, though Caser itself reads only
-# its last L; S3-Rec's code sets the
-# scores of all of the user's earlier items to 0: the same items but for the few histories longer than max_len; a
-# score of 0 can still rank above items that score below 0, where our -inf never does). A target that repeats one of
-# them then cannot be hit. Training's early stopping, and the `test` and `valid` that train() returns, use every item
-# ranked unless mask_seen: the README says why every item ranked is the protocol the evidence favours as the paper's.
+# protocols are computed from one scoring pass:
+# - "all_items": every item ranked.
+# - "history_excluded": the items of the history given to encode() (its last max_len items, even for Caser, which
+#   reads only its last L) are scored -inf first, so a target that repeats one of them can never be a hit.
+#   S3-Rec's code instead sets the scores of all of the user's earlier items to 0: the same items but for the few
+#   histories longer than max_len, and a score of 0 can still rank above items that score below 0.
+# Training's early stopping, and the `test` and `valid` that train() returns, use every item ranked unless
+# mask_seen: the README says why every item ranked is the protocol the evidence favours as the paper's.
 PROTOCOLS = {"all_items": False, "history_excluded": True}                 # name -> mask_seen
 
 
@@ -680,8 +684,8 @@ class Config:
       - layers None: the original's depth (ORIGINAL_LAYERS); length_groups None: 8, and 1 for Caser;
       - device "auto": cuda, then mps, then cpu;
       - one value for a setting that can be said two ways, so that equal runs share a run folder: a GRU4Rec's or
-        SASRec's caser_activation becomes "none" (what runs.py reads a folder from before the field as; it changes
-        nothing in those models), an infonce_negatives of the whole batch or more becomes None.
+        SASRec's caser_activation is set to "none" (those models ignore it, and "none" is what runs.py assumes for
+        run folders written before the field existed), an infonce_negatives of the whole batch or more becomes None.
     runs.configure() builds the command line's configuration through a Config too: both give the same one."""
     # what to train
     model: str = "sasrec"                 # gru4rec, caser, sasrec
@@ -1001,6 +1005,8 @@ def train_epoch(model, optimizer, data, config, epoch, progress=None):
     # change every seeded run's numbers, so it stays.
     torch.manual_seed(epoch_seed(config["seed"], epoch))                    # dropout
     generator = torch.Generator(device).manual_seed(epoch_seed(config["seed"], epoch))
+    # .get, here and in train(): a configuration dict made by hand (tests, bench.py) or read from a run folder
+    # written before --examples and --pack existed may lack these keys (as build_model's "block")
     per_user = config.get("examples", "prefixes") == "users"
     # (E,) the examples, or (W,) the per-user regime's windows (user_windows), in a random order
     order = torch.randperm(len(data.window_ends if per_user else target_at), device=device, generator=generator)
