@@ -200,13 +200,18 @@ def cells(what, datasets, models):
         # array task runs the N-th: SLURM_ARRAY_TASK_ID=N names the same cell as before CE was added)
         found += [f"table1/{d}/{m}/{CE}" for d in datasets for m in models]
     if what == "tune":
-        for d in datasets:
-            for m in models:
-                for loss in LOSSES:
-                    layers = ["1"] if m == "caser" else TUNE_LAYERS
-                    found += [f"tune/{d}/{m}/{loss}/lr={lr},dim={dim},layers={n}"
-                              for lr in TUNE_LR for dim in TUNE_DIM for n in layers]
+        found += [cell for d in datasets for m in models for loss in LOSSES for cell in tuning_grid(d, m, loss)]
+        # CE's grids after all the others, as in Table 1: every earlier tuning cell keeps its line of the list
+        found += [cell for d in datasets for m in models for cell in tuning_grid(d, m, CE)]
     return list(dict.fromkeys(found))                                       # in order, without repeats
+
+
+def tuning_grid(dataset, model, loss):
+    """The tuning cells of one Table 1 cell, one per grid point: lr, then dim, then layers (= heads) rising, the
+    last fastest; Caser has no depth, so lr x dim."""
+    layers = ["1"] if model == "caser" else TUNE_LAYERS
+    return [f"tune/{dataset}/{model}/{loss}/lr={lr},dim={dim},layers={n}" for lr in TUNE_LR for dim in TUNE_DIM
+            for n in layers]
 
 
 def run_folder(cell, seed, hyperparameters):

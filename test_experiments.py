@@ -36,7 +36,17 @@ def test_the_tables_have_the_papers_cells():
     assert len(C.cells("table2", C.DATASETS, C.MODELS)) == 14
     assert len(C.cells("table3", C.DATASETS, C.MODELS)) == 10
     assert C.cells("table2", ["sports"], C.MODELS) == [] and C.cells("table2", C.DATASETS, ["gru4rec"]) == []
-    assert len(C.cells("tune", ["beauty"], C.MODELS)) == 4 * (12 + 12 + 6)
+    tune = C.cells("tune", ["beauty"], C.MODELS)
+    paper_tune = [cell for m in C.MODELS for loss in ("bce", "bpr", "infonce", "uniform")
+                  for cell in C.tuning_grid("beauty", m, loss)]
+    assert len(paper_tune) == 4 * (12 + 12 + 6) and tune[:len(paper_tune)] == paper_tune     # on their old lines
+    assert tune[len(paper_tune):] == [c for m in C.MODELS for c in C.tuning_grid("beauty", m, "ce")]  # then CE's
+    grid = C.tuning_grid("beauty", "sasrec", "ce")
+    assert len(set(grid)) == 12 and grid[:3] == ["tune/beauty/sasrec/ce/lr=1e-4,dim=64,layers=1",
+                                                 "tune/beauty/sasrec/ce/lr=1e-4,dim=64,layers=2",
+                                                 "tune/beauty/sasrec/ce/lr=1e-4,dim=128,layers=1"]
+    assert C.cell_arguments(grid[-1], {}) == ["--data", "beauty", "--model", "sasrec", "--loss", "ce", "--lr",
+                                              "3e-4", "--dim", "128", "--layers", "2", "--heads", "2"]
 
 
 def test_run_all_runs_every_listed_cell_with_its_own_log(tmp_path):
