@@ -451,10 +451,10 @@ def cell_ids_known():
     return cells("all", DATASETS, MODELS) + cells("tune", DATASETS, MODELS)
 
 
-def run_cell(cell, seed, device):
+def run_cell(cell, seed, device, pause_after=None):
     """Train one cell (resuming it, or doing nothing when it is finished); `report` records it. A cell that another
     process is training is left to it: exit status 0, so that a job array or a second run_all.sh does not count
-    it as a failure."""
+    it as a failure. pause_after: stop after that epoch, untested (uniform_seqrec.py's --pause-after)."""
     if cell not in cell_ids_known():
         raise R.ConfigError(f"unknown cell '{cell}' (`experiments.py list all` prints them)")
     arguments = [*cell_arguments(cell, read_hyperparameters()), *seed_arguments(cell, seed)]
@@ -470,7 +470,8 @@ def run_cell(cell, seed, device):
             f.write(git_commit() + "\n")
     started = time.time()
     print(f"[{time.strftime('%H:%M:%S')}] {cell} seed {seed}: {' '.join(arguments)}", flush=True)
-    code = R.main([*arguments, *(["--device", device] if device else [])])
+    code = R.main([*arguments, *(["--device", device] if device else []),
+                   *(["--pause-after", str(pause_after)] if pause_after else [])])
     if code == 2 and in_use(run_dir):                                       # another process took it meanwhile
         code = 0
     print(f"[{time.strftime('%H:%M:%S')}] {cell} seed {seed}: exit {code} after {time.time() - started:.0f}s",
