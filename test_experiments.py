@@ -1138,3 +1138,15 @@ def test_halving_without_its_data_file_is_one_line(tmp_path, monkeypatch, capsys
     error = capsys.readouterr().err
     assert error.startswith("experiments.py: error: ") and "Toys_and_Games.txt not found" in error
     assert error.count("\n") == 1
+
+
+@pytest.mark.parametrize("contents", ["not json", "[]", '{"points": [], "rungs": []}'])
+def test_a_damaged_halving_table_is_one_line(fake_grid, capsys, contents):
+    path = T.saved_path("beauty", "sasrec", "bce")                          # no run folders: the report reads it
+    os.makedirs(os.path.dirname(path))
+    with open(path, "w") as f:
+        f.write(contents)
+    assert E.main(["halving", "--losses", "bce", "--report"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"experiments.py: error: {path} is damaged") and error.count("\n") == 1
+    assert "restore it from git" in error
