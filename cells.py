@@ -200,13 +200,18 @@ def cells(what, datasets, models):
         # array task runs the N-th: SLURM_ARRAY_TASK_ID=N names the same cell as before CE was added)
         found += [f"table1/{d}/{m}/{CE}" for d in datasets for m in models]
     if what == "tune":
-        for d in datasets:
-            for m in models:
-                for loss in LOSSES:
-                    layers = ["1"] if m == "caser" else TUNE_LAYERS
-                    found += [f"tune/{d}/{m}/{loss}/lr={lr},dim={dim},layers={n}"
-                              for lr in TUNE_LR for dim in TUNE_DIM for n in layers]
+        found += [cell for d in datasets for m in models for loss in LOSSES for cell in tuning_grid(d, m, loss)]
+        # CE's grids after all the others, as in Table 1: every earlier tuning cell keeps its line of the list
+        found += [cell for d in datasets for m in models for cell in tuning_grid(d, m, CE)]
     return list(dict.fromkeys(found))                                       # in order, without repeats
+
+
+def tuning_grid(dataset, model, loss):
+    """The tuning cells of one Table 1 cell, one per grid point: lr, then dim, then layers (= heads) rising, the
+    last fastest; Caser has no depth, so lr x dim."""
+    layers = ["1"] if model == "caser" else TUNE_LAYERS
+    return [f"tune/{dataset}/{model}/{loss}/lr={lr},dim={dim},layers={n}" for lr in TUNE_LR for dim in TUNE_DIM
+            for n in layers]
 
 
 def run_folder(cell, seed, hyperparameters):
@@ -446,10 +451,10 @@ def cell_ids_known():
     return cells("all", DATASETS, MODELS) + cells("tune", DATASETS, MODELS)
 
 
-def run_cell(cell, seed, device):
+def run_cell(cell, seed, device, pause_after=None):
     """Train one cell (resuming it, or doing nothing when it is finished); `report` records it. A cell that another
     process is training is left to it: exit status 0, so that a job array or a second run_all.sh does not count
-    it as a failure."""
+    it as a failure. pause_after: stop after that epoch, untested (uniform_seqrec.py's --pause-after)."""
     if cell not in cell_ids_known():
         raise R.ConfigError(f"unknown cell '{cell}' (`experiments.py list all` prints them)")
     arguments = [*cell_arguments(cell, read_hyperparameters()), *seed_arguments(cell, seed)]
@@ -465,7 +470,8 @@ def run_cell(cell, seed, device):
             f.write(git_commit() + "\n")
     started = time.time()
     print(f"[{time.strftime('%H:%M:%S')}] {cell} seed {seed}: {' '.join(arguments)}", flush=True)
-    code = R.main([*arguments, *(["--device", device] if device else [])])
+    code = R.main([*arguments, *(["--device", device] if device else []),
+                   *(["--pause-after", str(pause_after)] if pause_after else [])])
     if code == 2 and in_use(run_dir):                                       # another process took it meanwhile
         code = 0
     print(f"[{time.strftime('%H:%M:%S')}] {cell} seed {seed}: exit {code} after {time.time() - started:.0f}s",

@@ -5,12 +5,14 @@
     python experiments.py report                                                     # results/RESULTS.md
     python experiments.py figure1                                                    # results/figure1*.png
     python experiments.py list tune ...  /  python experiments.py choose             # hyperparameter search
+    python experiments.py halving  /  python experiments.py halving --report         # the search by halving
     python experiments.py repeats --dataset yelp RUN_DIR...                          # NDCG@10 from repeated items
 
 run_all.sh drives these. This file is the command line only; each command's program has its own file:
-cells.py (the cell catalogue, running and recording cells, `choose`, `rescore`), baselines.py (popularity and item
-transitions), analyses.py (`repeats`, and which protocol the paper used), report.py (results/RESULTS.md, its claims
-and the win rule) and figures.py (`figure1`, `figure-alignment`).
+cells.py (the cell catalogue, running and recording cells, `choose`, `rescore`), tuning.py (`halving`: the tuning
+grid by successive halving), baselines.py (popularity and item transitions), analyses.py (`repeats`, and which
+protocol the paper used), report.py (results/RESULTS.md, its claims and the win rule) and figures.py (`figure1`,
+`figure-alignment`).
 """
 import signal
 import sys
@@ -27,6 +29,7 @@ import cells as C
 import figures as F
 import report as P
 import runs as R
+import tuning as T
 from data_prep import DataError, OneLineErrorParser
 
 
@@ -44,6 +47,24 @@ def main(argv=None):
     running.add_argument("--seed", type=int, default=1)
     running.add_argument("--device", default=None)
     commands.add_parser("choose", help="write results/hyperparameters.tsv from the tuning runs")
+    halving = commands.add_parser(
+        "halving", help="tune one backbone on one dataset by successive halving over the tuning grid, loss by loss "
+                        "(resumable), and print each loss's table",
+        description="Successive halving over the tuning grid (lr 1e-4, 2e-4, 3e-4 x dim 64, 128 x layers = heads "
+                    "1, 2; seed 1), loss by loss: rung 1 trains every grid point to epoch 6, rung 2 the best third "
+                    "to epoch 24, rung 3 the best one to early stopping (patience 20, at most 300 epochs); best: "
+                    "the best validation NDCG@10 within the rung's epochs, a tie to the earlier grid point. At most "
+                    "420 epochs a loss (144 in rungs 1-2). Each grid point is its tuning cell's run folder, paused "
+                    "at a rung's end; run again, the command continues where it stopped and trains nothing once "
+                    "done. A finished loss is recorded in results/cells/ (its tuning cell) and results/halving/.")
+    halving.add_argument("--dataset", default=T.DATASET, choices=C.DATASETS, help=f"the dataset (default: {T.DATASET})")
+    halving.add_argument("--model", default=T.MODEL, choices=C.MODELS, help=f"the backbone (default: {T.MODEL})")
+    halving.add_argument("--losses", default=",".join(T.LOSSES),
+                         help=f"comma-separated, halved in this order, of {', '.join(C.TABLE1_LOSSES)} (default: "
+                              f"{','.join(T.LOSSES)})")
+    halving.add_argument("--device", default=None, help="the device every run trains on (default: uniform_seqrec.py's "
+                                                        "choice)")
+    halving.add_argument("--report", action="store_true", help="print each loss's table so far and train nothing")
     commands.add_parser("report", help="record every finished run of a cell, then write results/RESULTS.md")
     rescoring = commands.add_parser("rescore", help="add both ranking protocols to the records of the given cells "
                                                     "(default: all) whose run folders are still here")
@@ -90,6 +111,17 @@ def command(args):
         return C.run_cell(args.cell, args.seed, args.device)
     elif args.command == "choose":
         C.choose()
+    elif args.command == "halving":
+        losses = args.losses.split(",")
+        for loss in losses:
+            if loss not in C.TABLE1_LOSSES:
+                raise R.ConfigError(f"--losses: '{loss}' is not one of {', '.join(C.TABLE1_LOSSES)}")
+        if len(set(losses)) < len(losses):
+            raise R.ConfigError(f"--losses names a loss twice ({args.losses})")
+        if args.report:
+            print("\n".join(T.tables(args.dataset, args.model, losses)))
+            return 0
+        return T.halving(args.dataset, args.model, losses, args.device)
     elif args.command == "baselines":
         B.baselines()
     elif args.command == "rescore":

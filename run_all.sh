@@ -5,6 +5,10 @@
 #                                14, Table 3: 10, Figure 1), one seed
 #   ./run_all.sh WHAT            one part: table1, table2, table3, figure1, infonce, caser-none, negatives, readme (the
 #                                README's own command), all (the default), or `tune` for the hyperparameter search
+#   ./run_all.sh halving         the tuning grid by successive halving (`python experiments.py halving`; schedule in
+#                                docs/running.md), one run at a time, for DATASETS x MODELS (here beauty and sasrec by
+#                                default) and LOSSES=bce,bpr,uniform,ce (the default); log in
+#                                runs/logs/halving-<dataset>-<model>.log, then each loss's table
 #   ./run_all.sh -h | --help     this help
 #   JOBS=6 ./run_all.sh          cells run at once on the one GPU (default 4; more than there are cells is capped)
 #   SEEDS=3 ./run_all.sh         seeds 1..3 of every cell (1 to 20: the report reads those); RESULTS.md then shows
@@ -51,11 +55,12 @@ names() {  # NAME VALUE KNOWN: VALUE is a comma-separated, non-empty list of nam
 # SLURM_ARRAY_TASK_ID empty mean unset, as for their other readers.
 case ${1-all} in
   -h|--help) sed -n '2,/^set -euo/{/^set -euo/d; s/^# \{0,1\}//; p}' "$script"; exit 0 ;;  # the header
-  table1|table2|table3|figure1|infonce|caser-none|negatives|readme|tune|all) what=${1-all} ;;
+  table1|table2|table3|figure1|infonce|caser-none|negatives|readme|tune|halving|all) what=${1-all} ;;
   *) die "unknown argument ${1@Q} (one of table1 table2 table3 figure1 infonce caser-none negatives readme tune" \
-         "all; see --help)" ;;
+         "halving all; see --help)" ;;
 esac
 [ $# -le 1 ] || die "one argument at most, got $# ($*)"
+if [ "$what" = halving ]; then DATASETS=${DATASETS-beauty} MODELS=${MODELS-sasrec}; fi   # its own defaults
 JOBS=${JOBS-4} SEEDS=${SEEDS-1} DEVICE=${DEVICE-}
 DATASETS=${DATASETS-beauty,toys,sports,yelp} MODELS=${MODELS-gru4rec,caser,sasrec}
 positive JOBS "$JOBS"
@@ -66,6 +71,33 @@ names MODELS "$MODELS" gru4rec,caser,sasrec
 [ -z "${SLURM_ARRAY_TASK_ID:-}" ] || positive SLURM_ARRAY_TASK_ID "$SLURM_ARRAY_TASK_ID"
 # OpenMP would ignore garbage with a warning per process; its rarely used lists ("4,2") are refused too.
 if [ -n "${OMP_NUM_THREADS:-}" ]; then positive OMP_NUM_THREADS "$OMP_NUM_THREADS"; else unset OMP_NUM_THREADS; fi
+
+if [ "$what" = halving ]; then  # one process per dataset x model trains its rungs in turn: no list, no JOBS
+  LOSSES=${LOSSES-bce,bpr,uniform,ce}
+  names LOSSES "$LOSSES" bce,bpr,infonce,uniform,ce
+  [ "$SEEDS" = 1 ] || die "SEEDS=$SEEDS: halving trains seed 1 only"
+  [ -z "${SLURM_ARRAY_TASK_ID:-}" ] || die "SLURM_ARRAY_TASK_ID: halving is one process, not an array of cells"
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}  # one run at a time: every CPU
+  mkdir -p runs/logs
+  failed=0
+  for dataset in ${DATASETS//,/ }; do
+    for model in ${MODELS//,/ }; do
+      log=runs/logs/halving-$dataset-$model.log status=0
+      python experiments.py halving --dataset "$dataset" --model "$model" --losses "$LOSSES" \
+        ${DEVICE:+--device "$DEVICE"} >> "$log" 2>&1 || status=$?
+      if [ "$status" = 0 ]; then
+        echo "done    halving $dataset $model ($LOSSES)"
+      else
+        echo "FAILED  halving $dataset $model (exit $status, see $log; the same command continues)"
+        failed=$((failed + 1))
+      fi
+      python experiments.py halving --dataset "$dataset" --model "$model" --losses "$LOSSES" --report || true
+    done
+  done
+  [ "$failed" = 0 ] || { echo "run_all.sh: $failed halvings FAILED (their FAILED lines above name their logs)" >&2
+                         exit 1; }
+  exit 0
+fi
 
 # The list (one "cell seed" a line); experiments.py's own one-line error stops the script here (set -e).
 list=$(python experiments.py list "$what" --datasets "$DATASETS" --models "$MODELS" --seeds "$SEEDS")

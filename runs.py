@@ -128,13 +128,19 @@ FULL_DISK_BYTES = 1 << 20
 # 2. Run folders: what train() saves and resumes from; atomic writes, the lock, the progress line
 # =============================================================================================================
 
+class Paused(Exception):
+    """A run stopped by --pause-after: its folder holds every epoch up to the checkpoint's, and nothing was tested."""
+
+
 class RunFolder:
     """The `run` of uniform_seqrec.train() kept in a folder: the checkpoint after every epoch, the log beside it,
-    and what the user sees (each line through `log`, the progress line on a terminal)."""
+    and what the user sees (each line through `log`, the progress line on a terminal). pause_after: the last epoch
+    to train before stopping without a test (Paused), as --pause-after asks; None trains to the end."""
 
-    def __init__(self, path, log=print, progress=None, statistics=lambda model: {}):
+    def __init__(self, path, log=print, progress=None, statistics=lambda model: {}, pause_after=None):
         self.path, self.print, self.statistics = path, log, statistics
         self.progress = ProgressLine() if progress is None else progress
+        self.pause_after = pause_after
         self.saved_epoch = 0                                                # the epoch checkpoint.pt holds
 
     def __str__(self):
@@ -187,6 +193,11 @@ class RunFolder:
         self.print(line)
 
     def step(self, epoch, done, total):
+        if done == 0 and self.pause_after is not None and epoch > self.pause_after:
+            # An epoch past pause_after is about to start, its checkpoint saved: stop here, before any step. train()
+            # starts an epoch only while early stopping lets it, so a run that stops by itself by pause_after is
+            # tested as usual, and the stopping rule stays train()'s alone.
+            raise Paused(f"paused after epoch {self.saved_epoch}")
         if done == 0:
             self.progress.start(f"epoch {epoch}")
         elif done == total:
@@ -523,6 +534,11 @@ def build_parser():
     runs = parser.add_argument_group("run folder")
     runs.add_argument("--out", help="run folder (default: runs/<data>-<model>-<loss>-<hash of the configuration>)")
     runs.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR with its saved configuration")
+    runs.add_argument("--pause-after", type=int, metavar="EPOCH",
+                      help="stop once epoch EPOCH is trained and saved, without testing (no metrics.json); the same "
+                           "command without it, or with a larger EPOCH, continues the run as an interrupted one "
+                           "resumes. Not part of the configuration: the run folder is the same. A run that early "
+                           "stopping ends by EPOCH finishes as usual")
     parser.set_defaults(**CONFIG_DEFAULTS)
     return parser
 
@@ -532,7 +548,7 @@ CONFIG_DEFAULTS = {field.name: field.default for field in fields(U.Config)}
 
 
 # keys of the configuration that do not change the result, so may differ when a run is resumed
-RUN_ONLY_KEYS = ("device", "data_dir", "data_path", "data_fingerprint", "out", "resume")
+RUN_ONLY_KEYS = ("device", "data_dir", "data_path", "data_fingerprint", "out", "resume", "pause_after")
 # keys a run can be extended in: asked for more, a run continues from its checkpoint in its own folder
 EXTENDABLE_KEYS = ("epochs", "patience")
 # Keys added after runs had been recorded, with the value that every earlier run had without saying so. At that value
@@ -657,6 +673,8 @@ def check_config(config):
             raise ConfigError(f"--{key.replace('_', '-')} {config[key]} is too large (integers go up to 2**63 - 1)")
     if math.isinf(config["lr"]):
         raise ConfigError(f"--lr must be finite (got {config['lr']})")
+    if config.get("pause_after") is not None and not 0 < config["pause_after"] <= MAX_INT:
+        raise ConfigError(f"--pause-after must be an epoch from 1 to 2**63 - 1 (got {config['pause_after']})")
     if not -2 ** 63 <= config["seed"] < 2 ** 64:
         raise ConfigError(f"--seed must be from -2**63 to 2**64 - 1, the seeds torch takes (got {config['seed']})")
     for key in ("beta", "t"):
@@ -940,6 +958,7 @@ def main(argv=None):
     run = None
     try:
         config, run_dir = configure(argv, fetch=True)
+        pause_after = config.pop("pause_after", None)      # how far to train now, not the run's: not in config.json
         if not (config["out"] or config["resume"]):
             run_dir = extended_folder(config, run_dir)
         sequences = read_sequences(config["data_path"])                     # bad data fails before any folder exists
@@ -959,10 +978,15 @@ def main(argv=None):
                 say(f"its result: {metrics_path}")
                 return 0
             os.remove(metrics_path)                                         # extended: a new result will replace it
-        run = RunFolder(run_dir, log=say,
-                        statistics=epoch_statistics(config, sequences))
+        run = RunFolder(run_dir, log=say, statistics=epoch_statistics(config, sequences), pause_after=pause_after)
         settings = device_settings(config["device"])                        # once, before training
         run.finish(U.train(config, sequences, run), config, settings)
+    except Paused:
+        run.progress.clear()
+        past = f" (already past --pause-after {pause_after})" if run.saved_epoch > pause_after else ""
+        say(f"{run_dir}: paused after epoch {run.saved_epoch}{past}, not tested yet; the same command without "
+            f"--pause-after, or with a larger one, continues it")
+        return 0
     except (DataError, ConfigError) as err:
         print(f"uniform_seqrec.py: error: {err}", file=sys.stderr)
         return 2

@@ -36,7 +36,17 @@ def test_the_tables_have_the_papers_cells():
     assert len(C.cells("table2", C.DATASETS, C.MODELS)) == 14
     assert len(C.cells("table3", C.DATASETS, C.MODELS)) == 10
     assert C.cells("table2", ["sports"], C.MODELS) == [] and C.cells("table2", C.DATASETS, ["gru4rec"]) == []
-    assert len(C.cells("tune", ["beauty"], C.MODELS)) == 4 * (12 + 12 + 6)
+    tune = C.cells("tune", ["beauty"], C.MODELS)
+    paper_tune = [cell for m in C.MODELS for loss in ("bce", "bpr", "infonce", "uniform")
+                  for cell in C.tuning_grid("beauty", m, loss)]
+    assert len(paper_tune) == 4 * (12 + 12 + 6) and tune[:len(paper_tune)] == paper_tune     # on their old lines
+    assert tune[len(paper_tune):] == [c for m in C.MODELS for c in C.tuning_grid("beauty", m, "ce")]  # then CE's
+    grid = C.tuning_grid("beauty", "sasrec", "ce")
+    assert len(set(grid)) == 12 and grid[:3] == ["tune/beauty/sasrec/ce/lr=1e-4,dim=64,layers=1",
+                                                 "tune/beauty/sasrec/ce/lr=1e-4,dim=64,layers=2",
+                                                 "tune/beauty/sasrec/ce/lr=1e-4,dim=128,layers=1"]
+    assert C.cell_arguments(grid[-1], {}) == ["--data", "beauty", "--model", "sasrec", "--loss", "ce", "--lr",
+                                              "3e-4", "--dim", "128", "--layers", "2", "--heads", "2"]
 
 
 def test_run_all_runs_every_listed_cell_with_its_own_log(tmp_path):
@@ -762,6 +772,8 @@ def test_a_damaged_metrics_file_is_one_line(tiny_cell, monkeypatch, capsys, metr
     # issue 33, item 8: rescore of a cell that is no cell, or has no record, printed nothing and exited 0
     (["rescore", "no/such/cell"], "'no/such/cell' is not a cell (`experiments.py list all` prints them); nothing was"),
     (["rescore", "tune/beauty/sasrec/bce/lr=1e-4,dim=64,layers=1"], "has no record in results/cells/; nothing was"),
+    (["halving", "--losses", "bce,nope"], "--losses: 'nope' is not one of bce, bpr, infonce, uniform, ce"),
+    (["halving", "--losses", "ce,bce,ce"], "--losses names a loss twice (ce,bce,ce)"),
 ])
 def test_an_argument_out_of_range_is_one_line(capsys, argv, expected):
     assert E.main(argv) == 2
@@ -914,3 +926,227 @@ def test_a_records_machine_is_shown_and_never_guessed(tmp_path, monkeypatch):
     assert P.machine_label(C.machine_of({"device_settings": before})) == "cpu (model not recorded), torch 2.13.0, " \
                                                                           "2 threads"
     assert C.machine_of({}) is None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Successive halving over the tuning grid (tuning.py, `experiments.py halving`)
+# ----------------------------------------------------------------------------------------------------------------
+
+import tuning as T  # noqa: E402
+
+
+def test_halving_trains_each_rung_recording_the_final_run_and_a_second_call_trains_nothing(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """The real runner on a small file named Beauty.txt, rungs to epoch 1 and 2 and runs of at most 4 epochs: the
+    rungs' runs pause in the grid points' own folders, the best advance, the chosen one's run finishes and is
+    recorded; the command again trains nothing; and without the run folders its table reads the same from
+    results/."""
+    g = random.Random(4)
+    data = tmp_path / "data" / "Beauty.txt"
+    data.parent.mkdir()
+    data.write_text("".join(f"{u} " + " ".join(str(g.randint(1, 25)) for _ in range(g.randint(5, 9))) + "\n"
+                            for u in range(1, 61)))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("UNIFORM_SEQREC_DATA", str(data.parent))
+    monkeypatch.setattr(C, "RESULTS", str(tmp_path / "results"))
+    monkeypatch.setattr(C, "HERE", str(tmp_path))
+    published = sha256_of(str(data))
+    monkeypatch.setattr(C, "published_sha256", lambda dataset: published)
+    monkeypatch.setattr(T, "RUNG_EPOCHS", (1, 2, None))
+    arguments = C.cell_arguments
+    monkeypatch.setattr(C, "cell_arguments", lambda cell, h: [*arguments(cell, h), "--epochs", "4", "--device", "cpu"])
+    grid = C.tuning_grid("beauty", "sasrec", "bce")
+    assert E.main(["halving", "--losses", "bce"]) == 0
+    out = capsys.readouterr().out
+    folders = [C.run_folder(cell, 1, {}) for cell in grid]
+    epochs = [T.read_point(cell, folder)["epochs"] for cell, folder in zip(grid, folders)]
+    finished = [os.path.isfile(os.path.join(folder, "metrics.json")) for folder in folders]
+    assert sorted(epochs) == [1] * 8 + [2] * 3 + [max(epochs)] and finished.count(True) == 1, epochs
+    chosen = grid[finished.index(True)]
+    assert "paused after epoch 1" in out and "paused after epoch 2" in out
+    record = C.read_record(C.record_path(chosen, 1))
+    assert record["cell"] == chosen and set(record["protocols"]) == set(U.PROTOCOLS)
+    saved = json.loads((tmp_path / "results" / "halving" / "beauty-sasrec-bce.json").read_text())
+    assert saved["chosen"] == chosen and saved["epochs_spent"] == sum(epochs) and saved["finished"]
+    table = T.tables("beauty", "sasrec", ["bce"])
+    assert f"chosen: {chosen.split('/')[-1]}; {sum(epochs)} epochs trained, all grid points together" in table
+    P.report(str(tmp_path / "with.md"))                                   # the results page: one row more, no more
+    os.rename(C.record_path(chosen, 1), tmp_path / "record.json")
+    P.report(str(tmp_path / "without.md"))
+    os.rename(tmp_path / "record.json", C.record_path(chosen, 1))
+    with_record, without = ((tmp_path / f"{n}.md").read_text().splitlines() for n in ("with", "without"))
+    added = [line for line in with_record if line not in without]
+    assert len(with_record) == len(without) + 1 and len(added) == 1 and added[0].startswith(f"| {chosen} | 1 | ")
+    assert with_record.index(added[0]) > with_record.index("## Runs behind the cells")
+    monkeypatch.setattr(R, "main", lambda argv: pytest.fail(f"trained again: {argv}"))
+    assert E.main(["halving", "--losses", "bce"]) == 0
+    assert T.tables("beauty", "sasrec", ["bce"]) == table
+    shutil.rmtree(tmp_path / "runs")
+    assert T.tables("beauty", "sasrec", ["bce"]) == table                     # from results/ alone
+    assert E.main(["halving", "--losses", "bce"]) == 0                        # not trained again either
+    assert "finished before, as results/halving/beauty-sasrec-bce.json says" in capsys.readouterr().out
+
+
+def fake_point(folder, ndcgs, finished=False):
+    """A grid point's run folder by hand: log.jsonl with one row per validation NDCG@10 (epochs 1, 2, ...), and a
+    metrics.json (both protocols) when its run has finished."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "log.jsonl"), "w") as f:
+        f.write("".join(json.dumps({"epoch": e, "valid_NDCG@10": v}) + "\n" for e, v in enumerate(ndcgs, 1)))
+    if not finished and os.path.exists(os.path.join(folder, "metrics.json")):
+        os.remove(os.path.join(folder, "metrics.json"))
+    if finished:
+        best = max(range(len(ndcgs)), key=lambda e: (ndcgs[e], -e)) + 1
+        test = {k: 0.01 * best for k in T.METRICS}
+        with open(os.path.join(folder, "metrics.json"), "w") as f:
+            json.dump({"test": test, "valid": {"NDCG@10": max(ndcgs)}, "best_epoch": best, "epochs": len(ndcgs),
+                       "device": "cpu", "config": {"mask_seen": False},
+                       "protocols": {"all_items": {"test": test}, "history_excluded": {"test": {
+                           k: v / 2 for k, v in test.items()}}}}, f)
+
+
+@pytest.fixture
+def fake_grid(tmp_path, monkeypatch):
+    """The grid points of beauty/sasrec/bce in folders under tmp_path (C.run_folder), results/ there too; returns
+    (grid, folders)."""
+    grid = C.tuning_grid("beauty", "sasrec", "bce")
+    folders = {cell: str(tmp_path / "runs" / f"point{i}") for i, cell in enumerate(grid)}
+    monkeypatch.setattr(C, "run_folder", lambda cell, seed, hyperparameters: folders.get(cell, str(tmp_path / "none")))
+    monkeypatch.setattr(C, "RESULTS", str(tmp_path / "results"))
+    monkeypatch.setattr(C, "HERE", str(tmp_path))
+    return grid, [folders[cell] for cell in grid]
+
+
+def test_halving_advances_the_best_within_each_rungs_epochs_and_breaks_ties_by_grid_order(fake_grid):
+    """Rung 2 takes the best 4 of 12 by their best validation NDCG@10 in epochs 1-6: a point that is better only at
+    epoch 7 stays out, a tie at the cut goes to the earlier grid point, and a run that early stopping ended at
+    epoch 4 has done the rung. Rung 3 takes the best of those 4 in epochs 1-24, a tie to the earlier point."""
+    grid, folders = fake_grid
+    rung1 = [.10, .30, .20, .05, .25, .05, .15, .35, .12, .20, .09, .08]    # 2 and 9 tie at the cut
+    for i, best in enumerate(rung1):
+        fake_point(folders[i], [best / 2] * 5 + [best] + ([.99, .99] if i == 10 else []), finished=False)
+    fake_point(folders[3], [.05, .01, .01, .01], finished=True)             # early-stopped before epoch 6
+    found = T.standing("beauty", "sasrec", "bce", [T.read_point(c, f) for c, f in zip(grid, folders)])
+    assert [r["points"] for r in found["rungs"]] == [list(range(12)), [7, 1, 4, 2]]
+    assert [r["done"] for r in found["rungs"]] == [True, False] and found["chosen"] is None
+    assert found["points"][10]["best"] == [.09, None] and found["points"][7]["best"] == [.35, .35]
+    assert found["epochs_spent"] == 10 * 6 + 8 + 4
+    for i, best in ((7, .40), (1, .50), (4, .45), (2, .50)):                 # 1 and 2 tie: 1 goes on
+        fake_point(folders[i], [rung1[i]] * 6 + [best] * 18 + ([.99] if i == 4 else []))
+    found = T.standing("beauty", "sasrec", "bce", [T.read_point(c, f) for c, f in zip(grid, folders)])
+    assert [r["points"] for r in found["rungs"]][1:] == [[7, 1, 4, 2], [1]] and found["chosen"] == grid[1]
+    assert not found["finished"]
+    fake_point(folders[1], [rung1[1]] * 6 + [.50] * 18 + [.6] * 3, finished=True)
+    found = T.standing("beauty", "sasrec", "bce", [T.read_point(c, f) for c, f in zip(grid, folders)])
+    assert found["finished"] and found["points"][1]["best"] == [.30, .50, .6]
+
+
+def test_halving_trains_only_what_each_rung_lacks_and_a_second_call_nothing(fake_grid, monkeypatch, capsys):
+    """The scheduler with a stand-in runner that writes log rows (grid point i scores i / 100 + epoch / 10000, so
+    the last points advance): rung 1 trains the points not yet at epoch 6 (one is there, one half-way), rung 2 the
+    best 4 to epoch 24, rung 3 the best to the end; the final run is recorded and the table saved; the same call
+    again trains nothing and gives the same table."""
+    grid, folders = fake_grid
+    score = lambda i, epochs: [i / 100 + e / 10000 for e in range(1, epochs + 1)]
+    fake_point(folders[0], score(0, 6))
+    fake_point(folders[5], score(5, 3))
+    calls, recorded = [], []
+
+    def run_cell(cell, seed, device, pause_after=None):
+        calls.append((grid.index(cell), pause_after))
+        i = grid.index(cell)
+        fake_point(folders[i], score(i, pause_after or 30), finished=pause_after is None)
+        return 0
+    monkeypatch.setattr(C, "run_cell", run_cell)
+    monkeypatch.setattr(C, "record", lambda cell, seed, run_dir: recorded.append((cell, seed, run_dir)))
+    assert T.halving("beauty", "sasrec", ["bce"]) == 0
+    assert calls == [(i, 6) for i in range(1, 12) if i != 0] + [(i, 24) for i in (11, 10, 9, 8)] + [(11, None)]
+    assert recorded == [(grid[11], 1, folders[11])]
+    saved = json.loads(open(T.saved_path("beauty", "sasrec", "bce")).read())
+    assert saved["chosen"] == grid[11] and saved["epochs_spent"] == 8 * 6 + 3 * 24 + 30
+    out = capsys.readouterr().out
+    assert "rung 1 (to epoch 6), 12 of 12 grid points, 11 to train" in out
+    table = T.tables("beauty", "sasrec", ["bce"])
+    calls.clear()
+    assert T.halving("beauty", "sasrec", ["bce"]) == 0 and calls == []
+    assert "rung 3 (to early stopping), 1 of 12 grid points, 0 to train" in capsys.readouterr().out
+    assert T.tables("beauty", "sasrec", ["bce"]) == table
+
+
+def test_halving_stops_before_the_next_rung_when_a_run_failed_or_another_process_holds_one(fake_grid, monkeypatch,
+                                                                                          capsys):
+    """A failed run leaves the rung's other runs to train, and stops the loss before choosing; so does a run that
+    another process is training (run_cell leaves it to that process, exit 0). Ctrl-C in a run stops everything."""
+    grid, folders = fake_grid
+    trained = []
+
+    def run_cell(cell, seed, device, pause_after=None):
+        i = grid.index(cell)
+        trained.append(i)
+        if i == 2:
+            return 1
+        if i != 5:                                                            # 5: another process has it
+            fake_point(folders[i], [i / 100] * pause_after)
+        return 0
+    monkeypatch.setattr(C, "run_cell", run_cell)
+    monkeypatch.setattr(C, "record", lambda *args: pytest.fail("recorded an unfinished halving"))
+    assert T.halve("beauty", "sasrec", "bce") == 1
+    assert trained == list(range(12))
+    assert capsys.readouterr().err.split("] ", 1)[1] == (
+        f"halving beauty/sasrec/bce: rung 1 is not done: 1 failed (their lines above say why): {grid[2]} (exit 1); "
+        f"1 is being trained by another process: {grid[5]}; the same command continues from there\n")
+    trained.clear()
+    assert T.halve("beauty", "sasrec", "bce") == 1 and trained == [2, 5]     # the rest are done
+    monkeypatch.setattr(C, "run_cell", lambda cell, seed, device, pause_after=None: 130)
+    assert E.main(["halving", "--losses", "bce,bpr"]) == 130
+    assert capsys.readouterr().err.endswith("experiments.py: interrupted (a training keeps its last finished epoch; "
+                                            "run the same command to resume)\n")
+
+
+def test_the_halving_table_shows_each_rung_the_choice_and_both_protocols(fake_grid, capsys):
+    grid, folders = fake_grid
+    for i in range(12):
+        fake_point(folders[i], [i / 100] * (24 if i >= 8 else 6))
+    fake_point(folders[11], [.11] * 24 + [.2] + [.1] * 20, finished=True)    # best epoch 25 of 45
+    assert E.main(["halving", "--losses", "bce,ce", "--report"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "## beauty sasrec bce: finished" in out and "## beauty sasrec ce: not started" in out
+    assert "| grid point | epochs | rung 1 (to epoch 6) | rung 2 (to epoch 24) | rung 3 (to early stopping) |" in out
+    assert "| lr=1e-4,dim=64,layers=1 | 6 | 0.0000 |  |  |" in out
+    assert "| lr=3e-4,dim=128,layers=1 | 24 | 0.1000 | 0.1000 |  |" in out
+    assert "| lr=3e-4,dim=128,layers=2 | 45 (finished) | 0.1100 | 0.1100 | 0.2000 |" in out
+    assert "chosen: lr=3e-4,dim=128,layers=2; 8 * 6 + 3 * 24 + 45 epochs trained, all grid points together".replace(
+        "8 * 6 + 3 * 24 + 45", str(8 * 6 + 3 * 24 + 45)) in out
+    assert "its run: best epoch 25 of 45; test:" in out
+    assert "- every item ranked: HR@5 0.2500  NDCG@5 0.2500  HR@10 0.2500  NDCG@10 0.2500  HR@20 0.2500  " \
+           "NDCG@20 0.2500" in out
+    assert "- the history's items excluded: HR@5 0.1250  NDCG@5 0.1250  HR@10 0.1250  NDCG@10 0.1250  " \
+           "HR@20 0.1250  NDCG@20 0.1250" in out
+    assert out[-2:] == ["| bce | lr=3e-4,dim=128,layers=2 | 165 | 25 / 45 | 0.2500 / 0.2500 | 0.1250 / 0.1250 |",
+                        "| ce | not started |  |  |  |  |"]
+    fake_point(folders[11], [.11] * 24 + [.2])                                # still training in rung 3
+    assert E.main(["halving", "--losses", "bce", "--report"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "## beauty sasrec bce: in rung 3 (to early stopping), 0 of its 1 grid points done" in out
+    assert out[-1] == "| bce | lr=3e-4,dim=128,layers=2 | 145 |  |  |  |"
+
+
+def test_halving_without_its_data_file_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("UNIFORM_SEQREC_DATA", str(tmp_path))                # no data files there
+    monkeypatch.setattr(C, "run_cell", lambda *args, **kwargs: pytest.fail("trained without its data"))
+    assert E.main(["halving", "--dataset", "toys"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("experiments.py: error: ") and "Toys_and_Games.txt not found" in error
+    assert error.count("\n") == 1
+
+
+@pytest.mark.parametrize("contents", ["not json", "[]", '{"points": [], "rungs": []}'])
+def test_a_damaged_halving_table_is_one_line(fake_grid, capsys, contents):
+    path = T.saved_path("beauty", "sasrec", "bce")                          # no run folders: the report reads it
+    os.makedirs(os.path.dirname(path))
+    with open(path, "w") as f:
+        f.write(contents)
+    assert E.main(["halving", "--losses", "bce", "--report"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"experiments.py: error: {path} is damaged") and error.count("\n") == 1
+    assert "restore it from git" in error

@@ -11,7 +11,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CELLS = ["table1/toys/sasrec/bce", "table1/toys/sasrec/bpr", "table1/toys/sasrec/uniform"]
 # The stand-in: each call appends "ARGS OMP=..." to calls.txt; `list` prints CELLS (or runs the real experiments.py
 # when REAL_PYTHON is set); `run` of the bpr cell fails with exit 2 when the file `fail` exists, as does any run
-# with --device nosuch (uniform_seqrec.py refuses an unknown device so).
+# with --device nosuch (uniform_seqrec.py refuses an unknown device so); `halving` fails (exit 1) when `fail` exists.
 STAND_IN = f"""#!/bin/sh
 echo "$* OMP=${{OMP_NUM_THREADS-unset}}" >> calls.txt
 case "$2" in
@@ -21,6 +21,8 @@ case "$2" in
   run) case " $* " in *" --device nosuch "*) echo "uniform_seqrec.py: error: bad device" >&2; exit 2;; esac
        if [ "$3" = {CELLS[1]} ] && [ -f fail ]; then echo "crashed" >&2; exit 2; fi
        echo "trained $3" ;;
+  halving) case " $* " in *" --report "*) echo "table of $4 $6" ;;
+                          *) if [ -f fail ]; then echo "crashed" >&2; exit 1; fi; echo "halved $4 $6" ;; esac ;;
   *) echo "wrote $2" ;;
 esac
 """
@@ -152,7 +154,7 @@ def test_an_empty_omp_num_threads_means_unset(run_all, tmp_path):
                                                ("figure1", {"DATASETS": "toys", "MODELS": "sasrec"})])
 def test_a_narrowing_that_selects_nothing_is_one_line(run_all, tmp_path, what, environment):
     """With the real experiments.py list: an empty list says which narrowing emptied it, and runs nothing."""
-    for name in ["experiments.py", "cells.py", "baselines.py", "analyses.py", "report.py", "figures.py",
+    for name in ["experiments.py", "cells.py", "tuning.py", "baselines.py", "analyses.py", "report.py", "figures.py",
                  "uniform_seqrec.py", "runs.py", "data_prep.py"]:
         shutil.copy(os.path.join(HERE, name), tmp_path)
     done = run_all(what, REAL_PYTHON=sys.executable, **environment)
@@ -178,3 +180,33 @@ def test_run_through_a_symlink_works_in_the_scripts_own_folder(run_all, tmp_path
     assert [call.split()[1] for call in calls(tmp_path)] == ["list", *["run"] * len(CELLS), "report"]
     assert (tmp_path / "runs" / "logs").is_dir() and not (elsewhere / "runs").exists()
     assert not (elsewhere / "calls.txt").exists()
+
+
+def test_halving_is_one_process_per_dataset_and_model_logged_then_its_tables(run_all, tmp_path):
+    """`./run_all.sh halving`: experiments.py halving for Beauty and SASRec (its defaults), the losses and device
+    passed on, every CPU to its one run at a time, its output in its log, then the tables on the terminal."""
+    done = run_all("halving", DEVICE="cpu", LOSSES="uniform,ce")
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    threads = len(os.sched_getaffinity(0))
+    assert calls(tmp_path) == [
+        f"experiments.py halving --dataset beauty --model sasrec --losses uniform,ce --device cpu OMP={threads}",
+        f"experiments.py halving --dataset beauty --model sasrec --losses uniform,ce --report OMP={threads}"]
+    assert done.stdout.splitlines() == ["done    halving beauty sasrec (uniform,ce)", "table of beauty sasrec"]
+    assert (tmp_path / "runs" / "logs" / "halving-beauty-sasrec.log").read_text() == "halved beauty sasrec\n"
+    (tmp_path / "calls.txt").unlink()
+    (tmp_path / "fail").touch()
+    done = run_all("halving", DATASETS="beauty,toys", OMP_NUM_THREADS="1")
+    assert done.returncode == 1
+    assert done.stderr == "run_all.sh: 2 halvings FAILED (their FAILED lines above name their logs)\n"
+    assert done.stdout.splitlines()[::2] == [
+        "FAILED  halving beauty sasrec (exit 1, see runs/logs/halving-beauty-sasrec.log; the same command continues)",
+        "FAILED  halving toys sasrec (exit 1, see runs/logs/halving-toys-sasrec.log; the same command continues)"]
+    assert [call.split()[3] for call in calls(tmp_path)] == ["beauty", "beauty", "toys", "toys"]
+    assert all("--losses bce,bpr,uniform,ce" in call and call.endswith("OMP=1") for call in calls(tmp_path))
+
+
+@pytest.mark.parametrize("name, value", [("LOSSES", "nosuch"), ("LOSSES", ""), ("SEEDS", "2"),
+                                         ("SLURM_ARRAY_TASK_ID", "1"), ("MODELS", "bert4rec")])
+def test_halving_refuses_what_it_cannot_do_in_one_line(run_all, tmp_path, name, value):
+    assert_refused(run_all("halving", **{name: value}), tmp_path, name)
+    assert calls(tmp_path) == []

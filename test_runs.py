@@ -116,6 +116,8 @@ BAD_FLAGS = [
     (["--caser-window", "0"], "--caser-window must be positive (got 0)"),
     (["--length-groups", "0"], "--length-groups must be positive (got 0)"),
     (["--epochs", "0"], "--epochs must be positive (got 0)"),
+    (["--pause-after", "0"], "--pause-after must be an epoch from 1 to 2**63 - 1 (got 0)"),
+    (["--pause-after", str(2 ** 63)], "--pause-after must be an epoch from 1 to 2**63 - 1"),
     (["--max-len", str(2 ** 63)], "--max-len 9223372036854775808 is too large (integers go up to 2**63 - 1)"),
     (["--batch-size", str(10 ** 30)], f"--batch-size {10 ** 30} is too large"),
     (["--epochs", str(10 ** 30)], f"--epochs {10 ** 30} is too large"),
@@ -836,6 +838,50 @@ def test_asking_for_more_epochs_or_patience_extends_the_run_in_its_folder(tmp_pa
     assert final_metrics(tmp_path / folder) == final_metrics(tmp_path / "straight")
     assert R.main([*base, "--epochs", "2"]) == 0                                  # never shortened: finished
     assert "is finished" in capsys.readouterr().out
+
+
+def test_a_paused_run_keeps_its_folder_and_resumes_to_the_uninterrupted_runs_log_and_result(tmp_path, monkeypatch,
+                                                                                           capsys):
+    """--pause-after N trains to epoch N, saves it and stops with exit 0 and one line, testing nothing; the same
+    command with a larger N, then without it, continues in the same folder (the flag is no part of the
+    configuration) to the log and result of a run never paused."""
+    monkeypatch.chdir(tmp_path)
+    base = ["--data", small_data(tmp_path), *SMALL, "--epochs", "6", "--patience", "6", "--seed", "5"]
+    folder = R.configure(base)[1]
+    assert R.configure([*base, "--pause-after", "2"])[1] == folder
+    for pause, done in (("2", 2), ("4", 4), ("3", 4)):                    # a smaller N than done: trains nothing
+        capsys.readouterr()
+        assert R.main([*base, "--pause-after", pause]) == 0
+        out = capsys.readouterr().out
+        assert out.splitlines()[-1] == (f"{folder}: paused after epoch {done}" + (
+            f" (already past --pause-after {pause})" if int(pause) < done else "") + ", not tested yet; the same "
+            "command without --pause-after, or with a larger one, continues it")
+        assert len((tmp_path / folder / "log.jsonl").read_text().splitlines()) == done
+        assert not (tmp_path / folder / "metrics.json").exists() and "test (best epoch" not in out
+    assert "pause_after" not in (tmp_path / folder / "config.json").read_text()
+    assert R.main(base) == 0
+    assert f"resuming {folder} after epoch 4" in capsys.readouterr().out
+    assert os.listdir(tmp_path / "runs") == [os.path.basename(folder)]
+    assert R.main([*base, "--out", str(tmp_path / "straight")]) == 0
+    strip = lambda path: [{k: v for k, v in json.loads(r).items() if not k.endswith("seconds")}
+                          for r in path.read_text().splitlines()]
+    assert strip(tmp_path / folder / "log.jsonl") == strip(tmp_path / "straight" / "log.jsonl")
+    assert len(strip(tmp_path / "straight" / "log.jsonl")) == 6
+    assert final_metrics(tmp_path / folder) == final_metrics(tmp_path / "straight")
+    assert "pause_after" not in (tmp_path / folder / "metrics.json").read_text()
+    assert R.main([*base, "--pause-after", "2"]) == 0                            # finished: says so, as without it
+    assert "is finished" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("limits", [["--epochs", "3"], ["--epochs", "50", "--patience", "1"]],
+                         ids=["epochs", "early stopping"])
+def test_a_run_that_stops_by_itself_by_its_pause_epoch_is_tested_as_usual(tmp_path, limits):
+    """Early stopping (or --epochs) that ends the run at or before --pause-after N: the run finishes, tested, as
+    without the flag."""
+    run = tmp_path / "run"
+    assert R.main(["--data", small_data(tmp_path), *SMALL, *limits, "--out", str(run), "--pause-after", "30"]) == 0
+    assert (run / "metrics.json").exists()
+    assert json.loads((run / "metrics.json").read_text())["epochs"] < 30
 
 
 def test_resume_works_from_another_working_directory(tmp_path, monkeypatch, capsys):

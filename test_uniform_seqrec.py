@@ -1020,6 +1020,7 @@ def test_flags_added_later_leave_earlier_run_folders_where_they_were(tmp_path):
         assert configured(tmp_path, "--loss", loss, *setting, "--block", "pre-ln")[1] == (
             configured(tmp_path, "--loss", loss, *setting)[1])
     assert configured(tmp_path, "--loss", "infonce", *setting, "--block", "original")[1] != whole_batch[1]
+    assert configured(tmp_path, "--loss", "infonce", *setting, "--pause-after", "6")[1] == whole_batch[1]  # no setting
 
 
 @pytest.mark.parametrize("args,fields", [
@@ -1039,7 +1040,7 @@ def test_a_config_is_what_the_command_line_resolves(tmp_path, args, fields):
     key but the run folder's, every value, and so the run folder's name."""
     config, run_dir = configured(tmp_path, *args)
     ours = dataclasses.asdict(U.Config(**fields))
-    assert set(config) == set(ours) | {"data_dir", "data_path", "out", "resume"}
+    assert set(config) == set(ours) | {"data_dir", "data_path", "out", "resume", "pause_after"}
     assert ours == {key: config[key] for key in ours}
     assert run_dir.endswith(R.configuration_id(ours))
 
