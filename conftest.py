@@ -20,6 +20,11 @@ import torch  # noqa: E402 - after the line above, which it reads
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+def pytest_configure(config):
+    # numpy is not a dependency; torch warns once that it is missing (uniform_seqrec.py silences the same line)
+    config.addinivalue_line("filterwarnings", "ignore:Failed to initialize NumPy")
+
+
 @pytest.fixture(autouse=True)
 def ctrl_c_stops_the_suite(monkeypatch):
     """Ctrl-C during a test ends the whole run. The programs under test catch KeyboardInterrupt to end in one line
