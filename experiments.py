@@ -38,7 +38,7 @@ def main(argv=None):
     commands = parser.add_subparsers(dest="command", required=True)
     listing = commands.add_parser("list", help="print cell ids, one per line (seeds as a second field)")
     listing.add_argument("what", choices=["table1", "table2", "table3", "figure1", "infonce", "caser-none",
-                                          "negatives", "readme", "tune", "all"])
+                                          "negatives", "readme", "regime", "block", "tune", "all"])
     listing.add_argument("--datasets", default=",".join(C.DATASETS))
     listing.add_argument("--models", default=",".join(C.MODELS))
     listing.add_argument("--seeds", type=int, default=1)

@@ -4,7 +4,9 @@
 #   ./run_all.sh                 everything (Table 1: 48 cells and 12 of CE beyond the paper, listed last; Table 2:
 #                                14, Table 3: 10, Figure 1), one seed
 #   ./run_all.sh WHAT            one part: table1, table2, table3, figure1, infonce, caser-none, negatives, readme (the
-#                                README's own command), all (the default), or `tune` for the hyperparameter search
+#                                README's own command), regime (Beauty SASRec trained per user, packed), block (Beauty
+#                                SASRec with the original's block), all (the default), or `tune` for the
+#                                hyperparameter search
 #   ./run_all.sh halving         the tuning grid by successive halving (`python experiments.py halving`; schedule in
 #                                docs/running.md), one run at a time, for DATASETS x MODELS (here beauty and sasrec by
 #                                default) and LOSSES=bce,bpr,uniform,ce (the default); log in
@@ -55,9 +57,9 @@ names() {  # NAME VALUE KNOWN: VALUE is a comma-separated, non-empty list of nam
 # SLURM_ARRAY_TASK_ID empty mean unset, as for their other readers.
 case ${1-all} in
   -h|--help) sed -n '2,/^set -euo/{/^set -euo/d; s/^# \{0,1\}//; p}' "$script"; exit 0 ;;  # the header
-  table1|table2|table3|figure1|infonce|caser-none|negatives|readme|tune|halving|all) what=${1-all} ;;
-  *) die "unknown argument ${1@Q} (one of table1 table2 table3 figure1 infonce caser-none negatives readme tune" \
-         "halving all; see --help)" ;;
+  table1|table2|table3|figure1|infonce|caser-none|negatives|readme|regime|block|tune|halving|all) what=${1-all} ;;
+  *) die "unknown argument ${1@Q} (one of table1 table2 table3 figure1 infonce caser-none negatives readme regime" \
+         "block tune halving all; see --help)" ;;
 esac
 [ $# -le 1 ] || die "one argument at most, got $# ($*)"
 if [ "$what" = halving ]; then DATASETS=${DATASETS-beauty} MODELS=${MODELS-sasrec}; fi   # its own defaults

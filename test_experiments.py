@@ -32,7 +32,9 @@ def test_the_tables_have_the_papers_cells():
     assert table1[:len(paper)] == paper                                       # every paper cell on its old line
     assert table1[len(paper):] == [f"table1/{d}/{m}/ce" for d in C.DATASETS for m in C.MODELS]  # then CE's
     everything = C.cells("all", C.DATASETS, C.MODELS)
-    assert everything[-len(C.DATASETS) * len(C.MODELS):] == table1[len(paper):]  # last in `all` too
+    studies = C.cells("regime", C.DATASETS, C.MODELS) + C.cells("block", C.DATASETS, C.MODELS)
+    assert everything[-len(studies):] == studies                              # the side studies, added after CE
+    assert everything[-len(studies) - len(C.DATASETS) * len(C.MODELS):-len(studies)] == table1[len(paper):]
     assert len(C.cells("table2", C.DATASETS, C.MODELS)) == 14
     assert len(C.cells("table3", C.DATASETS, C.MODELS)) == 10
     assert C.cells("table2", ["sports"], C.MODELS) == [] and C.cells("table2", C.DATASETS, ["gru4rec"]) == []
@@ -83,6 +85,34 @@ def test_cell_arguments_follow_the_papers_rows():
     assert table3.count("--beta") == 1 and table3[-2:] == ["--beta", "0.005"] and "128" in table3
     assert C.cell_arguments("tune/yelp/gru4rec/infonce/lr=3e-4,dim=128,layers=2", {})[6:] == [
         "--lr", "3e-4", "--dim", "128", "--layers", "2", "--heads", "2"]
+
+
+def test_the_side_studies_are_table1s_sasrec_cell_with_one_choice_changed():
+    """Issue 32 part 2 and issue 35 part 3: regime/beauty/<loss> is Table 1's SASRec cell (its tuned flags) trained
+    per user and packed, block/beauty/<loss> the same with the original block (length groups, as its partner), and
+    both come after every cell of before in `all`, so that each earlier cell keeps its line (a Slurm array task)."""
+    tuned = {("beauty", "sasrec", "bce"): ["--lr", "2e-4", "--dim", "128", "--layers", "1", "--heads", "1"],
+             ("beauty", "sasrec", "uniform"): ["--lr", "1e-4", "--dim", "64", "--layers", "2", "--heads", "2",
+                                               "--beta", "0.01"]}
+    assert C.cell_arguments("regime/beauty/bce", tuned) == [
+        "--data", "beauty", "--model", "sasrec", "--loss", "bce", "--lr", "2e-4", "--dim", "128", "--layers", "1",
+        "--heads", "1", "--examples", "users", "--pack"]
+    assert C.cell_arguments("regime/beauty/bpr", tuned) == [
+        "--data", "beauty", "--model", "sasrec", "--loss", "bpr", "--examples", "users", "--pack"]  # no row: defaults
+    assert C.cell_arguments("block/beauty/uniform", tuned) == [
+        "--data", "beauty", "--model", "sasrec", "--loss", "uniform", "--lr", "1e-4", "--dim", "64", "--layers", "2",
+        "--heads", "2", "--beta", "0.01", "--block", "original"]
+    assert C.cells("regime", C.DATASETS, C.MODELS) == [f"regime/beauty/{loss}" for loss in ("bce", "bpr", "infonce",
+                                                                                           "uniform")]
+    assert C.cells("block", C.DATASETS, C.MODELS) == ["block/beauty/bce", "block/beauty/uniform"]
+    assert C.cells("regime", ["toys"], C.MODELS) == [] and C.cells("block", ["beauty"], ["gru4rec", "caser"]) == []
+    earlier = ["table1", "table2", "table3", "figure1", "infonce", "caser-none", "negatives", "readme"]
+    table1 = C.cells("table1", C.DATASETS, C.MODELS)
+    before = list(dict.fromkeys([*table1[:48], *(cell for what in earlier[1:]
+                                                 for cell in C.cells(what, C.DATASETS, C.MODELS)), *table1[48:]]))
+    assert C.cells("all", C.DATASETS, C.MODELS) == [*before, *C.cells("regime", C.DATASETS, C.MODELS),
+                                                    *C.cells("block", C.DATASETS, C.MODELS)]
+    assert {"regime/beauty/infonce", "block/beauty/bce"} <= set(C.cell_ids_known())  # `run` and `report` know them
 
 
 def test_hyperparameter_table_is_read(tmp_path):
@@ -709,6 +739,12 @@ def test_every_recorded_cell_still_names_its_run_folder(tmp_path, monkeypatch):
     for path in records:
         entry = C.read_record(path)
         assert C.run_folder(entry["cell"], entry["seed"], hyperparameters) == entry["run_dir"], path
+    # the side studies' runs are folders of their own, none of them a recorded one or their partner's
+    studies = C.cells("regime", C.DATASETS, C.MODELS) + C.cells("block", C.DATASETS, C.MODELS)
+    folders = {C.run_folder(cell, 1, hyperparameters) for cell in studies}
+    partners = {C.run_folder(f"table1/beauty/sasrec/{cell.split('/')[-1]}", 1, hyperparameters) for cell in studies}
+    assert len(folders) == len(studies) and None not in folders
+    assert not folders & (partners | {C.read_record(path)["run_dir"] for path in records})
 
 
 @pytest.mark.parametrize("damage, expected", [

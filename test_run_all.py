@@ -63,8 +63,8 @@ def assert_refused(done, tmp_path, *words):
 def test_help_prints_the_usage_and_runs_nothing(run_all, tmp_path, flag):
     done = run_all(flag)
     assert done.returncode == 0 and done.stderr == ""
-    for word in ["./run_all.sh WHAT", "table1", "caser-none", "JOBS=", "SEEDS=", "DATASETS=", "DEVICE=",
-                 "SLURM_ARRAY_TASK_ID=", "Exit status"]:
+    for word in ["./run_all.sh WHAT", "table1", "caser-none", "regime", "block", "JOBS=", "SEEDS=", "DATASETS=",
+                 "DEVICE=", "SLURM_ARRAY_TASK_ID=", "Exit status"]:
         assert word in done.stdout, word
     assert "set -euo" not in done.stdout and not done.stdout.startswith("#")
     assert calls(tmp_path) == [] and not (tmp_path / "runs").exists()
@@ -154,12 +154,34 @@ def test_an_empty_omp_num_threads_means_unset(run_all, tmp_path):
                                                ("figure1", {"DATASETS": "toys", "MODELS": "sasrec"})])
 def test_a_narrowing_that_selects_nothing_is_one_line(run_all, tmp_path, what, environment):
     """With the real experiments.py list: an empty list says which narrowing emptied it, and runs nothing."""
-    for name in ["experiments.py", "cells.py", "tuning.py", "baselines.py", "analyses.py", "report.py", "figures.py",
-                 "uniform_seqrec.py", "runs.py", "data_prep.py"]:
-        shutil.copy(os.path.join(HERE, name), tmp_path)
+    copy_the_programs(tmp_path)
     done = run_all(what, REAL_PYTHON=sys.executable, **environment)
     assert_refused(done, tmp_path, "nothing to run", f"'{what}' is empty",  # no report: RESULTS.md untouched
                    *[f"{name}={value}" for name, value in environment.items()])
+
+
+def copy_the_programs(tmp_path):
+    """experiments.py and what it imports, beside the copy of run_all.sh: `list` is then the real one."""
+    for name in ["experiments.py", "cells.py", "tuning.py", "baselines.py", "analyses.py", "report.py", "figures.py",
+                 "uniform_seqrec.py", "runs.py", "data_prep.py"]:
+        shutil.copy(os.path.join(HERE, name), tmp_path)
+
+
+@pytest.mark.parametrize("what, seeds, cells", [
+    ("regime", "3", [f"regime/beauty/{loss}" for loss in ("bce", "bpr", "infonce", "uniform")]),
+    ("block", "1", ["block/beauty/bce", "block/beauty/uniform"])])
+def test_the_side_studies_run_their_cells_for_each_seed_then_the_report(run_all, tmp_path, what, seeds, cells):
+    """Issue 32 part 2, issue 35 part 3: `SEEDS=3 ./run_all.sh regime` runs each of its cells with seeds 1-3 (the real
+    list, narrowed as any family), then writes the page; a narrowing without Beauty or SASRec selects nothing."""
+    copy_the_programs(tmp_path)
+    assert_refused(run_all(what, REAL_PYTHON=sys.executable, MODELS="gru4rec,caser"), tmp_path, "nothing to run",
+                   f"'{what}' is empty")
+    (tmp_path / "calls.txt").unlink()
+    done = run_all(what, REAL_PYTHON=sys.executable, SEEDS=seeds, JOBS="1")
+    assert done.returncode == 0, done.stderr
+    runs = [call.split(" OMP=")[0] for call in calls(tmp_path) if " run " in call]
+    assert runs == [f"experiments.py run {cell} --seed {seed}" for seed in range(1, int(seeds) + 1) for cell in cells]
+    assert calls(tmp_path)[-1].startswith("experiments.py report")
 
 
 def test_run_through_a_symlink_works_in_the_scripts_own_folder(run_all, tmp_path):
