@@ -121,9 +121,24 @@ def group_line(seeds_by_loss, complete):
                    "tie": f"so far {best} and {runner_up} tie"}[outcome]
     shown = [best, runner_up] + (["uniform"] if "uniform" in seeds_by_loss and "uniform" not in (best, runner_up)
                                  else [])
-    numbers = "; ".join(f"{loss} {mean_sd(seeds_by_loss[loss])}" for loss in shown)
-    welch_part = f"; Welch's t {test[0]:.2f}, df {test[1]:.1f}, p {test[2]:.2g}" if test else ""
-    return f"{verdict} ({numbers}{welch_part})", verdict
+    return f"{verdict} ({compared(seeds_by_loss, shown, test)})", verdict
+
+
+def compared(seeds_by_name, shown, test):
+    """The numbers behind a verdict: 'uniform 0.0342 ± 0.0014, 3 seeds; infonce 0.0330 ± 0.0008, 3 seeds; Welch's t
+    1.29, df 3.2, p 0.28' for the names shown, the test's part only where decide() made it."""
+    numbers = "; ".join(f"{name} {mean_sd(seeds_by_name[name])}" for name in shown)
+    return numbers + (f"; Welch's t {test[0]:.2f}, df {test[1]:.1f}, p {test[2]:.2g}" if test else "")
+
+
+def pair_line(seeds_by_kind):
+    """The rule between a side study's cell and its partner, from their per-seed test NDCG@10 ({kind: values}, two
+    kinds, each with a seed): '<kind> wins (...)' where decide() separates them, 'tie (...)' where it does not, 'not
+    decided: one seed (...)' where either has one seed; the better by mean first."""
+    best, runner_up = two_best(seeds_by_kind)
+    outcome, test = decide(seeds_by_kind[best], seeds_by_kind[runner_up])
+    verdict = {"win": f"{best} wins", "tie": "tie", "one seed": "not decided: one seed"}[outcome]
+    return f"{verdict} ({compared(seeds_by_kind, [best, runner_up], test)})"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -338,6 +353,73 @@ def beyond_the_paper():
             ""]
 
 
+PAIR_RULE = (f"Test NDCG@10 of the two by the page's rule (docs/results.md, \"What counts as a win\"): Welch's "
+             f"t-test over their seeds, two-sided p < {LEVEL:g} a win, else a tie; fewer than 2 seeds of either: not "
+             f"decided.")
+STUDY_TIMES = ("Test HR@10 and NDCG@10, mean ± sd and the seeds; best epoch / epochs of each seed, in seed order. "
+               "Times from each record, on its own machine and load (the last table names the machine): its wall "
+               "time over its epochs, training and validation together; the time to the best state is estimated as "
+               "wall time x best epoch / epochs. Compare times only between runs of one machine and load.")
+
+
+def study_row(loss_label, kind_label, cell):
+    """One row of a side study's table: a cell's test metrics under both protocols over its recorded seeds, each
+    seed's best epoch / epochs, the mean seconds per epoch and minutes to the best state (estimated), the cell."""
+    entries = sorted((C.read_record(path) for path in glob.glob(C.record_path(cell, "*"))), key=lambda e: e["seed"])
+    if not entries:
+        return f"| {loss_label} | {kind_label} | not run | not run | not run | not run | | | | {cell} |"
+    tests = []
+    for protocol in U.PROTOCOLS:
+        runs = C.recorded(cell, protocol)
+        tests += [show([r[0] for r in runs], None), mean_sd([r[1] for r in runs])] if runs else ["ranked one way"] * 2
+    epochs = ", ".join(f"{e['best_epoch']} / {e['epochs']}" for e in entries)
+    per_epoch = statistics.mean(e["wall_seconds"] / e["epochs"] for e in entries)
+    to_best = statistics.mean(e["wall_seconds"] * e["best_epoch"] / e["epochs"] for e in entries) / 60
+    return (f"| {loss_label} | {kind_label} | {' | '.join(tests)} | {epochs} | {per_epoch:.0f} | {to_best:.0f} | "
+            f"{cell} |")
+
+
+def side_study(title, about, kinds, losses):
+    """A side study's section on Beauty: per loss, the study's cell beside its partner, Table 1's SASRec cell (rows of
+    study_row()), then the rule between the two per loss and protocol (pair_line()). kinds: [(kind, row label, the
+    cell of a loss)], the study's first. No section until one of the study's own runs is recorded, so that the page
+    stays as it was before the study."""
+    if not any(glob.glob(C.record_path(kinds[0][2](loss), "*")) for loss in losses):
+        return []
+    rows, verdicts = [], []
+    for loss in losses:
+        paper_hr, paper_ndcg = C.PAPER_TABLE1["sasrec", loss][C.DATASETS.index("beauty")]
+        rows += [study_row(f"{loss} (paper {paper_hr:.4f} / {paper_ndcg:.4f})", label, cell_of(loss))
+                 for _, label, cell_of in kinds]
+        for protocol in U.PROTOCOLS:
+            seeds = {kind: [r[1] for r in C.recorded(cell_of(loss), protocol)] for kind, _, cell_of in kinds}
+            missing = " or ".join(kind for kind, values in seeds.items() if not values)
+            verdicts.append(f"- {loss}, {C.PROTOCOL_TITLES[protocol]}: "
+                            + (f"not decided: no {missing} seed ranked this way yet" if missing else pair_line(seeds)))
+    return [f"## Beyond the paper: {title} (SASRec, Beauty)", "", about, STUDY_TIMES, "",
+            "| loss (paper HR@10 / NDCG@10) | | every item ranked: HR@10 | NDCG@10 | history excluded: HR@10 | NDCG@10 "
+            "| best epoch / epochs | s / epoch | min to the best state (est.) | cell |", "|" + "---|" * 10,
+            *rows, "", PAIR_RULE, "", *verdicts, ""]
+
+
+def side_studies():
+    """The two side studies of SASRec on Beauty against Table 1's cells: the per-user regime and the original block."""
+    partner = lambda loss: f"table1/beauty/sasrec/{loss}"
+    return [*side_study("trained per user, packed",
+                        "Table 1's SASRec cell of each loss (per prefix, the default: every prefix of a user's "
+                        "training part its own example, encoded alone) beside the same setting trained per user and "
+                        "packed, `--examples users --pack` (each user's training part read in one causal pass, a "
+                        "triplet at every position; the README's fast way; `./run_all.sh regime`).",
+                        [("per-user", "per user, packed", lambda loss: f"regime/beauty/{loss}"),
+                         ("per-prefix", "per prefix (Table 1)", partner)], C.REGIME_LOSSES),
+            *side_study("the original SASRec's block",
+                        "Table 1's SASRec cell (GPT-2's pre-LayerNorm blocks, x + f(LN(x))) beside the same setting "
+                        "with the original SASRec's blocks, `--block original` (LayerNorm on the attention's queries "
+                        "only, residuals adding the normalized input; docs/decisions.md; `./run_all.sh block`).",
+                        [("original", "original block", lambda loss: f"block/beauty/{loss}"),
+                         ("pre-LN", "pre-LN block (Table 1)", partner)], C.BLOCK_LOSSES)]
+
+
 def ranked_one_way():
     """'cell seed N' of every record that holds one protocol only (its run folder was gone before both were kept)."""
     found = []
@@ -439,6 +521,7 @@ def report(path=None, unfinished=()):
         *(["Ranked one way only (every item ranked; their run folders were gone before both protocols were kept): "
            + ", ".join(one_way) + ".", ""] if one_way else []),
         *beyond_the_paper(),
+        *side_studies(),
         "## Runs behind the cells", "", *runs, "",
         *unfinished_section(unfinished, path),
     ])

@@ -281,6 +281,92 @@ def test_results_page_lists_unfinished_runs_apart(tmp_path, monkeypatch):
     assert row.count("not run") == 8                                          # unfinished: no test number
 
 
+def write_ranked_cell(results, cell, seed, every_item, excluded, best_epoch, epochs, wall_seconds):
+    """A record ranked both ways ((HR@10, NDCG@10) of each), with its epochs and wall time; excluded None: ranked
+    every item only, as the records from before both protocols were kept."""
+    write_cell(results, cell, seed, *every_item)
+    path = C.record_path(cell, seed)
+    entry = {**json.loads(open(path).read()), "best_epoch": best_epoch, "epochs": epochs, "wall_seconds": wall_seconds}
+    if excluded:
+        entry["protocols"] = {name: {"test": {"HR@10": hr, "NDCG@10": ndcg}}
+                              for name, (hr, ndcg) in (("all_items", every_item), ("history_excluded", excluded))}
+    open(path, "w").write(json.dumps(entry))
+
+
+STUDY_ROWS = [  # the seeds of two losses of the regime study and their partners: cell, seed, every item, excluded, ...
+    ("regime/beauty/bce", 1, (0.0460, 0.0200), (0.0520, 0.0280), 60, 80, 800),
+    ("regime/beauty/bce", 2, (0.0470, 0.0205), (0.0530, 0.0290), 70, 90, 900),
+    ("regime/beauty/bce", 3, (0.0465, 0.0210), (0.0520, 0.0280), 65, 85, 850),
+    ("table1/beauty/sasrec/bce", 1, (0.0448, 0.0190), None, 103, 123, 5831.8),  # ranked one way
+    ("table1/beauty/sasrec/bce", 2, (0.0450, 0.0195), (0.0500, 0.0260), 80, 100, 4000),
+    ("table1/beauty/sasrec/bce", 3, (0.0440, 0.0185), (0.0510, 0.0270), 90, 110, 4500),
+    ("regime/beauty/uniform", 1, (0.0700, 0.0300), (0.0800, 0.0450), 100, 120, 1500),
+    ("table1/beauty/sasrec/uniform", 1, (0.0724, 0.0327), (0.0850, 0.0500), 42, 62, 3169)]
+
+
+def test_a_side_study_is_shown_beside_table1s_cells_once_one_of_its_runs_is_recorded(tmp_path, monkeypatch):
+    """Issue 32 part 2: per loss, the study's cell and Table 1's side by side under both protocols (mean ± sd, the
+    seeds), each seed's epochs, s / epoch and the estimated time to the best state, and the page's rule between the
+    two; no section until one of the study's own runs is recorded (the page as it was before the study)."""
+    monkeypatch.setattr(C, "RESULTS", str(tmp_path))
+    for row in STUDY_ROWS[3:6] + STUDY_ROWS[7:]:                               # the partners alone: no section
+        write_ranked_cell(tmp_path, *row)
+    assert P.side_studies() == []
+    for row in STUDY_ROWS[:3] + STUDY_ROWS[6:7]:
+        write_ranked_cell(tmp_path, *row)
+    P.report(str(tmp_path / "RESULTS.md"))
+    page = (tmp_path / "RESULTS.md").read_text()
+    assert "## Beyond the paper: trained per user, packed (SASRec, Beauty)" in page
+    assert "original SASRec's block" not in page                              # none of its runs recorded
+    lines = page[page.index("## Beyond the paper: trained per user"):page.index("## Runs behind")].rstrip().split("\n")
+    assert lines[5:7] == [
+        "| loss (paper HR@10 / NDCG@10) | | every item ranked: HR@10 | NDCG@10 | history excluded: HR@10 | NDCG@10 | "
+        "best epoch / epochs | s / epoch | min to the best state (est.) | cell |",
+        "|---|---|---|---|---|---|---|---|---|---|"]
+    assert lines[7:11] == [
+        "| bce (paper 0.0522 / 0.0278) | per user, packed | 0.0465 ± 0.0005 | 0.0205 ± 0.0005, 3 seeds | "
+        "0.0523 ± 0.0006 | 0.0283 ± 0.0006, 3 seeds | 60 / 80, 70 / 90, 65 / 85 | 10 | 11 | regime/beauty/bce |",
+        "| bce (paper 0.0522 / 0.0278) | per prefix (Table 1) | 0.0446 ± 0.0005 | 0.0190 ± 0.0005, 3 seeds | "
+        "0.0505 ± 0.0007 | 0.0265 ± 0.0007, 2 seeds | 103 / 123, 80 / 100, 90 / 110 | 43 | 65 | "
+        "table1/beauty/sasrec/bce |",
+        "| bpr (paper 0.0594 / 0.0261) | per user, packed | not run | not run | not run | not run | | | | "
+        "regime/beauty/bpr |",
+        "| bpr (paper 0.0594 / 0.0261) | per prefix (Table 1) | not run | not run | not run | not run | | | | "
+        "table1/beauty/sasrec/bpr |"]
+    p_bce = P.welch([0.0200, 0.0205, 0.0210], [0.0190, 0.0195, 0.0185])[2]    # the page's own test, not a second
+    assert p_bce < P.LEVEL
+    assert lines[-8:] == [
+        f"- bce, every item ranked: per-user wins (per-user 0.0205 ± 0.0005, 3 seeds; per-prefix 0.0190 ± 0.0005, "
+        f"3 seeds; Welch's t 3.67, df 4.0, p {p_bce:.2g})",
+        "- bce, the history's items excluded: tie (per-user 0.0283 ± 0.0006, 3 seeds; per-prefix 0.0265 ± 0.0007, 2 "
+        "seeds; Welch's t 3.05, df 1.9, p 0.099)",
+        "- bpr, every item ranked: not decided: no per-user or per-prefix seed ranked this way yet",
+        "- bpr, the history's items excluded: not decided: no per-user or per-prefix seed ranked this way yet",
+        "- infonce, every item ranked: not decided: no per-user or per-prefix seed ranked this way yet",
+        "- infonce, the history's items excluded: not decided: no per-user or per-prefix seed ranked this way yet",
+        "- uniform, every item ranked: not decided: one seed (per-prefix 0.0327, 1 seed; per-user 0.0300, 1 seed)",
+        "- uniform, the history's items excluded: not decided: one seed (per-prefix 0.0500, 1 seed; per-user 0.0450, "
+        "1 seed)"]
+    write_ranked_cell(tmp_path, "block/beauty/uniform", 1, (0.0750, 0.0350), (0.0870, 0.0510), 50, 70, 3500)
+    block = P.side_studies()
+    assert block[block.index("## Beyond the paper: the original SASRec's block (SASRec, Beauty)") + 9] == (
+        "| uniform (paper 0.0821 / 0.0371) | original block | 0.0750 | 0.0350, 1 seed | 0.0870 | 0.0510, 1 seed | "
+        "50 / 70 | 50 | 42 | block/beauty/uniform |")
+    assert "- bce, every item ranked: not decided: no original seed ranked this way yet" in block
+
+
+def test_the_committed_page_is_what_the_committed_records_make(tmp_path, monkeypatch):
+    """results/RESULTS.md regenerates byte-identically from results/cells/ in a checkout without run folders (its
+    runs in progress kept from the committed page): a section shown with no record of its own (a side study's before
+    its first run) would change every committed page."""
+    committed = os.path.join(HERE, "results", "RESULTS.md")
+    page = tmp_path / "RESULTS.md"
+    shutil.copy(committed, page)
+    monkeypatch.setattr(C, "HERE", str(tmp_path))                                 # no runs/ folder here
+    P.report(str(page))
+    assert page.read_text() == open(committed, encoding="utf-8").read()
+
+
 def test_unfinished_runs_are_found_from_their_logs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     sequences = tmp_path / "data"
