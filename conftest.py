@@ -7,6 +7,7 @@ missing file is skipped, naming the file and the command that gets it."""
 import itertools
 import os
 import signal
+import warnings
 
 import pytest
 
@@ -15,14 +16,11 @@ import pytest
 # where one thread finished the suite in minutes (issue 33).
 if not os.environ.get("OMP_NUM_THREADS", "").isdigit() or os.environ["OMP_NUM_THREADS"] == "0":
     os.environ["OMP_NUM_THREADS"] = "1"
-import torch  # noqa: E402 - after the line above, which it reads
+# numpy is not a dependency: torch warns once, at import, that it is missing (uniform_seqrec.py silences the same line)
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+import torch  # noqa: E402 - after the lines above
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-
-
-def pytest_configure(config):
-    # numpy is not a dependency; torch warns once that it is missing (uniform_seqrec.py silences the same line)
-    config.addinivalue_line("filterwarnings", "ignore:Failed to initialize NumPy")
 
 
 @pytest.fixture(autouse=True)
