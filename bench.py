@@ -475,6 +475,18 @@ def bench_memory(args, device, rows):
         rows.append(("memory", f"{label} ({what})", f"{int(peak):,} MiB", extra))
 
 
+def epoch_trainer(model_name, num_items, device, pack=False, **config):
+    """(model, optimizer, config) for U.train_epoch: a freshly initialized backbone at the paper's settings, its Adam
+    (lr 1e-3) and U.Config's defaults but for `config` and --pack, set up as uniform_seqrec.train sets them."""
+    config = dataclasses.asdict(U.Config(model=model_name, pack=pack, lr=1e-3, seed=1, device=str(device), **config))
+    torch.manual_seed(0)
+    model = paper_model(model_name, num_items, device)
+    for module in model.modules():                                         # as uniform_seqrec.train sets it
+        if isinstance(module, U.Dropout):
+            module.from_bits = pack
+    return model, U.adam(model, 1e-3, device), config
+
+
 class EnoughSteps(Exception):
     """Raised by bench_regime's progress callback to end train_epoch after the steps it times."""
 
@@ -514,16 +526,8 @@ def bench_regime(path, device, steps, rows, rounds=3):
     per-user regime's ratio to the per-prefix default of the same backbone and loss, per round."""
     flat, starts, lengths, num_items = U.flatten_sequences(read_sequences(path), device)
     data = U.training_data(flat, starts, lengths, num_items, 50, examples="users")  # the per-user rows read windows
-    trainers = []
-    for model_name, loss, pack, examples in REGIMES:
-        config = dataclasses.asdict(U.Config(model=model_name, loss=loss, pack=pack, examples=examples, lr=1e-3, seed=1,
-                                   device=str(device)))
-        torch.manual_seed(0)
-        model = paper_model(model_name, num_items, device)
-        for module in model.modules():                                     # as uniform_seqrec.train sets it
-            if isinstance(module, U.Dropout):
-                module.from_bits = pack
-        trainers.append((model, U.adam(model, 1e-3, device), config))
+    trainers = [epoch_trainer(model_name, num_items, device, pack, loss=loss, examples=examples)
+                for model_name, loss, pack, examples in REGIMES]
     seconds = [[] for _ in REGIMES]
     epoch_steps = [0] * len(REGIMES)
     for epoch in range(1, rounds + 1):
