@@ -3,6 +3,7 @@
     python bench.py                    # all sections, on the default device (cuda, then mps, then cpu)
     python bench.py --device cpu --steps 40 --sections loss,train,eval
     python bench.py --device cuda --sections train --length-groups 1   # against --length-groups 8 (the default)
+    python bench.py --device cpu --sections recbole --threads 1 --rounds 3   # RecBole installed (it says how)
 
   loss   uniformity_loss forward + backward at B = 256, d = 64: batched (torch.cdist) against an obviously-correct
          Python loop over pairs, and against the same sums written with explicit (B, B, d) differences
@@ -20,8 +21,12 @@
   profile   (only when named) where a SASRec + uniform step's time goes, by kind of work (torch's profiler), with
          length groups and packed (--pack)
   regime    (only when named) seconds per epoch of train_epoch itself, per-prefix (--examples prefixes) against
-         per-user (--examples users), interleaved rounds, SASRec + BCE and + uniform, GRU4Rec + BCE: each epoch's
-         batching, then `--steps` real steps after 3 to warm up, scaled to the epoch's steps
+         per-user (--examples users), `--rounds` interleaved rounds, SASRec + BCE and + uniform, GRU4Rec + BCE: each
+         epoch's batching, then `--steps` real steps after 3 to warm up, scaled to the epoch's steps
+  recbole   (only when named; CPU; needs RecBole 1.2.1, optional, not in requirements.txt: without it one line says
+         how to install it) one SASRec + BPR training epoch on Beauty, RecBole's against ours (length groups 8, and
+         packed) at the same settings, in `--rounds` interleaved rounds: seconds, RecBole's over ours per round, and
+         the medians; both sides' training examples must match. `--steps` cuts each epoch to its first steps
 
 Timings are medians of repeated runs where a section is cheap enough to repeat; ratios are measured side by side.
 Every section runs under the settings a training run sets on the device (runs.device_settings: on CUDA no TF32,
@@ -30,13 +35,16 @@ cuDNN's deterministic algorithms, no cuDNN benchmarking), so that it times what 
 import argparse
 import collections
 import dataclasses
+import itertools
 import os
 import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
+from unittest import mock
 
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # before torch: see uniform_seqrec.py
 import torch
@@ -464,11 +472,12 @@ MEMORY_MEASURE = {"cuda": "the most allocated by torch on the device",
 
 def bench_memory(args, device, rows):
     what = MEMORY_MEASURE.get(device.type, "peak resident set of a fresh process")
-    groups = ["--length-groups", str(args.length_groups)] if args.length_groups else []
+    flags = ["--length-groups", str(args.length_groups)] if args.length_groups else []
+    flags += ["--threads", str(args.threads)] if args.threads else []
     for probe, label in (("train", "training sasrec + uniform"), ("eval", "evaluation of every user")):
         result = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-probe", probe, "--device",
                                  str(device), "--data-dir", args.data_dir, "--steps", str(min(args.steps, 20)),
-                                 *groups], capture_output=True, text=True, check=True)
+                                 *flags], capture_output=True, text=True, check=True)
         peak, before = result.stdout.split()
         extra = {"cuda": "", "mps": f"{before} MiB after loading the data"}.get(
             device.type, f"{before} MiB after loading torch and the data")
@@ -488,7 +497,7 @@ def epoch_trainer(model_name, num_items, device, pack=False, **config):
 
 
 class EnoughSteps(Exception):
-    """Raised by bench_regime's progress callback to end train_epoch after the steps it times."""
+    """Raised by the regime and recbole sections' progress callbacks to end train_epoch after the steps they time."""
 
 
 def epoch_seconds(model, optimizer, data, config, epoch, device, steps, warmup=3):
@@ -547,6 +556,131 @@ def bench_regime(path, device, steps, rows, rounds=3):
                      f"{statistics.median(times):.1f} s/epoch", ratio))
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# 5. RecBole's SASRec side by side (RecBole is optional: not in requirements.txt)
+# ---------------------------------------------------------------------------------------------------------------
+
+# RecBole 1.2.1 without its pinned dependencies (ray, plotly, ...), then what importing and training it needs
+RECBOLE_INSTALL = ("pip install --no-deps recbole==1.2.1 && pip install pandas scipy scikit-learn pyyaml tqdm colorlog "
+                   "colorama texttable tensorboard")
+
+# RecBole's SASRec at our settings (PAPER_MODEL, SASRec's 2 layers, batch 256, lr 1e-3, BPR with one uniform negative,
+# max length 50, Adam without weight decay or clipping), its feed-forward as ours (width d, ReLU); the training part
+# as ours: leave-one-out by user (the LS split), each user's items in file order (the timestamps are positions)
+RECBOLE_SASREC = {
+    "USER_ID_FIELD": "user_id", "ITEM_ID_FIELD": "item_id", "TIME_FIELD": "timestamp",
+    "load_col": {"inter": ["user_id", "item_id", "timestamp"]}, "MAX_ITEM_LIST_LENGTH": 50,
+    "user_inter_num_interval": "[0,inf)", "item_inter_num_interval": "[0,inf)",
+    "eval_args": {"split": {"LS": "valid_and_test"}, "order": "TO", "group_by": "user", "mode": "full"},
+    "train_neg_sample_args": {"distribution": "uniform", "sample_num": 1, "alpha": 1.0, "dynamic": False,
+                              "candidate_num": 0},
+    "loss_type": "BPR", "n_layers": U.ORIGINAL_LAYERS["sasrec"], "n_heads": PAPER_MODEL["heads"],
+    "hidden_size": PAPER_MODEL["dim"], "inner_size": PAPER_MODEL["dim"], "hidden_act": "relu",
+    "hidden_dropout_prob": PAPER_MODEL["dropout"], "attn_dropout_prob": PAPER_MODEL["dropout"],
+    "layer_norm_eps": 1e-12, "initializer_range": 0.02, "train_batch_size": 256, "learning_rate": 1e-3,
+    "learner": "adam", "weight_decay": 0.0, "clip_grad_norm": None, "epochs": 1, "gpu_id": "", "worker": 0,
+    "show_progress": False, "seed": 2020, "reproducibility": True, "state": "WARNING", "shuffle": True,
+}
+
+
+def import_recbole(device):
+    """The recbole package, its parts the recbole section uses imported, or a one-line ConfigError saying how to
+    install it (it is not in requirements.txt) or that the section runs on the CPU only."""
+    if device.type != "cpu":
+        raise R.ConfigError(f"the recbole section runs on the CPU only (--device cpu; got {device})")
+    try:
+        import numpy as np
+        import recbole.config, recbole.data, recbole.model.sequential_recommender, recbole.trainer, recbole.utils
+    except ImportError as err:
+        raise R.ConfigError(f"the recbole section needs RecBole 1.2.1, an optional package (no module "
+                            f"'{str(err.name).split('.')[0]}'): {RECBOLE_INSTALL}") from None
+    torch.autograd.set_detect_anomaly(False)   # RecBole's sine.py switches it on at import: it would slow every epoch
+    for old, new in (("float_", np.float64), ("complex_", np.complex128), ("unicode_", np.str_)):
+        if not hasattr(np, old):               # numpy 2 removed them; RecBole 1.2.1's Config reads them
+            setattr(np, old, new)
+    return recbole
+
+
+def recbole_trainer(recbole, sequences):
+    """RecBole's SASRec Trainer and training DataLoader on `sequences`, set up in a temporary folder (the atomic
+    file RecBole reads, the TensorBoard log its Trainer opens in the working folder), with the command line (its
+    Config reads --key=value arguments) and the environment (it sets CUDA_VISIBLE_DEVICES) restored after."""
+    with tempfile.TemporaryDirectory() as folder, mock.patch.object(sys, "argv", sys.argv[:1]), \
+            mock.patch.dict(os.environ):
+        os.makedirs(os.path.join(folder, "beauty"))
+        with open(os.path.join(folder, "beauty", "beauty.inter"), "w") as f:
+            f.write("user_id:token\titem_id:token\ttimestamp:float\n")
+            f.writelines(f"{user}\t{item}\t{at}\n" for user, items in enumerate(sequences, 1)
+                         for at, item in enumerate(items))
+        config = recbole.config.Config(model="SASRec", dataset="beauty",
+                                       config_dict={**RECBOLE_SASREC, "data_path": folder, "checkpoint_dir": folder})
+        recbole.utils.init_seed(config["seed"], config["reproducibility"])
+        loader = recbole.data.data_preparation(config, recbole.data.create_dataset(config))[0]
+        cwd = os.getcwd()
+        os.chdir(folder)                                                       # its TensorBoard log
+        try:
+            trainer = recbole.trainer.Trainer(config, recbole.model.sequential_recommender.SASRec(config,
+                                                                                                  loader.dataset))
+        finally:
+            os.chdir(cwd)
+        trainer.tensorboard.close()
+        trainer.eval_collector.data_collect(loader)                            # as Trainer.fit does before epochs
+    return trainer, loader
+
+
+def bench_recbole(recbole, setup, path, device, rounds, rows, steps=None):
+    """Seconds of one SASRec + BPR training epoch on Beauty, RecBole's (Trainer._train_epoch) against ours
+    (train_epoch: length groups 8, training's default, and packed), at the same settings (RECBOLE_SASREC), in
+    `rounds` interleaved rounds (each trains on: round r is its epoch r); RecBole's time over ours per round, and
+    the medians. steps: each epoch cut to its first `steps` steps (a smoke check), else whole epochs."""
+    flat, starts, lengths, num_items = setup[:4]
+    data = U.training_data(flat, starts, lengths, num_items, 50)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module="recbole")                # pandas' and torch's deprecations
+        trainer, loader = recbole_trainer(recbole, read_sequences(path))
+        examples, ours = len(loader.dataset), len(data.target_at)
+        if examples != ours:
+            raise RuntimeError(f"RecBole's epoch has {examples:,} examples, ours {ours:,}: not the same training "
+                               f"part, no comparison")
+        counts = {"recbole": len(loader)}
+
+        def our_epoch(pack):
+            model, optimizer, config = epoch_trainer("sasrec", num_items, device, pack, loss="bpr")
+
+            def progress(done, total):                                     # the epoch's steps; its end at `steps`
+                counts[pack] = total
+                if done == steps:
+                    raise EnoughSteps
+            return lambda epoch: U.train_epoch(model, optimizer, data, config, epoch, progress)
+
+        epochs = {"recbole": lambda epoch: trainer._train_epoch(loader if steps is None else
+                                                                itertools.islice(loader, steps), epoch),
+                  False: our_epoch(False), True: our_epoch(True)}
+        seconds = {side: [] for side in epochs}
+        for epoch in range(1, rounds + 1):
+            for side, run in epochs.items():
+                started = time.perf_counter()
+                try:
+                    run(epoch)
+                except EnoughSteps:
+                    pass
+                seconds[side].append(time.perf_counter() - started)
+    names = {"recbole": f"RecBole {recbole.__version__} SASRec + BPR, {examples:,} examples (ours {ours:,})",
+             False: "  ours, length groups 8 (training's default)", True: "  ours, packed (--pack)"}
+    for side, times in seconds.items():
+        count = counts[side]
+        cut = steps is not None and steps < count
+        what = f"{names[side]}: {f'first {steps} of ' if cut else ''}{count} steps"
+        per_round = ", ".join(f"{t:.{2 if cut else 1}f}" for t in times)
+        ratio = f"rounds: {per_round} s"
+        if side != "recbole":
+            ratios = [r / t for r, t in zip(seconds["recbole"], times)]
+            ratio = (f"RecBole / ours {statistics.median(ratios):.2f}x (rounds: {', '.join(f'{x:.2f}' for x in ratios)}"
+                     f"; {per_round} s)")
+        rows.append(("recbole", what, f"{statistics.median(times):.{2 if cut else 1}f} s{'' if cut else '/epoch'}",
+                     ratio))
+
+
 def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -555,7 +689,7 @@ def device_name(device):
     return f"{os.cpu_count()} CPU cores"
 
 
-SECTIONS = ["loss", "train", "eval", "memory", "progress", "profile", "regime"]
+SECTIONS = ["loss", "train", "eval", "memory", "progress", "profile", "regime", "recbole"]
 
 
 def parse_arguments(argv=None):
@@ -563,17 +697,23 @@ def parse_arguments(argv=None):
     parser = OneLineErrorParser(prog="bench.py", description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="auto")
     parser.add_argument("--data-dir", default=default_data_dir())
-    parser.add_argument("--steps", type=int, default=40, help="timed training batches per backbone and loss")
+    parser.add_argument("--steps", type=int, help="timed training batches per backbone and loss (default 40); "
+                        "the recbole section: each epoch cut to its first STEPS (default: whole epochs)")
     parser.add_argument("--sections", default="loss,train,eval,memory",
-                        help=f"comma-separated, of {', '.join(SECTIONS)} (progress, profile and regime only when "
-                             f"named)")
+                        help=f"comma-separated, of {', '.join(SECTIONS)} (progress, profile, regime and recbole only "
+                             f"when named)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the regime and recbole sections")
+    parser.add_argument("--threads", type=int, help="torch's CPU threads (default: torch's)")
     parser.add_argument("--length-groups", type=int,
                         help="train every backbone with this many length groups (default: training's, 8 and 1 for "
                              "Caser); on a GPU, compare 1 against 8")
     parser.add_argument("--memory-probe", choices=["train", "eval"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.steps < 1:                                                     # per-step times divide by it
-        parser.error(f"--steps must be positive (got {args.steps})")
+    for name in ("steps", "rounds", "threads"):                            # per-step times divide by steps
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be positive (got {getattr(args, name)})")
+    args.epoch_steps, args.steps = args.steps, args.steps or 40            # recbole's (None: whole epochs), others
+
     if args.length_groups is not None and args.length_groups < 1:          # 0 was read as "the default"
         parser.error(f"--length-groups must be positive (got {args.length_groups})")
     unknown = [name for name in args.sections.split(",") if name not in SECTIONS]
@@ -597,10 +737,13 @@ def main(argv=None):
     args = parse_arguments(argv)
     try:
         device, path = checked_device_and_data(args)
+        recbole = import_recbole(device) if "recbole" in args.sections.split(",") else None
     except (R.ConfigError, DataError) as err:
         print(f"bench.py: error: {err}", file=sys.stderr)
         return 2
     R.device_settings(device)                                              # as a training run sets them
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.memory_probe:
         return memory_probe(args.memory_probe, path, device, args.steps, args.length_groups)
     sections = args.sections.split(",")
@@ -620,7 +763,9 @@ def main(argv=None):
     if "profile" in sections:
         bench_profile(setup, device, rows)
     if "regime" in sections:
-        bench_regime(path, device, args.steps, rows)
+        bench_regime(path, device, args.steps, rows, args.rounds)
+    if "recbole" in sections:
+        bench_recbole(recbole, setup, path, device, args.rounds, rows, args.epoch_steps)
     print(f"device: {device} ({device_name(device)}), torch {torch.__version__}, {torch.get_num_threads()} threads")
     print("| section | what | time | ratio |\n|---|---|---|---|")
     for row in rows:

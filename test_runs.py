@@ -309,6 +309,8 @@ def test_a_closed_output_ends_the_output_not_the_training(tmp_path):
 
 @pytest.mark.parametrize("args, expected", [
     (["--steps", "0"], "--steps must be positive (got 0)"),                       # was a ZeroDivisionError
+    (["--rounds", "0"], "--rounds must be positive (got 0)"),
+    (["--threads", "0"], "--threads must be positive (got 0)"),
     (["--length-groups", "0"], "--length-groups must be positive (got 0)"),       # was read as the default
     (["--sections", "loss,bogus"], "--sections: unknown section 'bogus' (known: loss, train, eval, memory"),
     (["--device", "tpu"], "--device 'tpu' is not a device name torch knows"),    # was a ConfigError traceback
@@ -328,6 +330,23 @@ def test_bench_refuses_bad_input_with_one_line(tmp_path, capsys, args, expected)
     out, err = capsys.readouterr()
     assert code == 2 and out == "" and err.count("\n") == 1 and expected in err, err
     assert err.startswith("bench.py: error: ")
+
+
+def test_bench_recbole_section_without_recbole_says_in_one_line_how_to_install_it(tmp_path, capsys, monkeypatch):
+    """RecBole is optional (not in requirements.txt, not installed in CI): `--sections recbole` without it is one
+    line naming the install command, exit 2, before any section runs. Where RecBole is installed, its import is made
+    to fail: None in sys.modules stops `import recbole...` (and its cached modules are set aside)."""
+    import bench
+    for name in [name for name in sys.modules if name.split(".")[0] == "recbole"]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "recbole", None)
+    (tmp_path / "Beauty.txt").write_text("1 1 2 3 4 5\n2 2 3 4 5 1\n")
+    code = bench.main(["--device", "cpu", "--data-dir", str(tmp_path), "--sections", "loss,recbole"])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert err.startswith("bench.py: error: the recbole section needs RecBole 1.2.1, an optional package (no module "
+                          "'recbole'): pip install --no-deps recbole==1.2.1 && pip install pandas "), err
+    assert err.rstrip("\n").endswith(bench.RECBOLE_INSTALL)
 
 
 def test_errors_stay_one_line_without_numpy():
