@@ -640,8 +640,8 @@ def bench_recbole(recbole, setup, path, device, rounds, rows, steps=None):
         trainer, loader = recbole_trainer(recbole, read_sequences(path))
         examples, ours = len(loader.dataset), len(data.target_at)
         if examples != ours:
-            raise RuntimeError(f"RecBole's epoch has {examples:,} examples, ours {ours:,}: not the same training "
-                               f"part, no comparison")
+            raise DataError(f"RecBole's epoch has {examples:,} examples, ours {ours:,}: not the same training part "
+                            f"(a user with fewer than 4 items?), no comparison")
         counts = {"recbole": len(loader)}
 
         def our_epoch(pack):
@@ -765,7 +765,11 @@ def main(argv=None):
     if "regime" in sections:
         bench_regime(path, device, args.steps, rows, args.rounds)
     if "recbole" in sections:
-        bench_recbole(recbole, setup, path, device, args.rounds, rows, args.epoch_steps)
+        try:
+            bench_recbole(recbole, setup, path, device, args.rounds, rows, args.epoch_steps)
+        except DataError as err:
+            print(f"bench.py: error: {err}", file=sys.stderr)
+            return 2
     print(f"device: {device} ({device_name(device)}), torch {torch.__version__}, {torch.get_num_threads()} threads")
     print("| section | what | time | ratio |\n|---|---|---|---|")
     for row in rows:
