@@ -892,6 +892,24 @@ def test_a_paused_run_keeps_its_folder_and_resumes_to_the_uninterrupted_runs_log
     assert "is finished" in capsys.readouterr().out
 
 
+def test_a_finished_run_extended_with_a_pause_it_is_past_is_left_as_it_is(tmp_path, capsys):
+    """A finished run asked for more epochs with --pause-after N at or below the epochs it trained: one line, exit
+    0, its metrics.json and config.json as they were; with N above them, it is extended and paused at N."""
+    run = tmp_path / "run"
+    base = ["--data", small_data(tmp_path), *SMALL, "--patience", "50", "--out", str(run)]
+    assert R.main([*base, "--epochs", "3"]) == 0
+    kept = {name: (run / name).read_text() for name in ("metrics.json", "config.json", "log.jsonl")}
+    for pause in ("2", "3"):
+        capsys.readouterr()
+        assert R.main([*base, "--epochs", "5", "--pause-after", pause]) == 0
+        assert capsys.readouterr().out == (
+            f"{run} is already past --pause-after {pause} (finished: 3 epochs); left as it is\n")
+        assert {name: (run / name).read_text() for name in kept} == kept
+    assert R.main([*base, "--epochs", "5", "--pause-after", "4"]) == 0
+    assert "paused after epoch 4" in capsys.readouterr().out and not (run / "metrics.json").exists()
+    assert json.loads((run / "config.json").read_text())["epochs"] == 5
+
+
 @pytest.mark.parametrize("limits", [["--epochs", "3"], ["--epochs", "50", "--patience", "1"]],
                          ids=["epochs", "early stopping"])
 def test_a_run_that_stops_by_itself_by_its_pause_epoch_is_tested_as_usual(tmp_path, limits):
