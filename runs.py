@@ -162,7 +162,7 @@ class RunFolder:
         state, best_weights, recorded = restore(self.file("checkpoint.pt"), model, optimizer)
         self.saved_epoch = state["epoch"]
         self.resumed_on = list(recorded.get("resumed_on", []))              # [{after_epoch, from, to}]
-        for name in ("checkpoint.pt.partial", "log.jsonl.partial", "metrics.json.partial"):  # a kill mid-write
+        for name in ("checkpoint.pt.partial", "log.jsonl.partial", "metrics.json.partial", "stopped.json.partial"):
             if os.path.exists(self.file(name)):
                 os.remove(self.file(name))
         if state["epoch"]:
@@ -189,6 +189,19 @@ class RunFolder:
             raise RunFolderError(f"{err}; {kept}") from None
         self.saved_epoch = state["epoch"]
         self.write_log(state["history"])
+        if os.path.exists(self.file("stopped.json")):                  # an epoch past the one that stopped it
+            os.remove(self.file("stopped.json"))
+
+    def stopped(self, err):
+        """Mark the folder as stopped by non-finite numbers (a FloatingPointError of the epoch after the checkpoint's):
+        stopped.json, {"reason", "epoch", "error"}. Epochs re-seed from (seed, epoch), so a resume stops there again
+        (and rewrites it); one that gets past that epoch removes it (save). tuning.py's halving reads it."""
+        reason = "non-finite loss" if str(err).startswith("non-finite loss") else "non-finite scores"
+        try:
+            save_atomically(json.dumps({"reason": reason, "epoch": self.saved_epoch + 1, "error": str(err)}) + "\n",
+                            self.file("stopped.json"))
+        except RunFolderError:
+            pass                                    # the line main prints says why the run stopped all the same
 
     def write_log(self, history):
         save_atomically("".join(json.dumps(row) + "\n" for row in history), self.file("log.jsonl"))
@@ -1022,6 +1035,8 @@ def main(argv=None):
         run.progress.clear()
         kept = (f"the run folder keeps the checkpoint of epoch {run.saved_epoch}" if run.saved_epoch
                 else "no epoch had finished")
+        if isinstance(err, FloatingPointError):
+            run.stopped(err)
         why = err if isinstance(err, FloatingPointError) else device_failure(err, config["device"])
         print(f"uniform_seqrec.py: stopped: {why}; {kept}", file=sys.stderr)
         return 1

@@ -1225,6 +1225,50 @@ def test_halving_stops_before_the_next_rung_when_a_run_failed_or_another_process
                                             "run the same command to resume)\n")
 
 
+@pytest.mark.parametrize("chosen_stops", [False, True], ids=["another point", "the chosen point"])
+def test_a_run_stopped_by_a_non_finite_loss_is_done_for_every_rung(fake_grid, monkeypatch, capsys, chosen_stops):
+    """A run that stops on a non-finite loss (exit 1, stopped.json in its folder, as uniform_seqrec.py leaves it)
+    would stop there again: it is done for every rung, ranked by the rows it logged (point 3: none, so last; point
+    11: two, the best of rung 1 when chosen_stops, so it goes on and is chosen: the loss ends unrecorded, exit 1,
+    and the same again on the next call, which trains nothing); its table row says where it stopped."""
+    grid, folders = fake_grid
+    stops = {3: 1, 11: 3}                                                     # grid point -> the epoch it stops at
+    score = lambda i, epochs: [(i if i != 11 or chosen_stops else 0) / 100 + e / 10000 for e in range(1, epochs + 1)]
+    calls, recorded = [], []
+
+    def run_cell(cell, seed, device, pause_after=None):
+        i = grid.index(cell)
+        calls.append(i)
+        if i in stops:
+            fake_point(folders[i], score(i, stops[i] - 1))
+            with open(os.path.join(folders[i], "stopped.json"), "w") as f:
+                json.dump({"reason": "non-finite loss", "epoch": stops[i], "error": "non-finite loss at ..."}, f)
+            return 1
+        fake_point(folders[i], score(i, pause_after or 30), finished=pause_after is None)
+        return 0
+    monkeypatch.setattr(C, "run_cell", run_cell)
+    monkeypatch.setattr(C, "record", lambda cell, seed, run_dir: recorded.append(cell))
+    assert T.halve("beauty", "sasrec", "bce") == (1 if chosen_stops else 0)
+    assert calls == list(range(12)) + ([10, 9, 8] if chosen_stops else [10, 9, 8, 7, 10])
+    err = capsys.readouterr().err
+    assert f"{grid[3]} stopped: non-finite loss at epoch 1; it counts as done for every rung" in err
+    assert "the same command continues" not in err
+    if chosen_stops:
+        assert recorded == [] and not os.path.exists(T.saved_path("beauty", "sasrec", "bce"))
+        assert err.endswith(f"the chosen point {grid[11]} stopped: non-finite loss at epoch 3, so there is no result "
+                            f"to record; the same command ends the same way (its run stops there again)\n")
+        calls.clear()
+        assert T.halve("beauty", "sasrec", "bce") == 1 and calls == []
+    else:
+        assert recorded == [grid[10]]
+    table = T.tables("beauty", "sasrec", ["bce"])
+    assert "| lr=1e-4,dim=128,layers=2 | 0 (stopped: non-finite loss at epoch 1) |  |  |  |" in table
+    row = f"| lr=3e-4,dim=128,layers=2 | 2 (stopped: non-finite loss at epoch 3) | {0.1102 if chosen_stops else 0.0002}"
+    assert any(line.startswith(row) for line in table), table
+    assert any(line.startswith("chosen: lr=3e-4,dim=128,layers=2 (stopped: non-finite loss at epoch 3; no test "
+                               "result)") for line in table) == chosen_stops
+
+
 def test_the_halving_table_shows_each_rung_the_choice_and_both_protocols(fake_grid, capsys):
     grid, folders = fake_grid
     for i in range(12):

@@ -625,6 +625,15 @@ def test_non_finite_loss_stops_naming_epoch_and_step_and_keeps_the_last_good_che
     checkpoint = torch.load(run / "checkpoint.pt", weights_only=False)
     assert checkpoint["state"]["epoch"] == 1 and all(torch.isfinite(v).all() for v in checkpoint["model"].values())
     assert len((run / "log.jsonl").read_text().splitlines()) == 1 and not (run / "metrics.json").exists()
+    marker = {"reason": "non-finite loss", "epoch": 2, "error": "non-finite loss at epoch 2, step 3"}
+    assert json.loads((run / "stopped.json").read_text()) == marker      # what tuning.py's halving reads
+    calls[:] = [None] * steps_per_epoch                                   # resumed: the same epoch stops the same
+    assert R.main(["--data", beauty_slice, "--epochs", "4", "--out", str(run), *SMALL]) == 1
+    assert "at epoch 2, step 3; the run folder keeps the checkpoint of epoch 1" in capsys.readouterr().err
+    assert json.loads((run / "stopped.json").read_text()) == marker
+    monkeypatch.setattr(U, "batch_loss", real_loss)                        # past that epoch: the marker goes
+    assert R.main(["--data", beauty_slice, "--epochs", "4", "--out", str(run), *SMALL]) == 0
+    assert not (run / "stopped.json").exists() and (run / "metrics.json").exists()
 
 
 # ----------------------------------------------------------------------------------------------------------------
