@@ -1191,8 +1191,36 @@ def test_halving_trains_only_what_each_rung_lacks_and_a_second_call_nothing(fake
     table = T.tables("beauty", "sasrec", ["bce"])
     calls.clear()
     assert T.halving("beauty", "sasrec", ["bce"]) == 0 and calls == []
-    assert "rung 3 (to early stopping), 1 of 12 grid points, 0 to train" in capsys.readouterr().out
+    assert "finished before, as results/halving/beauty-sasrec-bce.json says" in capsys.readouterr().out
     assert T.tables("beauty", "sasrec", ["bce"]) == table
+
+
+def test_a_finished_halving_whose_run_folders_are_partly_gone_reads_its_saved_table(fake_grid, monkeypatch, capsys):
+    """Its table saved in results/halving/, a finished halving with some of its run folders gone trains nothing and
+    reports as saved (not a halving started over); folders that show the same grid further along (the chosen run
+    trained on) are reported as they stand."""
+    grid, folders = fake_grid
+    score = lambda i, epochs: [i / 100 + e / 10000 for e in range(1, epochs + 1)]
+
+    def run_cell(cell, seed, device, pause_after=None):
+        i = grid.index(cell)
+        fake_point(folders[i], score(i, pause_after or 30), finished=pause_after is None)
+        return 0
+    monkeypatch.setattr(C, "run_cell", run_cell)
+    monkeypatch.setattr(C, "record", lambda cell, seed, run_dir: None)
+    assert T.halve("beauty", "sasrec", "bce") == 0
+    table = T.tables("beauty", "sasrec", ["bce"])
+    fake_point(folders[11], score(11, 40), finished=True)                    # trained on: 10 epochs more
+    assert "| lr=3e-4,dim=128,layers=2 | 40 (finished) | 0.1106 | 0.1124 | 0.1140 |" in T.tables(
+        "beauty", "sasrec", ["bce"])
+    fake_point(folders[11], score(11, 30), finished=True)
+    for folder in folders[:6] + folders[9:11]:
+        shutil.rmtree(folder)
+    monkeypatch.setattr(C, "run_cell", lambda *args, **kwargs: pytest.fail("trained a finished halving again"))
+    assert T.halve("beauty", "sasrec", "bce") == 0
+    assert "its run folders show it no further along: nothing to train" in capsys.readouterr().out
+    assert T.tables("beauty", "sasrec", ["bce"]) == table
+    assert E.main(["halving", "--losses", "bce", "--report"]) == 0 and "\n".join(table) in capsys.readouterr().out
 
 
 def test_halving_stops_before_the_next_rung_when_a_run_failed_or_another_process_holds_one(fake_grid, monkeypatch,

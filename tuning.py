@@ -20,7 +20,8 @@ has finished (early stopping may end it sooner) or stopped on a non-finite loss 
 would stop there again, so it is done for every rung, ranked by the rows it logged). Resumable and idempotent: the
 command again continues where it stopped, and trains nothing once every rung is done. A loss's finished final run
 is recorded as its tuning cell's record (results/cells/, as `report` records a table's cell), and its table as
-results/halving/<dataset>-<model>-<loss>.json: both outlive the run folders. results/RESULTS.md shows neither but
+results/halving/<dataset>-<model>-<loss>.json: both outlive the run folders (the saved table stands for them, in
+the report and for training, unless they show the grid further along). results/RESULTS.md shows neither but
 the record's line among the runs behind the cells.
 """
 import json
@@ -124,6 +125,11 @@ def read_point(cell, run_dir):
             "stopped": stopped_reason(run_dir)}
 
 
+def read_points(grid, folders):
+    """read_point of every grid point, in grid order."""
+    return [read_point(cell, folder) for cell, folder in zip(grid, folders)]
+
+
 def stopped_reason(run_dir):
     """'non-finite loss at epoch 3' when the run folder's stopped.json says so, else None."""
     path = run_dir and os.path.join(run_dir, "stopped.json")
@@ -157,16 +163,27 @@ def read_saved(dataset, model, loss):
     return saved
 
 
+def known(dataset, model, loss, grid, points):
+    """(standing, whether it is the saved table) of a loss: as results/halving/ saved its finished halving, unless
+    its grid's run folders show the same grid further along (every point as far as saved, some further): a checkout
+    without the folders, or with only some of them, reads the saved table, not a halving that would start over. Else
+    from the run folders where any has trained, else None."""
+    saved = read_saved(dataset, model, loss)
+    found = standing(dataset, model, loss, points) if any(
+        p["epochs"] or p["finished"] or p["stopped"] for p in points) else None
+    further = found and [p["cell"] for p in saved["points"]] == grid and all(
+        p["epochs"] >= q["epochs"] for p, q in zip(points, saved["points"])) if saved else True
+    if saved and not (further and found["epochs_spent"] > saved["epochs_spent"]):
+        return saved, True
+    return found, False
+
+
 def current(dataset, model, loss):
-    """(standing, the chosen point's run folder or None) of a loss: from its grid's run folders where any has
-    trained, else as results/halving/ saved it (a checkout without the folders, or without the data), else None."""
+    """(standing, the chosen point's run folder or None) of a loss (known)."""
     grid = C.tuning_grid(dataset, model, loss)
     folders = [C.run_folder(cell, SEED, {}) for cell in grid]
-    points = [read_point(cell, folder) for cell, folder in zip(grid, folders)]
-    if any(p["epochs"] or p["finished"] for p in points):
-        found = standing(dataset, model, loss, points)
-        return found, found["chosen"] and folders[grid.index(found["chosen"])]
-    return read_saved(dataset, model, loss), None
+    found = known(dataset, model, loss, grid, read_points(grid, folders))[0]
+    return found, found and found["chosen"] and folders[grid.index(found["chosen"])]
 
 
 def final_result(found, run_dir):
@@ -202,10 +219,10 @@ def halve(dataset, model, loss, device=None):
     recorded (not the published data)."""
     grid, name = C.tuning_grid(dataset, model, loss), f"halving {dataset}/{model}/{loss}"
     folders = run_folders(grid)
-    points = [read_point(cell, folder) for cell, folder in zip(grid, folders)]
-    if not any(p["epochs"] or p["finished"] for p in points) and read_saved(dataset, model, loss):
+    points = read_points(grid, folders)
+    if known(dataset, model, loss, grid, points)[1]:
         say(f"{name}: finished before, as {os.path.relpath(saved_path(dataset, model, loss), C.HERE)} says, and "
-            f"its run folders are not here: nothing to train (remove that file to halve again)")
+            f"its run folders show it no further along: nothing to train (remove that file to halve again)")
         return 0
     for rung, last_epoch in enumerate(RUNG_EPOCHS):
         cohort = rungs_of(points)[rung]["points"]                           # every rung before is done
@@ -218,7 +235,7 @@ def halve(dataset, model, loss, device=None):
                 raise KeyboardInterrupt
             if code:                                                        # the rung's other runs still train
                 failed[i] = code
-        points = [read_point(cell, folder) for cell, folder in zip(grid, folders)]
+        points = read_points(grid, folders)
         for i in [i for i in failed if points[i]["stopped"]]:               # done: it would stop there again
             say(f"{name}: {grid[i]} stopped: {points[i]['stopped']}; it counts as done for every rung, ranked by "
                 f"the validation rows it logged (resuming it stops it there again)", sys.stderr)
