@@ -1297,6 +1297,35 @@ def test_a_run_stopped_by_a_non_finite_loss_is_done_for_every_rung(fake_grid, mo
                                "result)") for line in table) == chosen_stops
 
 
+@pytest.mark.parametrize("finished", [False, True], ids=["paused", "finished"])
+def test_a_damaged_log_of_a_grid_point_names_the_command_that_rewrites_it(tmp_path, capsys, finished):
+    """A grid point's damaged log.jsonl stops the halving with a one-line error whose command rewrites it from the
+    checkpoint, training nothing: the paused run resumed with --pause-after 1, the finished one re-tested."""
+    g = random.Random(5)
+    data = tmp_path / "small.txt"
+    data.write_text("".join(f"{u} " + " ".join(str(g.randint(1, 25)) for _ in range(7)) + "\n" for u in range(1, 41)))
+    run = str(tmp_path / "run")
+    pause = [] if finished else ["--pause-after", "2"]
+    assert R.main(["--data", str(data), "--model", "sasrec", "--dim", "16", "--layers", "1", "--heads", "1",
+                   "--device", "cpu", "--epochs", "2" if finished else "4", "--out", run, *pause]) == 0
+    rows = T.read_point("cell", run)["rows"]
+    with open(os.path.join(run, "log.jsonl"), "a") as f:
+        f.write("{not json\n")
+    with pytest.raises(R.RunFolderError) as error:
+        T.read_point("cell", run)
+    message = str(error.value)
+    assert message.startswith(f"{run}/log.jsonl is damaged (") and "\n" not in message
+    command = message.split("python uniform_seqrec.py ", 1)[1].split(" (which")[0].split()
+    if finished:
+        assert f"remove {run}/metrics.json, then" in message
+        os.remove(os.path.join(run, "metrics.json"))
+    assert command == ["--resume", run] + ([] if finished else ["--pause-after", "1"])
+    capsys.readouterr()
+    assert R.main(command) == 0
+    assert ("test (best epoch" if finished else "paused after epoch 2") in capsys.readouterr().out
+    assert T.read_point("cell", run)["rows"] == rows and T.read_point("cell", run)["finished"] == finished
+
+
 def test_the_halving_table_shows_each_rung_the_choice_and_both_protocols(fake_grid, capsys):
     grid, folders = fake_grid
     for i in range(12):

@@ -119,10 +119,14 @@ def read_point(cell, run_dir):
     folder), how many epochs it has trained, whether its run has finished (metrics.json), and why it stopped, if
     non-finite numbers stopped it (stopped.json, written by uniform_seqrec.py: "non-finite loss at epoch 3"), else
     None."""
-    rows = [{"epoch": r["epoch"], "valid_NDCG@10": r["valid_NDCG@10"]} for r in C.read_log(run_dir) or []]
+    finished = bool(run_dir) and os.path.isfile(os.path.join(run_dir, "metrics.json"))
+    rewrite = (f"rewrite it from the run's checkpoint: remove {os.path.join(run_dir, 'metrics.json')}, then "
+               f"python uniform_seqrec.py --resume {run_dir} (which tests its best state again, training nothing)"
+               if finished else f"rewrite it from the run's checkpoint: python uniform_seqrec.py --resume {run_dir} "
+               f"--pause-after 1 (which pauses at once, training nothing)") if run_dir else ""
+    rows = [{"epoch": r["epoch"], "valid_NDCG@10": r["valid_NDCG@10"]} for r in C.read_log(run_dir, rewrite) or []]
     return {"cell": cell, "rows": rows, "epochs": max((r["epoch"] for r in rows), default=0),
-            "finished": bool(run_dir) and os.path.isfile(os.path.join(run_dir, "metrics.json")),
-            "stopped": stopped_reason(run_dir)}
+            "finished": finished, "stopped": stopped_reason(run_dir)}
 
 
 def read_points(grid, folders):
