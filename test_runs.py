@@ -349,6 +349,24 @@ def test_bench_recbole_section_without_recbole_says_in_one_line_how_to_install_i
     assert err.rstrip("\n").endswith(bench.RECBOLE_INSTALL)
 
 
+def test_a_recbole_count_mismatch_still_prints_the_other_sections_rows(tmp_path, capsys, monkeypatch):
+    """RecBole's example count differing from ours ends the recbole section with one line (exit 2), after the
+    table of the rows the sections before it measured, which are not thrown away."""
+    import bench
+    (tmp_path / "Beauty.txt").write_text("1 1 2 3 4 5\n2 2 3 4 5 1\n")
+    monkeypatch.setattr(bench, "import_recbole", lambda device: "recbole")
+    monkeypatch.setattr(bench, "bench_loss", lambda device, rows: rows.append(("loss", "a row", "1 ms", "")))
+    monkeypatch.setattr(bench, "bench_dropout", lambda device, rows: None)
+
+    def mismatch(*args):
+        raise bench.DataError("RecBole's epoch has 9 examples, ours 8: not the same training part")
+    monkeypatch.setattr(bench, "bench_recbole", mismatch)
+    code = bench.main(["--device", "cpu", "--data-dir", str(tmp_path), "--sections", "loss,recbole"])
+    out, err = capsys.readouterr()
+    assert code == 2 and out.splitlines()[-1] == "| loss | a row | 1 ms |  |"
+    assert err == "bench.py: error: RecBole's epoch has 9 examples, ours 8: not the same training part\n"
+
+
 def test_errors_stay_one_line_without_numpy():
     """numpy is not a dependency, and torch warns at import when it is missing: that warning must not become a
     second line of every error. The process below cannot import numpy, as on a machine with torch alone."""
