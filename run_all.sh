@@ -2,7 +2,8 @@
 # Reproduce the paper on one GPU: every cell of Tables 1-3 and Figure 1, then results/RESULTS.md.
 #
 #   ./run_all.sh                 everything (Table 1: 48 cells and 12 of CE beyond the paper, listed last; Table 2:
-#                                14, Table 3: 10, Figure 1), one seed
+#                                14, Table 3: 10, Figure 1; and beyond the paper: infonce, caser-none, negatives,
+#                                readme, regime, block), one seed
 #   ./run_all.sh WHAT            one part: table1, table2, table3, figure1, infonce, caser-none, negatives, readme (the
 #                                README's own command), regime (Beauty SASRec trained per user, packed), block (Beauty
 #                                SASRec with the original's block), all (the default), or `tune` for the

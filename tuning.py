@@ -12,6 +12,7 @@ best validation NDCG@10 within the rung just done (epochs 1-6, then 1-24, from e
 that a point trained further before (by `./run_all.sh tune`, say) is judged on the same epochs as the others; a tie
 goes to the earlier grid point (lr, then dim, then layers rising). The budget, the same for every loss: 12 x 6 +
 4 x 18 = 144 epochs for rungs 1 and 2, and the final run's epochs past 24, at most 276: at most 420 epochs a loss.
+Caser's grid has 6 points (no depth; advancing: 6, 2, 1): 6 x 6 + 2 x 18 = 72 in rungs 1 and 2, at most 348.
 
 Each grid point is its tuning cell's own run (seed 1, trained through cells.run_cell as `experiments.py run` trains
 it): a rung trains with uniform_seqrec.py's --pause-after, which leaves the run paused at the rung's last epoch, and
