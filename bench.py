@@ -767,9 +767,17 @@ def main(argv=None):
     if "recbole" in sections:
         try:
             bench_recbole(recbole, setup, path, device, args.rounds, rows, args.epoch_steps)
-        except DataError as err:
+        except DataError as err:                       # the other sections' rows are printed all the same
+            print_rows(device, rows)
             print(f"bench.py: error: {err}", file=sys.stderr)
             return 2
+    print_rows(device, rows)
+
+
+def print_rows(device, rows):
+    """The table of the sections' rows (none: nothing), under a line naming the device, torch and the threads."""
+    if not rows:
+        return
     print(f"device: {device} ({device_name(device)}), torch {torch.__version__}, {torch.get_num_threads()} threads")
     print("| section | what | time | ratio |\n|---|---|---|---|")
     for row in rows:

@@ -268,9 +268,9 @@ def record_path(cell, seed):
 LOG_KEYS = {"epoch": int, "valid_NDCG@10": float}                    # what every reader of a row needs of it
 
 
-def read_log(run_dir):
+def read_log(run_dir, remedy="resuming the run rewrites it"):
     """The per-epoch records of a run folder's log.jsonl, or None when it has none; a RunFolderError naming the
-    line when one is not such a record."""
+    line when one is not such a record, and the remedy."""
     path = run_dir and os.path.join(run_dir, "log.jsonl")
     if not path or not os.path.isfile(path):
         return None
@@ -285,7 +285,7 @@ def read_log(run_dir):
                         raise ValueError(f"line {number} is not an epoch's record ({', '.join(LOG_KEYS)})")
                     rows.append(row)
     except (OSError, ValueError) as err:                                    # JSONDecodeError, UnicodeDecodeError
-        raise R.RunFolderError(f"{path} is damaged ({R.one_line(err)}); resuming the run rewrites it") from None
+        raise R.RunFolderError(f"{path} is damaged ({R.one_line(err)}); {remedy}") from None
     return rows
 
 

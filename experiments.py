@@ -54,7 +54,8 @@ def main(argv=None):
                     "1, 2; seed 1), loss by loss: rung 1 trains every grid point to epoch 6, rung 2 the best third "
                     "to epoch 24, rung 3 the best one to early stopping (patience 20, at most 300 epochs); best: "
                     "the best validation NDCG@10 within the rung's epochs, a tie to the earlier grid point. At most "
-                    "420 epochs a loss (144 in rungs 1-2). Each grid point is its tuning cell's run folder, paused "
+                    "420 epochs a loss (144 in rungs 1-2); Caser's 6-point grid (no depth): at most 348 (72 in rungs "
+                    "1-2). Each grid point is its tuning cell's run folder, paused "
                     "at a rung's end; run again, the command continues where it stopped and trains nothing once "
                     "done. A finished loss is recorded in results/cells/ (its tuning cell) and results/halving/.")
     halving.add_argument("--dataset", default=T.DATASET, choices=C.DATASETS, help=f"the dataset (default: {T.DATASET})")

@@ -2,7 +2,8 @@
 # Reproduce the paper on one GPU: every cell of Tables 1-3 and Figure 1, then results/RESULTS.md.
 #
 #   ./run_all.sh                 everything (Table 1: 48 cells and 12 of CE beyond the paper, listed last; Table 2:
-#                                14, Table 3: 10, Figure 1), one seed
+#                                14, Table 3: 10, Figure 1; and beyond the paper: infonce, caser-none, negatives,
+#                                readme, regime, block), one seed
 #   ./run_all.sh WHAT            one part: table1, table2, table3, figure1, infonce, caser-none, negatives, readme (the
 #                                README's own command), regime (Beauty SASRec trained per user, packed), block (Beauty
 #                                SASRec with the original's block), all (the default), or `tune` for the
@@ -43,12 +44,14 @@ die() { echo "run_all.sh: error: $*" >&2; exit 2; }
 positive() {  # NAME VALUE: VALUE is a whole number >= 1, written plainly (bash reads 08 as a bad octal number)
   [[ $2 =~ ^[1-9][0-9]*$ ]] || die "$1 must be a positive whole number, not ${2@Q}"
 }
-names() {  # NAME VALUE KNOWN: VALUE is a comma-separated, non-empty list of names from KNOWN
-  local rest=$2, item
+names() {  # NAME VALUE KNOWN: VALUE is a comma-separated, non-empty list of names from KNOWN, each named once
+  local rest=$2, item seen=,
   [ -n "$2" ] || die "$1 is empty (a comma-separated list of $3)"
   while [ -n "$rest" ]; do
     item=${rest%%,*}; rest=${rest#*,}
     [[ ,$3, == *,"$item",* ]] || die "$1: unknown name ${item@Q} in ${2@Q} (known: $3)"
+    [[ $seen != *,"$item",* ]] || die "$1 names ${item@Q} twice (${2@Q})"
+    seen=$seen$item,
   done
 }
 

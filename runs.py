@@ -132,6 +132,11 @@ class Paused(Exception):
     """A run stopped by --pause-after: its folder holds every epoch up to the checkpoint's, and nothing was tested."""
 
 
+class PastPause(Exception):
+    """A finished run asked for more epochs or patience with --pause-after N at or below the epochs it trained: its
+    folder is left as it is (prepare_run_dir); args[0]: those epochs."""
+
+
 class RunFolder:
     """The `run` of uniform_seqrec.train() kept in a folder: the checkpoint after every epoch, the log beside it,
     and what the user sees (each line through `log`, the progress line on a terminal). pause_after: the last epoch
@@ -157,7 +162,7 @@ class RunFolder:
         state, best_weights, recorded = restore(self.file("checkpoint.pt"), model, optimizer)
         self.saved_epoch = state["epoch"]
         self.resumed_on = list(recorded.get("resumed_on", []))              # [{after_epoch, from, to}]
-        for name in ("checkpoint.pt.partial", "log.jsonl.partial", "metrics.json.partial"):  # a kill mid-write
+        for name in ("checkpoint.pt.partial", "log.jsonl.partial", "metrics.json.partial", "stopped.json.partial"):
             if os.path.exists(self.file(name)):
                 os.remove(self.file(name))
         if state["epoch"]:
@@ -184,6 +189,19 @@ class RunFolder:
             raise RunFolderError(f"{err}; {kept}") from None
         self.saved_epoch = state["epoch"]
         self.write_log(state["history"])
+        if os.path.exists(self.file("stopped.json")):                  # an epoch past the one that stopped it
+            os.remove(self.file("stopped.json"))
+
+    def stopped(self, err):
+        """Mark the folder as stopped by non-finite numbers (a FloatingPointError of the epoch after the checkpoint's):
+        stopped.json, {"reason", "epoch", "error"}. Epochs re-seed from (seed, epoch), so a resume stops there again
+        (and rewrites it); one that gets past that epoch removes it (save). tuning.py's halving reads it."""
+        reason = "non-finite loss" if str(err).startswith("non-finite loss") else "non-finite scores"
+        try:
+            save_atomically(json.dumps({"reason": reason, "epoch": self.saved_epoch + 1, "error": str(err)}) + "\n",
+                            self.file("stopped.json"))
+        except RunFolderError:
+            pass                                    # the line main prints says why the run stopped all the same
 
     def write_log(self, history):
         save_atomically("".join(json.dumps(row) + "\n" for row in history), self.file("log.jsonl"))
@@ -265,18 +283,20 @@ def restore(checkpoint_path, model, optimizer):
                              f"was changed: remove it to train this run from its start") from None
 
 
-def prepare_run_dir(config, run_dir, log=print):
+def prepare_run_dir(config, run_dir, log=print, pause_after=None):
     """Create the run folder, or check that an existing one holds this same configuration, trained on the same data.
     A run asked for more epochs or patience than its folder has is extended: the folder's config.json takes the
     larger values (and `config` too; a run is never shortened). Returns the folder's lock (lock_run_dir), held
     before anything in the folder changes: a folder that another process is training is refused as it is, without
-    an "extending" line or a rewritten config.json (which would have made that run's finished result look short)."""
+    an "extending" line or a rewritten config.json (which would have made that run's finished result look short).
+    pause_after: a finished run that would be extended but has trained that many epochs already raises PastPause,
+    its folder untouched (metrics.json kept, config.json as it was)."""
     saved_path = os.path.join(run_dir, "config.json")
     config["data_fingerprint"] = data_fingerprint(config["data_path"])
     if os.path.isfile(saved_path):
         lock = lock_run_dir(run_dir)
         try:
-            extend_run_dir(config, run_dir, saved_path, log)
+            extend_run_dir(config, run_dir, saved_path, log, pause_after)
         except BaseException:
             lock.close()
             raise
@@ -293,7 +313,7 @@ def prepare_run_dir(config, run_dir, log=print):
         os.makedirs(run_dir, exist_ok=True)
         lock = lock_run_dir(run_dir)              # a folder without config.json: another process may be starting it
         if os.path.isfile(saved_path):            # ...and has written it meanwhile: judge it as an existing run's
-            extend_run_dir(config, run_dir, saved_path, log)
+            extend_run_dir(config, run_dir, saved_path, log, pause_after)
         else:
             save_atomically(json.dumps(config, indent=2) + "\n", saved_path)
         return lock
@@ -315,9 +335,10 @@ def prepare_run_dir(config, run_dir, log=print):
         raise RunFolderError(f"cannot create the run folder {run_dir} ({err.strerror or err})") from None
 
 
-def extend_run_dir(config, run_dir, saved_path, log):
+def extend_run_dir(config, run_dir, saved_path, log, pause_after=None):
     """prepare_run_dir for a folder that holds a run, its lock held: the same configuration and data, or a one-line
-    ConfigError; more epochs or patience are written into its config.json."""
+    ConfigError; more epochs or patience are written into its config.json, unless the run has finished and trained
+    pause_after epochs or more (PastPause: nothing written)."""
     saved = read_json(saved_path, "choose another --out, or remove the folder to start over")
     differing = [k for k in config if k not in RUN_ONLY_KEYS + EXTENDABLE_KEYS
                  and not same_setting(k, saved.get(k, LATER_KEYS.get(k)), config[k])]
@@ -329,12 +350,27 @@ def extend_run_dir(config, run_dir, saved_path, log):
     config["data"] = saved["data"]                  # the folder's own spelling of its file: its name's hash stays
     limits = {k: saved[k] for k in EXTENDABLE_KEYS if isinstance(saved.get(k), int) and saved[k] > config[k]}
     config.update(limits)                                                   # never shortened
+    if pause_after is not None and any(saved.get(k) != config[k] for k in EXTENDABLE_KEYS):
+        trained = finished_epochs(run_dir)
+        if trained is not None and trained >= pause_after:
+            raise PastPause(trained)
     if any(saved.get(k) != config[k] for k in EXTENDABLE_KEYS + ("data_fingerprint",)):
         if any(saved.get(k) != config[k] for k in EXTENDABLE_KEYS):
             log(f"extending {run_dir} to " + ", ".join(f"--{k} {config[k]} (was {saved.get(k)})"
                                                       for k in EXTENDABLE_KEYS if saved.get(k) != config[k]))
         save_atomically(json.dumps({**saved, **{k: config[k] for k in EXTENDABLE_KEYS + ("data_fingerprint",)}},
                                    indent=2) + "\n", saved_path)
+
+
+def finished_epochs(run_dir):
+    """The epochs a run folder's metrics.json says its finished run trained, or None (no such file, or not a number:
+    main judges a damaged one)."""
+    try:
+        with open(os.path.join(run_dir, "metrics.json")) as f:
+            epochs = json.load(f).get("epochs")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return epochs if isinstance(epochs, int) and not isinstance(epochs, bool) else None
 
 
 def lock_run_dir(run_dir):
@@ -963,7 +999,7 @@ def main(argv=None):
             run_dir = extended_folder(config, run_dir)
         sequences = read_sequences(config["data_path"])                     # bad data fails before any folder exists
         check_memory(config, sequences)
-        lock = prepare_run_dir(config, run_dir, log=say)                    # noqa: F841 - held until main returns
+        lock = prepare_run_dir(config, run_dir, log=say, pause_after=pause_after)  # noqa: F841 - held till return
         metrics_path = os.path.join(run_dir, "metrics.json")
         if os.path.isfile(metrics_path):
             finished = read_json(metrics_path, "remove it to test the run's best state again")
@@ -981,6 +1017,9 @@ def main(argv=None):
         run = RunFolder(run_dir, log=say, statistics=epoch_statistics(config, sequences), pause_after=pause_after)
         settings = device_settings(config["device"])                        # once, before training
         run.finish(U.train(config, sequences, run), config, settings)
+    except PastPause as past:
+        say(f"{run_dir} is already past --pause-after {pause_after} (finished: {past.args[0]} epochs); left as it is")
+        return 0
     except Paused:
         run.progress.clear()
         past = f" (already past --pause-after {pause_after})" if run.saved_epoch > pause_after else ""
@@ -996,6 +1035,8 @@ def main(argv=None):
         run.progress.clear()
         kept = (f"the run folder keeps the checkpoint of epoch {run.saved_epoch}" if run.saved_epoch
                 else "no epoch had finished")
+        if isinstance(err, FloatingPointError):
+            run.stopped(err)
         why = err if isinstance(err, FloatingPointError) else device_failure(err, config["device"])
         print(f"uniform_seqrec.py: stopped: {why}; {kept}", file=sys.stderr)
         return 1

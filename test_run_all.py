@@ -80,7 +80,8 @@ def test_an_unknown_or_extra_argument_is_one_line_and_runs_nothing(run_all, tmp_
     *[("JOBS", v) for v in ["0", "-1", "abc", "", "1.5", "08", " 2"]],
     *[("SEEDS", v) for v in ["0", "-1", "", "x", "2.0", "21", "100000000000000000000"]],
     *[("DATASETS", v) for v in ["nosuch", "", ",", "beauty,,toys", "beauty,", "beauty, toys", "Beauty", "beauty\ntoys"]],
-    *[("MODELS", v) for v in ["nosuch", "", "sasrec,", "gru4rec;caser"]],
+    *[("MODELS", v) for v in ["nosuch", "", "sasrec,", "gru4rec;caser", "sasrec,caser,sasrec"]],
+    ("DATASETS", "beauty,beauty"),
     *[("SLURM_ARRAY_TASK_ID", v) for v in ["0", "abc", "-1", "1.5", "01"]],
     *[("OMP_NUM_THREADS", v) for v in ["abc", "0", "-2", "1.5"]],
 ])
@@ -227,8 +228,8 @@ def test_halving_is_one_process_per_dataset_and_model_logged_then_its_tables(run
     assert all("--losses bce,bpr,uniform,ce" in call and call.endswith("OMP=1") for call in calls(tmp_path))
 
 
-@pytest.mark.parametrize("name, value", [("LOSSES", "nosuch"), ("LOSSES", ""), ("SEEDS", "2"),
-                                         ("SLURM_ARRAY_TASK_ID", "1"), ("MODELS", "bert4rec")])
+@pytest.mark.parametrize("name, value", [("LOSSES", "nosuch"), ("LOSSES", ""), ("LOSSES", "ce,bce,ce"),
+                                         ("SEEDS", "2"), ("SLURM_ARRAY_TASK_ID", "1"), ("MODELS", "bert4rec")])
 def test_halving_refuses_what_it_cannot_do_in_one_line(run_all, tmp_path, name, value):
     assert_refused(run_all("halving", **{name: value}), tmp_path, name)
     assert calls(tmp_path) == []

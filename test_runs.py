@@ -349,6 +349,24 @@ def test_bench_recbole_section_without_recbole_says_in_one_line_how_to_install_i
     assert err.rstrip("\n").endswith(bench.RECBOLE_INSTALL)
 
 
+def test_a_recbole_count_mismatch_still_prints_the_other_sections_rows(tmp_path, capsys, monkeypatch):
+    """RecBole's example count differing from ours ends the recbole section with one line (exit 2), after the
+    table of the rows the sections before it measured, which are not thrown away."""
+    import bench
+    (tmp_path / "Beauty.txt").write_text("1 1 2 3 4 5\n2 2 3 4 5 1\n")
+    monkeypatch.setattr(bench, "import_recbole", lambda device: "recbole")
+    monkeypatch.setattr(bench, "bench_loss", lambda device, rows: rows.append(("loss", "a row", "1 ms", "")))
+    monkeypatch.setattr(bench, "bench_dropout", lambda device, rows: None)
+
+    def mismatch(*args):
+        raise bench.DataError("RecBole's epoch has 9 examples, ours 8: not the same training part")
+    monkeypatch.setattr(bench, "bench_recbole", mismatch)
+    code = bench.main(["--device", "cpu", "--data-dir", str(tmp_path), "--sections", "loss,recbole"])
+    out, err = capsys.readouterr()
+    assert code == 2 and out.splitlines()[-1] == "| loss | a row | 1 ms |  |"
+    assert err == "bench.py: error: RecBole's epoch has 9 examples, ours 8: not the same training part\n"
+
+
 def test_errors_stay_one_line_without_numpy():
     """numpy is not a dependency, and torch warns at import when it is missing: that warning must not become a
     second line of every error. The process below cannot import numpy, as on a machine with torch alone."""
@@ -625,6 +643,15 @@ def test_non_finite_loss_stops_naming_epoch_and_step_and_keeps_the_last_good_che
     checkpoint = torch.load(run / "checkpoint.pt", weights_only=False)
     assert checkpoint["state"]["epoch"] == 1 and all(torch.isfinite(v).all() for v in checkpoint["model"].values())
     assert len((run / "log.jsonl").read_text().splitlines()) == 1 and not (run / "metrics.json").exists()
+    marker = {"reason": "non-finite loss", "epoch": 2, "error": "non-finite loss at epoch 2, step 3"}
+    assert json.loads((run / "stopped.json").read_text()) == marker      # what tuning.py's halving reads
+    calls[:] = [None] * steps_per_epoch                                   # resumed: the same epoch stops the same
+    assert R.main(["--data", beauty_slice, "--epochs", "4", "--out", str(run), *SMALL]) == 1
+    assert "at epoch 2, step 3; the run folder keeps the checkpoint of epoch 1" in capsys.readouterr().err
+    assert json.loads((run / "stopped.json").read_text()) == marker
+    monkeypatch.setattr(U, "batch_loss", real_loss)                        # past that epoch: the marker goes
+    assert R.main(["--data", beauty_slice, "--epochs", "4", "--out", str(run), *SMALL]) == 0
+    assert not (run / "stopped.json").exists() and (run / "metrics.json").exists()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -890,6 +917,24 @@ def test_a_paused_run_keeps_its_folder_and_resumes_to_the_uninterrupted_runs_log
     assert "pause_after" not in (tmp_path / folder / "metrics.json").read_text()
     assert R.main([*base, "--pause-after", "2"]) == 0                            # finished: says so, as without it
     assert "is finished" in capsys.readouterr().out
+
+
+def test_a_finished_run_extended_with_a_pause_it_is_past_is_left_as_it_is(tmp_path, capsys):
+    """A finished run asked for more epochs with --pause-after N at or below the epochs it trained: one line, exit
+    0, its metrics.json and config.json as they were; with N above them, it is extended and paused at N."""
+    run = tmp_path / "run"
+    base = ["--data", small_data(tmp_path), *SMALL, "--patience", "50", "--out", str(run)]
+    assert R.main([*base, "--epochs", "3"]) == 0
+    kept = {name: (run / name).read_text() for name in ("metrics.json", "config.json", "log.jsonl")}
+    for pause in ("2", "3"):
+        capsys.readouterr()
+        assert R.main([*base, "--epochs", "5", "--pause-after", pause]) == 0
+        assert capsys.readouterr().out == (
+            f"{run} is already past --pause-after {pause} (finished: 3 epochs); left as it is\n")
+        assert {name: (run / name).read_text() for name in kept} == kept
+    assert R.main([*base, "--epochs", "5", "--pause-after", "4"]) == 0
+    assert "paused after epoch 4" in capsys.readouterr().out and not (run / "metrics.json").exists()
+    assert json.loads((run / "config.json").read_text())["epochs"] == 5
 
 
 @pytest.mark.parametrize("limits", [["--epochs", "3"], ["--epochs", "50", "--patience", "1"]],

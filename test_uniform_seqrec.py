@@ -418,9 +418,9 @@ def test_negatives_avoid_each_users_training_items():
     sequences = [torch.randperm(num_items, generator=g)[:int(torch.randint(3, 11, (1,), generator=g))].add(1).tolist()
                  for _ in range(50)]
     flat, starts, lengths, num_items = U.flatten_sequences(sequences, "cpu")
-    keys = U.training_item_codes(flat, starts, lengths, num_items)
+    avoided = U.training_item_codes(flat, starts, lengths, num_items)
     users = torch.arange(len(sequences)).repeat_interleave(200)
-    negatives = U.sample_negatives(users, keys, num_items, torch.Generator().manual_seed(2))
+    negatives = U.sample_negatives(users, avoided, num_items, torch.Generator().manual_seed(2))
     for user, negative in zip(users.tolist(), negatives.tolist()):
         assert 1 <= negative <= num_items and negative not in sequences[user][:-2]
     # held-out items are allowed as negatives (spec §2: excluding them would use held-out data)

@@ -12,14 +12,17 @@ best validation NDCG@10 within the rung just done (epochs 1-6, then 1-24, from e
 that a point trained further before (by `./run_all.sh tune`, say) is judged on the same epochs as the others; a tie
 goes to the earlier grid point (lr, then dim, then layers rising). The budget, the same for every loss: 12 x 6 +
 4 x 18 = 144 epochs for rungs 1 and 2, and the final run's epochs past 24, at most 276: at most 420 epochs a loss.
+Caser's grid has 6 points (no depth; advancing: 6, 2, 1): 6 x 6 + 2 x 18 = 72 in rungs 1 and 2, at most 348.
 
 Each grid point is its tuning cell's own run (seed 1, trained through cells.run_cell as `experiments.py run` trains
 it): a rung trains with uniform_seqrec.py's --pause-after, which leaves the run paused at the rung's last epoch, and
 the next rung resumes it in the same folder. A point has done a rung when its folder has trained that far or its run
-has finished (early stopping may end it sooner). Resumable and idempotent: the command again continues where it
-stopped, and trains nothing once every rung is done. A loss's finished final run is recorded as its tuning cell's
-record (results/cells/, as `report` records a table's cell), and its table as
-results/halving/<dataset>-<model>-<loss>.json: both outlive the run folders. results/RESULTS.md shows neither but
+has finished (early stopping may end it sooner) or stopped on a non-finite loss (its folder's stopped.json: it
+would stop there again, so it is done for every rung, ranked by the rows it logged). Resumable and idempotent: the
+command again continues where it stopped, and trains nothing once every rung is done. A loss's finished final run
+is recorded as its tuning cell's record (results/cells/, as `report` records a table's cell), and its table as
+results/halving/<dataset>-<model>-<loss>.json: both outlive the run folders (the saved table stands for them, in
+the report and for training, unless they show the grid further along). results/RESULTS.md shows neither but
 the record's line among the runs behind the cells.
 """
 import json
@@ -57,8 +60,11 @@ def best_within(rows, last_epoch):
 
 def has_done(point, last_epoch):
     """Whether a grid point has done a rung that trains to last_epoch (None: to early stopping): its run has
-    finished (early stopping may end it before last_epoch), or it has trained that far (paused there, or beyond)."""
-    return point["finished"] or (last_epoch is not None and point["epochs"] >= last_epoch)
+    finished (early stopping may end it before last_epoch), or stopped on non-finite numbers (done for every rung:
+    its epochs re-seed from (seed, epoch), so it stops there again), or it has trained that far (paused there, or
+    beyond)."""
+    return bool(point["finished"] or point.get("stopped")
+                or (last_epoch is not None and point["epochs"] >= last_epoch))
 
 
 def ranked(points, indices, last_epoch):
@@ -90,7 +96,7 @@ def standing(dataset, model, loss, points):
     rungs = rungs_of(points)
     last = len(rungs) == len(RUNG_EPOCHS)
     return {"dataset": dataset, "model": model, "loss": loss, "seed": SEED, "rung_epochs": list(RUNG_EPOCHS),
-            "points": [{"cell": p["cell"], "epochs": p["epochs"], "finished": p["finished"],
+            "points": [{"cell": p["cell"], "epochs": p["epochs"], "finished": p["finished"], "stopped": p["stopped"],
                         "best": [best_within(p["rows"], r["epochs"]) if i in r["points"] else None for r in rungs]}
                        for i, p in enumerate(points)],
             "rungs": rungs, "chosen": points[rungs[-1]["points"][0]]["cell"] if last else None,
@@ -111,10 +117,35 @@ def run_folders(grid):
 
 def read_point(cell, run_dir):
     """A grid point as the functions above read it: its log's epochs and validation NDCG@10 (none without a
-    folder), how many epochs it has trained, and whether its run has finished (metrics.json)."""
-    rows = [{"epoch": r["epoch"], "valid_NDCG@10": r["valid_NDCG@10"]} for r in C.read_log(run_dir) or []]
+    folder), how many epochs it has trained, whether its run has finished (metrics.json), and why it stopped, if
+    non-finite numbers stopped it (stopped.json, written by uniform_seqrec.py: "non-finite loss at epoch 3"), else
+    None."""
+    finished = bool(run_dir) and os.path.isfile(os.path.join(run_dir, "metrics.json"))
+    rewrite = (f"rewrite it from the run's checkpoint: remove {os.path.join(run_dir, 'metrics.json')}, then "
+               f"python uniform_seqrec.py --resume {run_dir} (which tests its best state again, training nothing)"
+               if finished else f"rewrite it from the run's checkpoint: python uniform_seqrec.py --resume {run_dir} "
+               f"--pause-after 1 (which pauses at once, training nothing)") if run_dir else ""
+    rows = [{"epoch": r["epoch"], "valid_NDCG@10": r["valid_NDCG@10"]} for r in C.read_log(run_dir, rewrite) or []]
     return {"cell": cell, "rows": rows, "epochs": max((r["epoch"] for r in rows), default=0),
-            "finished": bool(run_dir) and os.path.isfile(os.path.join(run_dir, "metrics.json"))}
+            "finished": finished, "stopped": stopped_reason(run_dir)}
+
+
+def read_points(grid, folders):
+    """read_point of every grid point, in grid order."""
+    return [read_point(cell, folder) for cell, folder in zip(grid, folders)]
+
+
+def stopped_reason(run_dir):
+    """'non-finite loss at epoch 3' when the run folder's stopped.json says so, else None."""
+    path = run_dir and os.path.join(run_dir, "stopped.json")
+    if not path or not os.path.isfile(path):
+        return None
+    marker = R.read_json(path, "remove it: resuming the run writes it again if the run stops again")
+    if not (isinstance(marker, dict) and isinstance(marker.get("reason"), str) and isinstance(marker.get("epoch"),
+                                                                                            int)):
+        raise R.RunFolderError(f"{path} is damaged; remove it: resuming the run writes it again if the run stops "
+                               f"again")
+    return f"{marker['reason']} at epoch {marker['epoch']}"
 
 
 def saved_path(dataset, model, loss):
@@ -137,16 +168,27 @@ def read_saved(dataset, model, loss):
     return saved
 
 
+def known(dataset, model, loss, grid, points):
+    """(standing, whether it is the saved table) of a loss: as results/halving/ saved its finished halving, unless
+    its grid's run folders show the same grid further along (every point as far as saved, some further): a checkout
+    without the folders, or with only some of them, reads the saved table, not a halving that would start over. Else
+    from the run folders where any has trained, else None."""
+    saved = read_saved(dataset, model, loss)
+    found = standing(dataset, model, loss, points) if any(
+        p["epochs"] or p["finished"] or p["stopped"] for p in points) else None
+    further = found and [p["cell"] for p in saved["points"]] == grid and all(
+        p["epochs"] >= q["epochs"] for p, q in zip(points, saved["points"])) if saved else True
+    if saved and not (further and found["epochs_spent"] > saved["epochs_spent"]):
+        return saved, True
+    return found, False
+
+
 def current(dataset, model, loss):
-    """(standing, the chosen point's run folder or None) of a loss: from its grid's run folders where any has
-    trained, else as results/halving/ saved it (a checkout without the folders, or without the data), else None."""
+    """(standing, the chosen point's run folder or None) of a loss (known)."""
     grid = C.tuning_grid(dataset, model, loss)
     folders = [C.run_folder(cell, SEED, {}) for cell in grid]
-    points = [read_point(cell, folder) for cell, folder in zip(grid, folders)]
-    if any(p["epochs"] or p["finished"] for p in points):
-        found = standing(dataset, model, loss, points)
-        return found, found["chosen"] and folders[grid.index(found["chosen"])]
-    return read_saved(dataset, model, loss), None
+    found = known(dataset, model, loss, grid, read_points(grid, folders))[0]
+    return found, found and found["chosen"] and folders[grid.index(found["chosen"])]
 
 
 def final_result(found, run_dir):
@@ -177,13 +219,15 @@ def rung_title(rung, rung_epochs=None):
 def halve(dataset, model, loss, device=None):
     """Train one loss's halving as far as it goes, rung by rung, then record its final run. The exit status: 0 when
     the final run has finished and is recorded; 1 when a run failed, or is being trained by another process (a line
-    says which; the same command continues); 2 when the finished run cannot be recorded (not the published data)."""
+    says which; the same command continues), or the chosen point's run stopped on non-finite numbers (a line says
+    so; a run so stopped is done for every rung, as it stops there again); 2 when the finished run cannot be
+    recorded (not the published data)."""
     grid, name = C.tuning_grid(dataset, model, loss), f"halving {dataset}/{model}/{loss}"
     folders = run_folders(grid)
-    points = [read_point(cell, folder) for cell, folder in zip(grid, folders)]
-    if not any(p["epochs"] or p["finished"] for p in points) and read_saved(dataset, model, loss):
+    points = read_points(grid, folders)
+    if known(dataset, model, loss, grid, points)[1]:
         say(f"{name}: finished before, as {os.path.relpath(saved_path(dataset, model, loss), C.HERE)} says, and "
-            f"its run folders are not here: nothing to train (remove that file to halve again)")
+            f"its run folders show it no further along: nothing to train (remove that file to halve again)")
         return 0
     for rung, last_epoch in enumerate(RUNG_EPOCHS):
         cohort = rungs_of(points)[rung]["points"]                           # every rung before is done
@@ -196,7 +240,11 @@ def halve(dataset, model, loss, device=None):
                 raise KeyboardInterrupt
             if code:                                                        # the rung's other runs still train
                 failed[i] = code
-        points = [read_point(cell, folder) for cell, folder in zip(grid, folders)]
+        points = read_points(grid, folders)
+        for i in [i for i in failed if points[i]["stopped"]]:               # done: it would stop there again
+            say(f"{name}: {grid[i]} stopped: {points[i]['stopped']}; it counts as done for every rung, ranked by "
+                f"the validation rows it logged (resuming it stops it there again)", sys.stderr)
+            del failed[i]
         held = [grid[i] for i in cohort if not has_done(points[i], last_epoch) and i not in failed]
         if failed or held:                       # held: run_cell left them to another process that is training them
             why = [f"{len(failed)} failed (their lines above say why): "
@@ -207,6 +255,11 @@ def halve(dataset, model, loss, device=None):
                 sys.stderr)
             return 1
     found = standing(dataset, model, loss, points)
+    chosen = points[grid.index(found["chosen"])]
+    if chosen["stopped"] and not chosen["finished"]:
+        say(f"{name}: the chosen point {found['chosen']} stopped: {chosen['stopped']}, so there is no result to "
+            f"record; the same command ends the same way (its run stops there again)", sys.stderr)
+        return 1
     try:
         C.record(found["chosen"], SEED, folders[grid.index(found["chosen"])])
     except R.ConfigError as err:
@@ -261,11 +314,12 @@ def loss_table(found, result):
              "| grid point | epochs | " + " | ".join(titles) + " |", "|---|---|" + "---|" * count]
     for p in found["points"]:
         best = p["best"] + [None] * (count - len(p["best"]))
-        lines.append(table_row([point_name(p["cell"]), f"{p['epochs']}{' (finished)' if p['finished'] else ''}",
-                                *(number(b) for b in best)]))
+        state = " (finished)" if p["finished"] else f" (stopped: {p['stopped']})" if p.get("stopped") else ""
+        lines.append(table_row([point_name(p["cell"]), f"{p['epochs']}{state}", *(number(b) for b in best)]))
     lines.append("")
-    chosen = (f"chosen: {point_name(found['chosen'])}" if found["chosen"] else
-              f"chosen: not yet (when rung {count - 1} is done)")
+    stopped = found["chosen"] and next(p.get("stopped") for p in found["points"] if p["cell"] == found["chosen"])
+    chosen = (f"chosen: {point_name(found['chosen'])}" + (f" (stopped: {stopped}; no test result)" if stopped else "")
+              if found["chosen"] else f"chosen: not yet (when rung {count - 1} is done)")
     lines.append(f"{chosen}; {found['epochs_spent']} epochs trained, all grid points together")
     if result:
         lines.append(f"its run: best epoch {result['best_epoch']} of {result['epochs']}; test:")

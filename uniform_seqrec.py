@@ -119,8 +119,8 @@ def sample_negatives(owners, avoided, num_items, generator):
     codes owner * (N + 1) + item of those (owner, item) pairs. By default (spec §2) an example's owner is its user
     and `avoided` training_item_codes(): never a training item of the user. The paper's j is any item "unobserved"
     by u; the user's validation and test items stay drawable, because excluding them would let held-out data shape
-    training (spec §2). (training_data's "any" makes each example its
-    own owner). Vectorised rejection sampling: only the rejected slots are redrawn, until none is left."""
+    training (spec §2). (training_data's "any" makes each example its own owner). Vectorised rejection sampling:
+    only the rejected slots are redrawn, until none is left."""
     negatives = torch.randint(1, num_items + 1, owners.shape, device=owners.device, generator=generator)
     while True:
         query = owners * (num_items + 1) + negatives
@@ -923,8 +923,8 @@ def user_windows(users, num_users, max_len):
     has at most max_len (its end's history is all of the user's items before it), the others max_len."""
     examples_per_user = torch.bincount(users, minlength=num_users)
     first = torch.cumsum(examples_per_user, 0) - examples_per_user
-    position = torch.arange(len(users), device=users.device) - first[users]      # the example's place in its user's
-    later = examples_per_user[users] - 1 - position                               # examples after it
+    position = torch.arange(len(users), device=users.device) - first[users]      # its place among its user's examples
+    later = examples_per_user[users] - 1 - position                               # its user's examples after it
     return (later % max_len == 0).nonzero().squeeze(1)
 
 
