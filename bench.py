@@ -589,8 +589,8 @@ def import_recbole(device):
     if device.type != "cpu":
         raise R.ConfigError(f"the recbole section runs on the CPU only (--device cpu; got {device})")
     try:
-        import numpy as np
         import recbole.config, recbole.data, recbole.model.sequential_recommender, recbole.trainer, recbole.utils
+        import numpy as np                     # after recbole: without it, the line names recbole, not numpy
     except ImportError as err:
         raise R.ConfigError(f"the recbole section needs RecBole 1.2.1, an optional package (no module "
                             f"'{str(err.name).split('.')[0]}'): {RECBOLE_INSTALL}") from None
