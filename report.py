@@ -379,6 +379,19 @@ def study_row(loss_label, kind_label, cell):
             f"{cell} |")
 
 
+# What a side study and its partner must share besides the study's own flag (examples and pack, or block): a row of
+# results/hyperparameters.tsv that `choose` rewrites after the partner's seeds were trained would pair other settings.
+SHARED_SETTINGS = ("lr", "dim", "layers", "heads", "beta", "dropout", "max_len", "batch_size", "negatives")
+
+
+def setting_mismatch(cells):
+    """'' when every recorded seed of `cells` has one value of each SHARED_SETTINGS key its record holds, else the
+    keys that differ with their values, e.g. 'lr 0.0003, 0.001'."""
+    records = [C.read_record(path) for cell in cells for path in glob.glob(C.record_path(cell, "*"))]
+    values = {key: sorted({str(r["config"][key]) for r in records if key in r["config"]}) for key in SHARED_SETTINGS}
+    return "; ".join(f"{key} {', '.join(found)}" for key, found in values.items() if len(found) > 1)
+
+
 def side_study(title, about, kinds, losses):
     """A side study's section on Beauty: per loss, the study's cell beside its partner, Table 1's SASRec cell (rows of
     study_row()), then the rule between the two per loss and protocol (pair_line()). kinds: [(kind, row label, the
@@ -391,6 +404,9 @@ def side_study(title, about, kinds, losses):
         paper_hr, paper_ndcg = C.PAPER_TABLE1["sasrec", loss][C.DATASETS.index("beauty")]
         rows += [study_row(f"{loss} (paper {paper_hr:.4f} / {paper_ndcg:.4f})", label, cell_of(loss))
                  for _, label, cell_of in kinds]
+        mismatch = setting_mismatch([cell_of(loss) for _, _, cell_of in kinds])
+        if mismatch:
+            verdicts.append(f"- {loss}: not one setting, so not a side-by-side: its runs differ in {mismatch}")
         for protocol in U.PROTOCOLS:
             seeds = {kind: [r[1] for r in C.recorded(cell_of(loss), protocol)] for kind, _, cell_of in kinds}
             missing = " or ".join(kind for kind, values in seeds.items() if not values)

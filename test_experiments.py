@@ -353,6 +353,13 @@ def test_a_side_study_is_shown_beside_table1s_cells_once_one_of_its_runs_is_reco
         "| uniform (paper 0.0821 / 0.0371) | original block | 0.0750 | 0.0350, 1 seed | 0.0870 | 0.0510, 1 seed | "
         "50 / 70 | 50 | 42 | block/beauty/uniform |")
     assert "- bce, every item ranked: not decided: no original seed ranked this way yet" in block
+    assert not any("not one setting" in line for line in block)
+    path = C.record_path("block/beauty/uniform", 1)                           # trained after `choose` changed lr
+    entry = json.loads(open(path).read())
+    entry["config"]["lr"] = 3e-4
+    open(path, "w").write(json.dumps(entry))
+    assert ("- uniform: not one setting, so not a side-by-side: its runs differ in lr 0.0003, 0.001"
+            in P.side_studies())
 
 
 def test_the_committed_page_is_what_the_committed_records_make(tmp_path, monkeypatch):
