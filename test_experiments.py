@@ -636,23 +636,31 @@ def test_a_run_folders_best_state_ranks_as_its_test_did(tmp_path):
 TINY = ["--epochs", "2", "--dim", "8", "--layers", "1", "--heads", "1"]
 
 
-@pytest.fixture
-def tiny_cell(tmp_path, monkeypatch):
-    """A trained run of table1/beauty/sasrec/uniform on a small repeat-heavy file named Beauty.txt (2 epochs),
-    with results/ in tmp_path. Returns (run folder, data file)."""
-    g = random.Random(3)
+def small_beauty_checkout(tmp_path, monkeypatch, seed, users):
+    """A small repeat-heavy file named Beauty.txt (`users` users of 5 to 9 items out of 25, drawn from `seed`) in
+    tmp_path/data, found through UNIFORM_SEQREC_DATA, with tmp_path as the working folder, the project's folder and
+    results/'s parent, and the file taken as the published one (records take only that). Returns its path."""
+    g = random.Random(seed)
     data = tmp_path / "data" / "Beauty.txt"
     data.parent.mkdir()
     data.write_text("".join(f"{u} " + " ".join(str(g.randint(1, 25)) for _ in range(g.randint(5, 9))) + "\n"
-                            for u in range(1, 81)))
+                            for u in range(1, users + 1)))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("UNIFORM_SEQREC_DATA", str(data.parent))
     monkeypatch.setattr(C, "RESULTS", str(tmp_path / "results"))
     monkeypatch.setattr(C, "HERE", str(tmp_path))
+    published = sha256_of(str(data))
+    monkeypatch.setattr(C, "published_sha256", lambda dataset: published)
+    return data
+
+
+@pytest.fixture
+def tiny_cell(tmp_path, monkeypatch):
+    """A trained run of table1/beauty/sasrec/uniform on a small repeat-heavy file named Beauty.txt (2 epochs),
+    with results/ in tmp_path. Returns (run folder, data file)."""
+    data = small_beauty_checkout(tmp_path, monkeypatch, seed=3, users=80)
     monkeypatch.setattr(C, "read_hyperparameters", lambda path=None: {("beauty", "sasrec", "uniform"): TINY})
     monkeypatch.setattr(C, "cells", lambda what, datasets, models: ["table1/beauty/sasrec/uniform"])
-    published = sha256_of(str(data))
-    monkeypatch.setattr(C, "published_sha256", lambda dataset: published)     # records take only the published file
     assert C.run_cell("table1/beauty/sasrec/uniform", 1, "cpu") == 0
     return tmp_path / C.run_folder("table1/beauty/sasrec/uniform", 1, C.read_hyperparameters()), data
 
@@ -1070,17 +1078,7 @@ def test_halving_trains_each_rung_recording_the_final_run_and_a_second_call_trai
     rungs' runs pause in the grid points' own folders, the best advance, the chosen one's run finishes and is
     recorded; the command again trains nothing; and without the run folders its table reads the same from
     results/."""
-    g = random.Random(4)
-    data = tmp_path / "data" / "Beauty.txt"
-    data.parent.mkdir()
-    data.write_text("".join(f"{u} " + " ".join(str(g.randint(1, 25)) for _ in range(g.randint(5, 9))) + "\n"
-                            for u in range(1, 61)))
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("UNIFORM_SEQREC_DATA", str(data.parent))
-    monkeypatch.setattr(C, "RESULTS", str(tmp_path / "results"))
-    monkeypatch.setattr(C, "HERE", str(tmp_path))
-    published = sha256_of(str(data))
-    monkeypatch.setattr(C, "published_sha256", lambda dataset: published)
+    data = small_beauty_checkout(tmp_path, monkeypatch, seed=4, users=60)
     monkeypatch.setattr(T, "RUNG_EPOCHS", (1, 2, None))
     arguments = C.cell_arguments
     monkeypatch.setattr(C, "cell_arguments", lambda cell, h: [*arguments(cell, h), "--epochs", "4", "--device", "cpu"])
