@@ -350,14 +350,14 @@ def extend_run_dir(config, run_dir, saved_path, log, pause_after=None):
     config["data"] = saved["data"]                  # the folder's own spelling of its file: its name's hash stays
     limits = {k: saved[k] for k in EXTENDABLE_KEYS if isinstance(saved.get(k), int) and saved[k] > config[k]}
     config.update(limits)                                                   # never shortened
-    if pause_after is not None and any(saved.get(k) != config[k] for k in EXTENDABLE_KEYS):
+    extended = [k for k in EXTENDABLE_KEYS if saved.get(k) != config[k]]
+    if pause_after is not None and extended:
         trained = finished_epochs(run_dir)
         if trained is not None and trained >= pause_after:
             raise PastPause(trained)
-    if any(saved.get(k) != config[k] for k in EXTENDABLE_KEYS + ("data_fingerprint",)):
-        if any(saved.get(k) != config[k] for k in EXTENDABLE_KEYS):
-            log(f"extending {run_dir} to " + ", ".join(f"--{k} {config[k]} (was {saved.get(k)})"
-                                                      for k in EXTENDABLE_KEYS if saved.get(k) != config[k]))
+    if extended or saved.get("data_fingerprint") != config["data_fingerprint"]:
+        if extended:
+            log(f"extending {run_dir} to " + ", ".join(f"--{k} {config[k]} (was {saved.get(k)})" for k in extended))
         save_atomically(json.dumps({**saved, **{k: config[k] for k in EXTENDABLE_KEYS + ("data_fingerprint",)}},
                                    indent=2) + "\n", saved_path)
 
