@@ -179,6 +179,7 @@ class RunFolder:
         return state, best_weights
 
     def save(self, model, optimizer, state, best_weights):
+        self.unmark()                           # an epoch past the one that stopped the run: before the checkpoint
         try:                                    # "best_model": the best weights' key since the first checkpoint
             save_atomically({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state,
                              "best_model": best_weights, "device": str(next(model.parameters()).device),
@@ -189,13 +190,18 @@ class RunFolder:
             raise RunFolderError(f"{err}; {kept}") from None
         self.saved_epoch = state["epoch"]
         self.write_log(state["history"])
-        if os.path.exists(self.file("stopped.json")):                  # an epoch past the one that stopped it
+
+    def unmark(self):
+        """Remove stopped.json, before the write that supersedes it (a checkpoint, metrics.json): a kill in between
+        leaves a folder that a resume continues, never a marker that outlived its epoch."""
+        if os.path.exists(self.file("stopped.json")):
             os.remove(self.file("stopped.json"))
 
     def stopped(self, err):
-        """Mark the folder as stopped by non-finite numbers (a FloatingPointError of the epoch after the checkpoint's):
-        stopped.json, {"reason", "epoch", "error"}. Epochs re-seed from (seed, epoch), so a resume stops there again
-        (and rewrites it); one that gets past that epoch removes it (save). tuning.py's halving reads it."""
+        """Mark the folder as stopped by non-finite numbers in its first epoch (a FloatingPointError before any
+        checkpoint; after one, train() tests the best state and its result says why it stopped): stopped.json,
+        {"reason", "epoch", "error"}. Epochs re-seed from (seed, epoch), so a resume stops there again (and rewrites
+        it); one that gets past that epoch removes it (save). tuning.py's halving reads it."""
         reason = "non-finite loss" if str(err).startswith("non-finite loss") else "non-finite scores"
         try:
             save_atomically(json.dumps({"reason": reason, "epoch": self.saved_epoch + 1, "error": str(err)}) + "\n",
@@ -226,11 +232,13 @@ class RunFolder:
     def finish(self, result, config, device_settings=None):
         """Write metrics.json: the result of train(), with the device, what device_settings() set on it, the
         resumes on another device (resumed_on; empty when every epoch ran on one kind) and the configuration (which
-        holds the data file's fingerprint)."""
+        holds the data file's fingerprint); `stopped` where non-finite numbers ended training (train())."""
         result = {**result, "device": config["device"], "device_settings": device_settings,
                   "resumed_on": self.resumed_on, "config": config}
+        self.unmark()                                       # a marker left by code from before train() stopped so
         save_atomically(json.dumps(result, indent=2) + "\n", self.file("metrics.json"))
-        self.log(f"test (best epoch {result['best_epoch']}): " +
+        stopped = f"; training stopped: {result['stopped']}" if "stopped" in result else ""
+        self.log(f"test (best epoch {result['best_epoch']}{stopped}): " +
                  "  ".join(f"{k} {v:.4f}" for k, v in result["test"].items()))
         other = "all_items" if config["mask_seen"] else "history_excluded"
         self.log(f"  ({'every item ranked' if config['mask_seen'] else 'the history excluded'}: " +
@@ -991,7 +999,7 @@ def device_failure(err, device):
 
 def main(argv=None):
     signal.signal(signal.SIGINT, signal.default_int_handler)               # Ctrl-C is KeyboardInterrupt again
-    run = None
+    run = config = None
     try:
         config, run_dir = configure(argv, fetch=True)
         pause_after = config.pop("pause_after", None)      # how far to train now, not the run's: not in config.json
@@ -1009,8 +1017,10 @@ def main(argv=None):
                     and isinstance(done, int) and isinstance(best, int)):
                 raise RunFolderError(f"{metrics_path} has no test results; remove it to test the run's best state "
                                      f"again")
-            if done >= config["epochs"] or done - best >= config["patience"]:
-                say(f"{run_dir} is finished: test " + "  ".join(f"{k} {v:.4f}" for k, v in test.items()))
+            stopped = finished.get("stopped")      # non-finite numbers ended it: a resume would stop there again
+            if done >= config["epochs"] or done - best >= config["patience"] or isinstance(stopped, str):
+                why = f" (training stopped: {stopped})" if isinstance(stopped, str) else ""
+                say(f"{run_dir} is finished{why}: test " + "  ".join(f"{k} {v:.4f}" for k, v in test.items()))
                 say(f"its result: {metrics_path}")
                 return 0
             os.remove(metrics_path)                                         # extended: a new result will replace it
@@ -1030,14 +1040,16 @@ def main(argv=None):
         print(f"uniform_seqrec.py: error: {err}", file=sys.stderr)
         return 2
     except (FloatingPointError, RuntimeError) as err:  # non-finite numbers; torch's own, from the device
-        if run is None:
-            raise
-        run.progress.clear()
-        kept = (f"the run folder keeps the checkpoint of epoch {run.saved_epoch}" if run.saved_epoch
-                else "no epoch had finished")
-        if isinstance(err, FloatingPointError):
-            run.stopped(err)
-        why = err if isinstance(err, FloatingPointError) else device_failure(err, config["device"])
+        saved = run.saved_epoch if run is not None else 0  # None: before training (copying the data to the device)
+        if run is not None:
+            run.progress.clear()
+        kept = (f"the run folder keeps the checkpoint of epoch {saved}" if saved else "no epoch had finished"
+                if run is not None else "training had not started, and its run folder keeps what it held")
+        if isinstance(err, FloatingPointError) and run is not None and not saved:
+            run.stopped(err)                       # the first epoch's; later ones end in train()'s test of the best
+        # a string, not err: a local holding err would hold its traceback, whose frames hold this one's (the lock)
+        why = str(err) if isinstance(err, FloatingPointError) else device_failure(err, config["device"] if config
+                                                                                  else "torch")
         print(f"uniform_seqrec.py: stopped: {why}; {kept}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
