@@ -401,7 +401,8 @@ def check_published(cell, fingerprint, data_path):
 
 def record(cell, seed, run_dir):
     """Write the cell's JSON from its finished run folder: its metrics under both protocols, the best state's
-    validation metrics, the data file's fingerprint, and how often its top item is one of the user's own. A run on
+    validation metrics, the data file's fingerprint, how often its top item is one of the user's own, and why
+    training stopped where non-finite numbers ended it ("stopped", as its metrics.json says). A run on
     other data than the published benchmark file is refused (check_published); its cell's record stays as it was."""
     metrics = read_metrics(run_dir)
     config = metrics["config"]
@@ -416,7 +417,8 @@ def record(cell, seed, run_dir):
     entry = {"cell": cell, "seed": seed, "test": metrics["test"], "valid": metrics["valid"], **ranked,
              "best_epoch": metrics["best_epoch"], "epochs": metrics["epochs"], "device": metrics["device"],
              "machine": machine_of(metrics), "wall_seconds": wall_seconds(run_dir, log), "commit": commit,
-             "run_dir": os.path.relpath(run_dir, HERE), "config": {**config, "data_fingerprint": fingerprint}}
+             "run_dir": os.path.relpath(run_dir, HERE), "config": {**config, "data_fingerprint": fingerprint},
+             **({"stopped": metrics["stopped"]} if isinstance(metrics.get("stopped"), str) else {})}
     write_record(cell, seed, entry)
 
 

@@ -508,8 +508,9 @@ def report(path=None, unfinished=()):
             "commit |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in entries:
         c = e["config"]
+        stopped = f" (stopped: {e['stopped']})" if e.get("stopped") else ""     # non-finite numbers ended it
         runs.append(f"| {e['cell']} | {e['seed']} | {c['lr']:g} | {c['dim']} | {c['layers']} | {c['heads']} | "
-                    f"{c['beta']:g} | {e['best_epoch']} / {e['epochs']} | {e['device']} | "
+                    f"{c['beta']:g} | {e['best_epoch']} / {e['epochs']}{stopped} | {e['device']} | "
                     f"{machine_label(e.get('machine'))} | {e['wall_seconds'] / 60:.0f} min | {e['commit']} |")
     one_way = ranked_one_way()
     text = "\n".join([

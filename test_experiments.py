@@ -705,6 +705,29 @@ def test_a_report_ranks_again_only_a_run_its_record_does_not_hold(tiny_cell, mon
     assert len(ranked) == 2 and "protocols" in json.loads(open(path).read())
 
 
+def test_a_run_ended_by_a_non_finite_loss_is_recorded_and_shown_as_stopped(tmp_path, monkeypatch):
+    """A cell's run whose loss turns NaN in epoch 2 of 2 is tested at its best state (epoch 1): its record says why
+    it stopped, and the results page's row of it too."""
+    data = small_beauty_checkout(tmp_path, monkeypatch, seed=3, users=80)
+    monkeypatch.setattr(C, "read_hyperparameters", lambda path=None: {("beauty", "sasrec", "uniform"): TINY})
+    monkeypatch.setattr(C, "cells", lambda what, datasets, models: ["table1/beauty/sasrec/uniform"])
+    first_epoch = -(-sum(len(s) - 3 for s in R.read_sequences(str(data))) // 256)    # its steps
+    real_loss, calls = U.batch_loss, []
+
+    def poisoned(*args):
+        calls.append(None)
+        return real_loss(*args) * (float("nan") if len(calls) == first_epoch + 1 else 1.0)   # epoch 2, step 1
+    monkeypatch.setattr(U, "batch_loss", poisoned)
+    assert C.run_cell("table1/beauty/sasrec/uniform", 1, "cpu") == 0
+    assert C.record_all(max_seed=1) == 0
+    entry = json.loads(open(C.record_path("table1/beauty/sasrec/uniform", 1)).read())
+    assert entry["stopped"] == "non-finite loss at epoch 2, step 1" and (entry["best_epoch"], entry["epochs"]) == (1, 1)
+    P.report(str(tmp_path / "RESULTS.md"))
+    rows = [line for line in (tmp_path / "RESULTS.md").read_text().splitlines()
+            if line.startswith("| table1/beauty/sasrec/uniform | 1 | ")]
+    assert len(rows) == 1 and " | 1 / 1 (stopped: non-finite loss at epoch 2, step 1) | cpu | " in rows[0]
+
+
 def test_a_run_on_data_that_is_not_the_published_file_is_never_recorded(tiny_cell, monkeypatch, capsys):
     """Issue 33, item 3: a run of a cell on a data file that is not the benchmark's published one (here the tiny
     Beauty.txt, its fingerprint unlike docs/datasets.md's) leaves the cell's record as it was, and says so."""
