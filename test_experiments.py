@@ -682,6 +682,7 @@ def test_a_record_holds_both_protocols_and_its_data(tiny_cell):
     assert entry["machine"] == {"device": "cpu", "name": R.cpu_model(), "torch": torch.__version__,  # what trained it
                                 "threads": torch.get_num_threads(),
                                 "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    assert "sessions" not in entry and "stopped" not in entry                 # one machine and commit; not stopped
 
 
 def test_a_report_ranks_again_only_a_run_its_record_does_not_hold(tiny_cell, monkeypatch):
@@ -726,6 +727,32 @@ def test_a_run_ended_by_a_non_finite_loss_is_recorded_and_shown_as_stopped(tmp_p
     rows = [line for line in (tmp_path / "RESULTS.md").read_text().splitlines()
             if line.startswith("| table1/beauty/sasrec/uniform | 1 | ")]
     assert len(rows) == 1 and " | 1 / 1 (stopped: non-finite loss at epoch 2, step 1) | cpu | " in rows[0]
+
+
+def test_a_run_trained_on_two_machines_and_commits_records_both(tmp_path, monkeypatch):
+    """A cell's run paused after epoch 1 on one machine and commit, finished on another: its record names both
+    sessions, its machine and commit are the last's, and the results page's row says "mixed" and both commits.
+    (One machine and commit throughout: no sessions, test_a_record_holds_both_protocols_and_its_data.)"""
+    small_beauty_checkout(tmp_path, monkeypatch, seed=3, users=80)
+    monkeypatch.setattr(C, "read_hyperparameters", lambda path=None: {("beauty", "sasrec", "uniform"): TINY})
+    monkeypatch.setattr(C, "cells", lambda what, datasets, models: ["table1/beauty/sasrec/uniform"])
+    machines = {}
+    for session, (cpu, commit, pause) in enumerate((("Fake CPU A", "aaaa111", 1), ("Fake CPU B", "bbbb222", None))):
+        monkeypatch.setattr(R, "cpu_model", lambda: cpu)
+        monkeypatch.setattr(C, "git_commit", lambda: commit)
+        machines[session] = R.machine(R.device_settings("cpu"))
+        assert C.run_cell("table1/beauty/sasrec/uniform", 1, "cpu", pause_after=pause) == 0
+    assert C.record_all(max_seed=1) == 0
+    entry = json.loads(open(C.record_path("table1/beauty/sasrec/uniform", 1)).read())
+    assert entry["sessions"] == [{"first_epoch": 1, "last_epoch": 1, "machine": machines[0], "commit": "aaaa111"},
+                                 {"first_epoch": 2, "last_epoch": 2, "machine": machines[1], "commit": "bbbb222"}]
+    assert entry["machine"] == machines[1] and entry["commit"] == "bbbb222"
+    P.report(str(tmp_path / "RESULTS.md"))
+    rows = [line for line in (tmp_path / "RESULTS.md").read_text().splitlines()
+            if line.startswith("| table1/beauty/sasrec/uniform | 1 | ")]
+    assert len(rows) == 1 and rows[0].endswith(f" | cpu | mixed: {R.machine_label(machines[0])} (epoch 1); "
+                                               f"{R.machine_label(machines[1])} (epoch 2) | "
+                                               f"{entry['wall_seconds'] / 60:.0f} min | aaaa111, bbbb222 |")
 
 
 def test_a_run_on_data_that_is_not_the_published_file_is_never_recorded(tiny_cell, monkeypatch, capsys):
