@@ -367,17 +367,12 @@ def recorded_ranking(cell, seed, run_dir, metrics, fingerprint):
 
 
 def machine_of(metrics):
-    """The machine that trained a run, from its metrics.json: {"device", "name" (the GPU's name on CUDA, else the
-    CPU's model; None where the run's metrics.json predates naming it), "torch", "threads", "cpu_capability" (the
-    vector kernels torch ran on the CPU)}, or None where metrics.json names no settings at all. Read from the run,
-    never from the machine that records it: a run folder can be recorded elsewhere than where it trained."""
-    settings = metrics.get("device_settings")
-    if not isinstance(settings, dict):
-        return None
-    on_gpu = str(settings.get("device", "")).startswith("cuda")
-    return {"device": settings.get("device"), "name": settings.get("name" if on_gpu else "cpu"),
-            "torch": settings.get("torch"), "threads": settings.get("threads"),
-            "cpu_capability": settings.get("cpu_capability")}
+    """The machine that trained a run (its last session), from its metrics.json: {"device", "name" (the GPU's name on
+    CUDA, else the CPU's model; None where the run's metrics.json predates naming it), "torch", "threads",
+    "cpu_capability" (the vector kernels torch ran on the CPU)} (runs.machine), or None where metrics.json names no
+    settings at all. Read from the run, never from the machine that records it: a run folder can be recorded
+    elsewhere than where it trained."""
+    return R.machine(metrics.get("device_settings"))
 
 
 
@@ -401,7 +396,10 @@ def check_published(cell, fingerprint, data_path):
 
 def record(cell, seed, run_dir):
     """Write the cell's JSON from its finished run folder: its metrics under both protocols, the best state's
-    validation metrics, the data file's fingerprint, and how often its top item is one of the user's own. A run on
+    validation metrics, the data file's fingerprint, how often its top item is one of the user's own, and why
+    training stopped where non-finite numbers ended it ("stopped", as its metrics.json says). Its machine and commit
+    are its last session's; where several machines or commits trained it, "sessions" names each and its epochs (the
+    commit of the first start, commit.txt, where no session names one). A run on
     other data than the published benchmark file is refused (check_published); its cell's record stays as it was."""
     metrics = read_metrics(run_dir)
     config = metrics["config"]
@@ -410,13 +408,18 @@ def record(cell, seed, run_dir):
     log = read_log(run_dir)
     commit_file = os.path.join(run_dir, "commit.txt")
     commit = open(commit_file).read().strip() if os.path.isfile(commit_file) else git_commit()
+    sessions = metrics.get("sessions")           # where more than one machine or commit trained it: the last's
+    if isinstance(sessions, list) and sessions and isinstance(sessions[-1], dict) and sessions[-1].get("commit"):
+        commit = sessions[-1]["commit"]
     ranked = (recorded_ranking(cell, seed, run_dir, metrics, fingerprint)
               or rescore(run_dir, read_sequences(data_path)))
     ranked["protocols"] = metrics.get("protocols") or ranked["protocols"]  # as ranked on the training device
     entry = {"cell": cell, "seed": seed, "test": metrics["test"], "valid": metrics["valid"], **ranked,
              "best_epoch": metrics["best_epoch"], "epochs": metrics["epochs"], "device": metrics["device"],
              "machine": machine_of(metrics), "wall_seconds": wall_seconds(run_dir, log), "commit": commit,
-             "run_dir": os.path.relpath(run_dir, HERE), "config": {**config, "data_fingerprint": fingerprint}}
+             "run_dir": os.path.relpath(run_dir, HERE), "config": {**config, "data_fingerprint": fingerprint},
+             **({"stopped": metrics["stopped"]} if isinstance(metrics.get("stopped"), str) else {}),
+             **({"sessions": sessions} if isinstance(sessions, list) else {})}
     write_record(cell, seed, entry)
 
 
@@ -484,14 +487,15 @@ def run_cell(cell, seed, device, pause_after=None):
               f"left to it", flush=True)
         return 0
     os.makedirs(run_dir, exist_ok=True)
-    commit_file = os.path.join(run_dir, "commit.txt")
-    if not os.path.isfile(commit_file):
+    commit, commit_file = git_commit(), os.path.join(run_dir, "commit.txt")
+    # the commit of the start that trains the first epoch (the sessions name each start's that trains one: R.main)
+    if not os.path.isfile(commit_file) or not os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
         with open(commit_file, "w") as f:
-            f.write(git_commit() + "\n")
+            f.write(commit + "\n")
     started = time.time()
     print(f"[{time.strftime('%H:%M:%S')}] {cell} seed {seed}: {' '.join(arguments)}", flush=True)
     code = R.main([*arguments, *(["--device", device] if device else []),
-                   *(["--pause-after", str(pause_after)] if pause_after else [])])
+                   *(["--pause-after", str(pause_after)] if pause_after else [])], commit=commit)
     if code == 2 and in_use(run_dir):                                       # another process took it meanwhile
         code = 0
     print(f"[{time.strftime('%H:%M:%S')}] {cell} seed {seed}: exit {code} after {time.time() - started:.0f}s",

@@ -145,17 +145,27 @@ def pair_line(seeds_by_kind):
 # The results page
 # ---------------------------------------------------------------------------------------------------------------
 
-def machine_label(machine):
+def machine_label(machine, sessions=None):
     """A record's machine in a few words: 'AMD EPYC (family 25, model 17), AVX512, torch 2.13.0, 1 thread' (a GPU
-    run: its name and torch); what a run did not record is said, never filled in from this machine."""
-    if not isinstance(machine, dict):
-        return "machine not recorded"
-    on_cpu = not str(machine.get("device")).startswith("cuda")
-    threads, capability = machine.get("threads"), machine.get("cpu_capability")
-    return ", ".join([machine.get("name") or f"{machine.get('device')} (model not recorded)",
-                      *([capability] if on_cpu and capability else []),
-                      f"torch {machine.get('torch') or 'not recorded'}",
-                      *([f"{threads} thread{'s' * (threads != 1)}"] if on_cpu and isinstance(threads, int) else [])])
+    run: its name and torch); what a run did not record is said, never filled in from this machine. A run whose
+    sessions (its record's, where several machines or commits trained it) name more than one machine: 'mixed: '
+    and each machine with its epochs."""
+    stretches = []                                                          # [machine, first epoch, last epoch]
+    for session in sessions if isinstance(sessions, list) else []:
+        if stretches and R.same_machine(stretches[-1][0], session.get("machine")):
+            stretches[-1][2] = session.get("last_epoch")                    # the same machine, another commit
+        else:
+            stretches.append([session.get("machine"), session.get("first_epoch"), session.get("last_epoch")])
+    if len(stretches) > 1:
+        return "mixed: " + "; ".join(f"{R.machine_label(m)} (epoch{f's {a}-{b}' if a != b else f' {a}'})"
+                                     for m, a, b in stretches)
+    return R.machine_label(machine)
+
+
+def commits(entry):
+    """A record's commit, or where several commits trained its run (its sessions), each in the order they did."""
+    named = [s.get("commit", "not recorded") for s in entry.get("sessions", []) if isinstance(s, dict)]
+    return ", ".join(dict.fromkeys(named)) if len(set(named)) > 1 else entry["commit"]
 
 
 def show(values, paper):
@@ -508,9 +518,11 @@ def report(path=None, unfinished=()):
             "commit |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in entries:
         c = e["config"]
+        stopped = f" (stopped: {e['stopped']})" if e.get("stopped") else ""     # non-finite numbers ended it
         runs.append(f"| {e['cell']} | {e['seed']} | {c['lr']:g} | {c['dim']} | {c['layers']} | {c['heads']} | "
-                    f"{c['beta']:g} | {e['best_epoch']} / {e['epochs']} | {e['device']} | "
-                    f"{machine_label(e.get('machine'))} | {e['wall_seconds'] / 60:.0f} min | {e['commit']} |")
+                    f"{c['beta']:g} | {e['best_epoch']} / {e['epochs']}{stopped} | {e['device']} | "
+                    f"{machine_label(e.get('machine'), e.get('sessions'))} | {e['wall_seconds'] / 60:.0f} min | "
+                    f"{commits(e)} |")
     one_way = ranked_one_way()
     text = "\n".join([
         "# Results beside the paper's",

@@ -140,13 +140,18 @@ class PastPause(Exception):
 class RunFolder:
     """The `run` of uniform_seqrec.train() kept in a folder: the checkpoint after every epoch, the log beside it,
     and what the user sees (each line through `log`, the progress line on a terminal). pause_after: the last epoch
-    to train before stopping without a test (Paused), as --pause-after asks; None trains to the end."""
+    to train before stopping without a test (Paused), as --pause-after asks; None trains to the end. machine: what
+    trains it (machine()), and commit: the code's (cells.py knows it), kept for the epochs this process trains in the
+    checkpoint's `sessions` (None: none kept)."""
 
-    def __init__(self, path, log=print, progress=None, statistics=lambda model: {}, pause_after=None):
+    def __init__(self, path, log=print, progress=None, statistics=lambda model: {}, pause_after=None, machine=None,
+                 commit=None):
         self.path, self.print, self.statistics = path, log, statistics
         self.progress = ProgressLine() if progress is None else progress
         self.pause_after = pause_after
         self.saved_epoch = 0                                                # the epoch checkpoint.pt holds
+        self.machine, self.commit, self.sessions, self.in_session = machine, commit, [], False
+        self.resumed_on = []
 
     def __str__(self):
         return f"run folder {self.path}"
@@ -158,10 +163,13 @@ class RunFolder:
         """restore() the checkpoint, if any. One that was written on another kind of device than this run's (a GPU's
         checkpoint resumed on the CPU) gets a line saying so and an entry in the run's resumed_on (metrics.json):
         the random streams of the epochs from there on are another device's, so the run's numbers are neither
-        device's uninterrupted ones. (A checkpoint from before checkpoints named their device says nothing.)"""
+        device's uninterrupted ones. (A checkpoint from before checkpoints named their device says nothing.) One
+        whose last session (sessions) was another machine of the same kind, by its model, threads or torch, gets a line
+        too: a CPU run's numbers repeat only on one machine with one number of threads."""
         state, best_weights, recorded = restore(self.file("checkpoint.pt"), model, optimizer)
         self.saved_epoch = state["epoch"]
         self.resumed_on = list(recorded.get("resumed_on", []))              # [{after_epoch, from, to}]
+        self.sessions = list(recorded.get("sessions", []))      # [{first_epoch, last_epoch, machine, commit}]
         for name in ("checkpoint.pt.partial", "log.jsonl.partial", "metrics.json.partial", "stopped.json.partial"):
             if os.path.exists(self.file(name)):
                 os.remove(self.file(name))
@@ -176,26 +184,52 @@ class RunFolder:
                 self.log(f"its checkpoint was written on {written_on}, and this run continues on {here}: the random "
                          f"streams (order, negatives, dropout) differ from epoch {state['epoch'] + 1} on, so its "
                          f"numbers will be neither device's uninterrupted ones (recorded in metrics.json, resumed_on)")
+            elif self.sessions and self.machine and not same_machine(self.sessions[-1].get("machine"), self.machine):
+                self.log(f"its epochs {self.sessions[-1]['first_epoch']}-{state['epoch']} were trained on "
+                         f"{machine_label(self.sessions[-1].get('machine'))}, and this run continues on "
+                         f"{machine_label(self.machine)}: its numbers from epoch {state['epoch'] + 1} on are this "
+                         f"machine's, neither's uninterrupted ones (recorded in metrics.json, sessions)")
         return state, best_weights
 
     def save(self, model, optimizer, state, best_weights):
+        self.unmark()                           # an epoch past the one that stopped the run: before the checkpoint
+        self.note_session(state["epoch"])
         try:                                    # "best_model": the best weights' key since the first checkpoint
             save_atomically({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state,
                              "best_model": best_weights, "device": str(next(model.parameters()).device),
-                             "resumed_on": self.resumed_on}, self.file("checkpoint.pt"))
+                             "resumed_on": self.resumed_on, "sessions": self.sessions}, self.file("checkpoint.pt"))
         except RunFolderError as err:
             kept = (f"the run folder keeps the checkpoint of epoch {self.saved_epoch}" if self.saved_epoch else
                     "no epoch's checkpoint was written yet, so the same command starts the run from its beginning")
             raise RunFolderError(f"{err}; {kept}") from None
         self.saved_epoch = state["epoch"]
         self.write_log(state["history"])
-        if os.path.exists(self.file("stopped.json")):                  # an epoch past the one that stopped it
+
+    def note_session(self, epoch):
+        """Count `epoch` in this process's session: the last of `sessions`, or a new one. A session that continues
+        the one before it on the same machine and commit (a pause, a kill) extends it, so that the list holds each
+        stretch of epochs that one machine and commit trained."""
+        if self.machine is None:
+            return
+        here = {"machine": self.machine, **({"commit": self.commit} if self.commit else {})}
+        last = self.sessions[-1] if self.sessions else None
+        if last and (self.in_session or (session_key(last) == session_key(here) and last["last_epoch"] == epoch - 1)):
+            last["last_epoch"] = epoch
+        else:
+            self.sessions.append({"first_epoch": epoch, "last_epoch": epoch, **here})
+        self.in_session = True
+
+    def unmark(self):
+        """Remove stopped.json, before the write that supersedes it (a checkpoint, metrics.json): a kill in between
+        leaves a folder that a resume continues, never a marker that outlived its epoch."""
+        if os.path.exists(self.file("stopped.json")):
             os.remove(self.file("stopped.json"))
 
     def stopped(self, err):
-        """Mark the folder as stopped by non-finite numbers (a FloatingPointError of the epoch after the checkpoint's):
-        stopped.json, {"reason", "epoch", "error"}. Epochs re-seed from (seed, epoch), so a resume stops there again
-        (and rewrites it); one that gets past that epoch removes it (save). tuning.py's halving reads it."""
+        """Mark the folder as stopped by non-finite numbers in its first epoch (a FloatingPointError before any
+        checkpoint; after one, train() tests the best state and its result says why it stopped): stopped.json,
+        {"reason", "epoch", "error"}. Epochs re-seed from (seed, epoch), so a resume stops there again (and rewrites
+        it); one that gets past that epoch removes it (save). tuning.py's halving reads it."""
         reason = "non-finite loss" if str(err).startswith("non-finite loss") else "non-finite scores"
         try:
             save_atomically(json.dumps({"reason": reason, "epoch": self.saved_epoch + 1, "error": str(err)}) + "\n",
@@ -226,11 +260,16 @@ class RunFolder:
     def finish(self, result, config, device_settings=None):
         """Write metrics.json: the result of train(), with the device, what device_settings() set on it, the
         resumes on another device (resumed_on; empty when every epoch ran on one kind) and the configuration (which
-        holds the data file's fingerprint)."""
+        holds the data file's fingerprint); `stopped` where non-finite numbers ended training (train()), and
+        `sessions` where more than one machine or commit trained its epochs (note_session)."""
         result = {**result, "device": config["device"], "device_settings": device_settings,
                   "resumed_on": self.resumed_on, "config": config}
+        if len({session_key(session) for session in self.sessions}) > 1:    # another machine or commit trained some
+            result["sessions"] = self.sessions
+        self.unmark()                                       # a marker left by code from before train() stopped so
         save_atomically(json.dumps(result, indent=2) + "\n", self.file("metrics.json"))
-        self.log(f"test (best epoch {result['best_epoch']}): " +
+        stopped = f"; training stopped: {result['stopped']}" if "stopped" in result else ""
+        self.log(f"test (best epoch {result['best_epoch']}{stopped}): " +
                  "  ".join(f"{k} {v:.4f}" for k, v in result["test"].items()))
         other = "all_items" if config["mask_seen"] else "history_excluded"
         self.log(f"  ({'every item ranked' if config['mask_seen'] else 'the history excluded'}: " +
@@ -240,7 +279,7 @@ class RunFolder:
 
 def read_checkpoint(checkpoint_path, device):
     """What a run folder's checkpoint.pt holds (RunFolder.save writes it): {"model", "optimizer", "state" (early
-    stopping), "best_model", and where written since, "device" and "resumed_on"}, loaded onto `device`
+    stopping), "best_model", and where written since, "device", "resumed_on" and "sessions"}, loaded onto `device`
     (map_location: a checkpoint written on any device, a GPU or the CPU, loads onto any). The one reader of the file:
     restore() and experiments' re-ranking of a finished run (cells.best_state) read it here, and each names in one
     line whatever a truncated, foreign or garbled file raises."""
@@ -249,8 +288,8 @@ def read_checkpoint(checkpoint_path, device):
 
 def restore(checkpoint_path, model, optimizer):
     """Load the last checkpoint into model and optimizer, if any. Returns (early-stopping state, best model, what
-    the checkpoint records of its devices: {"device": where it was written, "resumed_on": [...]}, empty when there
-    is no checkpoint or it is from before checkpoints recorded them).
+    the checkpoint records of its devices: {"device": where it was written, "resumed_on": [...], "sessions": [...]},
+    empty when there is no checkpoint or it is from before checkpoints recorded them).
 
     The optimizer keeps the implementation this device's adam() chose (fused, foreach): load_state_dict would put
     back the saved param_groups' flags, another device's choice (MPS without a fused Adam, say, resumed on CUDA),
@@ -275,8 +314,13 @@ def restore(checkpoint_path, model, optimizer):
         if isinstance(checkpoint.get("device"), str):
             torch.device(checkpoint["device"])                              # a name torch knows, or "damaged"
             recorded["device"] = checkpoint["device"]
-        if isinstance(checkpoint.get("resumed_on"), list):
-            recorded["resumed_on"] = checkpoint["resumed_on"]
+        for key in ("resumed_on", "sessions"):
+            if isinstance(checkpoint.get(key), list):
+                recorded[key] = checkpoint[key]
+        epochs_of = lambda session: [session.get(k) for k in ("first_epoch", "last_epoch")] if isinstance(
+            session, dict) else [None]
+        if not all(isinstance(e, int) for session in recorded.get("sessions", []) for e in epochs_of(session)):
+            raise ValueError("its sessions are not a list of {first_epoch, last_epoch, machine}")
         return checkpoint["state"], checkpoint["best_model"], recorded
     except Exception as err:  # whatever a truncated, foreign or garbled file raises (zip, pickle, key, shape errors)
         raise RunFolderError(f"{checkpoint_path} is damaged or not this run's checkpoint ({one_line(err)}); nothing "
@@ -695,6 +739,45 @@ def device_settings(device):
     return settings
 
 
+def machine(settings):
+    """The machine that device_settings() describes, as a run's sessions and its cell's record name it: {"device",
+    "name" (the GPU's name on CUDA, else the CPU's model; None where a run's settings predate naming it), "torch",
+    "threads", "cpu_capability" (the vector kernels torch ran on the CPU)}, or None without settings."""
+    if not isinstance(settings, dict):
+        return None
+    on_gpu = str(settings.get("device", "")).startswith("cuda")
+    return {"device": settings.get("device"), "name": settings.get("name" if on_gpu else "cpu"),
+            "torch": settings.get("torch"), "threads": settings.get("threads"),
+            "cpu_capability": settings.get("cpu_capability")}
+
+
+def session_key(session):
+    """What tells two sessions (RunFolder.note_session) apart: their machine, its device by kind (cuda:0 and cuda:1
+    alike), and their commit."""
+    described = session.get("machine")
+    kind = {**described, "device": str(described.get("device")).split(":")[0]} if isinstance(described, dict) else None
+    return json.dumps([kind, session.get("commit")], sort_keys=True)
+
+
+def same_machine(first, second):
+    """Whether two machine() descriptions are one machine for a run's numbers: the same kind of device, model, torch,
+    threads and vector kernels."""
+    return session_key({"machine": first}) == session_key({"machine": second})
+
+
+def machine_label(machine):
+    """A machine() description in a few words: 'AMD EPYC (family 25, model 17), AVX512, torch 2.13.0, 1 thread' (a
+    GPU: its name and torch); what a run did not record is said, never filled in from this machine."""
+    if not isinstance(machine, dict):
+        return "machine not recorded"
+    on_cpu = not str(machine.get("device")).startswith("cuda")
+    threads, capability = machine.get("threads"), machine.get("cpu_capability")
+    return ", ".join([machine.get("name") or f"{machine.get('device')} (model not recorded)",
+                      *([capability] if on_cpu and capability else []),
+                      f"torch {machine.get('torch') or 'not recorded'}",
+                      *([f"{threads} thread{'s' * (threads != 1)}"] if on_cpu and isinstance(threads, int) else [])])
+
+
 MAX_INT = 2 ** 63 - 1  # torch's int64
 
 
@@ -989,9 +1072,10 @@ def device_failure(err, device):
     return f"{device} failed ({text})"
 
 
-def main(argv=None):
+def main(argv=None, commit=None):
+    """The command line; commit: the code's commit where the caller knows it (cells.run_cell), for the sessions."""
     signal.signal(signal.SIGINT, signal.default_int_handler)               # Ctrl-C is KeyboardInterrupt again
-    run = None
+    run = config = None
     try:
         config, run_dir = configure(argv, fetch=True)
         pause_after = config.pop("pause_after", None)      # how far to train now, not the run's: not in config.json
@@ -1009,13 +1093,17 @@ def main(argv=None):
                     and isinstance(done, int) and isinstance(best, int)):
                 raise RunFolderError(f"{metrics_path} has no test results; remove it to test the run's best state "
                                      f"again")
-            if done >= config["epochs"] or done - best >= config["patience"]:
-                say(f"{run_dir} is finished: test " + "  ".join(f"{k} {v:.4f}" for k, v in test.items()))
+            stopped = finished.get("stopped")      # non-finite numbers ended it: a resume would stop there again
+            if done >= config["epochs"] or done - best >= config["patience"] or isinstance(stopped, str):
+                why = f" (training stopped: {stopped})" if isinstance(stopped, str) else ""
+                say(f"{run_dir} is finished{why}: test " + "  ".join(f"{k} {v:.4f}" for k, v in test.items()))
                 say(f"its result: {metrics_path}")
                 return 0
             os.remove(metrics_path)                                         # extended: a new result will replace it
-        run = RunFolder(run_dir, log=say, statistics=epoch_statistics(config, sequences), pause_after=pause_after)
+        run = RunFolder(run_dir, log=say, statistics=epoch_statistics(config, sequences), pause_after=pause_after,
+                        commit=commit)
         settings = device_settings(config["device"])                        # once, before training
+        run.machine = machine(settings)
         run.finish(U.train(config, sequences, run), config, settings)
     except PastPause as past:
         say(f"{run_dir} is already past --pause-after {pause_after} (finished: {past.args[0]} epochs); left as it is")
@@ -1030,14 +1118,16 @@ def main(argv=None):
         print(f"uniform_seqrec.py: error: {err}", file=sys.stderr)
         return 2
     except (FloatingPointError, RuntimeError) as err:  # non-finite numbers; torch's own, from the device
-        if run is None:
-            raise
-        run.progress.clear()
-        kept = (f"the run folder keeps the checkpoint of epoch {run.saved_epoch}" if run.saved_epoch
-                else "no epoch had finished")
-        if isinstance(err, FloatingPointError):
-            run.stopped(err)
-        why = err if isinstance(err, FloatingPointError) else device_failure(err, config["device"])
+        saved = run.saved_epoch if run is not None else 0  # None: before training (copying the data to the device)
+        if run is not None:
+            run.progress.clear()
+        kept = (f"the run folder keeps the checkpoint of epoch {saved}" if saved else "no epoch had finished"
+                if run is not None else "training had not started, and its run folder keeps what it held")
+        if isinstance(err, FloatingPointError) and run is not None and not saved:
+            run.stopped(err)                       # the first epoch's; later ones end in train()'s test of the best
+        # a string, not err: a local holding err would hold its traceback, whose frames hold this one's (the lock)
+        why = str(err) if isinstance(err, FloatingPointError) else device_failure(err, config["device"] if config
+                                                                                  else "torch")
         print(f"uniform_seqrec.py: stopped: {why}; {kept}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

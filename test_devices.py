@@ -435,6 +435,35 @@ def test_a_checkpoint_of_this_device_or_of_none_named_resumes_without_a_word(one
     assert json.loads((run / "metrics.json").read_text())["resumed_on"] == []
 
 
+@pytest.mark.parametrize("change", ["cpu model", "threads", "nothing"])
+def test_a_run_resumed_on_another_machine_records_each_session(tmp_path, capsys, monkeypatch, change):
+    """Epochs 1-2 on one machine, 3-4 on another of the same kind (another CPU model, or another number of threads):
+    a line says that the numbers from epoch 3 on are this machine's, and metrics.json keeps both sessions, its
+    device_settings the last's. One machine throughout: no line, no sessions (so records stay as they were)."""
+    args = ["--data", small_data(tmp_path), "--out", str(tmp_path / "run"), *SMALL]
+    a, b = "Fake CPU A (family 1, model 2)", "Fake CPU B (family 3, model 4)"
+    machines = {"first": (a, 1), "second": {"cpu model": (b, 1), "threads": (a, 2), "nothing": (a, 1)}[change]}
+    described = {}
+    for session, epochs in (("first", "2"), ("second", "4")):
+        cpu, threads = machines[session]
+        monkeypatch.setattr(R, "cpu_model", lambda: cpu)
+        monkeypatch.setattr(torch, "get_num_threads", lambda: threads)    # what device_settings records
+        described[session] = R.machine(R.device_settings("cpu"))
+        assert R.main([*args, "--epochs", epochs]) == 0
+    out = capsys.readouterr().out
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["device_settings"]["cpu"] == machines["second"][0]
+    assert metrics["device_settings"]["threads"] == machines["second"][1]
+    if change == "nothing":
+        assert "sessions" not in metrics and "this machine's" not in out
+        return
+    assert metrics["sessions"] == [{"first_epoch": 1, "last_epoch": 2, "machine": described["first"]},
+                                   {"first_epoch": 3, "last_epoch": 4, "machine": described["second"]}]
+    assert (f"its epochs 1-2 were trained on {R.machine_label(described['first'])}, and this run continues on "
+            f"{R.machine_label(described['second'])}: its numbers from epoch 3 on are this machine's, neither's "
+            f"uninterrupted ones (recorded in metrics.json, sessions)\n") in out
+
+
 def test_the_current_devices_adam_wins_in_both_directions(one_epoch):
     """A fused checkpoint (CPU, CUDA) into a foreach Adam (MPS where torch has no fused Adam): foreach it stays, and
     the step counts live on the host, as a foreach Adam keeps them."""
@@ -445,7 +474,8 @@ def test_the_current_devices_adam_wins_in_both_directions(one_epoch):
     model = U.build_model(config, num_items, len(lengths), U.history_limit(config, lengths))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, foreach=True)
     state, _, recorded = R.restore(str(run / "checkpoint.pt"), model, optimizer)
-    assert state["epoch"] == 1 and recorded == {"device": "cpu", "resumed_on": []}
+    assert state["epoch"] == 1 and recorded == {"device": "cpu", "resumed_on": [], "sessions": [
+        {"first_epoch": 1, "last_epoch": 1, "machine": R.machine(R.device_settings("cpu"))}]}
     assert all((g["fused"], g["foreach"]) == (None, True) for g in optimizer.param_groups)
     assert all(s["step"].device.type == "cpu" and s["step"].dtype == torch.float32 for s in optimizer.state.values())
     optimizer.step()                                                      # and it steps

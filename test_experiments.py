@@ -682,6 +682,7 @@ def test_a_record_holds_both_protocols_and_its_data(tiny_cell):
     assert entry["machine"] == {"device": "cpu", "name": R.cpu_model(), "torch": torch.__version__,  # what trained it
                                 "threads": torch.get_num_threads(),
                                 "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    assert "sessions" not in entry and "stopped" not in entry                 # one machine and commit; not stopped
 
 
 def test_a_report_ranks_again_only_a_run_its_record_does_not_hold(tiny_cell, monkeypatch):
@@ -703,6 +704,55 @@ def test_a_report_ranks_again_only_a_run_its_record_does_not_hold(tiny_cell, mon
     open(path, "w").write(json.dumps(first))
     C.record_all(max_seed=1)
     assert len(ranked) == 2 and "protocols" in json.loads(open(path).read())
+
+
+def test_a_run_ended_by_a_non_finite_loss_is_recorded_and_shown_as_stopped(tmp_path, monkeypatch):
+    """A cell's run whose loss turns NaN in epoch 2 of 2 is tested at its best state (epoch 1): its record says why
+    it stopped, and the results page's row of it too."""
+    data = small_beauty_checkout(tmp_path, monkeypatch, seed=3, users=80)
+    monkeypatch.setattr(C, "read_hyperparameters", lambda path=None: {("beauty", "sasrec", "uniform"): TINY})
+    monkeypatch.setattr(C, "cells", lambda what, datasets, models: ["table1/beauty/sasrec/uniform"])
+    first_epoch = -(-sum(len(s) - 3 for s in R.read_sequences(str(data))) // 256)    # its steps
+    real_loss, calls = U.batch_loss, []
+
+    def poisoned(*args):
+        calls.append(None)
+        return real_loss(*args) * (float("nan") if len(calls) == first_epoch + 1 else 1.0)   # epoch 2, step 1
+    monkeypatch.setattr(U, "batch_loss", poisoned)
+    assert C.run_cell("table1/beauty/sasrec/uniform", 1, "cpu") == 0
+    assert C.record_all(max_seed=1) == 0
+    entry = json.loads(open(C.record_path("table1/beauty/sasrec/uniform", 1)).read())
+    assert entry["stopped"] == "non-finite loss at epoch 2, step 1" and (entry["best_epoch"], entry["epochs"]) == (1, 1)
+    P.report(str(tmp_path / "RESULTS.md"))
+    rows = [line for line in (tmp_path / "RESULTS.md").read_text().splitlines()
+            if line.startswith("| table1/beauty/sasrec/uniform | 1 | ")]
+    assert len(rows) == 1 and " | 1 / 1 (stopped: non-finite loss at epoch 2, step 1) | cpu | " in rows[0]
+
+
+def test_a_run_trained_on_two_machines_and_commits_records_both(tmp_path, monkeypatch):
+    """A cell's run paused after epoch 1 on one machine and commit, finished on another: its record names both
+    sessions, its machine and commit are the last's, and the results page's row says "mixed" and both commits.
+    (One machine and commit throughout: no sessions, test_a_record_holds_both_protocols_and_its_data.)"""
+    small_beauty_checkout(tmp_path, monkeypatch, seed=3, users=80)
+    monkeypatch.setattr(C, "read_hyperparameters", lambda path=None: {("beauty", "sasrec", "uniform"): TINY})
+    monkeypatch.setattr(C, "cells", lambda what, datasets, models: ["table1/beauty/sasrec/uniform"])
+    machines = {}
+    for session, (cpu, commit, pause) in enumerate((("Fake CPU A", "aaaa111", 1), ("Fake CPU B", "bbbb222", None))):
+        monkeypatch.setattr(R, "cpu_model", lambda: cpu)
+        monkeypatch.setattr(C, "git_commit", lambda: commit)
+        machines[session] = R.machine(R.device_settings("cpu"))
+        assert C.run_cell("table1/beauty/sasrec/uniform", 1, "cpu", pause_after=pause) == 0
+    assert C.record_all(max_seed=1) == 0
+    entry = json.loads(open(C.record_path("table1/beauty/sasrec/uniform", 1)).read())
+    assert entry["sessions"] == [{"first_epoch": 1, "last_epoch": 1, "machine": machines[0], "commit": "aaaa111"},
+                                 {"first_epoch": 2, "last_epoch": 2, "machine": machines[1], "commit": "bbbb222"}]
+    assert entry["machine"] == machines[1] and entry["commit"] == "bbbb222"
+    P.report(str(tmp_path / "RESULTS.md"))
+    rows = [line for line in (tmp_path / "RESULTS.md").read_text().splitlines()
+            if line.startswith("| table1/beauty/sasrec/uniform | 1 | ")]
+    assert len(rows) == 1 and rows[0].endswith(f" | cpu | mixed: {R.machine_label(machines[0])} (epoch 1); "
+                                               f"{R.machine_label(machines[1])} (epoch 2) | "
+                                               f"{entry['wall_seconds'] / 60:.0f} min | aaaa111, bbbb222 |")
 
 
 def test_a_run_on_data_that_is_not_the_published_file_is_never_recorded(tiny_cell, monkeypatch, capsys):
@@ -1114,9 +1164,10 @@ def test_halving_trains_each_rung_recording_the_final_run_and_a_second_call_trai
     assert "finished before, as results/halving/beauty-sasrec-bce.json says" in capsys.readouterr().out
 
 
-def fake_point(folder, ndcgs, finished=False):
+def fake_point(folder, ndcgs, finished=False, stopped=None):
     """A grid point's run folder by hand: log.jsonl with one row per validation NDCG@10 (epochs 1, 2, ...), and a
-    metrics.json (both protocols) when its run has finished."""
+    metrics.json (both protocols) when its run has finished, saying why it stopped when non-finite numbers ended it
+    (stopped: "non-finite loss at epoch 3, step 2")."""
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "log.jsonl"), "w") as f:
         f.write("".join(json.dumps({"epoch": e, "valid_NDCG@10": v}) + "\n" for e, v in enumerate(ndcgs, 1)))
@@ -1129,7 +1180,7 @@ def fake_point(folder, ndcgs, finished=False):
             json.dump({"test": test, "valid": {"NDCG@10": max(ndcgs)}, "best_epoch": best, "epochs": len(ndcgs),
                        "device": "cpu", "config": {"mask_seen": False},
                        "protocols": {"all_items": {"test": test}, "history_excluded": {"test": {
-                           k: v / 2 for k, v in test.items()}}}}, f)
+                           k: v / 2 for k, v in test.items()}}}, **({"stopped": stopped} if stopped else {})}, f)
 
 
 @pytest.fixture
@@ -1258,12 +1309,55 @@ def test_halving_stops_before_the_next_rung_when_a_run_failed_or_another_process
                                             "run the same command to resume)\n")
 
 
+def stop_point(folder, ndcgs, epoch):
+    """A grid point whose run stopped on a non-finite loss at `epoch`, as uniform_seqrec.py leaves it: after an
+    epoch, a finished run (metrics.json says why); in the first, stopped.json and no rows. `ndcgs`: the rows before."""
+    fake_point(folder, ndcgs, finished=epoch > 1, stopped=f"non-finite loss at epoch {epoch}, step 2")
+    if epoch == 1:
+        with open(os.path.join(folder, "stopped.json"), "w") as f:
+            json.dump({"reason": "non-finite loss", "epoch": 1, "error": "non-finite loss at epoch 1, step 2"}, f)
+
+
+def test_stopped_points_are_done_for_every_rung_with_rows_ranked_as_any_and_without_last(fake_grid):
+    """The pure functions: a point stopped at epoch 3 (finished, 2 rows) is done for every rung and ranked by its rows
+    (here the best of rung 1, so it goes on and is chosen); one stopped at epoch 1 (no rows) is done for every rung
+    and ranked last, with points that have no rows either; a marker of epoch 3 beside 2 rows without metrics.json (as
+    uniform_seqrec.py left such runs before it tested them) is not done, since training it again finishes it; a
+    marker that the log has passed (a kill before it was removed) is not read."""
+    grid, folders = fake_grid
+    stop_point(folders[0], [.5, .6], epoch=3)
+    stop_point(folders[1], [], epoch=1)
+    fake_point(folders[2], [.1] * 6)
+    read = lambda: [T.read_point(c, f) for c, f in zip(grid, folders)]
+    points = read()
+    assert points[0]["finished"] and points[0]["stopped"] is None and points[0]["epochs"] == 2
+    assert points[1]["stopped"] == "non-finite loss at epoch 1" and points[1]["epochs"] == 0
+    assert all(T.has_done(points[i], last) for i in (0, 1) for last in T.RUNG_EPOCHS)
+    assert not T.has_done(points[3], 6)                                      # not started
+    assert T.ranked(points, list(range(4)), 6) == [0, 2, 1, 3]              # no rows: last, in grid order
+    for i in range(3, 12):
+        fake_point(folders[i], [.2] * 24)
+    found = T.standing("beauty", "sasrec", "bce", read())
+    assert [r["points"] for r in found["rungs"]] == [list(range(12)), [0, 3, 4, 5], [0]]
+    assert found["chosen"] == grid[0] and found["finished"]
+    assert found["points"][1] == {"cell": grid[1], "epochs": 0, "finished": False,
+                                  "stopped": "non-finite loss at epoch 1", "best": [None, None, None]}
+    os.remove(os.path.join(folders[0], "metrics.json"))                      # before: a marker, no result
+    with open(os.path.join(folders[0], "stopped.json"), "w") as f:
+        json.dump({"reason": "non-finite loss", "epoch": 3, "error": "non-finite loss at epoch 3, step 2"}, f)
+    points = read()
+    assert points[0]["stopped"] == "non-finite loss at epoch 3" and not T.has_done(points[0], 6)
+    assert T.rungs_of(points)[0]["done"] is False
+    fake_point(folders[0], [.5, .6, .7])                                     # the log has passed the marker
+    assert read()[0]["stopped"] is None
+
+
 @pytest.mark.parametrize("chosen_stops", [False, True], ids=["another point", "the chosen point"])
 def test_a_run_stopped_by_a_non_finite_loss_is_done_for_every_rung(fake_grid, monkeypatch, capsys, chosen_stops):
-    """A run that stops on a non-finite loss (exit 1, stopped.json in its folder, as uniform_seqrec.py leaves it)
-    would stop there again: it is done for every rung, ranked by the rows it logged (point 3: none, so last; point
-    11: two, the best of rung 1 when chosen_stops, so it goes on and is chosen: the loss ends unrecorded, exit 1,
-    and the same again on the next call, which trains nothing); its table row says where it stopped."""
+    """Runs as uniform_seqrec.py ends them on a non-finite loss: point 3 in its first epoch (exit 1, stopped.json, no
+    rows: done for every rung, ranked last, a line says so), point 11 at epoch 3 (exit 0, finished with its best
+    state tested: ranked by its two rows; when they are the best of rung 1 it goes on, is chosen and recorded as any
+    finished point); its table row says where it stopped, the stopped one's and the final run's line why."""
     grid, folders = fake_grid
     stops = {3: 1, 11: 3}                                                     # grid point -> the epoch it stops at
     score = lambda i, epochs: [(i if i != 11 or chosen_stops else 0) / 100 + e / 10000 for e in range(1, epochs + 1)]
@@ -1273,33 +1367,49 @@ def test_a_run_stopped_by_a_non_finite_loss_is_done_for_every_rung(fake_grid, mo
         i = grid.index(cell)
         calls.append(i)
         if i in stops:
-            fake_point(folders[i], score(i, stops[i] - 1))
-            with open(os.path.join(folders[i], "stopped.json"), "w") as f:
-                json.dump({"reason": "non-finite loss", "epoch": stops[i], "error": "non-finite loss at ..."}, f)
-            return 1
+            stop_point(folders[i], score(i, stops[i] - 1), stops[i])
+            return 1 if stops[i] == 1 else 0
         fake_point(folders[i], score(i, pause_after or 30), finished=pause_after is None)
         return 0
     monkeypatch.setattr(C, "run_cell", run_cell)
     monkeypatch.setattr(C, "record", lambda cell, seed, run_dir: recorded.append(cell))
-    assert T.halve("beauty", "sasrec", "bce") == (1 if chosen_stops else 0)
+    assert T.halve("beauty", "sasrec", "bce") == 0
     assert calls == list(range(12)) + ([10, 9, 8] if chosen_stops else [10, 9, 8, 7, 10])
     err = capsys.readouterr().err
-    assert f"{grid[3]} stopped: non-finite loss at epoch 1; it counts as done for every rung" in err
-    assert "the same command continues" not in err
-    if chosen_stops:
-        assert recorded == [] and not os.path.exists(T.saved_path("beauty", "sasrec", "bce"))
-        assert err.endswith(f"the chosen point {grid[11]} stopped: non-finite loss at epoch 3, so there is no result "
-                            f"to record; the same command ends the same way (its run stops there again)\n")
-        calls.clear()
-        assert T.halve("beauty", "sasrec", "bce") == 1 and calls == []
-    else:
-        assert recorded == [grid[10]]
+    assert err.split("] ", 1)[1] == (f"halving beauty/sasrec/bce: {grid[3]} stopped: non-finite loss at epoch 1; "
+                                     f"with no epoch to test, it counts as done for every rung and ranks last "
+                                     f"(resuming it stops it there again)\n")
+    assert recorded == [grid[11] if chosen_stops else grid[10]]
     table = T.tables("beauty", "sasrec", ["bce"])
     assert "| lr=1e-4,dim=128,layers=2 | 0 (stopped: non-finite loss at epoch 1) |  |  |  |" in table
-    row = f"| lr=3e-4,dim=128,layers=2 | 2 (stopped: non-finite loss at epoch 3) | {0.1102 if chosen_stops else 0.0002}"
+    row = f"| lr=3e-4,dim=128,layers=2 | 2 (finished) | {0.1102 if chosen_stops else 0.0002}"
     assert any(line.startswith(row) for line in table), table
-    assert any(line.startswith("chosen: lr=3e-4,dim=128,layers=2 (stopped: non-finite loss at epoch 3; no test "
-                               "result)") for line in table) == chosen_stops
+    assert any(line.startswith("its run: best epoch 2 of 2 (training stopped: non-finite loss at epoch 3, step 2)")
+               for line in table) == chosen_stops
+
+
+def test_a_halving_whose_every_point_stops_in_its_first_epoch_ends_with_one_line(fake_grid, monkeypatch, capsys):
+    """Only when no grid point has a validated epoch is a point without one chosen: the halving says so in one line
+    and exits 1, records nothing, and the same call again trains nothing and ends the same way."""
+    grid, folders = fake_grid
+    calls = []
+
+    def run_cell(cell, seed, device, pause_after=None):
+        calls.append(cell)
+        stop_point(folders[grid.index(cell)], [], epoch=1)
+        return 1
+    monkeypatch.setattr(C, "run_cell", run_cell)
+    monkeypatch.setattr(C, "record", lambda *args: pytest.fail("recorded a run with no result"))
+    for trained in (grid, []):
+        calls.clear()
+        assert T.halve("beauty", "sasrec", "bce") == 1 and calls == trained
+        last = capsys.readouterr().err.splitlines()[-1].split("] ", 1)[1]
+        assert last == (f"halving beauty/sasrec/bce: no grid point has a validated epoch (the chosen point {grid[0]} "
+                        f"stopped: non-finite loss at epoch 1), so there is no result to record; the same command "
+                        f"ends the same way (its run stops there again)")
+    assert not os.path.exists(T.saved_path("beauty", "sasrec", "bce"))
+    assert any(line.startswith(f"chosen: {T.point_name(grid[0])} (stopped: non-finite loss at epoch 1; no test "
+                               f"result)") for line in T.tables("beauty", "sasrec", ["bce"]))
 
 
 @pytest.mark.parametrize("finished", [False, True], ids=["paused", "finished"])

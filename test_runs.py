@@ -623,35 +623,110 @@ def test_a_checkpoint_written_on_a_gpu_resumes_on_the_cpu(finished_run, capsys, 
 # Non-finite loss
 # ----------------------------------------------------------------------------------------------------------------
 
-def test_non_finite_loss_stops_naming_epoch_and_step_and_keeps_the_last_good_checkpoint(
-        tmp_path, capsys, monkeypatch, beauty_slice):
+def poison(monkeypatch, data, epoch, step):
+    """batch_loss made NaN at `step` of `epoch` of a run on `data` (SMALL's batch of 256); returns the list of calls,
+    which a test resets to replay an epoch."""
     real_loss, calls = U.batch_loss, []
-    examples = sum(len(s) - 3 for s in R.read_sequences(beauty_slice))
-    steps_per_epoch = -(-examples // 256)
+    steps_per_epoch = -(-sum(len(s) - 3 for s in R.read_sequences(data)) // 256)
 
     def poisoned(*args):
         calls.append(None)
         value = real_loss(*args)
-        return value * float("nan") if len(calls) == steps_per_epoch + 3 else value  # epoch 2, step 3
+        return value * float("nan") if len(calls) == steps_per_epoch * (epoch - 1) + step else value
 
     monkeypatch.setattr(U, "batch_loss", poisoned)
-    run = tmp_path / "run"
-    code = R.main(["--data", beauty_slice, "--epochs", "4", "--out", str(run), *SMALL])
+    return calls
+
+
+def tested_best_state(run, data):
+    """Both protocols' test metrics of the best state in run's checkpoint, ranked here."""
+    config = json.loads((run / "config.json").read_text())
+    flat, starts, lengths, num_items = U.flatten_sequences(R.read_sequences(data), "cpu")
+    max_len = U.history_limit(config, lengths)
+    model = U.build_model(config, num_items, len(lengths), max_len)
+    model.load_state_dict(real_load(run / "checkpoint.pt")["best_model"])
+    return U.evaluate_protocols(model, U.evaluation_batches(flat, starts, lengths, max_len, "test"), True)
+
+
+@pytest.mark.parametrize("what", ["loss", "validation scores"])
+def test_non_finite_numbers_after_an_epoch_end_training_and_the_best_state_is_tested(tmp_path, capsys, monkeypatch,
+                                                                                     what):
+    """NaN at epoch 3 (the loss at its step 1, or validation's scores) ends training as early stopping would: the
+    broken epoch is not kept, the best state of epochs 1-2 is tested under both protocols, metrics.json says why it
+    stopped, and the same command (more epochs too: it would stop there again) finds the run finished."""
+    data, run = small_data(tmp_path), tmp_path / "run"
+    args = ["--data", data, "--out", str(run), *SMALL, "--epochs", "5"]
+    if what == "loss":
+        poison(monkeypatch, data, epoch=3, step=1)
+        reason = "non-finite loss at epoch 3, step 1"
+    else:
+        real_evaluate, validations = U.evaluate, []
+
+        def evaluate(*a, **k):
+            validations.append(None)
+            if len(validations) == 3:
+                raise FloatingPointError("the model produced non-finite scores during evaluation")
+            return real_evaluate(*a, **k)
+        monkeypatch.setattr(U, "evaluate", evaluate)
+        reason = "non-finite validation scores at epoch 3"
+    assert R.main(args) == 0
+    out = capsys.readouterr().out
+    checkpoint = real_load(run / "checkpoint.pt")
+    best = checkpoint["state"]["best_epoch"]
+    assert f"stopped: {reason}; the best state (epoch {best}) is tested\n" in out
+    assert f"test (best epoch {best}; training stopped: {reason}): " in out
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["stopped"] == reason and metrics["epochs"] == 2 and metrics["best_epoch"] == best
+    assert checkpoint["state"]["epoch"] == 2 and len((run / "log.jsonl").read_text().splitlines()) == 2
+    assert not (run / "stopped.json").exists()
+    assert {p: metrics["protocols"][p]["test"] for p in U.PROTOCOLS} == tested_best_state(run, data)
+    monkeypatch.setattr(U, "train", lambda *a: pytest.fail("trained again"))
+    for again in (args, [*args[:-1], "9"]):
+        assert R.main(again) == 0
+        assert f"{run} is finished (training stopped: {reason}): test HR@5" in capsys.readouterr().out
+    assert json.loads((run / "metrics.json").read_text()) == metrics
+
+
+def test_a_non_finite_first_epoch_stops_with_one_line_and_a_marker(tmp_path, capsys, monkeypatch):
+    """With no epoch finished there is no best state to test: exit 1, one line naming the epoch and step, and
+    stopped.json (tuning.py's halving reads it); a resume stops there again. A resume that gets past the epoch removes
+    the marker before it writes the checkpoint, so a kill in between leaves no marker of an epoch that passed."""
+    data, run = small_data(tmp_path), tmp_path / "run"
+    args = ["--data", data, "--out", str(run), *SMALL, "--epochs", "2"]
+    real_loss, calls = U.batch_loss, poison(monkeypatch, data, epoch=1, step=1)
+    marker = {"reason": "non-finite loss", "epoch": 1, "error": "non-finite loss at epoch 1, step 1"}
+    for _ in range(2):                                                       # resumed: the same epoch stops the same
+        calls.clear()
+        code = R.main(args)
+        err = capsys.readouterr().err
+        assert code == 1 and err == ("uniform_seqrec.py: stopped: non-finite loss at epoch 1, step 1; no epoch had "
+                                     "finished\n")
+        assert json.loads((run / "stopped.json").read_text()) == marker
+        assert not (run / "metrics.json").exists() and not (run / "checkpoint.pt").exists()
+    monkeypatch.setattr(U, "batch_loss", real_loss)                         # past that epoch from here on
+    real_save = R.save_atomically
+
+    def killed(obj, path):
+        if path.endswith("checkpoint.pt"):
+            raise KeyboardInterrupt
+        return real_save(obj, path)
+    monkeypatch.setattr(R, "save_atomically", killed)
+    assert R.main(args) == 130 and not (run / "stopped.json").exists() and not (run / "checkpoint.pt").exists()
+    monkeypatch.setattr(R, "save_atomically", real_save)
+    assert R.main(args) == 0 and (run / "metrics.json").exists() and not (run / "stopped.json").exists()
+
+
+def test_a_device_failure_before_training_is_one_line(tmp_path, capsys, monkeypatch):
+    """A RuntimeError before the run's first epoch (CUDA out of memory while the statistics' sample is copied to the
+    device) is one line with the remedy, exit 1, no traceback."""
+    def out_of_memory(config, sequences):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(R, "epoch_statistics", out_of_memory)
+    code = R.main(["--data", small_data(tmp_path), "--out", str(tmp_path / "run"), *SMALL])
     err = capsys.readouterr().err
-    assert code == 1 and err.count("\n") == 1
-    assert "non-finite loss at epoch 2, step 3; the run folder keeps the checkpoint of epoch 1" in err
-    checkpoint = torch.load(run / "checkpoint.pt", weights_only=False)
-    assert checkpoint["state"]["epoch"] == 1 and all(torch.isfinite(v).all() for v in checkpoint["model"].values())
-    assert len((run / "log.jsonl").read_text().splitlines()) == 1 and not (run / "metrics.json").exists()
-    marker = {"reason": "non-finite loss", "epoch": 2, "error": "non-finite loss at epoch 2, step 3"}
-    assert json.loads((run / "stopped.json").read_text()) == marker      # what tuning.py's halving reads
-    calls[:] = [None] * steps_per_epoch                                   # resumed: the same epoch stops the same
-    assert R.main(["--data", beauty_slice, "--epochs", "4", "--out", str(run), *SMALL]) == 1
-    assert "at epoch 2, step 3; the run folder keeps the checkpoint of epoch 1" in capsys.readouterr().err
-    assert json.loads((run / "stopped.json").read_text()) == marker
-    monkeypatch.setattr(U, "batch_loss", real_loss)                        # past that epoch: the marker goes
-    assert R.main(["--data", beauty_slice, "--epochs", "4", "--out", str(run), *SMALL]) == 0
-    assert not (run / "stopped.json").exists() and (run / "metrics.json").exists()
+    assert code == 1 and err == ("uniform_seqrec.py: stopped: cpu ran out of memory (RuntimeError: CUDA out of memory. "
+                                 "Tried to allocate 2.00 GiB); a smaller --batch-size or --dim needs less (another "
+                                 "run); training had not started, and its run folder keeps what it held\n")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -17,8 +17,9 @@ Caser's grid has 6 points (no depth; advancing: 6, 2, 1): 6 x 6 + 2 x 18 = 72 in
 Each grid point is its tuning cell's own run (seed 1, trained through cells.run_cell as `experiments.py run` trains
 it): a rung trains with uniform_seqrec.py's --pause-after, which leaves the run paused at the rung's last epoch, and
 the next rung resumes it in the same folder. A point has done a rung when its folder has trained that far or its run
-has finished (early stopping may end it sooner) or stopped on a non-finite loss (its folder's stopped.json: it
-would stop there again, so it is done for every rung, ranked by the rows it logged). Resumable and idempotent: the
+has finished (early stopping may end it sooner, and so may a non-finite loss after its first epoch: uniform_seqrec.py
+then tests its best state) or stopped on a non-finite loss in its first epoch (its folder's stopped.json: it would
+stop there again, so it is done for every rung, with no rows, ranked last). Resumable and idempotent: the
 command again continues where it stopped, and trains nothing once every rung is done. A loss's finished final run
 is recorded as its tuning cell's record (results/cells/, as `report` records a table's cell), and its table as
 results/halving/<dataset>-<model>-<loss>.json: both outlive the run folders (the saved table stands for them, in
@@ -60,10 +61,11 @@ def best_within(rows, last_epoch):
 
 def has_done(point, last_epoch):
     """Whether a grid point has done a rung that trains to last_epoch (None: to early stopping): its run has
-    finished (early stopping may end it before last_epoch), or stopped on non-finite numbers (done for every rung:
-    its epochs re-seed from (seed, epoch), so it stops there again), or it has trained that far (paused there, or
-    beyond)."""
-    return bool(point["finished"] or point.get("stopped")
+    finished (early stopping or non-finite numbers may end it before last_epoch), or stopped on non-finite numbers
+    in its first epoch (done for every rung: its epochs re-seed from (seed, epoch), so it stops there again), or it
+    has trained that far (paused there, or beyond). A marker of a later epoch (stopped.json as uniform_seqrec.py
+    wrote it before it tested such runs) does not count: training the point again finishes it."""
+    return bool(point["finished"] or (point.get("stopped") and not point["epochs"])
                 or (last_epoch is not None and point["epochs"] >= last_epoch))
 
 
@@ -118,16 +120,18 @@ def run_folders(grid):
 def read_point(cell, run_dir):
     """A grid point as the functions above read it: its log's epochs and validation NDCG@10 (none without a
     folder), how many epochs it has trained, whether its run has finished (metrics.json), and why it stopped, if
-    non-finite numbers stopped it (stopped.json, written by uniform_seqrec.py: "non-finite loss at epoch 3"), else
-    None."""
+    non-finite numbers stopped it before it could be tested (stopped.json, written by uniform_seqrec.py: "non-finite
+    loss at epoch 1"), else None. A marker that its log or metrics.json has superseded (left by a kill, or by code
+    from before) is not read."""
     finished = bool(run_dir) and os.path.isfile(os.path.join(run_dir, "metrics.json"))
     rewrite = (f"rewrite it from the run's checkpoint: remove {os.path.join(run_dir, 'metrics.json')}, then "
                f"python uniform_seqrec.py --resume {run_dir} (which tests its best state again, training nothing)"
                if finished else f"rewrite it from the run's checkpoint: python uniform_seqrec.py --resume {run_dir} "
                f"--pause-after 1 (which pauses at once, training nothing)") if run_dir else ""
     rows = [{"epoch": r["epoch"], "valid_NDCG@10": r["valid_NDCG@10"]} for r in C.read_log(run_dir, rewrite) or []]
-    return {"cell": cell, "rows": rows, "epochs": max((r["epoch"] for r in rows), default=0),
-            "finished": finished, "stopped": stopped_reason(run_dir)}
+    epochs = max((r["epoch"] for r in rows), default=0)
+    return {"cell": cell, "rows": rows, "epochs": epochs, "finished": finished,
+            "stopped": None if finished else stopped_reason(run_dir, epochs)}
 
 
 def read_points(grid, folders):
@@ -135,8 +139,9 @@ def read_points(grid, folders):
     return [read_point(cell, folder) for cell, folder in zip(grid, folders)]
 
 
-def stopped_reason(run_dir):
-    """'non-finite loss at epoch 3' when the run folder's stopped.json says so, else None."""
+def stopped_reason(run_dir, epochs=0):
+    """'non-finite loss at epoch 1' when the run folder's stopped.json says so of an epoch past `epochs` (those its
+    log holds), else None."""
     path = run_dir and os.path.join(run_dir, "stopped.json")
     if not path or not os.path.isfile(path):
         return None
@@ -145,7 +150,7 @@ def stopped_reason(run_dir):
                                                                                             int)):
         raise R.RunFolderError(f"{path} is damaged; remove it: resuming the run writes it again if the run stops "
                                f"again")
-    return f"{marker['reason']} at epoch {marker['epoch']}"
+    return f"{marker['reason']} at epoch {marker['epoch']}" if marker["epoch"] > epochs else None
 
 
 def saved_path(dataset, model, loss):
@@ -219,9 +224,10 @@ def rung_title(rung, rung_epochs=None):
 def halve(dataset, model, loss, device=None):
     """Train one loss's halving as far as it goes, rung by rung, then record its final run. The exit status: 0 when
     the final run has finished and is recorded; 1 when a run failed, or is being trained by another process (a line
-    says which; the same command continues), or the chosen point's run stopped on non-finite numbers (a line says
-    so; a run so stopped is done for every rung, as it stops there again); 2 when the finished run cannot be
-    recorded (not the published data)."""
+    says which; the same command continues), or the chosen point's run stopped on non-finite numbers in its first
+    epoch, which it is only when no grid point has a validated epoch (a line says so; a run so stopped is done for
+    every rung, as it stops there again, so the same command ends the same way at once); 2 when the finished run
+    cannot be recorded (not the published data)."""
     grid, name = C.tuning_grid(dataset, model, loss), f"halving {dataset}/{model}/{loss}"
     folders = run_folders(grid)
     points = read_points(grid, folders)
@@ -241,9 +247,9 @@ def halve(dataset, model, loss, device=None):
             if code:                                                        # the rung's other runs still train
                 failed[i] = code
         points = read_points(grid, folders)
-        for i in [i for i in failed if points[i]["stopped"]]:               # done: it would stop there again
-            say(f"{name}: {grid[i]} stopped: {points[i]['stopped']}; it counts as done for every rung, ranked by "
-                f"the validation rows it logged (resuming it stops it there again)", sys.stderr)
+        for i in [i for i in failed if has_done(points[i], last_epoch)]:   # done: it would stop there again
+            say(f"{name}: {grid[i]} stopped: {points[i]['stopped']}; with no epoch to test, it counts as done for "
+                f"every rung and ranks last (resuming it stops it there again)", sys.stderr)
             del failed[i]
         held = [grid[i] for i in cohort if not has_done(points[i], last_epoch) and i not in failed]
         if failed or held:                       # held: run_cell left them to another process that is training them
@@ -256,9 +262,10 @@ def halve(dataset, model, loss, device=None):
             return 1
     found = standing(dataset, model, loss, points)
     chosen = points[grid.index(found["chosen"])]
-    if chosen["stopped"] and not chosen["finished"]:
-        say(f"{name}: the chosen point {found['chosen']} stopped: {chosen['stopped']}, so there is no result to "
-            f"record; the same command ends the same way (its run stops there again)", sys.stderr)
+    if not chosen["finished"]:        # stopped in its first epoch: chosen only when no grid point has an epoch
+        say(f"{name}: no grid point has a validated epoch (the chosen point {found['chosen']} stopped: "
+            f"{chosen['stopped']}), so there is no result to record; the same command ends the same way (its run "
+            f"stops there again)", sys.stderr)
         return 1
     try:
         C.record(found["chosen"], SEED, folders[grid.index(found["chosen"])])
@@ -322,7 +329,8 @@ def loss_table(found, result):
               if found["chosen"] else f"chosen: not yet (when rung {count - 1} is done)")
     lines.append(f"{chosen}; {found['epochs_spent']} epochs trained, all grid points together")
     if result:
-        lines.append(f"its run: best epoch {result['best_epoch']} of {result['epochs']}; test:")
+        stopped = f" (training stopped: {result['stopped']})" if result.get("stopped") else ""
+        lines.append(f"its run: best epoch {result['best_epoch']} of {result['epochs']}{stopped}; test:")
         for protocol, title in C.PROTOCOL_TITLES.items():
             test = C.recorded_test(result, protocol) or {}
             lines.append(f"- {title}: " + "  ".join(f"{k} {test[k]:.4f}" for k in METRICS if k in test))

@@ -1099,7 +1099,9 @@ class PrintedRun:
 def train(config, sequences, run=None):
     """Train on `sequences` (lists of item ids, one per user) until validation NDCG@10 (under the run's own
     protocol, mask_seen) has not improved for `patience` epochs, at most `epochs` epochs; then rank the best state
-    under both protocols. Returns {test, valid (own protocol), protocols (both), best_epoch, epochs, train_seconds}.
+    under both protocols. Returns {test, valid (own protocol), protocols (both), best_epoch, epochs, train_seconds},
+    and `stopped` (why) when non-finite numbers ended training after an epoch had finished: that epoch is not kept,
+    and the best state so far is tested as usual. A FloatingPointError when the first epoch already has them.
     `config` is a Config, or the dict of one that runs.py resolves from the command line.
 
     `run` keeps what must survive an interruption (runs.RunFolder keeps it in a folder; by default a PrintedRun
@@ -1137,15 +1139,26 @@ def train(config, sequences, run=None):
                 f"{occurring:,} distinct items); they are trained and ranked as items all the same (number the items "
                 f"1..{occurring:,} to leave them out)")
 
+    stopped = None                                   # why non-finite numbers ended training, if they did
     while state["epoch"] < config["epochs"] and state["epoch"] - state["best_epoch"] < config["patience"]:
         epoch = state["epoch"] + 1
         started = time.time()
-        losses = train_epoch(model, optimizer, data, config, epoch, lambda done, total: run.step(epoch, done, total))
-        bad = (~torch.isfinite(losses)).nonzero()
-        if len(bad):
-            raise FloatingPointError(f"non-finite loss at epoch {epoch}, step {int(bad[0]) + 1}")
-        train_seconds = time.time() - started
-        metrics = evaluate(model, valid, cosine, config["mask_seen"])
+        try:
+            losses = train_epoch(model, optimizer, data, config, epoch,
+                                 lambda done, total: run.step(epoch, done, total))
+            bad = (~torch.isfinite(losses)).nonzero()
+            if len(bad):
+                raise FloatingPointError(f"non-finite loss at epoch {epoch}, step {int(bad[0]) + 1}")
+            train_seconds = time.time() - started
+            metrics = evaluate(model, valid, cosine, config["mask_seen"])
+        except FloatingPointError as err:                                  # the loss's, or evaluate()'s scores
+            # The epoch re-seeds from (seed, epoch), so training it again would break it again: it ends training as
+            # early stopping does, and the best state of the epochs before is tested. Without one, nothing can be.
+            if not state["epoch"]:
+                raise
+            stopped = str(err) if "epoch" in str(err) else f"non-finite validation scores at epoch {epoch}"
+            run.log(f"stopped: {stopped}; the best state (epoch {state['best_epoch']}) is tested")
+            break
         row = {"epoch": epoch, "loss": losses.sum().item() / len(data.target_at),  # the epoch's loss per example
                "train_seconds": round(train_seconds, 2),
                "eval_seconds": round(time.time() - started - train_seconds, 2),
@@ -1166,7 +1179,8 @@ def train(config, sequences, run=None):
     protocols = {name: {"test": on_test[name], "valid": on_valid[name]} for name in PROTOCOLS}
     own = protocols["history_excluded" if config["mask_seen"] else "all_items"]
     return {"test": own["test"], "valid": own["valid"], "protocols": protocols, "best_epoch": state["best_epoch"],
-            "epochs": state["epoch"], "train_seconds": round(sum(r["train_seconds"] for r in state["history"]), 1)}
+            "epochs": state["epoch"], "train_seconds": round(sum(r["train_seconds"] for r in state["history"]), 1),
+            **({"stopped": stopped} if stopped else {})}
 
 
 if __name__ == "__main__":
