@@ -289,6 +289,11 @@ def read_log(run_dir, remedy="resuming the run rewrites it"):
     return rows
 
 
+def part_of(found, key):
+    """found[key] where it is a JSON object, else {} (its checks then name it: a list there is damage too)."""
+    return found.get(key) if isinstance(found.get(key), dict) else {}
+
+
 RECORD_KEYS = {"cell": str, "seed": int, "test": dict, "valid": dict, "best_epoch": int, "epochs": int,
                "device": str, "wall_seconds": (int, float), "commit": str, "run_dir": str, "config": dict}
 
@@ -297,9 +302,9 @@ def read_record(path):
     """A cell's record in results/cells/, or a one-line RunFolderError naming the file and what is wrong."""
     entry = R.read_json(path, f"restore it from git (git checkout -- {os.path.relpath(path, HERE)})")
     wrong = [k for k, kind in RECORD_KEYS.items() if not isinstance(entry.get(k), kind)]
-    wrong += [f"test {k}" for k in ("HR@10", "NDCG@10") if not isinstance(entry.get("test", {}).get(k), (int, float))]
+    wrong += [f"test {k}" for k in ("HR@10", "NDCG@10") if not isinstance(part_of(entry, "test").get(k), (int, float))]
     wrong += [f"config {k}" for k in ("lr", "dim", "layers", "heads", "beta")
-              if not isinstance(entry.get("config", {}).get(k), (int, float))]
+              if not isinstance(part_of(entry, "config").get(k), (int, float))]
     if wrong:
         raise R.RunFolderError(f"{path} is damaged (no valid {wrong[0]}); restore it from git (git checkout -- "
                                f"{os.path.relpath(path, HERE)})")
@@ -315,7 +320,7 @@ def read_metrics(run_dir):
     metrics = R.read_json(path, "remove it to test the run's best state again")
     wrong = [k for k, kind in METRICS_KEYS.items() if not isinstance(metrics.get(k), kind)]
     wrong += [f"{split} NDCG@10" for split in ("test", "valid")
-              if not isinstance(metrics.get(split, {}).get("NDCG@10"), (int, float))]
+              if not isinstance(part_of(metrics, split).get("NDCG@10"), (int, float))]
     if wrong:
         raise R.RunFolderError(f"{path} is damaged (no valid {wrong[0]}); remove it to test the run's best state "
                                f"again (python uniform_seqrec.py --resume {run_dir})")
@@ -399,6 +404,19 @@ def check_published(cell, fingerprint, data_path):
                             f"files are recorded for the results page")
 
 
+def run_commit(run_dir):
+    """The commit a run folder was started from: its commit.txt (run_cell writes it), "unknown" where that is empty
+    or unreadable; without one (a folder uniform_seqrec.py started), this checkout's."""
+    path = os.path.join(run_dir, "commit.txt")
+    if not os.path.isfile(path):
+        return git_commit()
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip() or "unknown"
+    except (OSError, UnicodeDecodeError):
+        return "unknown"
+
+
 def record(cell, seed, run_dir):
     """Write the cell's JSON from its finished run folder: its metrics under both protocols, the best state's
     validation metrics, the data file's fingerprint, and how often its top item is one of the user's own. A run on
@@ -408,8 +426,7 @@ def record(cell, seed, run_dir):
     fingerprint, data_path = run_data(cell, seed, config)
     check_published(cell, fingerprint, data_path)
     log = read_log(run_dir)
-    commit_file = os.path.join(run_dir, "commit.txt")
-    commit = open(commit_file).read().strip() if os.path.isfile(commit_file) else git_commit()
+    commit = run_commit(run_dir)
     ranked = (recorded_ranking(cell, seed, run_dir, metrics, fingerprint)
               or rescore(run_dir, read_sequences(data_path)))
     ranked["protocols"] = metrics.get("protocols") or ranked["protocols"]  # as ranked on the training device
@@ -456,14 +473,22 @@ def rescore_recorded(cells_given=()):
 
 
 def in_use(run_dir):
-    """Whether another process holds the run folder's lock (is training it now)."""
+    """Whether another process holds the run folder's lock (is training it now). A lock that cannot be taken for
+    another reason (no permission to open .lock, a file system without locks) is a one-line RunFolderError: that
+    is not another process training it."""
     if not os.path.isfile(os.path.join(run_dir, ".lock")):
         return False
     try:
         R.lock_run_dir(run_dir).close()
         return False
-    except R.ConfigError:
+    except R.RunFolderError as err:                                         # .lock could not be opened
+        raise R.RunFolderError(f"{err}; whether another process trains it cannot be told, so it was not run") \
+            from None
+    except R.ConfigError:                                                   # another process holds the lock
         return True
+    except OSError as err:                                                  # flock itself failed
+        raise R.RunFolderError(f"cannot lock the run folder {run_dir} ({err.strerror or err}); whether another "
+                               f"process trains it cannot be told, so it was not run") from None
 
 
 def cell_ids_known():
@@ -474,7 +499,9 @@ def cell_ids_known():
 def run_cell(cell, seed, device, pause_after=None):
     """Train one cell (resuming it, or doing nothing when it is finished); `report` records it. A cell that another
     process is training is left to it: exit status 0, so that a job array or a second run_all.sh does not count
-    it as a failure. pause_after: stop after that epoch, untested (uniform_seqrec.py's --pause-after)."""
+    it as a failure. A folder whose lock cannot be taken for another reason (no permission), or that cannot be made
+    or written, is a one-line RunFolderError, nothing trained. pause_after: stop after that epoch, untested
+    (uniform_seqrec.py's --pause-after)."""
     if cell not in cell_ids_known():
         raise R.ConfigError(f"unknown cell '{cell}' (`experiments.py list all` prints them)")
     arguments = [*cell_arguments(cell, read_hyperparameters()), *seed_arguments(cell, seed)]
@@ -483,17 +510,22 @@ def run_cell(cell, seed, device, pause_after=None):
         print(f"[{time.strftime('%H:%M:%S')}] {cell} seed {seed}: {run_dir} is being trained by another process; "
               f"left to it", flush=True)
         return 0
-    os.makedirs(run_dir, exist_ok=True)
     commit_file = os.path.join(run_dir, "commit.txt")
-    if not os.path.isfile(commit_file):
-        with open(commit_file, "w") as f:
-            f.write(git_commit() + "\n")
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        if not os.path.isfile(commit_file) or os.path.getsize(commit_file) == 0:   # empty: a write that failed
+            R.save_atomically(git_commit() + "\n", commit_file)          # whole or not at all
+    except OSError as err:
+        raise R.RunFolderError(f"cannot write in the run folder {run_dir} ({err.strerror or err})") from None
     started = time.time()
     print(f"[{time.strftime('%H:%M:%S')}] {cell} seed {seed}: {' '.join(arguments)}", flush=True)
     code = R.main([*arguments, *(["--device", device] if device else []),
                    *(["--pause-after", str(pause_after)] if pause_after else [])])
-    if code == 2 and in_use(run_dir):                                       # another process took it meanwhile
-        code = 0
+    try:
+        if code == 2 and in_use(run_dir):                                   # another process took it meanwhile
+            code = 0
+    except R.RunFolderError:                                                # uniform_seqrec.py has said why
+        pass
     print(f"[{time.strftime('%H:%M:%S')}] {cell} seed {seed}: exit {code} after {time.time() - started:.0f}s",
           flush=True)
     return code

@@ -1,5 +1,6 @@
 """Tests of experiments.py: the cells of the paper's tables, and the results page built from recorded cells."""
 import glob
+import errno
 import json
 import math
 import os
@@ -565,6 +566,51 @@ def test_a_cell_another_process_is_training_is_left_to_it(tmp_path, monkeypatch,
     assert not C.in_use(run_dir)
 
 
+def test_a_run_folder_that_cannot_be_locked_or_written_is_one_line_and_a_failure(tmp_path, monkeypatch, capsys):
+    """A .lock that cannot be opened (no permission) is not another process training the cell: one line and exit
+    status 2, so that run_all.sh counts the cell as failed, not done; so is a run folder that cannot be made, or
+    whose commit.txt cannot be written (written whole or not at all; an empty one, from before, is written again)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "Beauty.txt").write_text("".join(f"{u} 1 2 3 4\n" for u in range(1, 6)))
+    monkeypatch.setenv("UNIFORM_SEQREC_DATA", str(tmp_path / "data"))
+    monkeypatch.setattr(C, "read_hyperparameters", lambda path=None: {})
+    monkeypatch.setattr(R, "main", lambda argv: pytest.fail("trained a cell whose folder cannot be used"))
+    cell = "table1/beauty/sasrec/bpr"
+    run_dir = C.run_folder(cell, 1, {})
+    (tmp_path / "runs").write_text("")                                        # a file where the folder goes
+    assert E.main(["run", cell]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"experiments.py: error: cannot write in the run folder {run_dir} (")
+    os.remove(tmp_path / "runs")
+    refused, real_open = [".lock"], open
+
+    def refusing_open(path, *args, **kwargs):
+        if str(path).endswith(refused[0]):
+            error = errno.EACCES if refused[0] == ".lock" else errno.ENOSPC
+            raise OSError(error, os.strerror(error), str(path))
+        return real_open(path, *args, **kwargs)
+    monkeypatch.setattr(R, "open", refusing_open, raising=False)              # runs.py's own open
+    os.makedirs(run_dir)
+    open(os.path.join(run_dir, ".lock"), "w").close()
+    assert E.main(["run", cell]) == 2
+    out, err = capsys.readouterr()
+    assert "left to it" not in out and err.count("\n") == 1
+    assert err.startswith(f"experiments.py: error: cannot write in the run folder {run_dir} (Permission denied); "
+                          f"whether another process trains it cannot be told, so it was not run")
+    refused[0] = "commit.txt.partial"                                         # a full disk
+    assert E.main(["run", cell]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith(f"experiments.py: error: cannot write {os.path.join(run_dir, 'commit.txt')} (No space left")
+    assert sorted(os.listdir(run_dir)) == [".lock"]                           # no commit.txt, not even empty
+    refused[0] = "nothing is refused"
+    open(os.path.join(run_dir, "commit.txt"), "w").close()                    # empty, from a write that failed
+    monkeypatch.setattr(R, "main", lambda argv: 0)
+    assert E.main(["run", cell]) == 0
+    assert open(os.path.join(run_dir, "commit.txt")).read() == C.git_commit() + "\n"
+
+
 def test_alignment_figure_keeps_the_runs_that_logged_alignment(tmp_path, monkeypatch):
     monkeypatch.setattr(C, "RESULTS", str(tmp_path / "results"))
     logs = {"table1/toys/sasrec/uniform": [{"epoch": e, "valid_NDCG@10": v, "alignment": 1.0 - 0.1 * e,
@@ -737,6 +783,14 @@ def test_a_run_trained_on_other_data_is_not_recorded_nor_reported_finished(tiny_
     assert code == 2 and err.count("\n") == 1 and "was trained on other data" in err
 
 
+def test_an_empty_commit_file_is_recorded_as_an_unknown_commit(tiny_cell):
+    run_dir, _ = tiny_cell
+    assert (run_dir / "commit.txt").read_text() == C.git_commit() + "\n"
+    (run_dir / "commit.txt").write_text("")                                   # a write that failed, before
+    C.record_all(max_seed=1)
+    assert json.loads(open(C.record_path("table1/beauty/sasrec/uniform", 1)).read())["commit"] == "unknown"
+
+
 def test_rescore_adds_both_protocols_and_changes_nothing_else(tiny_cell, capsys):
     run_dir, _ = tiny_cell
     C.record_all(max_seed=1)
@@ -855,6 +909,8 @@ def test_every_recorded_cell_still_names_its_run_folder(tmp_path, monkeypatch):
     (lambda e: {**e, "test": {"HR@10": "high"}}, "no valid test HR@10"),
     (lambda e: {**e, "seed": "1"}, "no valid seed"),
     (lambda e: {**e, "config": {**e["config"], "lr": None}}, "no valid config lr"),
+    (lambda e: {**e, "test": [0.1, 0.05]}, "no valid test"),                 # not an object: no AttributeError
+    (lambda e: {**e, "config": [1e-3]}, "no valid config"),
 ])
 def test_a_damaged_record_is_one_line_naming_it(tmp_path, monkeypatch, capsys, damage, expected):
     monkeypatch.setattr(C, "RESULTS", str(tmp_path))
@@ -890,6 +946,12 @@ def test_a_damaged_log_is_one_line(tmp_path, monkeypatch, capsys, contents, expe
     ("{", "is damaged or unreadable"), ("{}", "no valid test"),
     (json.dumps({"test": {}, "valid": {}, "best_epoch": 1, "epochs": 2, "device": "cpu", "config": {}}),
      "no valid test NDCG@10"),
+    (json.dumps({"test": [], "valid": {}, "best_epoch": 1, "epochs": 2, "device": "cpu", "config": {}}),
+     "no valid test"),                                                         # not an object: no AttributeError
+    (json.dumps({"test": {"NDCG@10": 0.1}, "valid": [], "best_epoch": 1, "epochs": 2, "device": "cpu",
+                 "config": {}}), "no valid valid"),
+    (json.dumps({"test": {"NDCG@10": 0.1}, "valid": {"NDCG@10": 0.1}, "best_epoch": 1, "epochs": 2, "device": "cpu",
+                 "config": []}), "no valid config"),
 ])
 def test_a_damaged_metrics_file_is_one_line(tiny_cell, monkeypatch, capsys, metrics, expected):
     run_dir, _ = tiny_cell
