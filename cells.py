@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import warnings
+from dataclasses import asdict
 
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # before torch's import: see uniform_seqrec.py
 import torch
@@ -242,6 +243,46 @@ def run_folder(cell, seed, hyperparameters):
         return None
 
 
+def cell_settings(cell, hyperparameters=None, seed=1):
+    """The configuration a cell's run has now, as uniform_seqrec.py resolves it (the cell's flags, its row of
+    results/hyperparameters.tsv, the defaults; configure() without its data file, so a checkout without the data
+    reads it too)."""
+    hyperparameters = read_hyperparameters() if hyperparameters is None else hyperparameters
+    argv = [*cell_arguments(cell, hyperparameters), *seed_arguments(cell, seed)]
+    if tuple(argv) not in SETTINGS_READ:                                    # the page asks for a cell's many times
+        config = vars(R.build_parser().parse_args(argv))
+        config.update(asdict(U.Config(**{key: config[key] for key in R.CONFIG_DEFAULTS})))
+        SETTINGS_READ[tuple(argv)] = config
+    return dict(SETTINGS_READ[tuple(argv)])
+
+
+SETTINGS_READ = {}                                                          # cell_settings' argv -> configuration
+
+
+def other_length(cell, seed, found, hyperparameters=None):
+    """[(key, the run's value, the cell's)] for the epochs and patience where a run folder's configuration (`found`:
+    its config.json or metrics.json's) differs from what the cell asks: a command asking for more extends the
+    cell's folder in place (runs.extended_folder), and that longer run is not the cell's. A key the run does not
+    hold counts as the cell's."""
+    wanted = cell_settings(cell, hyperparameters, seed)
+    return [(key, found[key], wanted[key]) for key in R.EXTENDABLE_KEYS if key in found and found[key] != wanted[key]]
+
+
+def not_the_cells_run(cell, seed, run_dir, differing):
+    """The one line that refuses a run folder of other epochs or patience (other_length's `differing`) as the
+    cell's, and how to restore the cell."""
+    theirs = ", ".join(f"--{key} {value}" for key, value, _ in differing)
+    wanted = ", ".join(f"--{key} {value}" for key, _, value in differing)
+    what = f"{run_dir} holds a run with {theirs}, not the {wanted} of {cell} seed {seed}"
+    if all(isinstance(value, int) and value <= asked for _, value, asked in differing):  # running extends it
+        return (f"{what}: not the cell's run, so not recorded as it; `python experiments.py run {cell} --seed {seed}` "
+                f"extends it to the cell's")
+    return (f"{what} (a command asking for more extended the cell's folder in place): not the cell's run, so neither "
+            f"recorded nor reported as it; to restore the cell, move the folder aside (mv {run_dir} "
+            f"{run_dir}-longer; `python uniform_seqrec.py --resume {run_dir}-longer` goes on with that run) and run "
+            f"`python experiments.py run {cell} --seed {seed}` again")
+
+
 def unique_runs(cell_ids, seed):
     """The first cell of each distinct configuration: cells sharing one never train at the same time."""
     hyperparameters, seen, kept = read_hyperparameters(), set(), []
@@ -420,9 +461,14 @@ def run_commit(run_dir):
 def record(cell, seed, run_dir):
     """Write the cell's JSON from its finished run folder: its metrics under both protocols, the best state's
     validation metrics, the data file's fingerprint, and how often its top item is one of the user's own. A run on
-    other data than the published benchmark file is refused (check_published); its cell's record stays as it was."""
+    other data than the published benchmark file is refused (check_published), and so is a run of other epochs or
+    patience than the cell's (other_length: a longer run that took over its folder); its cell's record stays as it
+    was."""
     metrics = read_metrics(run_dir)
     config = metrics["config"]
+    differing = other_length(cell, seed, config)
+    if differing:                                                           # a longer run in the cell's folder
+        raise R.ConfigError(not_the_cells_run(cell, seed, run_dir, differing))
     fingerprint, data_path = run_data(cell, seed, config)
     check_published(cell, fingerprint, data_path)
     log = read_log(run_dir)
@@ -491,6 +537,22 @@ def in_use(run_dir):
                                f"process trains it cannot be told, so it was not run") from None
 
 
+def folder_length(run_dir):
+    """The epochs and patience of a run folder ({} where it has none): its finished run's (metrics.json's config)
+    where it has finished, else what its config.json asks for. A damaged file is left to uniform_seqrec.py to
+    report."""
+    for name, part in (("metrics.json", "config"), ("config.json", None)):
+        path = os.path.join(run_dir, name)
+        if os.path.isfile(path):
+            try:
+                found = R.read_json(path, "")
+            except R.RunFolderError:
+                return {}
+            found = part_of(found, part) if part else found
+            return {key: found[key] for key in R.EXTENDABLE_KEYS if key in found}
+    return {}
+
+
 def cell_ids_known():
     """Every cell id of every table and of the tuning grid."""
     return cells("all", DATASETS, MODELS) + cells("tune", DATASETS, MODELS)
@@ -499,13 +561,17 @@ def cell_ids_known():
 def run_cell(cell, seed, device, pause_after=None):
     """Train one cell (resuming it, or doing nothing when it is finished); `report` records it. A cell that another
     process is training is left to it: exit status 0, so that a job array or a second run_all.sh does not count
-    it as a failure. A folder whose lock cannot be taken for another reason (no permission), or that cannot be made
-    or written, is a one-line RunFolderError, nothing trained. pause_after: stop after that epoch, untested
-    (uniform_seqrec.py's --pause-after)."""
+    it as a failure. A folder whose lock cannot be taken for another reason, or that holds a run of more epochs or
+    patience than the cell's (a longer run took it over: not_the_cells_run), is a one-line ConfigError, nothing
+    trained. pause_after: stop after that epoch, untested (uniform_seqrec.py's --pause-after)."""
     if cell not in cell_ids_known():
         raise R.ConfigError(f"unknown cell '{cell}' (`experiments.py list all` prints them)")
-    arguments = [*cell_arguments(cell, read_hyperparameters()), *seed_arguments(cell, seed)]
+    hyperparameters = read_hyperparameters()
+    arguments = [*cell_arguments(cell, hyperparameters), *seed_arguments(cell, seed)]
     run_dir = R.configure(arguments)[1]                                     # a ConfigError if its data file is missing
+    differing = other_length(cell, seed, folder_length(run_dir), hyperparameters)
+    if any(not (isinstance(value, int) and value <= asked) for _, value, asked in differing):
+        raise R.ConfigError(not_the_cells_run(cell, seed, run_dir, differing))  # a longer run took over its folder
     if in_use(run_dir):
         print(f"[{time.strftime('%H:%M:%S')}] {cell} seed {seed}: {run_dir} is being trained by another process; "
               f"left to it", flush=True)

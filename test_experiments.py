@@ -783,6 +783,55 @@ def test_a_run_trained_on_other_data_is_not_recorded_nor_reported_finished(tiny_
     assert code == 2 and err.count("\n") == 1 and "was trained on other data" in err
 
 
+def test_a_longer_run_that_took_over_a_cells_folder_is_neither_recorded_nor_run_as_the_cell(tiny_cell, tmp_path,
+                                                                                             monkeypatch, capsys):
+    """uniform_seqrec.py given a cell's flags and more epochs and patience extends the cell's folder in place (by
+    design: neither is in the folder's hash). That run is not the cell's: `report` keeps the cell's record and says
+    so in one line, and `run` exits non-zero with the same line instead of printing the longer run's numbers as the
+    cell's; moving the folder aside, as the line says, restores the cell. More patience alone for a run that its
+    --epochs ended changes no result: that is still the cell's run."""
+    run_dir, _ = tiny_cell
+    cell, folder, main = "table1/beauty/sasrec/uniform", os.path.relpath(run_dir), R.main
+    arguments = [*C.cell_arguments(cell, C.read_hyperparameters()), "--seed", "1"]
+    assert C.record_all(max_seed=1) == 0
+    path = C.record_path(cell, 1)
+    recorded = json.loads(open(path).read())
+    assert R.main([*arguments, "--patience", "40"]) == 0                      # finished by --epochs 2: it stands
+    assert json.loads((run_dir / "config.json").read_text())["patience"] == 40
+    assert C.record_all(max_seed=1) == 0 and json.loads(open(path).read()) == recorded
+    assert R.main([*arguments, "--epochs", "3", "--patience", "40"]) == 0      # epoch 3, in the cell's folder
+    assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == 3
+    capsys.readouterr()
+    line = f"{folder} holds a run with --epochs 3, --patience 40, not the --epochs 2, --patience 20 of {cell} seed 1 "
+    assert C.record_all(max_seed=1) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"not recorded: {cell} seed 1: {line}")
+    assert f"to restore the cell, move the folder aside (mv {folder} {folder}-longer;" in err
+    assert json.loads(open(path).read()) == recorded                           # the cell's record kept
+    assert E.main(["report"]) == 2
+    page = (tmp_path / "results" / "RESULTS.md").read_text()
+    assert f"| {cell} | 1 | " in page and f"| {recorded['best_epoch']} / 2 | cpu |" in page
+    monkeypatch.setattr(R, "main", lambda argv: pytest.fail("ran the cell in a longer run's folder"))
+    capsys.readouterr()
+    assert E.main(["run", cell, "--seed", "1"]) == 2
+    out, err = capsys.readouterr()
+    assert err.count("\n") == 1 and err.startswith(f"experiments.py: error: {line}") and "finished" not in out
+    monkeypatch.setattr(R, "main", main)
+    os.rename(run_dir, f"{run_dir}-longer")                                    # as the line says
+    assert C.run_cell(cell, 1, "cpu") == 0 and C.record_all(max_seed=1) == 0
+    again = json.loads(open(path).read())
+    assert again["epochs"] == 2 and again["test"] == pytest.approx(recorded["test"], rel=1e-6)
+    metrics = json.loads((run_dir / "metrics.json").read_text())               # a shorter run: running extends it
+    metrics["config"]["patience"] = 5
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    capsys.readouterr()
+    assert C.record_all(max_seed=1) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{folder} holds a run with --patience 5, not the --patience 20 of {cell}" in err
+    assert f"`python experiments.py run {cell} --seed 1` extends it to the cell's" in err
+    assert json.loads(open(path).read()) == again
+
+
 def test_an_empty_commit_file_is_recorded_as_an_unknown_commit(tiny_cell):
     run_dir, _ = tiny_cell
     assert (run_dir / "commit.txt").read_text() == C.git_commit() + "\n"
