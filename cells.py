@@ -732,12 +732,46 @@ def recorded_test(entry, protocol="all_items"):
     return found
 
 
+# What a record must share with its cell's configuration now to count in a Table 1-3 cell: after `choose` rewrites
+# a row of results/hyperparameters.tsv, a cell's seeds trained before keep their records beside the new setting's,
+# and averaging the two would mix two settings. A key a record does not hold (records from before the key existed)
+# counts as the same. Also what a side study and its partner must share besides the study's own flag (report.py).
+SHARED_SETTINGS = ("lr", "dim", "layers", "heads", "beta", "dropout", "max_len", "batch_size", "negatives")
+COUNTED_TABLES = ("table1/", "table2/", "table3/")           # the cells whose records are checked against their row
+
+
+def same_value(recorded_value, now):
+    """A record's setting and the cell's now are the same: equal, numbers up to float rounding."""
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (recorded_value, now))
+    return math.isclose(recorded_value, now, rel_tol=1e-9) if numbers else recorded_value == now
+
+
+def other_settings(entry, settings):
+    """[(key, the record's value, the cell's now)] of the SHARED_SETTINGS keys the record holds with another value
+    than `settings` (the cell's configuration now, cell_settings)."""
+    return [(key, entry["config"][key], settings.get(key)) for key in SHARED_SETTINGS
+            if key in entry["config"] and not same_value(entry["config"][key], settings.get(key))]
+
+
+def cell_records(cell):
+    """A cell's records in results/cells/ (in the order of their file names), split into (counted, apart): a Table
+    1-3 cell's records made under another setting than its configuration now are apart, each as (record, its
+    other_settings); every record of another cell counts."""
+    entries = [read_record(path) for path in sorted(glob.glob(record_path(cell, "*")))]
+    if not (cell.startswith(COUNTED_TABLES) and entries):
+        return entries, []
+    settings = cell_settings(cell)
+    differing = [(entry, other_settings(entry, settings)) for entry in entries]
+    return [entry for entry, other in differing if not other], [(entry, other) for entry, other in differing if other]
+
+
 def recorded(cell, protocol="all_items"):
-    """The test (HR@10, NDCG@10) of every recorded seed of a cell under a protocol (seeds ranked one way only are
-    left out of the other)."""
+    """The test (HR@10, NDCG@10) of every counted seed of a cell (cell_records: not those of a Table 1-3 cell
+    under another setting than its row's now) under a protocol (seeds ranked one way only are left out of the
+    other)."""
     found = []
-    for path in sorted(glob.glob(record_path(cell, "*"))):
-        test = recorded_test(read_record(path), protocol)
+    for entry in cell_records(cell)[0]:
+        test = recorded_test(entry, protocol)
         if test is not None:
             found.append((test["HR@10"], test["NDCG@10"]))
     return found

@@ -197,9 +197,12 @@ def test_cells_sharing_a_configuration_train_once(monkeypatch):
 
 
 def write_cell(results, cell, seed, hr, ndcg):
+    """A record of the cell made at its setting now (results/hyperparameters.tsv, or what a test put in its place):
+    a Table 1-3 cell counts only such records."""
     path = os.path.join(results, "cells", f"{cell.replace('/', '__')}-seed{seed}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    config = {"lr": 1e-3, "dim": 64, "layers": 2, "heads": 2, "beta": 0.05}
+    settings = C.cell_settings(cell)
+    config = {key: settings[key] for key in ("lr", "dim", "layers", "heads", "beta")}
     with open(path, "w") as f:
         json.dump({"cell": cell, "seed": seed, "test": {"HR@10": hr, "NDCG@10": ndcg}, "valid": {}, "best_epoch": 5,
                    "epochs": 25, "device": "cpu", "wall_seconds": 600, "commit": "abc1234", "config": config,
@@ -609,6 +612,36 @@ def test_a_run_folder_that_cannot_be_locked_or_written_is_one_line_and_a_failure
     monkeypatch.setattr(R, "main", lambda argv: 0)
     assert E.main(["run", cell]) == 0
     assert open(os.path.join(run_dir, "commit.txt")).read() == C.git_commit() + "\n"
+
+
+def test_records_under_another_setting_than_the_cells_row_are_not_counted_and_are_named(tmp_path, monkeypatch):
+    """After `choose` rewrites a row of results/hyperparameters.tsv, a cell's seeds trained before keep their records:
+    Tables 1-3 and the verdicts count only the records at the cell's setting now, and the page names the others, one
+    line per cell. A setting a record does not hold (a record from before it existed) counts as the same."""
+    monkeypatch.setattr(C, "RESULTS", str(tmp_path))
+    cell = "table1/beauty/sasrec/bce"
+    for seed, hr, ndcg, config in ((1, 0.05, 0.020, {}), (2, 0.09, 0.060, {"lr": 3e-4}),
+                                   (3, 0.07, 0.040, {"negatives": "unseen", "dropout": 0.5})):
+        write_cell(tmp_path, cell, seed, hr, ndcg)
+        entry = json.loads(open(C.record_path(cell, seed)).read())
+        entry["config"].update(config)
+        open(C.record_path(cell, seed), "w").write(json.dumps(entry))
+    write_cell(tmp_path, "table1/beauty/sasrec/bpr", 1, 0.05, 0.025)
+    assert C.recorded(cell) == [(0.05, 0.020), (0.07, 0.040)]                 # seeds 1 and 3
+    assert P.not_counted() == [f"- {cell}: seed 2 (lr 0.0003); the cell now: lr 0.001"]
+    P.report(str(tmp_path / "RESULTS.md"))
+    page = (tmp_path / "RESULTS.md").read_text()
+    row = next(line for line in page.splitlines() if line.startswith("| sasrec bce |"))
+    assert row.startswith("| sasrec bce | 0.0522 | 0.0600 ± 0.0141 (+15%) | 0.0278 | 0.0300 ± 0.0141 (+8%) |")
+    assert ("  - sasrec on beauty, partial (ranked this way so far: bce, bpr): not decided: one seed (bce 0.0300 ± "
+            "0.0141, 2 seeds; bpr 0.0250, 1 seed)") in page
+    assert page.count(f"- {cell}: seed 2 (lr 0.0003); the cell now: lr 0.001\n") == 1 and P.NOT_COUNTED in page
+    assert all(f"| {cell} | {seed} | " in page for seed in (1, 2, 3))           # the runs table lists every record
+    table = tmp_path / "hyperparameters.tsv"                                   # `choose` puts lr 3e-4 in the row
+    table.write_text(open(C.HYPERPARAMETERS).read().replace("beauty\tsasrec\tbce\t1e-3", "beauty\tsasrec\tbce\t3e-4"))
+    monkeypatch.setattr(C, "HYPERPARAMETERS", str(table))
+    assert C.recorded(cell) == [(0.09, 0.060)]
+    assert P.not_counted() == [f"- {cell}: seed 1 (lr 0.001), seed 3 (lr 0.001); the cell now: lr 0.0003"]
 
 
 def test_alignment_figure_keeps_the_runs_that_logged_alignment(tmp_path, monkeypatch):
