@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import warnings
+from dataclasses import asdict
 
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # before torch's import: see uniform_seqrec.py
 import torch
@@ -242,6 +243,46 @@ def run_folder(cell, seed, hyperparameters):
         return None
 
 
+def cell_settings(cell, hyperparameters=None, seed=1):
+    """The configuration a cell's run has now, as uniform_seqrec.py resolves it (the cell's flags, its row of
+    results/hyperparameters.tsv, the defaults; configure() without its data file, so a checkout without the data
+    reads it too)."""
+    hyperparameters = read_hyperparameters() if hyperparameters is None else hyperparameters
+    argv = [*cell_arguments(cell, hyperparameters), *seed_arguments(cell, seed)]
+    if tuple(argv) not in SETTINGS_READ:                                    # the page asks for a cell's many times
+        config = vars(R.build_parser().parse_args(argv))
+        config.update(asdict(U.Config(**{key: config[key] for key in R.CONFIG_DEFAULTS})))
+        SETTINGS_READ[tuple(argv)] = config
+    return dict(SETTINGS_READ[tuple(argv)])
+
+
+SETTINGS_READ = {}                                                          # cell_settings' argv -> configuration
+
+
+def other_length(cell, seed, found, hyperparameters=None):
+    """[(key, the run's value, the cell's)] for the epochs and patience where a run folder's configuration (`found`:
+    its config.json or metrics.json's) differs from what the cell asks: a command asking for more extends the
+    cell's folder in place (runs.extended_folder), and that longer run is not the cell's. A key the run does not
+    hold counts as the cell's."""
+    wanted = cell_settings(cell, hyperparameters, seed)
+    return [(key, found[key], wanted[key]) for key in R.EXTENDABLE_KEYS if key in found and found[key] != wanted[key]]
+
+
+def not_the_cells_run(cell, seed, run_dir, differing):
+    """The one line that refuses a run folder of other epochs or patience (other_length's `differing`) as the
+    cell's, and how to restore the cell."""
+    theirs = ", ".join(f"--{key} {value}" for key, value, _ in differing)
+    wanted = ", ".join(f"--{key} {value}" for key, _, value in differing)
+    what = f"{run_dir} holds a run with {theirs}, not the {wanted} of {cell} seed {seed}"
+    if all(isinstance(value, int) and value <= asked for _, value, asked in differing):  # running extends it
+        return (f"{what}: not the cell's run, so not recorded as it; `python experiments.py run {cell} --seed {seed}` "
+                f"extends it to the cell's")
+    return (f"{what} (a command asking for more extended the cell's folder in place): not the cell's run, so neither "
+            f"recorded nor reported as it; to restore the cell, move the folder aside (mv {run_dir} "
+            f"{run_dir}-longer; `python uniform_seqrec.py --resume {run_dir}-longer` goes on with that run) and run "
+            f"`python experiments.py run {cell} --seed {seed}` again")
+
+
 def unique_runs(cell_ids, seed):
     """The first cell of each distinct configuration: cells sharing one never train at the same time."""
     hyperparameters, seen, kept = read_hyperparameters(), set(), []
@@ -289,6 +330,11 @@ def read_log(run_dir, remedy="resuming the run rewrites it"):
     return rows
 
 
+def part_of(found, key):
+    """found[key] where it is a JSON object, else {} (its checks then name it: a list there is damage too)."""
+    return found.get(key) if isinstance(found.get(key), dict) else {}
+
+
 RECORD_KEYS = {"cell": str, "seed": int, "test": dict, "valid": dict, "best_epoch": int, "epochs": int,
                "device": str, "wall_seconds": (int, float), "commit": str, "run_dir": str, "config": dict}
 
@@ -297,9 +343,9 @@ def read_record(path):
     """A cell's record in results/cells/, or a one-line RunFolderError naming the file and what is wrong."""
     entry = R.read_json(path, f"restore it from git (git checkout -- {os.path.relpath(path, HERE)})")
     wrong = [k for k, kind in RECORD_KEYS.items() if not isinstance(entry.get(k), kind)]
-    wrong += [f"test {k}" for k in ("HR@10", "NDCG@10") if not isinstance(entry.get("test", {}).get(k), (int, float))]
+    wrong += [f"test {k}" for k in ("HR@10", "NDCG@10") if not isinstance(part_of(entry, "test").get(k), (int, float))]
     wrong += [f"config {k}" for k in ("lr", "dim", "layers", "heads", "beta")
-              if not isinstance(entry.get("config", {}).get(k), (int, float))]
+              if not isinstance(part_of(entry, "config").get(k), (int, float))]
     if wrong:
         raise R.RunFolderError(f"{path} is damaged (no valid {wrong[0]}); restore it from git (git checkout -- "
                                f"{os.path.relpath(path, HERE)})")
@@ -315,7 +361,7 @@ def read_metrics(run_dir):
     metrics = R.read_json(path, "remove it to test the run's best state again")
     wrong = [k for k, kind in METRICS_KEYS.items() if not isinstance(metrics.get(k), kind)]
     wrong += [f"{split} NDCG@10" for split in ("test", "valid")
-              if not isinstance(metrics.get(split, {}).get("NDCG@10"), (int, float))]
+              if not isinstance(part_of(metrics, split).get("NDCG@10"), (int, float))]
     if wrong:
         raise R.RunFolderError(f"{path} is damaged (no valid {wrong[0]}); remove it to test the run's best state "
                                f"again (python uniform_seqrec.py --resume {run_dir})")
@@ -394,20 +440,36 @@ def check_published(cell, fingerprint, data_path):
                             f"files are recorded for the results page")
 
 
+def run_commit(run_dir):
+    """The commit a run folder was started from: its commit.txt (run_cell writes it), "unknown" where that is empty
+    or unreadable; without one (a folder uniform_seqrec.py started), this checkout's."""
+    path = os.path.join(run_dir, "commit.txt")
+    if not os.path.isfile(path):
+        return git_commit()
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip() or "unknown"
+    except (OSError, UnicodeDecodeError):
+        return "unknown"
+
+
 def record(cell, seed, run_dir):
     """Write the cell's JSON from its finished run folder: its metrics under both protocols, the best state's
     validation metrics, the data file's fingerprint, how often its top item is one of the user's own, and why
     training stopped where non-finite numbers ended it ("stopped", as its metrics.json says). Its machine and commit
     are its last session's; where several machines or commits trained it, "sessions" names each and its epochs (the
-    commit of the first start, commit.txt, where no session names one). A run on
-    other data than the published benchmark file is refused (check_published); its cell's record stays as it was."""
+    commit of the first start, commit.txt, where no session names one). A run on other data than the published
+    benchmark file is refused (check_published), and so is a run of other epochs or patience than the cell's
+    (other_length: a longer run that took over its folder); its cell's record stays as it was."""
     metrics = read_metrics(run_dir)
     config = metrics["config"]
+    differing = other_length(cell, seed, config)
+    if differing:                                                           # a longer run in the cell's folder
+        raise R.ConfigError(not_the_cells_run(cell, seed, run_dir, differing))
     fingerprint, data_path = run_data(cell, seed, config)
     check_published(cell, fingerprint, data_path)
     log = read_log(run_dir)
-    commit_file = os.path.join(run_dir, "commit.txt")
-    commit = open(commit_file).read().strip() if os.path.isfile(commit_file) else git_commit()
+    commit = run_commit(run_dir)
     sessions = metrics.get("sessions")           # where more than one machine or commit trained it: the last's
     if isinstance(sessions, list) and sessions and isinstance(sessions[-1], dict) and sessions[-1].get("commit"):
         commit = sessions[-1]["commit"]
@@ -459,14 +521,38 @@ def rescore_recorded(cells_given=()):
 
 
 def in_use(run_dir):
-    """Whether another process holds the run folder's lock (is training it now)."""
+    """Whether another process holds the run folder's lock (is training it now). A lock that cannot be taken for
+    another reason (no permission to open .lock, a file system without locks) is a one-line RunFolderError: that
+    is not another process training it."""
     if not os.path.isfile(os.path.join(run_dir, ".lock")):
         return False
     try:
         R.lock_run_dir(run_dir).close()
         return False
-    except R.ConfigError:
+    except R.RunFolderError as err:                                         # .lock could not be opened
+        raise R.RunFolderError(f"{err}; whether another process trains it cannot be told, so it was not run") \
+            from None
+    except R.ConfigError:                                                   # another process holds the lock
         return True
+    except OSError as err:                                                  # flock itself failed
+        raise R.RunFolderError(f"cannot lock the run folder {run_dir} ({err.strerror or err}); whether another "
+                               f"process trains it cannot be told, so it was not run") from None
+
+
+def folder_length(run_dir):
+    """The epochs and patience of a run folder ({} where it has none): its finished run's (metrics.json's config)
+    where it has finished, else what its config.json asks for. A damaged file is left to uniform_seqrec.py to
+    report."""
+    for name, part in (("metrics.json", "config"), ("config.json", None)):
+        path = os.path.join(run_dir, name)
+        if os.path.isfile(path):
+            try:
+                found = R.read_json(path, "")
+            except R.RunFolderError:
+                return {}
+            found = part_of(found, part) if part else found
+            return {key: found[key] for key in R.EXTENDABLE_KEYS if key in found}
+    return {}
 
 
 def cell_ids_known():
@@ -477,27 +563,40 @@ def cell_ids_known():
 def run_cell(cell, seed, device, pause_after=None):
     """Train one cell (resuming it, or doing nothing when it is finished); `report` records it. A cell that another
     process is training is left to it: exit status 0, so that a job array or a second run_all.sh does not count
-    it as a failure. pause_after: stop after that epoch, untested (uniform_seqrec.py's --pause-after)."""
+    it as a failure. A folder whose lock cannot be taken for another reason, or that holds a run of more epochs or
+    patience than the cell's (a longer run took it over: not_the_cells_run), is a one-line ConfigError, nothing
+    trained. pause_after: stop after that epoch, untested (uniform_seqrec.py's --pause-after)."""
     if cell not in cell_ids_known():
         raise R.ConfigError(f"unknown cell '{cell}' (`experiments.py list all` prints them)")
-    arguments = [*cell_arguments(cell, read_hyperparameters()), *seed_arguments(cell, seed)]
+    hyperparameters = read_hyperparameters()
+    arguments = [*cell_arguments(cell, hyperparameters), *seed_arguments(cell, seed)]
     run_dir = R.configure(arguments)[1]                                     # a ConfigError if its data file is missing
+    differing = other_length(cell, seed, folder_length(run_dir), hyperparameters)
+    if any(not (isinstance(value, int) and value <= asked) for _, value, asked in differing):
+        raise R.ConfigError(not_the_cells_run(cell, seed, run_dir, differing))  # a longer run took over its folder
     if in_use(run_dir):
         print(f"[{time.strftime('%H:%M:%S')}] {cell} seed {seed}: {run_dir} is being trained by another process; "
               f"left to it", flush=True)
         return 0
-    os.makedirs(run_dir, exist_ok=True)
     commit, commit_file = git_commit(), os.path.join(run_dir, "commit.txt")
-    # the commit of the start that trains the first epoch (the sessions name each start's that trains one: R.main)
-    if not os.path.isfile(commit_file) or not os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
-        with open(commit_file, "w") as f:
-            f.write(commit + "\n")
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        # the commit of the start that trains the first epoch (the sessions name each start's that trains one:
+        # R.main); rewritten until a checkpoint exists, and where empty (a write that failed)
+        if (not os.path.isfile(commit_file) or os.path.getsize(commit_file) == 0
+                or not os.path.isfile(os.path.join(run_dir, "checkpoint.pt"))):
+            R.save_atomically(commit + "\n", commit_file)                # whole or not at all
+    except OSError as err:
+        raise R.RunFolderError(f"cannot write in the run folder {run_dir} ({err.strerror or err})") from None
     started = time.time()
     print(f"[{time.strftime('%H:%M:%S')}] {cell} seed {seed}: {' '.join(arguments)}", flush=True)
     code = R.main([*arguments, *(["--device", device] if device else []),
                    *(["--pause-after", str(pause_after)] if pause_after else [])], commit=commit)
-    if code == 2 and in_use(run_dir):                                       # another process took it meanwhile
-        code = 0
+    try:
+        if code == 2 and in_use(run_dir):                                   # another process took it meanwhile
+            code = 0
+    except R.RunFolderError:                                                # uniform_seqrec.py has said why
+        pass
     print(f"[{time.strftime('%H:%M:%S')}] {cell} seed {seed}: exit {code} after {time.time() - started:.0f}s",
           flush=True)
     return code
@@ -638,12 +737,46 @@ def recorded_test(entry, protocol="all_items"):
     return found
 
 
+# What a record must share with its cell's configuration now to count in a Table 1-3 cell: after `choose` rewrites
+# a row of results/hyperparameters.tsv, a cell's seeds trained before keep their records beside the new setting's,
+# and averaging the two would mix two settings. A key a record does not hold (records from before the key existed)
+# counts as the same. Also what a side study and its partner must share besides the study's own flag (report.py).
+SHARED_SETTINGS = ("lr", "dim", "layers", "heads", "beta", "dropout", "max_len", "batch_size", "negatives")
+COUNTED_TABLES = ("table1/", "table2/", "table3/")           # the cells whose records are checked against their row
+
+
+def same_value(recorded_value, now):
+    """A record's setting and the cell's now are the same: equal, numbers up to float rounding."""
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (recorded_value, now))
+    return math.isclose(recorded_value, now, rel_tol=1e-9) if numbers else recorded_value == now
+
+
+def other_settings(entry, settings):
+    """[(key, the record's value, the cell's now)] of the SHARED_SETTINGS keys the record holds with another value
+    than `settings` (the cell's configuration now, cell_settings)."""
+    return [(key, entry["config"][key], settings.get(key)) for key in SHARED_SETTINGS
+            if key in entry["config"] and not same_value(entry["config"][key], settings.get(key))]
+
+
+def cell_records(cell):
+    """A cell's records in results/cells/ (in the order of their file names), split into (counted, apart): a Table
+    1-3 cell's records made under another setting than its configuration now are apart, each as (record, its
+    other_settings); every record of another cell counts."""
+    entries = [read_record(path) for path in sorted(glob.glob(record_path(cell, "*")))]
+    if not (cell.startswith(COUNTED_TABLES) and entries):
+        return entries, []
+    settings = cell_settings(cell)
+    differing = [(entry, other_settings(entry, settings)) for entry in entries]
+    return [entry for entry, other in differing if not other], [(entry, other) for entry, other in differing if other]
+
+
 def recorded(cell, protocol="all_items"):
-    """The test (HR@10, NDCG@10) of every recorded seed of a cell under a protocol (seeds ranked one way only are
-    left out of the other)."""
+    """The test (HR@10, NDCG@10) of every counted seed of a cell (cell_records: not those of a Table 1-3 cell
+    under another setting than its row's now) under a protocol (seeds ranked one way only are left out of the
+    other)."""
     found = []
-    for path in sorted(glob.glob(record_path(cell, "*"))):
-        test = recorded_test(read_record(path), protocol)
+    for entry in cell_records(cell)[0]:
+        test = recorded_test(entry, protocol)
         if test is not None:
             found.append((test["HR@10"], test["NDCG@10"]))
     return found

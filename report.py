@@ -375,7 +375,7 @@ STUDY_TIMES = ("Test HR@10 and NDCG@10, mean ± sd and the seeds; best epoch / e
 def study_row(loss_label, kind_label, cell):
     """One row of a side study's table: a cell's test metrics under both protocols over its recorded seeds, each
     seed's best epoch / epochs, the mean seconds per epoch and minutes to the best state (estimated), the cell."""
-    entries = sorted((C.read_record(path) for path in glob.glob(C.record_path(cell, "*"))), key=lambda e: e["seed"])
+    entries = sorted(C.cell_records(cell)[0], key=lambda e: e["seed"])
     if not entries:
         return f"| {loss_label} | {kind_label} | not run | not run | not run | not run | | | | {cell} |"
     tests = []
@@ -391,13 +391,13 @@ def study_row(loss_label, kind_label, cell):
 
 # What a side study and its partner must share besides the study's own flag (examples and pack, or block): a row of
 # results/hyperparameters.tsv that `choose` rewrites after the partner's seeds were trained would pair other settings.
-SHARED_SETTINGS = ("lr", "dim", "layers", "heads", "beta", "dropout", "max_len", "batch_size", "negatives")
+SHARED_SETTINGS = C.SHARED_SETTINGS
 
 
 def setting_mismatch(cells):
-    """'' when every recorded seed of `cells` has one value of each SHARED_SETTINGS key its record holds, else the
-    keys that differ with their values, e.g. 'lr 0.0003, 0.001'."""
-    records = [C.read_record(path) for cell in cells for path in glob.glob(C.record_path(cell, "*"))]
+    """'' when every counted seed of `cells` (C.cell_records) has one value of each SHARED_SETTINGS key its record
+    holds, else the keys that differ with their values, e.g. 'lr 0.0003, 0.001'."""
+    records = [entry for cell in cells for entry in C.cell_records(cell)[0]]
     values = {key: sorted({str(r["config"][key]) for r in records if key in r["config"]}) for key in SHARED_SETTINGS}
     return "; ".join(f"{key} {', '.join(found)}" for key, found in values.items() if len(found) > 1)
 
@@ -444,6 +444,28 @@ def side_studies():
                         "only, residuals adding the normalized input; docs/decisions.md; `./run_all.sh block`).",
                         [("original", "original block", lambda loss: f"block/beauty/{loss}"),
                          ("pre-LN", "pre-LN block (Table 1)", partner)], C.BLOCK_LOSSES)]
+
+
+def not_counted():
+    """One line per Table 1-3 cell with records made under another setting than its configuration now (C.cell_records),
+    naming their seeds and the values that differ: '- table1/beauty/sasrec/bce: seed 2 (lr 0.0003); the cell now: lr
+    0.001'."""
+    lines = []
+    for cell in C.cells("all", C.DATASETS, C.MODELS):
+        apart = C.cell_records(cell)[1] if cell.startswith(C.COUNTED_TABLES) else []
+        if apart:
+            now = {key: value for _, differing in apart for key, _, value in differing}
+            lines.append(f"- {cell}: " + ", ".join(
+                f"seed {entry['seed']} ({', '.join(f'{key} {value}' for key, value, _ in differing)})"
+                for entry, differing in sorted(apart, key=lambda pair: pair[0]["seed"]))
+                + "; the cell now: " + ", ".join(f"{key} {value}" for key, value in now.items()))
+    return lines
+
+
+NOT_COUNTED = ("Records under another setting, not counted: made before `python experiments.py choose` changed the "
+               "cell's row of results/hyperparameters.tsv (or its flags changed), so the tables and verdicts on this "
+               "page leave them out; `python experiments.py run CELL --seed SEED` trains the seed at the cell's "
+               "setting now, and `report` records it in their place:")
 
 
 def ranked_one_way():
@@ -523,7 +545,7 @@ def report(path=None, unfinished=()):
                     f"{c['beta']:g} | {e['best_epoch']} / {e['epochs']}{stopped} | {e['device']} | "
                     f"{machine_label(e.get('machine'), e.get('sessions'))} | {e['wall_seconds'] / 60:.0f} min | "
                     f"{commits(e)} |")
-    one_way = ranked_one_way()
+    one_way, apart = ranked_one_way(), not_counted()
     text = "\n".join([
         "# Results beside the paper's",
         "",
@@ -547,6 +569,7 @@ def report(path=None, unfinished=()):
         *A.protocol_evidence(), "",
         *tables("all_items"),
         *tables("history_excluded"),
+        *([NOT_COUNTED, "", *apart, ""] if apart else []),
         *(["Ranked one way only (every item ranked; their run folders were gone before both protocols were kept): "
            + ", ".join(one_way) + ".", ""] if one_way else []),
         *beyond_the_paper(),

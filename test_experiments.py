@@ -1,5 +1,6 @@
 """Tests of experiments.py: the cells of the paper's tables, and the results page built from recorded cells."""
 import glob
+import errno
 import json
 import math
 import os
@@ -196,9 +197,12 @@ def test_cells_sharing_a_configuration_train_once(monkeypatch):
 
 
 def write_cell(results, cell, seed, hr, ndcg):
+    """A record of the cell made at its setting now (results/hyperparameters.tsv, or what a test put in its place):
+    a Table 1-3 cell counts only such records."""
     path = os.path.join(results, "cells", f"{cell.replace('/', '__')}-seed{seed}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    config = {"lr": 1e-3, "dim": 64, "layers": 2, "heads": 2, "beta": 0.05}
+    settings = C.cell_settings(cell)
+    config = {key: settings[key] for key in ("lr", "dim", "layers", "heads", "beta")}
     with open(path, "w") as f:
         json.dump({"cell": cell, "seed": seed, "test": {"HR@10": hr, "NDCG@10": ndcg}, "valid": {}, "best_epoch": 5,
                    "epochs": 25, "device": "cpu", "wall_seconds": 600, "commit": "abc1234", "config": config,
@@ -565,6 +569,81 @@ def test_a_cell_another_process_is_training_is_left_to_it(tmp_path, monkeypatch,
     assert not C.in_use(run_dir)
 
 
+def test_a_run_folder_that_cannot_be_locked_or_written_is_one_line_and_a_failure(tmp_path, monkeypatch, capsys):
+    """A .lock that cannot be opened (no permission) is not another process training the cell: one line and exit
+    status 2, so that run_all.sh counts the cell as failed, not done; so is a run folder that cannot be made, or
+    whose commit.txt cannot be written (written whole or not at all; an empty one, from before, is written again)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "Beauty.txt").write_text("".join(f"{u} 1 2 3 4\n" for u in range(1, 6)))
+    monkeypatch.setenv("UNIFORM_SEQREC_DATA", str(tmp_path / "data"))
+    monkeypatch.setattr(C, "read_hyperparameters", lambda path=None: {})
+    monkeypatch.setattr(R, "main", lambda argv: pytest.fail("trained a cell whose folder cannot be used"))
+    cell = "table1/beauty/sasrec/bpr"
+    run_dir = C.run_folder(cell, 1, {})
+    (tmp_path / "runs").write_text("")                                        # a file where the folder goes
+    assert E.main(["run", cell]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"experiments.py: error: cannot write in the run folder {run_dir} (")
+    os.remove(tmp_path / "runs")
+    refused, real_open = [".lock"], open
+
+    def refusing_open(path, *args, **kwargs):
+        if str(path).endswith(refused[0]):
+            error = errno.EACCES if refused[0] == ".lock" else errno.ENOSPC
+            raise OSError(error, os.strerror(error), str(path))
+        return real_open(path, *args, **kwargs)
+    monkeypatch.setattr(R, "open", refusing_open, raising=False)              # runs.py's own open
+    os.makedirs(run_dir)
+    open(os.path.join(run_dir, ".lock"), "w").close()
+    assert E.main(["run", cell]) == 2
+    out, err = capsys.readouterr()
+    assert "left to it" not in out and err.count("\n") == 1
+    assert err.startswith(f"experiments.py: error: cannot write in the run folder {run_dir} (Permission denied); "
+                          f"whether another process trains it cannot be told, so it was not run")
+    refused[0] = "commit.txt.partial"                                         # a full disk
+    assert E.main(["run", cell]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith(f"experiments.py: error: cannot write {os.path.join(run_dir, 'commit.txt')} (No space left")
+    assert sorted(os.listdir(run_dir)) == [".lock"]                           # no commit.txt, not even empty
+    refused[0] = "nothing is refused"
+    open(os.path.join(run_dir, "commit.txt"), "w").close()                    # empty, from a write that failed
+    monkeypatch.setattr(R, "main", lambda argv: 0)
+    assert E.main(["run", cell]) == 0
+    assert open(os.path.join(run_dir, "commit.txt")).read() == C.git_commit() + "\n"
+
+
+def test_records_under_another_setting_than_the_cells_row_are_not_counted_and_are_named(tmp_path, monkeypatch):
+    """After `choose` rewrites a row of results/hyperparameters.tsv, a cell's seeds trained before keep their records:
+    Tables 1-3 and the verdicts count only the records at the cell's setting now, and the page names the others, one
+    line per cell. A setting a record does not hold (a record from before it existed) counts as the same."""
+    monkeypatch.setattr(C, "RESULTS", str(tmp_path))
+    cell = "table1/beauty/sasrec/bce"
+    for seed, hr, ndcg, config in ((1, 0.05, 0.020, {}), (2, 0.09, 0.060, {"lr": 3e-4}),
+                                   (3, 0.07, 0.040, {"negatives": "unseen", "dropout": 0.5})):
+        write_cell(tmp_path, cell, seed, hr, ndcg)
+        entry = json.loads(open(C.record_path(cell, seed)).read())
+        entry["config"].update(config)
+        open(C.record_path(cell, seed), "w").write(json.dumps(entry))
+    write_cell(tmp_path, "table1/beauty/sasrec/bpr", 1, 0.05, 0.025)
+    assert C.recorded(cell) == [(0.05, 0.020), (0.07, 0.040)]                 # seeds 1 and 3
+    assert P.not_counted() == [f"- {cell}: seed 2 (lr 0.0003); the cell now: lr 0.001"]
+    P.report(str(tmp_path / "RESULTS.md"))
+    page = (tmp_path / "RESULTS.md").read_text()
+    row = next(line for line in page.splitlines() if line.startswith("| sasrec bce |"))
+    assert row.startswith("| sasrec bce | 0.0522 | 0.0600 ± 0.0141 (+15%) | 0.0278 | 0.0300 ± 0.0141 (+8%) |")
+    assert ("  - sasrec on beauty, partial (ranked this way so far: bce, bpr): not decided: one seed (bce 0.0300 ± "
+            "0.0141, 2 seeds; bpr 0.0250, 1 seed)") in page
+    assert page.count(f"- {cell}: seed 2 (lr 0.0003); the cell now: lr 0.001\n") == 1 and P.NOT_COUNTED in page
+    assert all(f"| {cell} | {seed} | " in page for seed in (1, 2, 3))           # the runs table lists every record
+    table = tmp_path / "hyperparameters.tsv"                                   # `choose` puts lr 3e-4 in the row
+    table.write_text(open(C.HYPERPARAMETERS).read().replace("beauty\tsasrec\tbce\t1e-3", "beauty\tsasrec\tbce\t3e-4"))
+    monkeypatch.setattr(C, "HYPERPARAMETERS", str(table))
+    assert C.recorded(cell) == [(0.09, 0.060)]
+    assert P.not_counted() == [f"- {cell}: seed 1 (lr 0.001), seed 3 (lr 0.001); the cell now: lr 0.0003"]
+
+
 def test_alignment_figure_keeps_the_runs_that_logged_alignment(tmp_path, monkeypatch):
     monkeypatch.setattr(C, "RESULTS", str(tmp_path / "results"))
     logs = {"table1/toys/sasrec/uniform": [{"epoch": e, "valid_NDCG@10": v, "alignment": 1.0 - 0.1 * e,
@@ -787,6 +866,63 @@ def test_a_run_trained_on_other_data_is_not_recorded_nor_reported_finished(tiny_
     assert code == 2 and err.count("\n") == 1 and "was trained on other data" in err
 
 
+def test_a_longer_run_that_took_over_a_cells_folder_is_neither_recorded_nor_run_as_the_cell(tiny_cell, tmp_path,
+                                                                                             monkeypatch, capsys):
+    """uniform_seqrec.py given a cell's flags and more epochs and patience extends the cell's folder in place (by
+    design: neither is in the folder's hash). That run is not the cell's: `report` keeps the cell's record and says
+    so in one line, and `run` exits non-zero with the same line instead of printing the longer run's numbers as the
+    cell's; moving the folder aside, as the line says, restores the cell. More patience alone for a run that its
+    --epochs ended changes no result: that is still the cell's run."""
+    run_dir, _ = tiny_cell
+    cell, folder, main = "table1/beauty/sasrec/uniform", os.path.relpath(run_dir), R.main
+    arguments = [*C.cell_arguments(cell, C.read_hyperparameters()), "--seed", "1"]
+    assert C.record_all(max_seed=1) == 0
+    path = C.record_path(cell, 1)
+    recorded = json.loads(open(path).read())
+    assert R.main([*arguments, "--patience", "40"]) == 0                      # finished by --epochs 2: it stands
+    assert json.loads((run_dir / "config.json").read_text())["patience"] == 40
+    assert C.record_all(max_seed=1) == 0 and json.loads(open(path).read()) == recorded
+    assert R.main([*arguments, "--epochs", "3", "--patience", "40"]) == 0      # epoch 3, in the cell's folder
+    assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == 3
+    capsys.readouterr()
+    line = f"{folder} holds a run with --epochs 3, --patience 40, not the --epochs 2, --patience 20 of {cell} seed 1 "
+    assert C.record_all(max_seed=1) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"not recorded: {cell} seed 1: {line}")
+    assert f"to restore the cell, move the folder aside (mv {folder} {folder}-longer;" in err
+    assert json.loads(open(path).read()) == recorded                           # the cell's record kept
+    assert E.main(["report"]) == 2
+    page = (tmp_path / "results" / "RESULTS.md").read_text()
+    assert f"| {cell} | 1 | " in page and f"| {recorded['best_epoch']} / 2 | cpu |" in page
+    monkeypatch.setattr(R, "main", lambda argv: pytest.fail("ran the cell in a longer run's folder"))
+    capsys.readouterr()
+    assert E.main(["run", cell, "--seed", "1"]) == 2
+    out, err = capsys.readouterr()
+    assert err.count("\n") == 1 and err.startswith(f"experiments.py: error: {line}") and "finished" not in out
+    monkeypatch.setattr(R, "main", main)
+    os.rename(run_dir, f"{run_dir}-longer")                                    # as the line says
+    assert C.run_cell(cell, 1, "cpu") == 0 and C.record_all(max_seed=1) == 0
+    again = json.loads(open(path).read())
+    assert again["epochs"] == 2 and again["test"] == pytest.approx(recorded["test"], rel=1e-6)
+    metrics = json.loads((run_dir / "metrics.json").read_text())               # a shorter run: running extends it
+    metrics["config"]["patience"] = 5
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    capsys.readouterr()
+    assert C.record_all(max_seed=1) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{folder} holds a run with --patience 5, not the --patience 20 of {cell}" in err
+    assert f"`python experiments.py run {cell} --seed 1` extends it to the cell's" in err
+    assert json.loads(open(path).read()) == again
+
+
+def test_an_empty_commit_file_is_recorded_as_an_unknown_commit(tiny_cell):
+    run_dir, _ = tiny_cell
+    assert (run_dir / "commit.txt").read_text() == C.git_commit() + "\n"
+    (run_dir / "commit.txt").write_text("")                                   # a write that failed, before
+    C.record_all(max_seed=1)
+    assert json.loads(open(C.record_path("table1/beauty/sasrec/uniform", 1)).read())["commit"] == "unknown"
+
+
 def test_rescore_adds_both_protocols_and_changes_nothing_else(tiny_cell, capsys):
     run_dir, _ = tiny_cell
     C.record_all(max_seed=1)
@@ -905,6 +1041,8 @@ def test_every_recorded_cell_still_names_its_run_folder(tmp_path, monkeypatch):
     (lambda e: {**e, "test": {"HR@10": "high"}}, "no valid test HR@10"),
     (lambda e: {**e, "seed": "1"}, "no valid seed"),
     (lambda e: {**e, "config": {**e["config"], "lr": None}}, "no valid config lr"),
+    (lambda e: {**e, "test": [0.1, 0.05]}, "no valid test"),                 # not an object: no AttributeError
+    (lambda e: {**e, "config": [1e-3]}, "no valid config"),
 ])
 def test_a_damaged_record_is_one_line_naming_it(tmp_path, monkeypatch, capsys, damage, expected):
     monkeypatch.setattr(C, "RESULTS", str(tmp_path))
@@ -940,6 +1078,12 @@ def test_a_damaged_log_is_one_line(tmp_path, monkeypatch, capsys, contents, expe
     ("{", "is damaged or unreadable"), ("{}", "no valid test"),
     (json.dumps({"test": {}, "valid": {}, "best_epoch": 1, "epochs": 2, "device": "cpu", "config": {}}),
      "no valid test NDCG@10"),
+    (json.dumps({"test": [], "valid": {}, "best_epoch": 1, "epochs": 2, "device": "cpu", "config": {}}),
+     "no valid test"),                                                         # not an object: no AttributeError
+    (json.dumps({"test": {"NDCG@10": 0.1}, "valid": [], "best_epoch": 1, "epochs": 2, "device": "cpu",
+                 "config": {}}), "no valid valid"),
+    (json.dumps({"test": {"NDCG@10": 0.1}, "valid": {"NDCG@10": 0.1}, "best_epoch": 1, "epochs": 2, "device": "cpu",
+                 "config": []}), "no valid config"),
 ])
 def test_a_damaged_metrics_file_is_one_line(tiny_cell, monkeypatch, capsys, metrics, expected):
     run_dir, _ = tiny_cell
