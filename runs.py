@@ -1076,6 +1076,7 @@ def main(argv=None, commit=None):
     """The command line; commit: the code's commit where the caller knows it (cells.run_cell), for the sessions."""
     signal.signal(signal.SIGINT, signal.default_int_handler)               # Ctrl-C is KeyboardInterrupt again
     run = config = None
+    on_device = False                              # from here a RuntimeError is the device's; before it, a bug's
     try:
         config, run_dir = configure(argv, fetch=True)
         pause_after = config.pop("pause_after", None)      # how far to train now, not the run's: not in config.json
@@ -1100,6 +1101,7 @@ def main(argv=None, commit=None):
                 say(f"its result: {metrics_path}")
                 return 0
             os.remove(metrics_path)                                         # extended: a new result will replace it
+        on_device = True                                   # epoch_statistics copies the data to the device
         run = RunFolder(run_dir, log=say, statistics=epoch_statistics(config, sequences), pause_after=pause_after,
                         commit=commit)
         settings = device_settings(config["device"])                        # once, before training
@@ -1118,6 +1120,8 @@ def main(argv=None, commit=None):
         print(f"uniform_seqrec.py: error: {err}", file=sys.stderr)
         return 2
     except (FloatingPointError, RuntimeError) as err:  # non-finite numbers; torch's own, from the device
+        if not on_device:                          # a bug before anything reached the device keeps its traceback
+            raise
         saved = run.saved_epoch if run is not None else 0  # None: before training (copying the data to the device)
         if run is not None:
             run.progress.clear()

@@ -537,7 +537,7 @@ def test_a_slurm_array_task_runs_only_its_line_of_the_list(tmp_path):
 
 def test_an_unknown_cell_or_a_missing_data_file_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("UNIFORM_SEQREC_DATA", str(tmp_path))                # no data files there
-    monkeypatch.setattr(R, "main", lambda argv: pytest.fail("trained a cell that cannot run"))
+    monkeypatch.setattr(R, "main", lambda argv, commit=None: pytest.fail("trained a cell that cannot run"))
     for cell in ["bogus", "table1/beauty/sasrec", "table1/nope/sasrec/uniform", "table2/beauty/z"]:
         assert E.main(["run", cell]) == 2
         assert capsys.readouterr().err == f"experiments.py: error: unknown cell '{cell}' (`experiments.py list " \
@@ -560,7 +560,7 @@ def test_a_cell_another_process_is_training_is_left_to_it(tmp_path, monkeypatch,
                              os.path.join(run_dir, ".lock")], stdout=subprocess.PIPE, text=True)
     try:
         assert held.stdout.readline() == "locked\n"
-        monkeypatch.setattr(R, "main", lambda argv: pytest.fail("trained a folder another process holds"))
+        monkeypatch.setattr(R, "main", lambda argv, commit=None: pytest.fail("trained a folder another process holds"))
         assert C.run_cell("table1/beauty/sasrec/bpr", 1, None) == 0
         assert "is being trained by another process; left to it" in capsys.readouterr().out
     finally:
@@ -578,7 +578,7 @@ def test_a_run_folder_that_cannot_be_locked_or_written_is_one_line_and_a_failure
     (tmp_path / "data" / "Beauty.txt").write_text("".join(f"{u} 1 2 3 4\n" for u in range(1, 6)))
     monkeypatch.setenv("UNIFORM_SEQREC_DATA", str(tmp_path / "data"))
     monkeypatch.setattr(C, "read_hyperparameters", lambda path=None: {})
-    monkeypatch.setattr(R, "main", lambda argv: pytest.fail("trained a cell whose folder cannot be used"))
+    monkeypatch.setattr(R, "main", lambda argv, commit=None: pytest.fail("trained a cell whose folder cannot be used"))
     cell = "table1/beauty/sasrec/bpr"
     run_dir = C.run_folder(cell, 1, {})
     (tmp_path / "runs").write_text("")                                        # a file where the folder goes
@@ -609,7 +609,7 @@ def test_a_run_folder_that_cannot_be_locked_or_written_is_one_line_and_a_failure
     assert sorted(os.listdir(run_dir)) == [".lock"]                           # no commit.txt, not even empty
     refused[0] = "nothing is refused"
     open(os.path.join(run_dir, "commit.txt"), "w").close()                    # empty, from a write that failed
-    monkeypatch.setattr(R, "main", lambda argv: 0)
+    monkeypatch.setattr(R, "main", lambda argv, commit=None: 0)
     assert E.main(["run", cell]) == 0
     assert open(os.path.join(run_dir, "commit.txt")).read() == C.git_commit() + "\n"
 
@@ -894,7 +894,7 @@ def test_a_longer_run_that_took_over_a_cells_folder_is_neither_recorded_nor_run_
     assert E.main(["report"]) == 2
     page = (tmp_path / "results" / "RESULTS.md").read_text()
     assert f"| {cell} | 1 | " in page and f"| {recorded['best_epoch']} / 2 | cpu |" in page
-    monkeypatch.setattr(R, "main", lambda argv: pytest.fail("ran the cell in a longer run's folder"))
+    monkeypatch.setattr(R, "main", lambda argv, commit=None: pytest.fail("ran the cell in a longer run's folder"))
     capsys.readouterr()
     assert E.main(["run", cell, "--seed", "1"]) == 2
     out, err = capsys.readouterr()
@@ -1299,7 +1299,7 @@ def test_halving_trains_each_rung_recording_the_final_run_and_a_second_call_trai
     added = [line for line in with_record if line not in without]
     assert len(with_record) == len(without) + 1 and len(added) == 1 and added[0].startswith(f"| {chosen} | 1 | ")
     assert with_record.index(added[0]) > with_record.index("## Runs behind the cells")
-    monkeypatch.setattr(R, "main", lambda argv: pytest.fail(f"trained again: {argv}"))
+    monkeypatch.setattr(R, "main", lambda argv, commit=None: pytest.fail(f"trained again: {argv}"))
     assert E.main(["halving", "--losses", "bce"]) == 0
     assert T.tables("beauty", "sasrec", ["bce"]) == table
     shutil.rmtree(tmp_path / "runs")

@@ -638,7 +638,7 @@ def poison(monkeypatch, data, epoch, step):
     return calls
 
 
-def tested_best_state(run, data):
+def best_state_as_tested(run, data):
     """Both protocols' test metrics of the best state in run's checkpoint, ranked here."""
     config = json.loads((run / "config.json").read_text())
     flat, starts, lengths, num_items = U.flatten_sequences(R.read_sequences(data), "cpu")
@@ -679,7 +679,7 @@ def test_non_finite_numbers_after_an_epoch_end_training_and_the_best_state_is_te
     assert metrics["stopped"] == reason and metrics["epochs"] == 2 and metrics["best_epoch"] == best
     assert checkpoint["state"]["epoch"] == 2 and len((run / "log.jsonl").read_text().splitlines()) == 2
     assert not (run / "stopped.json").exists()
-    assert {p: metrics["protocols"][p]["test"] for p in U.PROTOCOLS} == tested_best_state(run, data)
+    assert {p: metrics["protocols"][p]["test"] for p in U.PROTOCOLS} == best_state_as_tested(run, data)
     monkeypatch.setattr(U, "train", lambda *a: pytest.fail("trained again"))
     for again in (args, [*args[:-1], "9"]):
         assert R.main(again) == 0
