@@ -268,13 +268,19 @@ def other_length(cell, seed, found, hyperparameters=None):
     return [(key, found[key], wanted[key]) for key in R.EXTENDABLE_KEYS if key in found and found[key] != wanted[key]]
 
 
+def extended_by_running(differing):
+    """Whether the cell's own run extends a folder of other epochs or patience (other_length's `differing`): each of
+    its values is at most the cell's."""
+    return all(isinstance(value, int) and value <= asked for _, value, asked in differing)
+
+
 def not_the_cells_run(cell, seed, run_dir, differing):
     """The one line that refuses a run folder of other epochs or patience (other_length's `differing`) as the
     cell's, and how to restore the cell."""
     theirs = ", ".join(f"--{key} {value}" for key, value, _ in differing)
     wanted = ", ".join(f"--{key} {value}" for key, _, value in differing)
     what = f"{run_dir} holds a run with {theirs}, not the {wanted} of {cell} seed {seed}"
-    if all(isinstance(value, int) and value <= asked for _, value, asked in differing):  # running extends it
+    if extended_by_running(differing):
         return (f"{what}: not the cell's run, so not recorded as it; `python experiments.py run {cell} --seed {seed}` "
                 f"extends it to the cell's")
     return (f"{what} (a command asking for more extended the cell's folder in place): not the cell's run, so neither "
@@ -572,7 +578,7 @@ def run_cell(cell, seed, device, pause_after=None):
     arguments = [*cell_arguments(cell, hyperparameters), *seed_arguments(cell, seed)]
     run_dir = R.configure(arguments)[1]                                     # a ConfigError if its data file is missing
     differing = other_length(cell, seed, folder_length(run_dir), hyperparameters)
-    if any(not (isinstance(value, int) and value <= asked) for _, value, asked in differing):
+    if not extended_by_running(differing):
         raise R.ConfigError(not_the_cells_run(cell, seed, run_dir, differing))  # a longer run took over its folder
     if in_use(run_dir):
         print(f"[{time.strftime('%H:%M:%S')}] {cell} seed {seed}: {run_dir} is being trained by another process; "
